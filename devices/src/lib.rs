@@ -1,0 +1,23 @@
+//! podvisor's emulated devices.
+//!
+//! Every device is a small type that implements [`BusDevice`] and, so that snapshots and live
+//! migration can carry it, [`Persist`]. The VM owns the devices and places them on a [`Bus`] (one
+//! for port I/O, one for MMIO); a device never calls back into the VMM, it reports through the
+//! event file descriptors it was given.
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};
+
+/// Saved state of a device: what a snapshot or a live migration carries for it.
+pub trait Persist {
+    /// The serialisable state.
+    type State: serde::Serialize + serde::de::DeserializeOwned;
+
+    /// Captures the device's guest-visible state.
+    fn save(&self) -> Self::State;
+
+    /// Puts the device back into a saved state.
+    fn restore(&mut self, state: &Self::State);
+}

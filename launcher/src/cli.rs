@@ -1,0 +1,156 @@
+//! The command line. Flags map onto `vmm::config` types once, here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::config::{parse_size, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+
+/// Default kernel command line when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "podvisor",
+    version,
+    about = "A KVM virtual machine monitor for Kubernetes pods"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a Linux kernel and run the VM until the guest powers off (a guest reboot restarts it).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel to boot: a bzImage, or an ELF vmlinux with a PVH entry point.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initramfs (cpio archive, optionally compressed).
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u8,
+    /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+    /// Where COM1 goes: stdio (output to stdout, input from stdin), file=PATH, or off.
+    #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
+    pub serial: String,
+    /// State that the kernel is PVM-enabled, so it may run on a PVM /dev/kvm.
+    #[arg(long)]
+    pub pvm_guest: bool,
+}
+
+/// Parses `--serial`.
+pub fn parse_serial(s: &str) -> Result<ConsoleConfig, String> {
+    match s {
+        "stdio" | "tty" => Ok(ConsoleConfig::Tty),
+        "off" | "null" => Ok(ConsoleConfig::Off),
+        _ => match s.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(path.into())),
+            _ => Err(format!(
+                "invalid --serial '{s}': expected stdio, file=PATH or off"
+            )),
+        },
+    }
+}
+
+impl RunArgs {
+    /// The VM these flags describe.
+    pub fn to_config(&self) -> Result<VmConfig, String> {
+        let size = parse_size(&self.memory).map_err(|e| format!("--memory: {e}"))?;
+        Ok(VmConfig {
+            payload: PayloadConfig {
+                kernel: self.kernel.clone(),
+                initramfs: self.initramfs.clone(),
+                cmdline: self.cmdline.clone(),
+            },
+            cpus: CpusConfig {
+                boot_vcpus: self.cpus,
+            },
+            memory: MemoryConfig { size },
+            serial: parse_serial(&self.serial)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("podvisor").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(args).unwrap().command {
+            Command::Run(a) => a,
+        }
+    }
+
+    #[test]
+    fn full_run_command() {
+        let a = run_args(&[
+            "run",
+            "--kernel",
+            "bz",
+            "--initramfs",
+            "i.gz",
+            "--cmdline",
+            "console=ttyS0 podvisor.halt",
+            "--cpus",
+            "2",
+            "--memory",
+            "1G",
+            "--serial",
+            "file=/tmp/out",
+        ]);
+        let c = a.to_config().unwrap();
+        assert_eq!(c.payload.kernel, PathBuf::from("bz"));
+        assert_eq!(c.payload.initramfs, Some(PathBuf::from("i.gz")));
+        assert_eq!(c.payload.cmdline, "console=ttyS0 podvisor.halt");
+        assert_eq!(c.cpus.boot_vcpus, 2);
+        assert_eq!(c.memory.size, 1 << 30);
+        assert_eq!(c.serial, ConsoleConfig::File("/tmp/out".into()));
+        assert!(!a.pvm_guest);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run_args(&["run", "--kernel", "k"]).to_config().unwrap();
+        assert_eq!(c.cpus.boot_vcpus, 1);
+        assert_eq!(c.memory.size, 512 << 20);
+        assert_eq!(c.payload.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.serial, ConsoleConfig::Tty);
+        assert_eq!(c.payload.initramfs, None);
+    }
+
+    #[test]
+    fn bad_input_is_rejected() {
+        assert!(parse(&["run"]).is_err(), "kernel is required");
+        assert!(parse(&["run", "--kernel", "k", "--bogus"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--cpus", "300"]).is_err());
+        assert!(parse(&["run", "--kernel", "k", "--cpus", "two"]).is_err());
+        assert!(parse(&["frobnicate"]).is_err());
+        let a = run_args(&["run", "--kernel", "k", "--memory", "12Q"]);
+        assert!(a.to_config().unwrap_err().contains("--memory"));
+        let a = run_args(&["run", "--kernel", "k", "--serial", "pty"]);
+        assert!(a.to_config().unwrap_err().contains("--serial"));
+    }
+
+    #[test]
+    fn serial_modes() {
+        assert_eq!(parse_serial("stdio"), Ok(ConsoleConfig::Tty));
+        assert_eq!(parse_serial("off"), Ok(ConsoleConfig::Off));
+        assert!(parse_serial("file=").is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! `podvisor`: boots a VM from the command line (and, as a pod's entrypoint, serves its API).
+
+mod cli;
+mod terminal;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with status 0; usage errors are one line on stderr.
+            let code = if e.use_stderr() { 2 } else { 0 };
+            if e.use_stderr() {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                eprintln!("podvisor: {}", first.trim_start_matches("error: "));
+                eprintln!("(see 'podvisor --help')");
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(code);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PODVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        cli::Command::Run(args) => match run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("podvisor: error: {msg}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(args: cli::RunArgs) -> Result<(), String> {
+    let config = args.to_config()?;
+    config.validate().map_err(|e| e.to_string())?;
+    let console = vmm::Console::new(&config.serial).map_err(|e| e.to_string())?;
+    let _raw = if console.wants_stdin {
+        let raw = terminal::RawMode::enable_on_stdin();
+        console
+            .spawn_input(std::io::stdin())
+            .map_err(|e| format!("cannot start console input: {e}"))?;
+        raw
+    } else {
+        None
+    };
+    let options = vmm::RunOptions {
+        pvm_guest: args.pvm_guest,
+    };
+    vmm::run(&config, &console, &options).map_err(|e| e.to_string())
+}

@@ -1,0 +1,238 @@
+# shellcheck shell=bash
+# Shared helpers for resources/guest/build.sh and resources/testhost/run.sh.
+# Source it from bash; it defines functions and a few PV_* variables only.
+#
+#   PV_ROOT       repository root (resolved from this file's location)
+#   PV_CACHE      download/extract cache shared by the guest and the test host
+#
+# Environment knobs:
+#   PODVISOR_KERNEL_PKG   force a kernel package, e.g. linux-image-6.1.0-56-cloud-amd64
+#   PODVISOR_VERBOSE=1    print progress messages
+
+PV_LIB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+PV_ROOT="$(cd -- "$PV_LIB_DIR/../.." && pwd -P)"
+PV_CACHE="$PV_ROOT/target/guest/cache"
+# Used when the apt metadata cannot tell us the current cloud kernel.
+PV_KERNEL_PKG_FALLBACK="linux-image-6.1.0-56-cloud-amd64"
+PV_KERNEL_META="linux-image-cloud-amd64"
+
+pv_log() { if [[ "${PODVISOR_VERBOSE:-0}" == 1 ]]; then printf '%s: %s\n' "${0##*/}" "$*" >&2; fi; }
+pv_say() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }
+pv_die() { printf '%s: error: %s\n' "${0##*/}" "$*" >&2; exit "${PV_DIE_RC:-1}"; }
+
+PV_APT_UPDATED=0
+pv_apt_update() {
+    if [[ "$PV_APT_UPDATED" == 0 ]]; then
+        pv_say "running apt-get update"
+        apt-get update -qq >/dev/null || pv_die "apt-get update failed"
+        PV_APT_UPDATED=1
+    fi
+}
+
+# pv_need CMD:PKG ... - install PKG (Debian) unless CMD is on PATH or is an
+# existing absolute path.
+pv_need() {
+    local spec cmd pkg missing=()
+    for spec in "$@"; do
+        cmd="${spec%%:*}" pkg="${spec#*:}"
+        if [[ "$cmd" == /* ]]; then
+            [[ -e "$cmd" ]] && continue
+        elif command -v "$cmd" >/dev/null 2>&1; then
+            continue
+        fi
+        missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    [[ "$(id -u)" == 0 ]] || pv_die "missing packages (${missing[*]}); install them or run as root"
+    pv_apt_update
+    pv_say "installing: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || pv_die "apt-get install ${missing[*]} failed"
+}
+
+# Keep a lock on the shared cache while building (several test hosts may start at once).
+pv_lock() {
+    mkdir -p "$PV_CACHE"
+    exec {PV_LOCK_FD}>"$PV_CACHE/.lock"
+    flock "$PV_LOCK_FD"
+}
+
+# pv_download PKG -> prints path of the cached .deb (downloads it once).
+pv_download() {
+    local pkg="$1" deb
+    deb="$(compgen -G "$PV_CACHE/debs/${pkg}_*.deb" | head -n1 || true)"
+    if [[ -z "$deb" ]]; then
+        mkdir -p "$PV_CACHE/debs"
+        pv_say "downloading $pkg"
+        local tmp
+        tmp="$(mktemp -d "$PV_CACHE/debs/.dl.XXXXXX")"
+        # APT::Sandbox::User=root: the cache dir is not readable by user _apt.
+        if ! (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" >/dev/null 2>&1); then
+            pv_apt_update
+            (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$pkg" >/dev/null) \
+                || { rm -rf "$tmp"; pv_die "apt-get download $pkg failed"; }
+        fi
+        mv "$tmp"/*.deb "$PV_CACHE/debs/"
+        rmdir "$tmp"
+        deb="$(compgen -G "$PV_CACHE/debs/${pkg}_*.deb" | head -n1)"
+    fi
+    printf '%s\n' "$deb"
+}
+
+# pv_kernel_pkg -> prints the kernel package to use. The answer is cached in
+# $PV_CACHE/kernel-pkg and only recomputed when the apt lists changed, so the
+# fast path does not pay for apt-cache (~0.6 s).
+pv_kernel_pkg() {
+    if [[ -n "${PODVISOR_KERNEL_PKG:-}" ]]; then
+        printf '%s\n' "$PODVISOR_KERNEL_PKG"
+        return
+    fi
+    local f="$PV_CACHE/kernel-pkg" pkg=""
+    if [[ -s "$f" ]] && [[ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -newer "$f" -print -quit 2>/dev/null)" ]]; then
+        cat "$f"
+        return
+    fi
+    pv_need apt-cache:apt
+    pkg="$(apt-cache depends "$PV_KERNEL_META" 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*-cloud-amd64\)$/\1/p' | head -n1)"
+    if [[ -z "$pkg" && "$PV_APT_UPDATED" == 0 && "$(id -u)" == 0 ]]; then
+        pv_apt_update
+        pkg="$(apt-cache depends "$PV_KERNEL_META" 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*-cloud-amd64\)$/\1/p' | head -n1)"
+    fi
+    if [[ -z "$pkg" ]]; then
+        pv_say "warning: cannot resolve $PV_KERNEL_META via apt-cache; using $PV_KERNEL_PKG_FALLBACK"
+        pkg="$PV_KERNEL_PKG_FALLBACK"
+    fi
+    mkdir -p "$PV_CACHE"
+    printf '%s\n' "$pkg" >"$f.tmp" && mv "$f.tmp" "$f"
+    printf '%s\n' "$pkg"
+}
+
+# pv_kernel_fetch PKG - download + extract the kernel package, run depmod.
+# Sets PV_KROOT (extracted tree), PV_KVER (uname -r), PV_VMLINUZ.
+pv_kernel_fetch() {
+    local pkg="$1" deb
+    PV_KROOT="$PV_CACHE/$pkg"
+    if [[ ! -e "$PV_KROOT/.done" ]]; then
+        pv_need dpkg-deb:dpkg depmod:kmod modprobe:kmod
+        deb="$(pv_download "$pkg")"
+        rm -rf "$PV_KROOT"
+        dpkg-deb -x "$deb" "$PV_KROOT" || pv_die "cannot extract $deb"
+        local v
+        v="$(basename "$(compgen -G "$PV_KROOT/lib/modules/*" | head -n1)")"
+        [[ -n "$v" ]] || pv_die "no /lib/modules in $deb"
+        depmod -b "$PV_KROOT" "$v" || pv_die "depmod failed for $v"
+        touch "$PV_KROOT/.done"
+    fi
+    PV_KVER="$(basename "$(compgen -G "$PV_KROOT/lib/modules/*" | head -n1)")"
+    PV_VMLINUZ="$PV_KROOT/boot/vmlinuz-$PV_KVER"
+    [[ -f "$PV_VMLINUZ" ]] || pv_die "no $PV_VMLINUZ in $pkg"
+}
+
+# pv_busybox_fetch - sets PV_BUSYBOX to a static busybox binary (from the
+# busybox-static .deb, cached; the host's packages are not touched).
+pv_busybox_fetch() {
+    local dir="$PV_CACHE/busybox-static" deb
+    if [[ ! -e "$dir/.done" ]]; then
+        pv_need dpkg-deb:dpkg
+        deb="$(pv_download busybox-static)"
+        rm -rf "$dir"
+        dpkg-deb -x "$deb" "$dir" || pv_die "cannot extract $deb"
+        [[ -x "$dir/bin/busybox" ]] || pv_die "no bin/busybox in $deb"
+        touch "$dir/.done"
+    fi
+    PV_BUSYBOX="$dir/bin/busybox"
+}
+
+# pv_u32 FILE OFFSET -> little-endian u32 at OFFSET
+pv_u32() { od -An -t u4 -j "$2" -N 4 --endian=little "$1" | tr -d ' '; }
+
+# pv_extract_vmlinux BZIMAGE OUT - uncompressed ELF kernel out of a bzImage,
+# using the boot protocol header (payload_offset/payload_length, >= 2.08).
+pv_extract_vmlinux() {
+    local img="$1" out="$2" setup_sects off len start magic dec
+    [[ "$(od -An -c -j 0x202 -N 4 "$img" | tr -d ' ')" == HdrS ]] || pv_die "$img is not a bzImage"
+    setup_sects="$(od -An -t u1 -j 0x1f1 -N 1 "$img" | tr -d ' ')"
+    ((setup_sects == 0)) && setup_sects=4
+    off="$(pv_u32 "$img" 0x248)"
+    len="$(pv_u32 "$img" 0x24c)"
+    start=$(((setup_sects + 1) * 512 + off))
+    magic="$(od -An -t x1 -j "$start" -N 6 "$img" | tr -d ' \n')"
+    case "$magic" in
+        1f8b*) dec="gzip -dc" ;;
+        fd377a585a00) dec="xz -dc" ;;
+        28b52ffd*) dec="zstd -dcq" ;;
+        02214c18*) dec="lz4 -dcq" ;;
+        5d0000*) dec="xz -dc --format=lzma" ;;
+        425a68*) dec="bzip2 -dc" ;;
+        894c5a*) dec="lzop -dc" ;;
+        *) pv_die "unknown compression magic $magic in $img" ;;
+    esac
+    pv_need "${dec%% *}:$(case "${dec%% *}" in xz) echo xz-utils ;; *) echo "${dec%% *}" ;; esac)"
+    # The last 4 bytes of the payload are the uncompressed size (gzip: ISIZE,
+    # others: appended by the kernel's size_append). Feed the rest to the
+    # decompressor (gzip needs its trailer).
+    local clen=$((len - 4)) want
+    [[ "$magic" == 1f8b* ]] && clen=$len
+    want="$(pv_u32 "$img" $((start + len - 4)))"
+    # shellcheck disable=SC2086 # $dec is a command line
+    tail -c +$((start + 1)) "$img" | head -c "$clen" | $dec >"$out.tmp" 2>/dev/null || true
+    [[ "$(head -c 4 "$out.tmp" | od -An -t x1 | tr -d ' \n')" == 7f454c46 ]] \
+        || { rm -f "$out.tmp"; pv_die "decompressing $img (${dec%% *}) did not give an ELF file"; }
+    local got
+    got="$(stat -c %s "$out.tmp")"
+    [[ "$got" == "$want" ]] || { rm -f "$out.tmp"; pv_die "vmlinux size $got != expected $want"; }
+    mv "$out.tmp" "$out"
+    PV_KERNEL_COMPRESSION="${dec%% *}"
+}
+
+# pv_initramfs OUT INIT MODULE... - gzip'd newc cpio with a static busybox
+# (+ applet symlinks), /init, the listed modules and their dependencies (in
+# load order; built-in ones skipped) and /etc/modules ("name path" lines, in
+# load order). Needs PV_KROOT/PV_KVER (pv_kernel_fetch) and PV_BUSYBOX.
+pv_initramfs() {
+    local out="$1" init="$2"
+    shift 2
+    pv_need cpio:cpio gzip:gzip modprobe:kmod
+    local stage
+    stage="$(mktemp -d "${out%/*}/.stage.XXXXXX")"
+    mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,etc,tmp,root,mnt,newroot}
+    cp "$PV_BUSYBOX" "$stage/bin/busybox"
+    local a
+    while read -r a; do
+        [[ "$a" == bin/busybox ]] || ln -sf /bin/busybox "$stage/$a"
+    done < <("$PV_BUSYBOX" --list-full)
+    install -m 0755 "$init" "$stage/init"
+    if [[ "$(id -u)" == 0 ]]; then
+        mknod -m 600 "$stage/dev/console" c 5 1
+        mknod -m 666 "$stage/dev/null" c 1 3
+    fi
+    # Resolve dependencies with modprobe against the extracted tree.
+    local m line path rel name seen=" "
+    : >"$stage/etc/modules"
+    for m in "$@"; do
+        while read -r line; do
+            case "$line" in
+                insmod\ *)
+                    path="${line#insmod }" path="${path%% *}"
+                    rel="${path#"$PV_KROOT"/}"
+                    name="$(basename "$rel" .ko)" name="${name//-/_}"
+                    [[ "$seen" == *" $name "* ]] && continue
+                    seen+="$name "
+                    mkdir -p "$stage/${rel%/*}"
+                    cp "$path" "$stage/$rel"
+                    printf '%s /%s\n' "$name" "$rel" >>"$stage/etc/modules"
+                    ;;
+                builtin\ *) ;;
+                *) pv_die "modprobe: unexpected output for $m: $line" ;;
+            esac
+        done < <(modprobe -d "$PV_KROOT" -S "$PV_KVER" --show-depends "$m" 2>&1 || echo "error $m")
+    done
+    (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --reproducible --quiet -R 0:0) \
+        | gzip -9n >"$out.tmp" || pv_die "cpio failed"
+    rm -rf "$stage"
+    mv "$out.tmp" "$out"
+}
+
+# pv_stamp FILE... -> prints a hash of the given files' contents + extra
+# strings passed in PV_STAMP_EXTRA.
+pv_stamp() { { cat -- "$@"; printf '%s\n' "${PV_STAMP_EXTRA:-}"; } | sha256sum | cut -d' ' -f1; }

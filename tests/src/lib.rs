@@ -1,0 +1,1 @@
+//! Helpers for podvisor's end-to-end tests.

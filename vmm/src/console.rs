@@ -1,0 +1,125 @@
+//! COM1 as the VM's console: where its output goes and the thread that feeds it input.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::ConsoleConfig;
+
+/// Failures to set up the console.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("cannot open serial output file '{path}': {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the serial device: {0}")]
+    Device(#[source] std::io::Error),
+}
+
+/// The UART and its interrupt line; it outlives guest reboots.
+pub struct Console {
+    pub serial: Arc<Mutex<Serial>>,
+    pub irq: EventFd,
+    /// Whether input should be read from stdin.
+    pub wants_stdin: bool,
+}
+
+impl Console {
+    /// Builds COM1 with the output the configuration names.
+    pub fn new(config: &ConsoleConfig) -> Result<Self, ConsoleError> {
+        let (out, wants_stdin): (Box<dyn Write + Send>, bool) = match config {
+            ConsoleConfig::Tty => (Box::new(Stdout), true),
+            ConsoleConfig::File(path) => {
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| ConsoleError::File {
+                        path: path.clone(),
+                        source,
+                    })?;
+                (Box::new(f), false)
+            }
+            ConsoleConfig::Off => (Box::new(std::io::sink()), false),
+        };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::Device)?;
+        let serial = Serial::new(irq.try_clone().map_err(ConsoleError::Device)?, out)
+            .map_err(ConsoleError::Device)?;
+        Ok(Console {
+            serial: Arc::new(Mutex::new(serial)),
+            irq,
+            wants_stdin,
+        })
+    }
+
+    /// Starts a thread that copies `input` into the UART, waiting for the guest to drain the
+    /// FIFO when it is full. The thread ends at end of input.
+    pub fn spawn_input<R: Read + Send + 'static>(&self, mut input: R) -> std::io::Result<()> {
+        let serial = self.serial.clone();
+        let space = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .input_space_evt()
+            .try_clone()?;
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || {
+                let mut buf = [0u8; 256];
+                loop {
+                    let n = match input.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    };
+                    let mut off = 0;
+                    while off < n {
+                        off += serial
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .enqueue_input(&buf[off..n]);
+                        if off < n {
+                            wait_readable(&space);
+                        }
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
+
+/// Blocks until `evt` is signalled (or 100 ms pass, to recover from a missed wake-up), then
+/// clears it.
+fn wait_readable(evt: &EventFd) {
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(evt),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd array of length 1 that lives across the call.
+    unsafe { libc::poll(&mut pfd, 1, 100) };
+    let _ = evt.read();
+}
+
+/// Unbuffered stdout: the guest's bytes leave as soon as it writes them.
+struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}

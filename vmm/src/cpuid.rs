@@ -1,0 +1,207 @@
+//! Per-vCPU CPUID: what KVM supports, with the topology rewritten to describe `vcpus`
+//! single-threaded cores in one socket and the hypervisor bit set.
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+const ECX_CMP_LEGACY: u32 = 1 << 1;
+
+/// Topology level types of leaves 0xB and 0x1F.
+const LEVEL_TYPE_INVALID: u32 = 0;
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// Bits of the APIC ID needed to number `vcpus` cores.
+fn core_id_bits(vcpus: u8) -> u32 {
+    u32::from(vcpus.max(1)).next_power_of_two().trailing_zeros()
+}
+
+/// Rewrites `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `cpu_id` of `vcpus`.
+pub fn filter(cpuid: &mut CpuId, cpu_id: u8, vcpus: u8) {
+    let apic_id = u32::from(cpu_id);
+    let count = u32::from(vcpus);
+    let core_bits = core_id_bits(vcpus);
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            LEAF_FEATURES => {
+                // APIC ID, logical processors per package, CLFLUSH line size (8 * 8 bytes).
+                e.ebx = (apic_id << 24) | ((count.min(255)) << 16) | (8 << 8) | (e.ebx & 0xff);
+                e.ecx |= ECX_HYPERVISOR;
+                if count > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE_PARAMS => {
+                // Cores per package - 1 in bits 31:26; caches are not shared between threads.
+                e.eax = (e.eax & 0x3ff) | ((count - 1).min(63) << 26);
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+                e.edx = apic_id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (LEVEL_TYPE_SMT << 8) | e.index;
+                    }
+                    1 => {
+                        e.eax = core_bits;
+                        e.ebx = count;
+                        e.ecx = (LEVEL_TYPE_CORE << 8) | e.index;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = (LEVEL_TYPE_INVALID << 8) | e.index;
+                    }
+                }
+            }
+            LEAF_EXT_FEATURES => {
+                if count > 1 {
+                    e.ecx |= ECX_CMP_LEGACY;
+                } else {
+                    e.ecx &= !ECX_CMP_LEGACY;
+                }
+            }
+            LEAF_EXT_ADDR_SIZES => {
+                // AMD: number of cores - 1 and APIC ID size.
+                e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
+            }
+            _ => {}
+        }
+    }
+    ensure_topology_levels(cpuid, apic_id, count, core_bits);
+}
+
+/// KVM lists leaf 0xB with however many subleaves the host has; make sure the SMT and core
+/// levels both exist so the guest never sees a partial topology.
+fn ensure_topology_levels(cpuid: &mut CpuId, apic_id: u32, count: u32, core_bits: u32) {
+    let has_leaf = cpuid.as_slice().iter().any(|e| e.function == LEAF_TOPOLOGY);
+    if !has_leaf {
+        return;
+    }
+    for index in 0..3u32 {
+        let present = cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == LEAF_TOPOLOGY && e.index == index);
+        if present {
+            continue;
+        }
+        let (eax, ebx, level) = match index {
+            0 => (0, 1, LEVEL_TYPE_SMT),
+            1 => (core_bits, count, LEVEL_TYPE_CORE),
+            _ => (0, 0, LEVEL_TYPE_INVALID),
+        };
+        let entry = kvm_cpuid_entry2 {
+            function: LEAF_TOPOLOGY,
+            index,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            eax,
+            ebx,
+            ecx: (level << 8) | index,
+            edx: apic_id,
+            ..Default::default()
+        };
+        // A full table only loses this subleaf; the guest then counts CPUs from ACPI.
+        let _ = cpuid.push(entry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    fn find(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    fn sample() -> CpuId {
+        CpuId::from_entries(&[
+            entry(0x1, 0),
+            entry(0x4, 0),
+            entry(0xb, 0),
+            entry(0x8000_0001, 0),
+            entry(0x8000_0008, 0),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
+        let mut c = sample();
+        filter(&mut c, 3, 4);
+        let e = find(&c, 1, 0);
+        assert_eq!(e.ebx >> 24, 3);
+        assert_eq!((e.ebx >> 16) & 0xff, 4);
+        assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(e.edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn single_vcpu_has_no_htt() {
+        let mut c = sample();
+        c.as_mut_slice()[0].edx = EDX_HTT;
+        filter(&mut c, 0, 1);
+        assert_eq!(find(&c, 1, 0).edx & EDX_HTT, 0);
+        assert_eq!(find(&c, 0x8000_0008, 0).ecx & 0xff, 0);
+    }
+
+    #[test]
+    fn extended_topology_describes_cores() {
+        let mut c = sample();
+        filter(&mut c, 2, 3);
+        let smt = find(&c, 0xb, 0);
+        assert_eq!(
+            (smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff, smt.edx),
+            (0, 1, 1, 2)
+        );
+        let core = find(&c, 0xb, 1);
+        // Three cores need two APIC ID bits.
+        assert_eq!(
+            (core.eax, core.ebx, (core.ecx >> 8) & 0xff, core.edx),
+            (2, 3, 2, 2)
+        );
+        let end = find(&c, 0xb, 2);
+        assert_eq!((end.ebx, (end.ecx >> 8) & 0xff), (0, 0));
+    }
+
+    #[test]
+    fn amd_core_count() {
+        let mut c = sample();
+        filter(&mut c, 0, 8);
+        let e = find(&c, 0x8000_0008, 0);
+        assert_eq!(e.ecx & 0xff, 7);
+        assert_eq!((e.ecx >> 12) & 0xf, 3);
+        assert_ne!(find(&c, 0x8000_0001, 0).ecx & ECX_CMP_LEGACY, 0);
+        assert_eq!(find(&c, 0x4, 0).eax >> 26, 7);
+    }
+
+    #[test]
+    fn core_bits() {
+        assert_eq!(core_id_bits(1), 0);
+        assert_eq!(core_id_bits(2), 1);
+        assert_eq!(core_id_bits(5), 3);
+        assert_eq!(core_id_bits(254), 8);
+    }
+}

@@ -1,0 +1,163 @@
+//! Guest RAM: one memfd holds all of it, mapped shared so that snapshots and live migration can
+//! hand the same pages to another process.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::layout::{FOUR_GIB, MMIO_HOLE_START};
+
+/// Failures to provide guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory of {requested_mib} MiB is more than this host can give ({available_mib} MiB {source_name})")]
+    TooLarge {
+        requested_mib: u64,
+        available_mib: u64,
+        source_name: &'static str,
+    },
+    #[error("cannot create the guest memory file: {0}")]
+    Memfd(#[source] std::io::Error),
+    #[error("cannot size the guest memory file to {size} bytes: {source}")]
+    Truncate {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map {size} bytes of guest memory: {source}")]
+    Mmap {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("cannot assemble guest memory regions: {0}")]
+    Regions(String),
+}
+
+/// The guest-physical RAM ranges for `size` bytes of RAM: below the 32-bit MMIO hole, then the
+/// rest above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if size > low {
+        ranges.push((GuestAddress(FOUR_GIB), size - low));
+    }
+    ranges
+}
+
+/// The end of RAM below 4 GiB.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_HOLE_START)
+}
+
+/// Refuses a guest larger than the host (or this process's cgroup) could ever back.
+pub fn check_host_capacity(size: u64) -> Result<(), MemoryError> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_total = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024);
+    let cgroup_max = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    for (limit, source_name) in [(mem_total, "of RAM"), (cgroup_max, "cgroup memory.max")] {
+        if let Some(limit) = limit {
+            if size > limit {
+                return Err(MemoryError::TooLarge {
+                    requested_mib: size >> 20,
+                    available_mib: limit >> 20,
+                    source_name,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
+    // SAFETY: `name` is a valid NUL-terminated string and the flags are valid; the returned
+    // descriptor is checked before use.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Creates `size` bytes of zeroed, memfd-backed guest RAM laid out by [`ram_ranges`].
+pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    check_host_capacity(size)?;
+    let file = memfd(c"podvisor-guest-ram")?;
+    file.set_len(size)
+        .map_err(|source| MemoryError::Truncate { size, source })?;
+    let mut regions = Vec::new();
+    let mut offset = 0;
+    for (addr, len) in ram_ranges(size) {
+        let file_offset = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
+        let mapping = MmapRegion::build(
+            Some(file_offset),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+        )
+        .map_err(|source| MemoryError::Mmap { size: len, source })?;
+        regions.push(
+            GuestRegionMmap::new(mapping, addr).ok_or_else(|| {
+                MemoryError::Regions(format!("region at {:#x} overflows", addr.0))
+            })?,
+        );
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn small_guest_is_one_low_range() {
+        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(
+            r,
+            vec![
+                (GuestAddress(0), MMIO_HOLE_START),
+                (GuestAddress(FOUR_GIB), (4 << 30) - MMIO_HOLE_START)
+            ]
+        );
+        assert_eq!(low_ram_end(4 << 30), MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn memory_is_memfd_backed_and_usable() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        let region = mem.iter().next().unwrap();
+        assert!(region.file_offset().is_some());
+    }
+
+    #[test]
+    fn refuses_more_than_the_host_has() {
+        let err = check_host_capacity(1 << 60).unwrap_err();
+        assert!(
+            err.to_string().contains("more than this host can give"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,348 @@
+//! One vCPU: its KVM file descriptor, its boot configuration, its saved state, and the thread
+//! that runs it and routes its exits to the buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use devices::Bus;
+use kvm_bindings::{
+    kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::EntryPoint;
+use crate::{cpuid, regs};
+
+/// Failures to create, configure or run a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {id}: {source}")]
+    Create {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot configure vCPU {id} ({what}): {source}")]
+    Configure {
+        id: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set up vCPU boot state: {0}")]
+    BootTables(#[from] regs::SetupError),
+    #[error("KVM accepted only {set} of {wanted} MSRs on vCPU {id}")]
+    PartialMsrs { id: u8, set: usize, wanted: usize },
+}
+
+/// How the VM asked to end, as seen by a vCPU or a device.
+pub struct VmEvents {
+    /// The guest powered off.
+    pub shutdown: EventFd,
+    /// The guest asked for a reset (reboot).
+    pub reset: EventFd,
+    /// A vCPU failed; `failure_reason` says why.
+    pub failure: EventFd,
+    pub failure_reason: Mutex<Option<String>>,
+}
+
+impl VmEvents {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(VmEvents {
+            shutdown: EventFd::new(libc::EFD_NONBLOCK)?,
+            reset: EventFd::new(libc::EFD_NONBLOCK)?,
+            failure: EventFd::new(libc::EFD_NONBLOCK)?,
+            failure_reason: Mutex::new(None),
+        })
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!("{reason}");
+        let mut slot = self
+            .failure_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(reason);
+        let _ = self.failure.write(1);
+    }
+}
+
+/// What a running vCPU reaches: the buses, the VM's end events and its stop request.
+#[derive(Clone)]
+pub struct VcpuContext {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub events: Arc<VmEvents>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// A vCPU's complete architectural state, for snapshot and migration.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub lapic: kvm_lapic_state,
+    pub xcrs: kvm_xcrs,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub msrs: Vec<(u32, u64)>,
+}
+
+/// A KVM vCPU.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` (its APIC ID is the same number).
+    pub fn new(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })?;
+        Ok(Vcpu { id, fd })
+    }
+
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    fn cfg_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Configure { id, what, source }
+    }
+
+    /// Sets CPUID, MSRs, FPU, LAPIC and, when `entry` is given, the registers that start the
+    /// kernel (the boot vCPU; the others wait for INIT/SIPI in the in-kernel LAPIC).
+    pub fn configure(
+        &self,
+        supported_cpuid: &CpuId,
+        vcpus: u8,
+        supported_msrs: &[u32],
+        entry: EntryPoint,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::filter(&mut cpuid, self.id, vcpus);
+        self.fd.set_cpuid2(&cpuid).map_err(self.cfg_err("CPUID"))?;
+
+        let msrs = regs::boot_msrs(supported_msrs);
+        let set = self.fd.set_msrs(&msrs).map_err(self.cfg_err("MSRs"))?;
+        if set != msrs.as_slice().len() {
+            return Err(VcpuError::PartialMsrs {
+                id: self.id,
+                set,
+                wanted: msrs.as_slice().len(),
+            });
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.cfg_err("FPU"))?;
+
+        let mut lapic = self.fd.get_lapic().map_err(self.cfg_err("LAPIC"))?;
+        regs::set_lapic_lints(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(self.cfg_err("LAPIC"))?;
+
+        if self.id == 0 {
+            let sregs = self.fd.get_sregs().map_err(self.cfg_err("segments"))?;
+            self.fd
+                .set_sregs(&regs::boot_sregs(sregs, entry))
+                .map_err(self.cfg_err("segments"))?;
+            self.fd
+                .set_regs(&regs::boot_regs(entry))
+                .map_err(self.cfg_err("registers"))?;
+        }
+        Ok(())
+    }
+
+    /// Captures the vCPU's state. `msr_indices` lists the MSRs to carry.
+    pub fn save(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        // MP state first: it may flush pending LAPIC events into the register state.
+        let mp_state = self.fd.get_mp_state().map_err(self.cfg_err("MP state"))?;
+        let entries: Vec<_> = msr_indices
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::PartialMsrs {
+            id: self.id,
+            set: 0,
+            wanted: entries.len(),
+        })?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(self.cfg_err("MSRs"))?;
+        Ok(VcpuState {
+            id: self.id,
+            regs: self.fd.get_regs().map_err(self.cfg_err("registers"))?,
+            sregs: self.fd.get_sregs().map_err(self.cfg_err("segments"))?,
+            xsave: self.fd.get_xsave().map_err(self.cfg_err("XSAVE"))?,
+            lapic: self.fd.get_lapic().map_err(self.cfg_err("LAPIC"))?,
+            xcrs: self.fd.get_xcrs().map_err(self.cfg_err("XCRs"))?,
+            mp_state,
+            events: self.fd.get_vcpu_events().map_err(self.cfg_err("events"))?,
+            msrs: msrs.as_slice()[..n]
+                .iter()
+                .map(|e| (e.index, e.data))
+                .collect(),
+        })
+    }
+
+    /// Puts a saved state back (CPUID must already be set).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(self.cfg_err("segments"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(self.cfg_err("registers"))?;
+        // SAFETY: `state.xsave` is a legacy-size `kvm_xsave` read by KVM_GET_XSAVE, which is all
+        // KVM_SET_XSAVE reads for it.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.cfg_err("XSAVE"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(self.cfg_err("XCRs"))?;
+        let entries: Vec<_> = state
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        if let Ok(msrs) = Msrs::from_entries(&entries) {
+            self.fd.set_msrs(&msrs).map_err(self.cfg_err("MSRs"))?;
+        }
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.cfg_err("LAPIC"))?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(self.cfg_err("MP state"))?;
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(self.cfg_err("events"))?;
+        Ok(())
+    }
+
+    /// Runs until the guest ends the VM, a fatal error, or `ctx.stop`.
+    pub fn run(mut self, ctx: VcpuContext) -> Self {
+        while !ctx.stop.load(Ordering::Acquire) {
+            match self.fd.run() {
+                Ok(exit) => {
+                    if !handle_exit(self.id, exit, &ctx) {
+                        break;
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    ctx.events
+                        .fail(format!("vCPU {} failed to run: {e}", self.id));
+                    break;
+                }
+            }
+        }
+        self
+    }
+
+    /// Runs the vCPU on the current thread until its next exit that is not port or MMIO I/O on
+    /// the given buses; for tests of tiny guests.
+    pub fn run_until_halt(&mut self, ctx: &VcpuContext, max_exits: usize) -> Result<(), String> {
+        for _ in 0..max_exits {
+            match self.fd.run().map_err(|e| e.to_string())? {
+                VcpuExit::Hlt => return Ok(()),
+                exit => {
+                    if !handle_exit(self.id, exit, ctx) {
+                        return Err("VM ended".into());
+                    }
+                }
+            }
+        }
+        Err(format!("no HLT within {max_exits} exits"))
+    }
+}
+
+/// Routes one exit; returns false when this vCPU must stop.
+fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> bool {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            ctx.pio.read(u64::from(port), data);
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            ctx.mmio.read(addr, data);
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            ctx.mmio.write(addr, data);
+        }
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
+        // A triple fault resets a PC.
+        VcpuExit::Shutdown => {
+            let _ = ctx.events.reset.write(1);
+            return false;
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => {
+                    let _ = ctx.events.shutdown.write(1);
+                }
+                KVM_SYSTEM_EVENT_RESET => {
+                    let _ = ctx.events.reset.write(1);
+                }
+                KVM_SYSTEM_EVENT_CRASH => ctx.events.fail(format!("vCPU {id}: guest crashed")),
+                other => ctx
+                    .events
+                    .fail(format!("vCPU {id}: unknown system event {other}")),
+            }
+            return false;
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            ctx.events.fail(format!(
+                "vCPU {id}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+            ));
+            return false;
+        }
+        VcpuExit::InternalError => {
+            ctx.events
+                .fail(format!("vCPU {id}: KVM internal error (emulation failure)"));
+            return false;
+        }
+        other => tracing::debug!("vCPU {id}: ignored exit {other:?}"),
+    }
+    true
+}
+
+/// The no-op handler of the signal that kicks vCPU threads out of `KVM_RUN`.
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal used to kick vCPU threads.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick signal handler (idempotent).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// Shares the supported MSR list and CPUID among vCPUs.
+pub struct CpuTemplate {
+    pub cpuid: CpuId,
+    pub msrs: Vec<u32>,
+}
+
+impl CpuTemplate {
+    pub fn from_kvm(kvm: &kvm_ioctls::Kvm) -> Result<Self, kvm_ioctls::Error> {
+        let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
+        let msrs = kvm.get_msr_index_list()?.as_slice().to_vec();
+        Ok(CpuTemplate { cpuid, msrs })
+    }
+}
