@@ -1,0 +1,270 @@
+//! KVM-level tests with tiny hand-written guests. They boot through the real path (ELF loader,
+//! PVH entry, vCPU setup, port I/O bus, legacy devices) and run on any `/dev/kvm`, PVM included,
+//! because they execute only a few dozen instructions.
+
+use std::path::{Path, PathBuf};
+
+use vmm::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use vmm::vcpu::CpuTemplate;
+use vmm::{Console, Vm, VmExit};
+
+/// Where the guest code is loaded and entered (32-bit protected mode, paging off).
+const CODE_ADDR: u64 = 0x10_0000;
+
+/// A minimal x86 assembler for 32-bit protected mode: just what the tests need.
+#[derive(Default)]
+struct Asm(Vec<u8>);
+
+impl Asm {
+    fn mov_dx(mut self, v: u16) -> Self {
+        self.0.extend([0x66, 0xba]);
+        self.0.extend(v.to_le_bytes());
+        self
+    }
+    fn mov_al(mut self, v: u8) -> Self {
+        self.0.extend([0xb0, v]);
+        self
+    }
+    fn out_dx_al(mut self) -> Self {
+        self.0.push(0xee);
+        self
+    }
+    fn in_al_dx(mut self) -> Self {
+        self.0.push(0xec);
+        self
+    }
+    /// `mov eax, [addr]`
+    fn load_eax(mut self, addr: u32) -> Self {
+        self.0.push(0xa1);
+        self.0.extend(addr.to_le_bytes());
+        self
+    }
+    /// `mov eax, [ebx + disp8]`
+    fn load_eax_ebx(mut self, disp: u8) -> Self {
+        self.0.extend([0x8b, 0x43, disp]);
+        self
+    }
+    /// `shr eax, n`
+    fn shr_eax(mut self, n: u8) -> Self {
+        self.0.extend([0xc1, 0xe8, n]);
+        self
+    }
+    fn out_port(self, port: u16, value: u8) -> Self {
+        self.mov_dx(port).mov_al(value).out_dx_al()
+    }
+    fn in_port(self, port: u16) -> Self {
+        self.mov_dx(port).in_al_dx()
+    }
+    /// Writes AL to COM1.
+    fn print_al(self) -> Self {
+        self.mov_dx(0x3f8).out_dx_al()
+    }
+    fn print(mut self, s: &str) -> Self {
+        for b in s.bytes() {
+            self = self.out_port(0x3f8, b);
+        }
+        self
+    }
+    /// Powers off through the ACPI sleep control register (SLP_TYP=5, SLP_EN).
+    fn poweroff(self) -> Self {
+        self.out_port(0x600, 0x34).halt_forever()
+    }
+    fn halt_forever(mut self) -> Self {
+        self.0.extend([0xf4, 0xeb, 0xfd]);
+        self
+    }
+}
+
+/// Wraps `code` in an ELF64 image with one PT_LOAD at [`CODE_ADDR`] and a Xen PVH entry note.
+fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let note_off = EHDR + 2 * PHDR;
+    let mut note = Vec::new();
+    note.extend(4u32.to_le_bytes()); // namesz
+    note.extend(4u32.to_le_bytes()); // descsz
+    note.extend(18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend(b"Xen\0");
+    note.extend((CODE_ADDR as u32).to_le_bytes());
+    let code_off = note_off + note.len();
+
+    let mut f = Vec::new();
+    f.extend(b"\x7fELF");
+    f.extend([2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV
+    f.extend([0u8; 8]);
+    f.extend(2u16.to_le_bytes()); // ET_EXEC
+    f.extend(0x3eu16.to_le_bytes()); // x86-64
+    f.extend(1u32.to_le_bytes());
+    f.extend(CODE_ADDR.to_le_bytes()); // e_entry
+    f.extend((EHDR as u64).to_le_bytes()); // e_phoff
+    f.extend(0u64.to_le_bytes()); // e_shoff
+    f.extend(0u32.to_le_bytes()); // flags
+    f.extend((EHDR as u16).to_le_bytes());
+    f.extend((PHDR as u16).to_le_bytes());
+    f.extend(2u16.to_le_bytes()); // e_phnum
+    f.extend([0u8; 6]); // shentsize, shnum, shstrndx
+    let phdr = |f: &mut Vec<u8>, kind: u32, off: usize, addr: u64, size: usize| {
+        f.extend(kind.to_le_bytes());
+        f.extend(5u32.to_le_bytes()); // R+X
+        f.extend((off as u64).to_le_bytes());
+        f.extend(addr.to_le_bytes());
+        f.extend(addr.to_le_bytes());
+        f.extend((size as u64).to_le_bytes());
+        f.extend((size as u64).to_le_bytes());
+        f.extend(4096u64.to_le_bytes());
+    };
+    phdr(&mut f, 1, code_off, CODE_ADDR, code.len()); // PT_LOAD
+    phdr(&mut f, 4, note_off, 0, note.len()); // PT_NOTE
+    f.extend(&note);
+    f.extend(code);
+    f
+}
+
+struct TinyGuest {
+    dir: PathBuf,
+}
+
+impl TinyGuest {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("podvisor-tiny-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TinyGuest { dir }
+    }
+
+    /// Boots `code` with `vcpus` vCPUs; returns how the VM ended and what COM1 printed.
+    fn run(&self, code: Asm, vcpus: u8) -> (Result<VmExit, vmm::Error>, Vec<u8>) {
+        let kernel = self.dir.join("guest.elf");
+        std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
+        let serial = self.dir.join("serial.out");
+        let _ = std::fs::remove_file(&serial);
+        let config = config(&kernel, &serial, vcpus);
+        let kvm = vmm::kvm::open_any().expect("/dev/kvm");
+        let template = CpuTemplate::from_kvm(&kvm).unwrap();
+        let console = Console::new(&config.serial).unwrap();
+        let vm = Vm::new(&kvm, &template, &config, &console).expect("VM setup");
+        let exit = vm.run();
+        drop(console);
+        (exit, std::fs::read(&serial).unwrap_or_default())
+    }
+}
+
+impl Drop for TinyGuest {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config(kernel: &Path, serial: &Path, vcpus: u8) -> VmConfig {
+    VmConfig {
+        payload: PayloadConfig {
+            kernel: kernel.to_owned(),
+            initramfs: None,
+            cmdline: String::new(),
+        },
+        cpus: CpusConfig { boot_vcpus: vcpus },
+        memory: MemoryConfig { size: 64 << 20 },
+        serial: ConsoleConfig::File(serial.to_owned()),
+    }
+}
+
+#[test]
+fn serial_output_and_acpi_poweroff() {
+    let g = TinyGuest::new("hello");
+    let (exit, out) = g.run(Asm::default().print("hello\n").poweroff(), 1);
+    assert_eq!(exit.unwrap(), VmExit::Shutdown);
+    assert_eq!(out, b"hello\n");
+}
+
+#[test]
+fn i8042_reset_asks_for_a_reboot() {
+    let g = TinyGuest::new("reset");
+    let code = Asm::default().print("r").out_port(0x64, 0xfe).halt_forever();
+    let (exit, out) = g.run(code, 1);
+    assert_eq!(exit.unwrap(), VmExit::Reset);
+    assert_eq!(out, b"r");
+}
+
+#[test]
+fn acpi_reset_register_asks_for_a_reboot() {
+    let g = TinyGuest::new("acpireset");
+    let (exit, _) = g.run(Asm::default().out_port(0x602, 1).halt_forever(), 1);
+    assert_eq!(exit.unwrap(), VmExit::Reset);
+}
+
+#[test]
+fn cmos_rtc_reports_a_valid_clock_and_the_current_year() {
+    let g = TinyGuest::new("cmos");
+    let code = Asm::default()
+        .out_port(0x70, 0x0d) // status D: valid RAM and time
+        .in_port(0x71)
+        .print_al()
+        .out_port(0x70, 0x32) // century (BCD)
+        .in_port(0x71)
+        .print_al()
+        .out_port(0x70, 0x09) // year (BCD)
+        .in_port(0x71)
+        .print_al()
+        .poweroff();
+    let (exit, out) = g.run(code, 1);
+    assert_eq!(exit.unwrap(), VmExit::Shutdown);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(out[0], 0x80);
+    let bcd = |b: u8| u32::from(b >> 4) * 10 + u32::from(b & 0xf);
+    let year = bcd(out[1]) * 100 + bcd(out[2]);
+    let now_year = 1970 + (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 31_556_952) as u32;
+    assert!(year.abs_diff(now_year) <= 1, "guest year {year}, host ~{now_year}");
+}
+
+#[test]
+fn unclaimed_port_and_mmio_reads_return_ones_without_stalling() {
+    let g = TinyGuest::new("unclaimed");
+    let code = Asm::default()
+        .in_port(0x80)
+        .print_al()
+        .load_eax(0xd000_0000) // in the MMIO hole, no device there
+        .print_al()
+        .shr_eax(24)
+        .print_al()
+        .poweroff();
+    let (exit, out) = g.run(code, 1);
+    assert_eq!(exit.unwrap(), VmExit::Shutdown);
+    assert_eq!(out, [0xff, 0xff, 0xff]);
+}
+
+#[test]
+fn pvh_start_info_is_handed_to_the_guest() {
+    let g = TinyGuest::new("pvhinfo");
+    // EBX points at hvm_start_info: print its magic's low byte and its memmap entry count.
+    let code = Asm::default()
+        .load_eax_ebx(0)
+        .print_al()
+        .load_eax_ebx(0x30) // memmap_entries
+        .print_al()
+        .poweroff();
+    let (exit, out) = g.run(code, 1);
+    assert_eq!(exit.unwrap(), VmExit::Shutdown);
+    assert_eq!(out, [0x78, 3]);
+}
+
+#[test]
+fn secondary_vcpus_wait_while_the_boot_vcpu_runs() {
+    let g = TinyGuest::new("smp");
+    let (exit, out) = g.run(Asm::default().print("bsp").poweroff(), 4);
+    assert_eq!(exit.unwrap(), VmExit::Shutdown);
+    assert_eq!(out, b"bsp");
+}
+
+#[test]
+fn triple_fault_resets() {
+    let g = TinyGuest::new("triple");
+    // Load an empty IDT and raise an exception: #UD -> #DF -> triple fault.
+    let mut code = Asm::default().print("t");
+    code.0.extend([0x0f, 0x0b]); // ud2 with the boot IDT limit covering no vector
+    let (exit, out) = g.run(code, 1);
+    assert_eq!(exit.unwrap(), VmExit::Reset);
+    assert_eq!(out, b"t");
+}
