@@ -16,8 +16,10 @@ fn main() -> ExitCode {
             if e.use_stderr() {
                 let text = e.to_string();
                 let first = text.lines().next().unwrap_or("invalid arguments");
-                eprintln!("podvisor: {}", first.trim_start_matches("error: "));
-                eprintln!("(see 'podvisor --help')");
+                eprintln!(
+                    "podvisor: error: {} (see 'podvisor --help')",
+                    first.trim_start_matches("error: ")
+                );
             } else {
                 let _ = e.print();
             }

@@ -79,7 +79,7 @@ impl VmConfig {
         if self.memory.size < MIN_MEMORY_BYTES {
             return Err(ConfigError::MemoryTooSmall(self.memory.size));
         }
-        if self.memory.size % 4096 != 0 {
+        if !self.memory.size.is_multiple_of(4096) {
             return Err(ConfigError::MemoryUnaligned(self.memory.size));
         }
         if self.payload.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {

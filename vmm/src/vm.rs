@@ -222,7 +222,8 @@ fn register_memory(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
 fn legacy_devices(events: &VmEvents, console: &Console) -> Result<Bus, Error> {
     let mut bus = Bus::new();
     let dup = |e: &EventFd| e.try_clone().map_err(Error::EventFd);
-    let devices: [(Arc<Mutex<dyn BusDevice>>, (u64, u64)); 4] = [
+    type Placed = (Arc<Mutex<dyn BusDevice>>, (u64, u64));
+    let devices: [Placed; 4] = [
         (console.serial.clone(), pio::COM1),
         (
             Arc::new(Mutex::new(I8042::new(dup(&events.reset)?))),

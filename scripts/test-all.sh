@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, clippy, unit tests, tiny-guest KVM tests, and the end-to-end
+# boot tests (inside the test host when this machine has no hardware KVM).
+set -euo pipefail
+source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
+
+pv_rust
+pv_say "cargo fmt --check"
+cargo fmt --all -- --check
+pv_say "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+pv_say "preparing the default guest"
+resources/guest/build.sh
+pv_say "cargo test"
+cargo test --workspace

@@ -1,1 +1,0 @@
-//! Helpers for podvisor's end-to-end tests.
