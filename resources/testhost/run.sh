@@ -37,7 +37,7 @@ DEBUG="${PODVISOR_TESTHOST_DEBUG:-0}"
 OUT="$PV_ROOT/target/testhost"
 MODULES=(
     irqbypass kvm kvm_amd kvm_intel
-    virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio
+    virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     fuse virtiofs tun
 )
 mkdir -p "$OUT"
@@ -119,7 +119,7 @@ sock="$RUN/vfs.sock"
 if [[ "$VIRTIOFSD" == /usr/libexec/virtiofsd ]]; then # Rust virtiofsd
     vfsd_args=(--socket-path="$sock" --shared-dir / --sandbox chroot --cache auto --announce-submounts --log-level error)
 else # QEMU's C virtiofsd
-    vfsd_args=(--socket-path="$sock" -o source=/ -o sandbox=chroot -o cache=auto -o announce_submounts -o log_level=err)
+    vfsd_args=(--socket-path="$sock" -o source=/ -o sandbox=chroot -o cache=${PODVISOR_TESTHOST_CACHE:-auto} -o announce_submounts -o log_level=err)
 fi
 "$VIRTIOFSD" "${vfsd_args[@]}" </dev/null >"$RUN/virtiofsd.log" 2>&1 &
 vfsd_pid=$!
@@ -135,20 +135,18 @@ if [[ ! -S "$sock" ]]; then
 fi
 
 append="console=ttyS0 podvisor.run=$RUN panic=-1"
-if [[ "$DEBUG" == 1 ]]; then append+=" loglevel=7"; else append+=" quiet loglevel=0"; fi
+if [[ "$DEBUG" == 1 ]]; then append+=" loglevel=7 podvisor.debug"; else append+=" quiet loglevel=0"; fi
 ((tty)) && append+=" podvisor.tty=1"
+append+=" ${PODVISOR_TESTHOST_APPEND:-}"
 qemu_args=(
+    -M "${PODVISOR_TESTHOST_MACHINE:-q35},memory-backend=mem"
     -accel tcg,thread=multi -cpu max -smp "$CPUS" -m "$MEM"
     -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
     -nodefaults -no-user-config -display none -no-reboot
     -chardev "socket,id=vfs,path=$sock"
+    -device vhost-user-fs-pci,chardev=vfs,tag=hostroot
     -kernel "$OUT/bzImage" -initrd "$OUT/initramfs.cpio.gz" -append "$append"
 )
-case "${PODVISOR_TESTHOST_MACHINE:-q35}" in
-    microvm) qemu_args+=(-M microvm,memory-backend=mem,rtc=on -device vhost-user-fs-device,chardev=vfs,tag=hostroot) ;;
-    *) qemu_args+=(-M "${PODVISOR_TESTHOST_MACHINE:-q35}",memory-backend=mem -device vhost-user-fs-pci,chardev=vfs,tag=hostroot) ;;
-esac
-append+=" ${PODVISOR_TESTHOST_APPEND:-}"
 if ((tty)); then
     # Ctrl-C etc. go to the command; Ctrl-A x kills the test host.
     qemu_args+=(-chardev stdio,id=con,mux=on,signal=off -serial chardev:con -mon chardev=con)
@@ -159,6 +157,20 @@ else
 fi
 qemu_pid=$!
 qemu_rc=0
+# virtiofsd exits when the test host powers off (the vhost-user connection
+# closes). If it dies while the command still runs, the test host would hang on
+# its file system: stop it after a grace period.
+wait -n "$qemu_pid" "$vfsd_pid" || true
+if kill -0 "$qemu_pid" 2>/dev/null; then
+    for _ in $(seq 300); do
+        kill -0 "$qemu_pid" 2>/dev/null || break
+        sleep 0.01
+    done
+    if kill -0 "$qemu_pid" 2>/dev/null; then
+        [[ -f "$RUN/rc" ]] || pv_say "error: virtiofsd exited while the test host was running"
+        kill "$qemu_pid" 2>/dev/null || true
+    fi
+fi
 wait "$qemu_pid" || qemu_rc=$?
 qemu_pid=""
 

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Boot benchmark: podvisor vs QEMU, same kernel + initramfs + command line, interleaved.
+
+Run it where there is hardware KVM (resources/bench/boot.sh puts it in the test host).
+For each VMM configuration: one warm-up, then N measured runs, interleaved round-robin so
+that drift in the (emulated) machine hits every configuration alike. Reported per config:
+
+  ready_ms   median wall time from process start to the guest's ready line
+  exit_ms    median wall time from process start to process exit after the guest powers off
+  uptime_ms  median guest uptime (/proc/uptime) when it printed the ready line
+  peak_rss   median peak RSS of the VMM process (VmHWM, KiB -> MiB)
+  overhead   median VMM memory overhead: RSS of every mapping except guest RAM, sampled at
+             the ready line from /proc/PID/smaps (guest RAM = podvisor's memfd mapping /
+             QEMU's RAM block mapping, found by size)
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GUEST = os.path.join(ROOT, "target", "guest")
+READY = b"podvisor-guest ready:"
+UPTIME = re.compile(rb"podvisor-guest uptime: ([0-9.]+)")
+
+
+def configs(podvisor, qemu, mem_mib, cpus, cmdline):
+    bz = os.path.join(GUEST, "bzImage")
+    vmlinux = os.path.join(GUEST, "vmlinux")
+    initrd = os.path.join(GUEST, "initramfs.cpio.gz")
+
+    def pv(kernel):
+        return [podvisor, "run", "--kernel", kernel, "--initramfs", initrd,
+                "--cmdline", cmdline, "--cpus", str(cpus), "--memory", f"{mem_mib}M"]
+
+    def qm(machine, kernel, extra=()):
+        return [qemu, "-M", machine, "-accel", "kvm", "-cpu", "host", "-m", f"{mem_mib}M",
+                "-smp", str(cpus), "-nodefaults", "-no-user-config", "-display", "none",
+                "-serial", "stdio", "-no-reboot", "-kernel", kernel, "-initrd", initrd,
+                "-append", cmdline, *extra]
+
+    return {
+        "podvisor bzImage": pv(bz),
+        "podvisor PVH": pv(vmlinux),
+        "qemu microvm bzImage": qm("microvm,rtc=on", bz),
+        "qemu microvm PVH": qm("microvm,rtc=on", vmlinux),
+        "qemu pc bzImage": qm("pc", bz),
+    }
+
+
+def guest_ram_kib(smaps_text, mem_mib):
+    """Rss of mappings that back guest RAM (their size is the guest RAM size, or the pc
+    machine's split below/above the PCI hole, which QEMU maps as one block)."""
+    ram = 0
+    total = 0
+    size = None
+    for line in smaps_text.splitlines():
+        parts = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            size = (hi - lo) // 1024
+        elif parts and parts[0] == "Rss:":
+            kib = int(parts[1])
+            total += kib
+            if size is not None and size >= mem_mib * 1024:
+                ram += kib
+    return total, ram
+
+
+def run_once(cmd, mem_mib, timeout):
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    out = b""
+    ready_ms = None
+    overhead_kib = None
+    os.set_blocking(proc.stdout.fileno(), False)
+    peak = 0
+    while True:
+        chunk = None
+        try:
+            chunk = proc.stdout.read()
+        except BlockingIOError:
+            pass
+        if chunk:
+            out += chunk
+            if ready_ms is None and READY in out:
+                ready_ms = (time.monotonic() - start) * 1000
+                try:
+                    with open(f"/proc/{proc.pid}/smaps") as f:
+                        total, ram = guest_ram_kib(f.read(), mem_mib)
+                    overhead_kib = total - ram
+                except OSError:
+                    pass
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            rest = proc.stdout.read() or b""
+            out += rest
+            break
+        if time.monotonic() - start > timeout:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"timeout: {' '.join(cmd)}\n{out[-2000:].decode(errors='replace')}")
+        time.sleep(0.002)
+    exit_ms = (time.monotonic() - start) * 1000
+    if ready_ms is None or proc.returncode != 0:
+        raise RuntimeError(f"rc={proc.returncode} ready={ready_ms}: {' '.join(cmd)}\n"
+                           f"{out[-3000:].decode(errors='replace')}")
+    m = UPTIME.search(out)
+    uptime_ms = float(m.group(1)) * 1000 if m else None
+    return {"ready_ms": ready_ms, "exit_ms": exit_ms, "uptime_ms": uptime_ms,
+            "peak_rss_kib": peak, "overhead_kib": overhead_kib}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--podvisor", default=os.path.join(ROOT, "target", "release", "podvisor"))
+    ap.add_argument("--qemu", default="qemu-system-x86_64")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--memory", type=int, default=256, help="guest MiB")
+    ap.add_argument("--cpus", type=int, default=1)
+    ap.add_argument("--cmdline", default="console=ttyS0 podvisor.halt podvisor.uptime")
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--json", help="write raw results here")
+    args = ap.parse_args()
+
+    cfgs = configs(args.podvisor, args.qemu, args.memory, args.cpus, args.cmdline)
+    results = {name: [] for name in cfgs}
+    for rnd in range(args.runs + 1):
+        for name, cmd in cfgs.items():
+            r = run_once(cmd, args.memory, args.timeout)
+            label = "warm-up" if rnd == 0 else f"run {rnd}"
+            print(f"[{label}] {name}: ready {r['ready_ms']:.0f} ms, exit {r['exit_ms']:.0f} ms, "
+                  f"uptime {r['uptime_ms'] or 0:.0f} ms, peak {r['peak_rss_kib'] / 1024:.1f} MiB, "
+                  f"overhead {(r['overhead_kib'] or 0) / 1024:.1f} MiB", file=sys.stderr, flush=True)
+            if rnd > 0:
+                results[name].append(r)
+
+    def med(name, key):
+        vals = [r[key] for r in results[name] if r[key] is not None]
+        return statistics.median(vals) if vals else float("nan")
+
+    print(f"\nBoot benchmark: {args.runs} runs each after one warm-up, {args.cpus} vCPU, "
+          f"{args.memory} MiB, cmdline '{args.cmdline}'")
+    print(f"{'configuration':24} {'ready ms':>9} {'exit ms':>9} {'uptime ms':>10} "
+          f"{'peak RSS MiB':>13} {'overhead MiB':>13}")
+    for name in cfgs:
+        print(f"{name:24} {med(name, 'ready_ms'):9.0f} {med(name, 'exit_ms'):9.0f} "
+              f"{med(name, 'uptime_ms'):10.0f} {med(name, 'peak_rss_kib') / 1024:13.1f} "
+              f"{med(name, 'overhead_kib') / 1024:13.1f}")
+    print("\nRatios podvisor / QEMU microvm (same kernel format), lower is better:")
+    for fmt in ("bzImage", "PVH"):
+        p, q = f"podvisor {fmt}", f"qemu microvm {fmt}"
+        print(f"  {fmt:8} ready {med(p, 'ready_ms') / med(q, 'ready_ms'):.2f}x  "
+              f"exit {med(p, 'exit_ms') / med(q, 'exit_ms'):.2f}x  "
+              f"uptime {med(p, 'uptime_ms') / med(q, 'uptime_ms'):.2f}x  "
+              f"overhead {med(p, 'overhead_kib') / med(q, 'overhead_kib'):.2f}x")
+    p, q = "podvisor bzImage", "qemu pc bzImage"
+    print(f"  vs pc    ready {med(p, 'ready_ms') / med(q, 'ready_ms'):.2f}x  "
+          f"exit {med(p, 'exit_ms') / med(q, 'exit_ms'):.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
