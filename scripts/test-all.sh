@@ -5,6 +5,8 @@ set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
 pv_rust
+# qemu-img and qemu-io check the disk-image code against QEMU's own tools.
+pv_need qemu-img:qemu-utils qemu-io:qemu-utils
 pv_say "cargo fmt --check"
 cargo fmt --all -- --check
 pv_say "cargo clippy -D warnings"

@@ -5,8 +5,11 @@
 //! for port I/O, one for MMIO); a device never calls back into the VMM, it reports through the
 //! event file descriptors it was given.
 
+pub mod block;
 pub mod bus;
 pub mod legacy;
+pub mod pci;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 

@@ -182,10 +182,11 @@ pv_extract_vmlinux() {
     got="$(stat -c %s "$out.tmp")"
     [[ "$got" == "$want" ]] || { rm -f "$out.tmp"; pv_die "vmlinux size $got != expected $want"; }
     mv "$out.tmp" "$out"
+    # shellcheck disable=SC2034 # used by the callers
     PV_KERNEL_COMPRESSION="${dec%% *}"
 }
 
-# pv_initramfs OUT INIT MODULE... - gzip'd newc cpio with a static busybox
+# pv_initramfs OUT INIT MODULE... - gzip'd (PV_INITRAMFS_GZIP=0: plain) newc cpio with a static busybox
 # (+ applet symlinks), /init, the listed modules and their dependencies (in
 # load order; built-in ones skipped) and /etc/modules ("name path" lines, in
 # load order). Needs PV_KROOT/PV_KVER (pv_kernel_fetch) and PV_BUSYBOX.
@@ -228,7 +229,7 @@ pv_initramfs() {
         done < <(modprobe -d "$PV_KROOT" -S "$PV_KVER" --show-depends "$m" 2>&1 || echo "error $m")
     done
     (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --reproducible --quiet -R 0:0) \
-        | gzip -9n >"$out.tmp" || pv_die "cpio failed"
+        | if [[ "${PV_INITRAMFS_GZIP:-1}" == 1 ]]; then gzip -9n; else cat; fi >"$out.tmp" || pv_die "cpio failed"
     rm -rf "$stage"
     mv "$out.tmp" "$out"
 }

@@ -178,7 +178,10 @@ fn serial_output_and_acpi_poweroff() {
 #[test]
 fn i8042_reset_asks_for_a_reboot() {
     let g = TinyGuest::new("reset");
-    let code = Asm::default().print("r").out_port(0x64, 0xfe).halt_forever();
+    let code = Asm::default()
+        .print("r")
+        .out_port(0x64, 0xfe)
+        .halt_forever();
     let (exit, out) = g.run(code, 1);
     assert_eq!(exit.unwrap(), VmExit::Reset);
     assert_eq!(out, b"r");
@@ -211,12 +214,16 @@ fn cmos_rtc_reports_a_valid_clock_and_the_current_year() {
     assert_eq!(out[0], 0x80);
     let bcd = |b: u8| u32::from(b >> 4) * 10 + u32::from(b & 0xf);
     let year = bcd(out[1]) * 100 + bcd(out[2]);
-    let now_year = 1970 + (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        / 31_556_952) as u32;
-    assert!(year.abs_diff(now_year) <= 1, "guest year {year}, host ~{now_year}");
+    let now_year = 1970
+        + (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 31_556_952) as u32;
+    assert!(
+        year.abs_diff(now_year) <= 1,
+        "guest year {year}, host ~{now_year}"
+    );
 }
 
 #[test]

@@ -52,7 +52,7 @@ pub enum BlockError {
     /// A guest write would plant a format signature in a raw image whose format was probed.
     #[error(
         "refusing to write a qcow2 signature to the first sector of '{}', whose raw format was \
-         probed: give format=raw explicitly"
+         probed: give format=raw explicitly", path.display()
     )]
     ProbedRawSignature { path: PathBuf },
     /// The qcow2 header is malformed.
@@ -88,7 +88,12 @@ pub enum BlockError {
 
 impl BlockError {
     /// An [`BlockError::Io`] for `op` at `offset` of `path`.
-    pub(crate) fn io(path: &std::path::Path, op: &'static str, offset: u64, source: io::Error) -> Self {
+    pub(crate) fn io(
+        path: &std::path::Path,
+        op: &'static str,
+        offset: u64,
+        source: io::Error,
+    ) -> Self {
         BlockError::Io {
             path: path.to_path_buf(),
             op,

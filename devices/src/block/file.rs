@@ -51,8 +51,8 @@ fn align_up(v: u64) -> Option<u64> {
 
 fn is_aligned(buf: &[u8], offset: u64) -> bool {
     buf.as_ptr().align_offset(DIRECT_ALIGN) == 0
-        && offset % DIRECT_ALIGN as u64 == 0
-        && buf.len() % DIRECT_ALIGN == 0
+        && offset & (DIRECT_ALIGN as u64 - 1) == 0
+        && buf.len() & (DIRECT_ALIGN - 1) == 0
 }
 
 /// An open image file.
@@ -63,6 +63,9 @@ pub(crate) struct HostFile {
     block_device: bool,
     /// Something was written since the last `fdatasync`.
     unsynced: bool,
+    /// Tests: called after every write, to capture what a crash at that moment would leave.
+    #[cfg(test)]
+    write_hook: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl HostFile {
@@ -103,15 +106,13 @@ impl HostFile {
             direct,
             block_device,
             unsynced: false,
+            #[cfg(test)]
+            write_hook: None,
         })
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub(crate) fn is_direct(&self) -> bool {
-        self.direct
     }
 
     fn err(&self, op: &'static str, offset: u64, source: io::Error) -> BlockError {
@@ -162,7 +163,13 @@ impl HostFile {
             let end = offset
                 .checked_add(buf.len() as u64)
                 .and_then(align_up)
-                .ok_or_else(|| self.err("read", offset, io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+                .ok_or_else(|| {
+                    self.err(
+                        "read",
+                        offset,
+                        io::Error::from_raw_os_error(libc::EOVERFLOW),
+                    )
+                })?;
             let start = align_down(offset);
             let mut bounce = AlignedBuf::new((end - start) as usize);
             let got = self
@@ -193,8 +200,22 @@ impl HostFile {
         self.file.write_all_at(buf, offset)
     }
 
+    #[cfg(test)]
+    pub(crate) fn set_write_hook(&mut self, hook: Box<dyn FnMut() + Send>) {
+        self.write_hook = Some(hook);
+    }
+
     /// Writes all of `buf` at `offset`.
     pub(crate) fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+        let result = self.write_at_inner(buf, offset);
+        #[cfg(test)]
+        if let Some(hook) = self.write_hook.as_mut() {
+            hook();
+        }
+        result
+    }
+
+    fn write_at_inner(&mut self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         self.unsynced = true;
         if !self.direct || is_aligned(buf, offset) {
             return self
@@ -207,7 +228,11 @@ impl HostFile {
             .ok_or_else(|| self.err("write", offset, overflow()))?;
         let end = align_up(data_end).ok_or_else(|| self.err("write", offset, overflow()))?;
         let start = align_down(offset);
-        let old_len = if self.block_device { u64::MAX } else { self.len()? };
+        let old_len = if self.block_device {
+            u64::MAX
+        } else {
+            self.len()?
+        };
         let mut bounce = AlignedBuf::new((end - start) as usize);
         let block = DIRECT_ALIGN;
         let total = bounce.len;
@@ -236,7 +261,9 @@ impl HostFile {
 
     /// Makes everything written so far durable (`fdatasync`).
     pub(crate) fn sync(&mut self) -> Result<(), BlockError> {
-        self.file.sync_data().map_err(|e| self.err("fdatasync", 0, e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| self.err("fdatasync", 0, e))?;
         self.unsynced = false;
         Ok(())
     }
@@ -252,7 +279,12 @@ impl HostFile {
 
     /// Makes `[offset, offset + len)` read as zeros without writing buffers, deallocating it when
     /// `unmap`. Returns `false` when the filesystem or device cannot (the caller writes zeros).
-    pub(crate) fn zero_range(&mut self, offset: u64, len: u64, unmap: bool) -> Result<bool, BlockError> {
+    pub(crate) fn zero_range(
+        &mut self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<bool, BlockError> {
         let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Ok(false);
         };
@@ -270,17 +302,12 @@ impl HostFile {
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV) => {
-                Ok(false)
-            }
+            Some(libc::EOPNOTSUPP)
+            | Some(libc::ENOSYS)
+            | Some(libc::EINVAL)
+            | Some(libc::ENODEV) => Ok(false),
             _ => Err(self.err("fallocate", offset, e)),
         }
-    }
-
-    /// Grows or shrinks a regular file.
-    pub(crate) fn set_len(&mut self, len: u64) -> Result<(), BlockError> {
-        self.unsynced = true;
-        self.file.set_len(len).map_err(|e| self.err("truncate", len, e))
     }
 }
 

@@ -65,6 +65,10 @@ pub struct PciBar {
 }
 
 /// A guest write moved a BAR: the VMM must move the region from `old` to `new`.
+///
+/// A 64-bit BAR the guest rewrites half by half is reported after each half, so the first
+/// report may name an intermediate address. Moves are reported whether or not memory decoding
+/// is enabled in the command register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarReprogram {
     pub bar: u8,
@@ -174,7 +178,11 @@ impl PciConfiguration {
         let last = ((end - 1 - BAR0) / 4).min(NUM_BARS - 1);
         let mut moved = None;
         for slot in first..=last {
-            let index = if self.upper_half[slot] { slot - 1 } else { slot };
+            let index = if self.upper_half[slot] {
+                slot - 1
+            } else {
+                slot
+            };
             moved = self.check_bar_moved(index).or(moved);
         }
         moved
@@ -276,7 +284,12 @@ impl PciConfiguration {
             return Err(PciError::BarAddress { index, addr });
         }
         let reg = BAR0 + 4 * i;
-        let flags = self.read_u32(reg) & if slot.kind == PciBarKind::Io { 0x3 } else { 0xf };
+        let flags = self.read_u32(reg)
+            & if slot.kind == PciBarKind::Io {
+                0x3
+            } else {
+                0xf
+            };
         self.put(reg, &(addr as u32 | flags).to_le_bytes());
         if slot.kind == PciBarKind::Memory64 {
             self.put(reg + 4, &((addr >> 32) as u32).to_le_bytes());
@@ -424,14 +437,19 @@ mod tests {
     fn bar_sizing_32_and_64_bit() {
         let mut c = cfg();
         c.add_bar(0, 0x1000, PciBarKind::Memory32, false).unwrap();
-        c.add_bar(2, 0x1_0000_0000, PciBarKind::Memory64, true).unwrap();
+        c.add_bar(2, 0x1_0000_0000, PciBarKind::Memory64, true)
+            .unwrap();
         c.add_bar(4, 0x20, PciBarKind::Io, false).unwrap();
         c.set_bar_address(0, 0xc000_1000).unwrap();
         assert_eq!(c.read_u32(0x10), 0xc000_1000);
 
         assert_eq!(write32(&mut c, 0x10, 0xffff_ffff), None);
         assert_eq!(c.read_u32(0x10), 0xffff_f000);
-        assert_eq!(write32(&mut c, 0x10, 0xc000_1000), None, "restore is no move");
+        assert_eq!(
+            write32(&mut c, 0x10, 0xc000_1000),
+            None,
+            "restore is no move"
+        );
 
         assert_eq!(write32(&mut c, 0x18, 0xffff_ffff), None);
         assert_eq!(c.read_u32(0x18), 0x0000_000c, "64-bit prefetchable, 4 GiB");
@@ -458,7 +476,10 @@ mod tests {
         c.add_bar(0, 0x4000, PciBarKind::Memory64, false).unwrap();
         c.set_bar_address(0, 0xc000_0000).unwrap();
         let moved = write32(&mut c, 0x10, 0xd000_0004).unwrap();
-        assert_eq!((moved.bar, moved.old, moved.new), (0, 0xc000_0000, 0xd000_0000));
+        assert_eq!(
+            (moved.bar, moved.old, moved.new),
+            (0, 0xc000_0000, 0xd000_0000)
+        );
         let moved = write32(&mut c, 0x14, 0x1).unwrap();
         assert_eq!((moved.old, moved.new), (0xd000_0000, 0x1_d000_0000));
         assert_eq!(moved.size, 0x4000);

@@ -155,8 +155,15 @@ mod tests {
         // The first range is exhausted below 0xc001_0000: the next one is used.
         assert_eq!(a.allocate(0x4000), Some(0xe000_0000));
         assert_eq!(a.allocate(0x4000), None);
-        assert_eq!(a.allocate(0x1000), Some(0xc000_2000));
+        assert_eq!(
+            a.allocate(0x1000),
+            None,
+            "a bump allocator does not fill gaps"
+        );
         assert_eq!(a.allocate(3), None);
-        assert_eq!(BarAllocator::new(&[(u64::MAX - 10, u64::MAX)]).allocate(16), None);
+        assert_eq!(
+            BarAllocator::new(&[(u64::MAX - 10, u64::MAX)]).allocate(16),
+            None
+        );
     }
 }

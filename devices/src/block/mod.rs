@@ -1,0 +1,294 @@
+//! Disk images for virtio-blk: the formats (raw, qcow2) behind one trait, [`DiskImage`].
+//!
+//! This layer has no virtio code and no threads: the virtio-blk device calls it from its I/O
+//! worker thread, one request at a time, with byte offsets and lengths.
+//!
+//! [`open_disk`] opens an image and, for qcow2, its chain of backing files (opened read-only,
+//! relative names resolved against the directory of the image naming them, a loop in the chain
+//! is an error).
+//!
+//! # Format probing
+//!
+//! When no format is given, the format is probed the way QEMU does: a file starting with the
+//! qcow2 magic `QFI\xfb` and a version ≥ 2 is qcow2 (then versions other than 2 and 3 are
+//! refused), version 1 is the old qcow format (refused), anything else is raw. Probing is a
+//! known hazard: a guest can write a qcow2 header into a raw disk and, on the next probed
+//! open, name any host file as its backing file. Two guards, as in QEMU:
+//! - give the format explicitly (`format=raw`): a raw image is then read as raw whatever its
+//!   first bytes are (a warning is logged when they look like qcow2);
+//! - a raw image whose format was *probed* refuses guest writes that would put the qcow2 magic
+//!   into its first bytes ([`BlockError::ProbedRawSignature`]).
+//!
+//! Backing files follow the same rules, with the format from the qcow2 backing-format header
+//! extension when present (`qemu-img create -F`), probed otherwise.
+
+mod error;
+mod file;
+pub mod qcow2;
+pub mod raw;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use error::BlockError;
+pub use qcow2::Qcow2Image;
+pub use raw::RawImage;
+
+use file::HostFile;
+
+/// A virtual disk: a byte-addressed image of fixed size.
+///
+/// Offsets and lengths are in bytes; a request that reaches past [`DiskImage::size`] fails with
+/// [`BlockError::OutOfRange`] and changes nothing. No method panics, whatever the image holds.
+pub trait DiskImage: Send {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// The image file (or block device) this disk reads and writes.
+    fn path(&self) -> &Path;
+
+    /// The image format.
+    fn format(&self) -> Format;
+
+    /// Fills `buf` with the guest bytes at `offset`.
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError>;
+
+    /// Writes `buf` at `offset`. Durable only after [`DiskImage::flush`].
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), BlockError>;
+
+    /// Makes every write that returned before it durable (ends with `fdatasync`).
+    fn flush(&mut self) -> Result<(), BlockError>;
+
+    /// Tells the image that `[offset, offset + len)` is no longer needed. Whole clusters are
+    /// deallocated where the format can (they then read as zeros); the rest is left as is.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError>;
+
+    /// Makes `[offset, offset + len)` read as zeros, deallocating space if `may_unmap`.
+    fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError>;
+
+    /// Whether writes are refused ([`BlockError::ReadOnly`]).
+    fn is_read_only(&self) -> bool;
+
+    /// Reads consecutive guest bytes at `offset` into several buffers.
+    fn read_vectored_at(&mut self, bufs: &mut [&mut [u8]], offset: u64) -> Result<(), BlockError> {
+        let mut pos = offset;
+        for buf in bufs.iter_mut() {
+            self.read_at(buf, pos)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes several buffers as consecutive guest bytes at `offset`. The whole range is
+    /// checked before anything is written.
+    fn write_vectored_at(&mut self, bufs: &[&[u8]], offset: u64) -> Result<(), BlockError> {
+        let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        check_range(self.path(), offset, total, self.size())?;
+        let mut pos = offset;
+        for buf in bufs {
+            self.write_at(buf, pos)?;
+            pos += buf.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+/// An image format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// The guest's bytes as they are.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl Format {
+    /// The format called `name` (`raw`, `qcow2`), as in QEMU's `format=`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// How to open a disk image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// The image format; probed when `None` (see the module docs).
+    pub format: Option<Format>,
+    /// Refuse writes; the file is opened read-only.
+    pub read_only: bool,
+    /// Bypass the host page cache (`O_DIRECT`).
+    pub direct: bool,
+}
+
+/// Opens the disk image at `path` and its backing chain.
+pub fn open_disk(path: &Path, options: DiskOptions) -> Result<Box<dyn DiskImage>, BlockError> {
+    open_in_chain(path, options, &mut Vec::new(), true)
+}
+
+/// Opens a qcow2 image that must not have a backing file: fuzzing and tools that must not
+/// touch other files.
+pub fn open_qcow2_standalone(path: &Path, read_only: bool) -> Result<Qcow2Image, BlockError> {
+    let file = HostFile::open(path, read_only, false)?;
+    Qcow2Image::open(file, read_only, |backing, _| {
+        Err(BlockError::Unsupported {
+            path: path.to_path_buf(),
+            feature: format!("backing file '{}' (standalone open)", backing.display()),
+        })
+    })
+}
+
+/// What the first bytes of an image say it is.
+enum Probed {
+    Qcow2,
+    QcowV1,
+    Raw,
+}
+
+fn probe(file: &HostFile) -> Result<Probed, BlockError> {
+    let mut head = [0u8; 8];
+    let n = file.read_at(&mut head, 0)?;
+    if n < 8 || head[..4] != qcow2::header::MAGIC {
+        return Ok(Probed::Raw);
+    }
+    Ok(
+        match u32::from_be_bytes([head[4], head[5], head[6], head[7]]) {
+            0 => Probed::Raw,
+            1 => Probed::QcowV1,
+            _ => Probed::Qcow2,
+        },
+    )
+}
+
+/// Detects the format of the image at `path` as [`open_disk`] would without a format.
+pub fn probe_format(path: &Path) -> Result<Format, BlockError> {
+    let file = HostFile::open(path, true, false)?;
+    match probe(&file)? {
+        Probed::Qcow2 => Ok(Format::Qcow2),
+        Probed::Raw => Ok(Format::Raw),
+        Probed::QcowV1 => Err(qcow_v1(path)),
+    }
+}
+
+fn qcow_v1(path: &Path) -> BlockError {
+    BlockError::Unsupported {
+        path: path.to_path_buf(),
+        feature: "qcow version 1 image (convert it with qemu-img)".into(),
+    }
+}
+
+/// `chain` holds the (canonical, as named) paths of the images opened so far above this one.
+fn open_in_chain(
+    path: &Path,
+    options: DiskOptions,
+    chain: &mut Vec<(PathBuf, PathBuf)>,
+    follow_backing: bool,
+) -> Result<Box<dyn DiskImage>, BlockError> {
+    let canonical = std::fs::canonicalize(path).map_err(|source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(first) = chain.iter().position(|(c, _)| *c == canonical) {
+        let mut names: Vec<String> = chain[first..]
+            .iter()
+            .map(|(_, p)| p.display().to_string())
+            .collect();
+        names.push(path.display().to_string());
+        return Err(BlockError::BackingLoop {
+            chain: names.join(" -> "),
+        });
+    }
+    let file = HostFile::open(path, options.read_only, options.direct)?;
+    let probed = probe(&file)?;
+    let format = match (options.format, probed) {
+        (Some(Format::Raw), Probed::Qcow2) => {
+            tracing::warn!(
+                "'{}' looks like a qcow2 image but format=raw was given: opening it as raw",
+                path.display()
+            );
+            Format::Raw
+        }
+        (_, Probed::QcowV1) if options.format != Some(Format::Raw) => return Err(qcow_v1(path)),
+        (Some(Format::Qcow2), Probed::Raw) => {
+            return Err(BlockError::FormatMismatch {
+                path: path.to_path_buf(),
+                actual: Format::Raw,
+                given: Format::Qcow2,
+            })
+        }
+        (Some(f), _) => f,
+        (None, Probed::Qcow2) => Format::Qcow2,
+        (None, _) => Format::Raw,
+    };
+    match format {
+        Format::Raw => Ok(Box::new(RawImage::open(
+            file,
+            options.read_only,
+            options.format.is_none(),
+        )?)),
+        Format::Qcow2 => {
+            chain.push((canonical, path.to_path_buf()));
+            let image = Qcow2Image::open(file, options.read_only, |backing, backing_format| {
+                if !follow_backing {
+                    return Err(BlockError::Unsupported {
+                        path: path.to_path_buf(),
+                        feature: "backing files".into(),
+                    });
+                }
+                let format =
+                    match backing_format {
+                        None => None,
+                        Some(name) => Some(Format::from_name(name).ok_or_else(|| {
+                            BlockError::UnknownFormat {
+                                path: path.to_path_buf(),
+                                name: name.to_string(),
+                            }
+                        })?),
+                    };
+                let backing_options = DiskOptions {
+                    format,
+                    read_only: true,
+                    direct: options.direct,
+                };
+                open_in_chain(backing, backing_options, chain, true).map_err(|e| match e {
+                    // A loop reads best as itself, not wrapped at every level of the chain.
+                    e @ BlockError::BackingLoop { .. } => e,
+                    e => BlockError::Backing {
+                        path: path.to_path_buf(),
+                        backing: backing.to_path_buf(),
+                        source: Box::new(e),
+                    },
+                })
+            })?;
+            Ok(Box::new(image))
+        }
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.
+pub(crate) fn check_range(path: &Path, offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange {
+            path: path.to_path_buf(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}

@@ -1,0 +1,144 @@
+//! Virtio devices and their transport.
+//!
+//! Every device implements [`VirtioDevice`]; the transport ([`pci::VirtioPciDevice`]) knows
+//! only that trait. The transport owns the queues' configuration and notification eventfds,
+//! negotiates features, and hands the enabled queues to [`VirtioDevice::activate`] when the
+//! driver sets DRIVER_OK; the device signals the driver through [`VirtioInterrupt`].
+
+pub mod pci;
+pub mod rng;
+#[cfg(test)]
+mod testing;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use pci::VirtioPciDevice;
+pub use rng::Rng;
+
+/// Device status bits (virtio 1.x section 2.1).
+pub mod status {
+    use super::*;
+    pub const ACKNOWLEDGE: u8 = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+    pub const DRIVER: u8 = VIRTIO_CONFIG_S_DRIVER as u8;
+    pub const DRIVER_OK: u8 = VIRTIO_CONFIG_S_DRIVER_OK as u8;
+    pub const FEATURES_OK: u8 = VIRTIO_CONFIG_S_FEATURES_OK as u8;
+    pub const NEEDS_RESET: u8 = VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+    pub const FAILED: u8 = VIRTIO_CONFIG_S_FAILED as u8;
+}
+
+/// Feature bit: the device complies with virtio 1.x (mandatory for the modern transport).
+pub const VIRTIO_F_VERSION_1_BIT: u64 = 1 << VIRTIO_F_VERSION_1;
+/// Feature bit: used_event / avail_event notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX_BIT: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
+/// "No MSI-X vector" in the common configuration's vector registers.
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+/// Errors of virtio transports and devices.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// Queue maximum sizes are powers of two up to 32768.
+    #[error("virtio device type {device_type}: queue {index} has invalid maximum size {size}")]
+    QueueMaxSize {
+        device_type: u32,
+        index: usize,
+        size: u16,
+    },
+    /// The transport's BAR layout has room for a limited number of queues.
+    #[error("virtio device type {device_type}: {queues} queues, the transport supports {max}")]
+    TooManyQueues {
+        device_type: u32,
+        queues: usize,
+        max: usize,
+    },
+    /// The device configuration does not fit the transport's window.
+    #[error("virtio device type {device_type}: {len}-byte device configuration, at most {max}")]
+    ConfigTooLarge {
+        device_type: u32,
+        len: u32,
+        max: u32,
+    },
+    /// A queue the driver enabled lies outside guest memory (or is misaligned).
+    #[error("virtio device type {device_type}: queue {index} is not valid in guest memory")]
+    InvalidQueue { device_type: u32, index: u16 },
+    /// The device needs a different set of queues than the driver enabled.
+    #[error("{device}: needs {expected} queue(s), the driver enabled {got}")]
+    QueueCount {
+        device: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// Creating or cloning an eventfd, an epoll instance or the entropy source.
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Placing the transport's BAR or capabilities.
+    #[error("virtio PCI configuration space: {0}")]
+    Pci(#[from] crate::pci::PciError),
+}
+
+/// How a device tells the driver about used buffers and configuration changes.
+pub trait VirtioInterrupt: Send + Sync {
+    /// The device put buffers in the used ring of queue `queue_index`.
+    fn signal_used_queue(&self, queue_index: u16);
+    /// The device configuration changed (or the device needs a reset).
+    fn signal_config_change(&self);
+}
+
+/// A queue the driver enabled, handed to the device on activation.
+pub struct ActivatedQueue {
+    /// The queue's index in the device's queue list.
+    pub index: u16,
+    /// The queue, shared with the transport (which reads its position for snapshots and
+    /// resets it when the driver resets the device). Lock it while processing a batch.
+    pub queue: Arc<Mutex<Queue>>,
+    /// Signalled when the driver notifies this queue (a clone of the fd the VMM registers as
+    /// an ioeventfd; MMIO notifications the VMM did not catch are written to it too).
+    pub notify: EventFd,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue (powers of two); its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Offered feature bits, including [`VIRTIO_F_VERSION_1_BIT`].
+    fn features(&self) -> u64;
+    /// The driver accepted `acked` (a subset of [`VirtioDevice::features`], with VERSION_1);
+    /// called once per negotiation, when the driver sets FEATURES_OK.
+    fn ack_features(&mut self, acked: u64);
+    /// Length in bytes of the device-specific configuration.
+    fn config_len(&self) -> u32;
+    /// Reads the device configuration at `offset` (`offset + data.len() <= config_len()`).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration at `offset` (`offset + data.len() <= config_len()`).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the enabled queues (validated against `mem`), in queue order.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), VirtioError>;
+    /// Stops the device: when this returns, no worker touches guest memory, the queues or the
+    /// interrupt any more, and [`VirtioDevice::activate`] may be called again.
+    fn reset(&mut self);
+}
+
+/// Locks a queue, recovering it if a thread panicked while holding it.
+pub fn lock_queue(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
+    queue.lock().unwrap_or_else(|e| e.into_inner())
+}
