@@ -71,13 +71,16 @@ impl Vm {
         fd.register_irqfd(&console.irq, irq::COM1)
             .map_err(|e| Error::Kvm("register COM1 irqfd", e))?;
 
+        tracing::debug!("VM, memory and legacy devices created");
         let payload = &config.payload;
         let kernel = boot::load_kernel(&memory, &payload.kernel)?;
+        tracing::debug!("kernel loaded: {:?}", kernel.entry);
         let initramfs = payload
             .initramfs
             .as_deref()
             .map(|p| boot::load_initramfs(&memory, p, &kernel, config.memory.size))
             .transpose()?;
+        tracing::debug!("initramfs loaded");
         boot::load_command_line(&memory, &payload.cmdline)?;
         let rsdp = acpi::create_acpi_tables(
             &memory,
@@ -110,6 +113,7 @@ impl Vm {
             )?;
             vcpus.push(vcpu);
         }
+        tracing::debug!("{} vCPUs configured", vcpus.len());
         let ctx = VcpuContext {
             pio: Arc::new(pio_bus),
             mmio: Arc::new(Bus::new()),
