@@ -130,16 +130,24 @@ def main():
     ap.add_argument("--memory", type=int, default=256, help="guest MiB")
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--cmdline", default="console=ttyS0 podvisor.halt podvisor.uptime")
-    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--timeout", type=float, default=120,
+                    help="seconds before a run counts as failed (hung guest)")
     ap.add_argument("--json", help="write raw results here")
     args = ap.parse_args()
 
     cfgs = configs(args.podvisor, args.qemu, args.memory, args.cpus, args.cmdline)
     results = {name: [] for name in cfgs}
+    failures = {name: 0 for name in cfgs}
     for rnd in range(args.runs + 1):
         for name, cmd in cfgs.items():
-            r = run_once(cmd, args.memory, args.timeout)
             label = "warm-up" if rnd == 0 else f"run {rnd}"
+            try:
+                r = run_once(cmd, args.memory, args.timeout)
+            except RuntimeError as e:
+                # A hung or failed boot is reported and counted, not averaged in.
+                failures[name] += 1
+                print(f"[{label}] {name}: FAILED: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+                continue
             print(f"[{label}] {name}: ready {r['ready_ms']:.0f} ms, exit {r['exit_ms']:.0f} ms, "
                   f"uptime {r['uptime_ms'] or 0:.0f} ms, peak {r['peak_rss_kib'] / 1024:.1f} MiB, "
                   f"overhead {(r['overhead_kib'] or 0) / 1024:.1f} MiB", file=sys.stderr, flush=True)
@@ -153,11 +161,11 @@ def main():
     print(f"\nBoot benchmark: {args.runs} runs each after one warm-up, {args.cpus} vCPU, "
           f"{args.memory} MiB, cmdline '{args.cmdline}'")
     print(f"{'configuration':24} {'ready ms':>9} {'exit ms':>9} {'uptime ms':>10} "
-          f"{'peak RSS MiB':>13} {'overhead MiB':>13}")
+          f"{'peak RSS MiB':>13} {'overhead MiB':>13} {'failed':>7}")
     for name in cfgs:
         print(f"{name:24} {med(name, 'ready_ms'):9.0f} {med(name, 'exit_ms'):9.0f} "
               f"{med(name, 'uptime_ms'):10.0f} {med(name, 'peak_rss_kib') / 1024:13.1f} "
-              f"{med(name, 'overhead_kib') / 1024:13.1f}")
+              f"{med(name, 'overhead_kib') / 1024:13.1f} {failures[name]:7d}")
     print("\nRatios podvisor / QEMU microvm (same kernel format), lower is better:")
     for fmt in ("bzImage", "PVH"):
         p, q = f"podvisor {fmt}", f"qemu microvm {fmt}"
@@ -170,7 +178,9 @@ def main():
           f"exit {med(p, 'exit_ms') / med(q, 'exit_ms'):.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"results": results, "failures": failures}, f, indent=1)
+    # A podvisor boot that fails is a bug; a peer's is only reported.
+    sys.exit(1 if any(n.startswith("podvisor") and failures[n] for n in cfgs) else 0)
 
 
 if __name__ == "__main__":
