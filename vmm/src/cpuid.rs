@@ -11,7 +11,6 @@ const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
-const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 const ECX_CMP_LEGACY: u32 = 1 << 1;
 
@@ -25,16 +24,8 @@ fn core_id_bits(vcpus: u8) -> u32 {
     u32::from(vcpus.max(1)).next_power_of_two().trailing_zeros()
 }
 
-/// Host capabilities that CPUID must advertise but `KVM_GET_SUPPORTED_CPUID` leaves out.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HostCaps {
-    /// KVM emulates the LAPIC TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`). Without the
-    /// CPUID bit the guest falls back to calibrating the LAPIC timer, which costs boot time.
-    pub tsc_deadline_timer: bool,
-}
-
 /// Rewrites `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `cpu_id` of `vcpus`.
-pub fn filter(cpuid: &mut CpuId, cpu_id: u8, vcpus: u8, caps: HostCaps) {
+pub fn filter(cpuid: &mut CpuId, cpu_id: u8, vcpus: u8) {
     let apic_id = u32::from(cpu_id);
     let count = u32::from(vcpus);
     let core_bits = core_id_bits(vcpus);
@@ -44,9 +35,6 @@ pub fn filter(cpuid: &mut CpuId, cpu_id: u8, vcpus: u8, caps: HostCaps) {
                 // APIC ID, logical processors per package, CLFLUSH line size (8 * 8 bytes).
                 e.ebx = (apic_id << 24) | ((count.min(255)) << 16) | (8 << 8) | (e.ebx & 0xff);
                 e.ecx |= ECX_HYPERVISOR;
-                if caps.tsc_deadline_timer {
-                    e.ecx |= ECX_TSC_DEADLINE;
-                }
                 if count > 1 {
                     e.edx |= EDX_HTT;
                 } else {
@@ -162,28 +150,19 @@ mod tests {
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
         let mut c = sample();
-        filter(
-            &mut c,
-            3,
-            4,
-            HostCaps {
-                tsc_deadline_timer: true,
-            },
-        );
+        filter(&mut c, 3, 4);
         let e = find(&c, 1, 0);
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
         assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(e.edx & EDX_HTT, 0);
-        assert_ne!(e.ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
     fn single_vcpu_has_no_htt() {
         let mut c = sample();
         c.as_mut_slice()[0].edx = EDX_HTT;
-        filter(&mut c, 0, 1, HostCaps::default());
-        assert_eq!(find(&c, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
+        filter(&mut c, 0, 1);
         assert_eq!(find(&c, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(find(&c, 0x8000_0008, 0).ecx & 0xff, 0);
     }
@@ -191,7 +170,7 @@ mod tests {
     #[test]
     fn extended_topology_describes_cores() {
         let mut c = sample();
-        filter(&mut c, 2, 3, HostCaps::default());
+        filter(&mut c, 2, 3);
         let smt = find(&c, 0xb, 0);
         assert_eq!(
             (smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff, smt.edx),
@@ -210,7 +189,7 @@ mod tests {
     #[test]
     fn amd_core_count() {
         let mut c = sample();
-        filter(&mut c, 0, 8, HostCaps::default());
+        filter(&mut c, 0, 8);
         let e = find(&c, 0x8000_0008, 0);
         assert_eq!(e.ecx & 0xff, 7);
         assert_eq!((e.ecx >> 12) & 0xf, 3);

@@ -121,15 +121,16 @@ impl Vcpu {
     /// kernel (the boot vCPU; the others wait for INIT/SIPI in the in-kernel LAPIC).
     pub fn configure(
         &self,
-        template: &CpuTemplate,
+        supported_cpuid: &CpuId,
         vcpus: u8,
+        supported_msrs: &[u32],
         entry: EntryPoint,
     ) -> Result<(), VcpuError> {
-        let mut cpuid = template.cpuid.clone();
-        cpuid::filter(&mut cpuid, self.id, vcpus, template.caps);
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::filter(&mut cpuid, self.id, vcpus);
         self.fd.set_cpuid2(&cpuid).map_err(self.cfg_err("CPUID"))?;
 
-        let msrs = regs::boot_msrs(&template.msrs);
+        let msrs = regs::boot_msrs(supported_msrs);
         let set = self.fd.set_msrs(&msrs).map_err(self.cfg_err("MSRs"))?;
         if set != msrs.as_slice().len() {
             return Err(VcpuError::PartialMsrs {
@@ -336,16 +337,12 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 pub struct CpuTemplate {
     pub cpuid: CpuId,
     pub msrs: Vec<u32>,
-    pub caps: cpuid::HostCaps,
 }
 
 impl CpuTemplate {
     pub fn from_kvm(kvm: &kvm_ioctls::Kvm) -> Result<Self, kvm_ioctls::Error> {
         let cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
         let msrs = kvm.get_msr_index_list()?.as_slice().to_vec();
-        let caps = cpuid::HostCaps {
-            tsc_deadline_timer: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
-        };
-        Ok(CpuTemplate { cpuid, msrs, caps })
+        Ok(CpuTemplate { cpuid, msrs })
     }
 }

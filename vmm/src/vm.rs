@@ -105,7 +105,12 @@ impl Vm {
         let mut vcpus = Vec::new();
         for id in 0..config.cpus.boot_vcpus {
             let vcpu = Vcpu::new(&fd, id)?;
-            vcpu.configure(template, config.cpus.boot_vcpus, kernel.entry)?;
+            vcpu.configure(
+                &template.cpuid,
+                config.cpus.boot_vcpus,
+                &template.msrs,
+                kernel.entry,
+            )?;
             vcpus.push(vcpu);
         }
         tracing::debug!("{} vCPUs configured", vcpus.len());
