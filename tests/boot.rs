@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 /// Generous: inside the software-emulated test host a boot takes 5-15 s.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// The default guest's shell prompt.
 const PROMPT: &str = "podvisor-guest# ";
@@ -124,7 +124,9 @@ impl Vm {
                 Ok(chunk) => self.text.push_str(&String::from_utf8_lossy(&chunk)),
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
-                    return Err(self.failure(&format!("no '{pattern}' within {BOOT_TIMEOUT:?}")));
+                    return Err(
+                        self.failure(&format!("{HUNG} no '{pattern}' within {BOOT_TIMEOUT:?}"))
+                    );
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(
@@ -189,7 +191,7 @@ impl Vm {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                return Err(self.failure("podvisor did not exit"));
+                return Err(self.failure(&format!("{HUNG} podvisor did not exit")));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -221,6 +223,30 @@ fn parse_ready(line: &str) -> Result<(u32, u64), Failed> {
 }
 
 /// Boots, checks the ready line against the requested shape, and expects exit 0 on poweroff.
+/// Marks the failure of a guest that stopped making progress (no expected output in time).
+const HUNG: &str = "no progress:";
+
+/// Runs a boot scenario; when it fails because the guest hung *inside the emulated test host*,
+/// runs it once more. Nested guests on software-emulated SVM occasionally freeze at random
+/// points (QEMU's own guests do too, see docs/benchmarks.md); a scenario that fails twice, or
+/// fails any other way (wrong CPU count, exit status, error text), fails the test.
+fn hang_tolerant(scenario: impl Fn() -> Result<(), Failed>) -> Result<(), Failed> {
+    match scenario() {
+        Err(e) if in_emulated_testhost() && e.message().is_some_and(|m| m.contains(HUNG)) => {
+            eprintln!(
+                "guest hung in the emulated test host; running the scenario once more. First try:\n{}",
+                e.message().unwrap_or_default()
+            );
+            scenario()
+        }
+        other => other,
+    }
+}
+
+fn in_emulated_testhost() -> bool {
+    std::env::var_os("PODVISOR_TESTHOST").is_some()
+}
+
 fn boot_and_halt(kernel: &str, cpus: u8, memory_mib: u64, cmdline: &str) -> Result<(), Failed> {
     let mut vm = Vm::boot(kernel, cpus, &format!("{memory_mib}M"), cmdline);
     let line = vm.expect("podvisor-guest ready:")?;
@@ -355,11 +381,13 @@ fn main() {
             let cmdline = "console=ttyS0 podvisor.halt";
             trials.push(Trial::test(
                 format!("boot_{label}_{cpus}cpu_{mib}mib"),
-                move || boot_and_halt(kernel, cpus, mib, cmdline),
+                move || hang_tolerant(|| boot_and_halt(kernel, cpus, mib, cmdline)),
             ));
         }
     }
-    trials.push(Trial::test("reboot_comes_back_to_ready", reboot_comes_back));
+    trials.push(Trial::test("reboot_comes_back_to_ready", || {
+        hang_tolerant(reboot_comes_back)
+    }));
     trials.push(Trial::test(
         "bad_kernel_files_give_clear_errors",
         bad_kernel_files_give_clear_errors,
