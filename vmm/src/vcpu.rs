@@ -249,22 +249,6 @@ impl Vcpu {
         }
         self
     }
-
-    /// Runs the vCPU on the current thread until its next exit that is not port or MMIO I/O on
-    /// the given buses; for tests of tiny guests.
-    pub fn run_until_halt(&mut self, ctx: &VcpuContext, max_exits: usize) -> Result<(), String> {
-        for _ in 0..max_exits {
-            match self.fd.run().map_err(|e| e.to_string())? {
-                VcpuExit::Hlt => return Ok(()),
-                exit => {
-                    if !handle_exit(self.id, exit, ctx) {
-                        return Err("VM ended".into());
-                    }
-                }
-            }
-        }
-        Err(format!("no HLT within {max_exits} exits"))
-    }
 }
 
 /// Routes one exit; returns false when this vCPU must stop.

@@ -39,7 +39,8 @@ pub enum VmExit {
 /// A VM ready to run.
 pub struct Vm {
     _fd: VmFd,
-    memory: GuestMemoryMmap,
+    /// Kept mapped while KVM uses it; dropped after `_fd` (fields drop in order).
+    _memory: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
 }
@@ -122,15 +123,10 @@ impl Vm {
         };
         Ok(Vm {
             _fd: fd,
-            memory,
+            _memory: memory,
             vcpus,
             ctx,
         })
-    }
-
-    /// The guest's RAM.
-    pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.memory
     }
 
     /// Runs every vCPU on its own thread until the guest powers off, resets, or a vCPU fails.
