@@ -1,7 +1,7 @@
 //! Address buses that route guest port I/O and MMIO accesses to devices.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device reachable through a range of port or MMIO addresses.
 ///
@@ -24,6 +24,9 @@ pub enum BusError {
     /// The requested range overlaps one already taken.
     #[error("bus range {base:#x}+{len:#x} overlaps a device already there")]
     Overlap { base: u64, len: u64 },
+    /// No device starts at this address.
+    #[error("no device on the bus at {0:#x}")]
+    NotFound(u64),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,10 +42,15 @@ impl Range {
 }
 
 /// A map from address ranges to the devices that answer them.
-#[derive(Clone, Default)]
+///
+/// The map can change while vCPUs use it (a guest moving a PCI BAR): lookups take a read
+/// lock only long enough to find the device, so a device may itself change the bus.
+#[derive(Default)]
 pub struct Bus {
-    devices: BTreeMap<Range, Arc<Mutex<dyn BusDevice>>>,
+    devices: RwLock<BTreeMap<Range, Arc<Mutex<dyn BusDevice>>>>,
 }
+
+type Device = Arc<Mutex<dyn BusDevice>>;
 
 impl Bus {
     /// An empty bus.
@@ -50,32 +58,59 @@ impl Bus {
         Self::default()
     }
 
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Range, Device>> {
+        self.devices.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn map_mut(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<Range, Device>> {
+        self.devices.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Places `device` at `[base, base + len)`.
-    pub fn insert(
-        &mut self,
-        device: Arc<Mutex<dyn BusDevice>>,
-        base: u64,
-        len: u64,
-    ) -> Result<(), BusError> {
+    pub fn insert(&self, device: Device, base: u64, len: u64) -> Result<(), BusError> {
         if len == 0 || base.checked_add(len - 1).is_none() {
             return Err(BusError::InvalidRange { base, len });
         }
         let new = Range { base, len };
         let end = base + (len - 1);
-        if self
-            .devices
+        let mut map = self.map_mut();
+        if map
             .keys()
             .any(|r| r.base <= end && base <= r.base + (r.len - 1))
         {
             return Err(BusError::Overlap { base, len });
         }
-        self.devices.insert(new, device);
+        map.insert(new, device);
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
-        let (range, dev) = self
-            .devices
+    /// Takes the device that starts at `base` off the bus; returns it and its length.
+    pub fn remove(&self, base: u64) -> Result<(Device, u64), BusError> {
+        let mut map = self.map_mut();
+        let range = *map
+            .keys()
+            .find(|r| r.base == base)
+            .ok_or(BusError::NotFound(base))?;
+        let dev = map.remove(&range).ok_or(BusError::NotFound(base))?;
+        Ok((dev, range.len))
+    }
+
+    /// Moves the device at `old` to `new`, keeping its length. On an error (nothing at `old`,
+    /// or `new` overlaps another device) the bus is unchanged.
+    pub fn relocate(&self, old: u64, new: u64) -> Result<(), BusError> {
+        let (dev, len) = self.remove(old)?;
+        if let Err(e) = self.insert(dev.clone(), new, len) {
+            // Put it back: the old range was free a moment ago and nothing else inserts
+            // concurrently with a relocation of the same device.
+            let _ = self.insert(dev, old, len);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, Device)> {
+        let map = self.map();
+        let (range, dev) = map
             .range(
                 ..=Range {
                     base: addr,
@@ -83,14 +118,16 @@ impl Bus {
                 },
             )
             .next_back()?;
-        range.contains(addr).then(|| (addr - range.base, dev))
+        range
+            .contains(addr)
+            .then(|| (addr - range.base, dev.clone()))
     }
 
     /// Routes a guest read. Returns false (and fills `data` with ones) when no device answers.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                lock(dev).read(offset, data);
+                lock(&dev).read(offset, data);
                 true
             }
             None => {
@@ -104,7 +141,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, dev)) => {
-                lock(dev).write(offset, data);
+                lock(&dev).write(offset, data);
                 true
             }
             None => false,
@@ -140,7 +177,7 @@ mod tests {
 
     #[test]
     fn routes_by_range_with_relative_offsets() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let a = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(a.clone(), 0x3f8, 8).unwrap();
         let mut buf = [0u8; 1];
@@ -152,7 +189,7 @@ mod tests {
 
     #[test]
     fn unclaimed_reads_return_ones() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
             .unwrap();
         let mut buf = [0u8; 4];
@@ -164,7 +201,7 @@ mod tests {
 
     #[test]
     fn rejects_overlaps_and_bad_ranges() {
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         let dev = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
@@ -188,5 +225,48 @@ mod tests {
             Err(BusError::InvalidRange { base: 5, len: 0 })
         );
         assert!(bus.insert(dev, u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn relocate_moves_a_device_and_refuses_overlaps() {
+        let bus = Bus::new();
+        let a = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(a.clone(), 0x1000, 0x100).unwrap();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x3000, 0x100)
+            .unwrap();
+        bus.relocate(0x1000, 0x2000).unwrap();
+        assert!(!bus.write(0x1000, &[1]));
+        assert!(bus.write(0x2004, &[7]));
+        assert_eq!(a.lock().unwrap().last_write, Some((4, vec![7])));
+        // Overlapping the other device: refused, and the device stays where it was.
+        assert!(matches!(
+            bus.relocate(0x2000, 0x2f80),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(bus.write(0x2000, &[9]));
+        assert_eq!(a.lock().unwrap().last_write, Some((0, vec![9])));
+        assert_eq!(
+            bus.relocate(0x5000, 0x6000),
+            Err(BusError::NotFound(0x5000))
+        );
+        let (_, len) = bus.remove(0x2000).unwrap();
+        assert_eq!(len, 0x100);
+        assert!(!bus.write(0x2000, &[1]));
+    }
+
+    #[test]
+    fn a_device_may_change_the_bus_it_is_on() {
+        struct Mover(Arc<Bus>);
+        impl BusDevice for Mover {
+            fn read(&mut self, _: u64, _: &mut [u8]) {}
+            fn write(&mut self, _: u64, _: &[u8]) {
+                self.0.relocate(0x10, 0x20).unwrap();
+            }
+        }
+        let bus = Arc::new(Bus::new());
+        bus.insert(Arc::new(Mutex::new(Mover(bus.clone()))), 0x10, 1)
+            .unwrap();
+        assert!(bus.write(0x10, &[0]));
+        assert!(bus.write(0x20, &[0]));
     }
 }

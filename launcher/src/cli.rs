@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{parse_size, ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use vmm::config::{
+    parse_size, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
+    RngConfig, VmConfig,
+};
 
 /// Default kernel command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -45,6 +48,17 @@ pub struct RunArgs {
     /// Where COM1 goes: stdio (output to stdout, input from stdin), file=PATH, or off.
     #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
     pub serial: String,
+    /// A virtio-blk disk (repeat for several): path=FILE[,format=raw|qcow2][,readonly=on]
+    /// [,direct=on][,serial=ID].
+    #[arg(long, value_name = "path=FILE[,...]")]
+    pub disk: Vec<String>,
+    /// A virtio-net interface (repeat for several) over a tap: [tap=NAME][,mac=MAC]
+    /// [,ip=ADDR,mask=MASK]. Without tap=, a new tap is created for the VM's lifetime.
+    #[arg(long, value_name = "[tap=NAME][,...]", num_args = 0..=1, default_missing_value = "")]
+    pub net: Vec<String>,
+    /// A virtio-rng entropy device: [src=PATH] (default /dev/urandom).
+    #[arg(long, value_name = "[src=PATH]", num_args = 0..=1, default_missing_value = "")]
+    pub rng: Option<String>,
     /// State that the kernel is PVM-enabled, so it may run on a PVM /dev/kvm.
     #[arg(long)]
     pub pvm_guest: bool,
@@ -79,6 +93,24 @@ impl RunArgs {
             },
             memory: MemoryConfig { size },
             serial: parse_serial(&self.serial)?,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?,
+            net: self
+                .net
+                .iter()
+                .map(|n| NetConfig::parse(n))
+                .collect::<Result<_, _>>()
+                .map_err(|e| e.to_string())?,
+            rng: self
+                .rng
+                .as_deref()
+                .map(RngConfig::parse)
+                .transpose()
+                .map_err(|e| e.to_string())?,
         })
     }
 }
@@ -145,6 +177,35 @@ mod tests {
         assert!(a.to_config().unwrap_err().contains("--memory"));
         let a = run_args(&["run", "--kernel", "k", "--serial", "pty"]);
         assert!(a.to_config().unwrap_err().contains("--serial"));
+    }
+
+    #[test]
+    fn devices() {
+        let c = run_args(&[
+            "run",
+            "--kernel",
+            "k",
+            "--disk",
+            "path=/a.raw",
+            "--disk",
+            "path=/b.qcow2,readonly=on",
+            "--net",
+            "--net",
+            "tap=t0,mac=52:54:00:00:00:02",
+            "--rng",
+        ])
+        .to_config()
+        .unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert!(c.disks[1].readonly);
+        assert_eq!(c.net.len(), 2);
+        assert_eq!(c.net[0], NetConfig::default());
+        assert_eq!(c.net[1].tap.as_deref(), Some("t0"));
+        assert_eq!(c.rng, Some(RngConfig::default()));
+        let none = run_args(&["run", "--kernel", "k"]).to_config().unwrap();
+        assert!(none.disks.is_empty() && none.net.is_empty() && none.rng.is_none());
+        let bad = run_args(&["run", "--kernel", "k", "--disk", "readonly=on"]);
+        assert!(bad.to_config().unwrap_err().contains("path=FILE"));
     }
 
     #[test]

@@ -177,7 +177,9 @@ fi
 
 # cryptomgr.notests, initcall_blacklist=crypto_kdf108_init: skip crypto self-tests (~0.3 s under TCG)
 append="console=ttyS0 podvisor.run=$RUN panic=-1 cryptomgr.notests initcall_blacklist=crypto_kdf108_init"
-if [[ "$DEBUG" == 1 ]]; then append+=" loglevel=7 podvisor.debug"; else append+=" quiet loglevel=0"; fi
+# loglevel=2: the console (a file) gets only emergencies and alerts, so a test host that
+# panics or oopses says why, at no cost to a healthy boot.
+if [[ "$DEBUG" == 1 ]]; then append+=" loglevel=7 podvisor.debug"; else append+=" quiet loglevel=2"; fi
 ((tty)) && append+=" podvisor.tty=1"
 append+=" ${PODVISOR_TESTHOST_APPEND:-}"
 qemu_args=()

@@ -5,8 +5,10 @@
 //! kernel is handed its address in `hvm_start_info.rsdp_paddr`:
 //!
 //! ```text
-//! RSDP (rev 2) ─► XSDT ─┬─► FADT (hardware-reduced) ─► DSDT (\_S5_, \_SB.COM1, \_SB.RTC_)
-//!                       └─► MADT (local APICs, IOAPIC, LINT1 NMI)
+//! RSDP (rev 2) ─► XSDT ─┬─► FADT (hardware-reduced) ─► DSDT (\_S5_, \_SB.COM1, \_SB.RTC_,
+//!                       │                                  \_SB.PCI0)
+//!                       ├─► MADT (local APICs, IOAPIC, LINT1 NMI)
+//!                       └─► MCFG (ECAM of PCI segment 0, bus 0)
 //! ```
 //!
 //! The guest is hardware-reduced ACPI: no PM1 blocks, no SCI, no FACS. It powers off by writing
@@ -18,6 +20,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -37,8 +40,8 @@ const HYPERVISOR_VENDOR: [u8; 8] = *b"PODVISOR";
 const TABLE_ALIGN: u64 = 16;
 /// Length of the common system description table header.
 const SDT_HEADER_LEN: usize = 36;
-/// The XSDT lists the FADT and the MADT.
-const XSDT_LEN: usize = SDT_HEADER_LEN + 2 * std::mem::size_of::<u64>();
+/// The XSDT lists the FADT, the MADT and the MCFG.
+const XSDT_LEN: usize = SDT_HEADER_LEN + 3 * std::mem::size_of::<u64>();
 
 /// Sleep control register (write `SLP_TYP << 2 | SLP_EN`).
 pub const SLEEP_CONTROL_PORT: u16 = layout::pio::ACPI_POWER.0 as u16;
@@ -55,7 +58,7 @@ const S5_SLEEP_TYPE: u8 = 5;
 /// FADT IA-PC boot architecture flag: do not probe for VGA hardware.
 ///
 /// Left clear on purpose: bit 1 (8042 present, so Linux does not probe a keyboard controller),
-/// bit 3 (MSI not supported: PCI MSI-X comes later) and bit 5 (CMOS RTC not present: there is
+/// bit 3 (MSI not supported: PCI devices use MSI-X) and bit 5 (CMOS RTC not present: there is
 /// one at port 0x70).
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 
@@ -124,13 +127,15 @@ pub fn create_acpi_tables<M: GuestMemory>(
 
     let dsdt = dsdt();
     let madt = madt(config.vcpus);
+    let mcfg = mcfg();
 
     let rsdp_addr = layout::RSDP_START;
     let xsdt_addr = align_up(rsdp_addr + Rsdp::len() as u64);
     let fadt_addr = align_up(xsdt_addr + XSDT_LEN as u64);
     let dsdt_addr = align_up(fadt_addr + FADT::len() as u64);
     let madt_addr = align_up(dsdt_addr + dsdt.len() as u64);
-    let end = madt_addr + madt.len() as u64;
+    let mcfg_addr = align_up(madt_addr + madt.len() as u64);
+    let end = mcfg_addr + mcfg.len() as u64;
     if end > layout::ACPI_END {
         return Err(AcpiError::TablesTooLarge {
             end,
@@ -142,6 +147,7 @@ pub fn create_acpi_tables<M: GuestMemory>(
     let mut xsdt = XSDT::new(OEM_ID, *b"PODVXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt = to_bytes(&xsdt);
     debug_assert_eq!(xsdt.len(), XSDT_LEN);
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -154,12 +160,13 @@ pub fn create_acpi_tables<M: GuestMemory>(
         });
     }
 
-    let tables: [(&'static str, u64, &[u8]); 5] = [
+    let tables: [(&'static str, u64, &[u8]); 6] = [
         ("RSDP", rsdp_addr, &rsdp),
         ("XSDT", xsdt_addr, &xsdt),
         ("FADT", fadt_addr, &fadt),
         ("DSDT", dsdt_addr, &dsdt),
         ("MADT", madt_addr, &madt),
+        ("MCFG", mcfg_addr, &mcfg),
     ];
     for (table, addr, bytes) in tables {
         mem.write_slice(bytes, GuestAddress(addr))
@@ -223,6 +230,13 @@ fn madt(vcpus: u8) -> Vec<u8> {
     madt
 }
 
+/// MCFG: the ECAM window of PCI segment 0, which has bus 0 only.
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, *b"PODVMCFG", OEM_REVISION);
+    mcfg.add_ecam(layout::PCI_MMCONFIG.0, 0, 0, 0);
+    to_bytes(&mcfg)
+}
+
 /// Appends a structure to a serialised table, fixing its length and checksum.
 fn append_structure(table: &mut Vec<u8>, structure: &[u8]) {
     table.extend_from_slice(structure);
@@ -234,7 +248,8 @@ fn append_structure(table: &mut Vec<u8>, structure: &[u8]) {
     table[9] = checksum.value();
 }
 
-/// DSDT: the S5 sleep state and the legacy devices Linux cannot discover otherwise.
+/// DSDT: the S5 sleep state, the legacy devices Linux cannot discover otherwise, and the PCI
+/// host bridge with its windows.
 fn dsdt() -> Vec<u8> {
     let s5 = aml::Name::new(
         "_S5_".into(),
@@ -242,7 +257,7 @@ fn dsdt() -> Vec<u8> {
     );
     let com1 = legacy_device("COM1", "PNP0501", layout::pio::COM1, layout::irq::COM1);
     let rtc = legacy_device("RTC_", "PNP0B00", layout::pio::CMOS, layout::irq::RTC);
-    let sb = aml::Scope::raw("\\_SB_".into(), [com1, rtc].concat());
+    let sb = aml::Scope::raw("\\_SB_".into(), [com1, rtc, pci_host_bridge()].concat());
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -274,6 +289,39 @@ fn legacy_device(name: &str, eisa_id: &str, (port, len): (u64, u64), irq: u32) -
         ]),
     );
     to_bytes(&aml::Device::new(name.into(), vec![&hid, &uid, &sta, &crs]))
+}
+
+/// The PCI host bridge of segment 0: bus 0, configuration ports 0xcf8-0xcff, the rest of the
+/// port space and the 32-bit BAR window for its devices. Its devices use MSI-X only, so there
+/// is no INTx routing table (`_PRT`).
+fn pci_host_bridge() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let (window, size) = layout::PCI_BAR_WINDOW;
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![
+            &aml::AddressSpace::new_bus_number(0u16, 0u16),
+            &aml::IO::new(0xcf8, 0xcf8, 1, 8),
+            &aml::AddressSpace::new_io(0u16, 0xcf7u16, None),
+            &aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None),
+            &aml::AddressSpace::new_memory(
+                aml::AddressSpaceCacheable::NotCacheable,
+                true,
+                window as u32,
+                (window + size - 1) as u32,
+                None,
+            ),
+        ]),
+    );
+    to_bytes(&aml::Device::new(
+        "PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    ))
 }
 
 fn to_bytes(aml: &dyn Aml) -> Vec<u8> {

@@ -273,6 +273,13 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
             });
         }
     }
+    // The PCI ECAM window: Linux uses MMCONFIG only where the firmware reserved it.
+    map.push(E820Entry {
+        addr: crate::layout::PCI_MMCONFIG.0,
+        size: crate::layout::PCI_MMCONFIG.1,
+        kind: E820_RESERVED,
+    });
+    map.sort_unstable_by_key(|e| e.addr);
     map
 }
 
@@ -366,7 +373,15 @@ mod tests {
     #[test]
     fn e820_small_guest() {
         let m = e820_map(256 << 20);
-        assert_eq!(m.len(), 3);
+        assert_eq!(m.len(), 4);
+        assert_eq!(
+            m[3],
+            E820Entry {
+                addr: crate::layout::PCI_MMCONFIG.0,
+                size: crate::layout::PCI_MMCONFIG.1,
+                kind: E820_RESERVED
+            }
+        );
         assert_eq!(
             m[0],
             E820Entry {
@@ -390,9 +405,13 @@ mod tests {
     #[test]
     fn e820_large_guest_has_high_ram() {
         let m = e820_map(6 << 30);
-        assert_eq!(m.len(), 4);
+        assert_eq!(m.len(), 5);
         assert_eq!(m[2].addr + m[2].size, layout::MMIO_HOLE_START);
-        assert_eq!(m[3].addr, layout::FOUR_GIB);
+        assert_eq!(
+            (m[3].addr, m[3].kind),
+            (layout::PCI_MMCONFIG.0, E820_RESERVED)
+        );
+        assert_eq!(m[4].addr, layout::FOUR_GIB);
         let ram: u64 = m
             .iter()
             .filter(|e| e.kind == E820_RAM)
@@ -447,7 +466,7 @@ mod tests {
         assert_eq!({ p.hdr.ramdisk_size }, 1234);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
-        assert_eq!(p.e820_entries, 3);
+        assert_eq!(p.e820_entries, 4);
         assert_eq!({ p.e820_table[2].addr }, HIMEM_START);
     }
 
@@ -463,7 +482,7 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.nr_modules, 1);
         assert_eq!(info.rsdp_paddr, layout::RSDP_START);
-        assert_eq!(info.memmap_entries, 3);
+        assert_eq!(info.memmap_entries, 4);
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x300_0000, 4321));
         let e: hvm_memmap_table_entry = m

@@ -1,6 +1,7 @@
 //! What a VM is made of, as the user asked for it. The CLI and (later) the REST API both map to
 //! these types; [`VmConfig::validate`] checks them once, after which the VMM trusts them.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,66 @@ pub enum ConsoleConfig {
     Off,
 }
 
+/// A virtio-blk disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// An image file (raw or qcow2) or a block device.
+    pub path: PathBuf,
+    /// The guest gets VIRTIO_BLK_F_RO and the image is opened read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// O_DIRECT: bypass the host page cache.
+    #[serde(default)]
+    pub direct: bool,
+    /// "raw" or "qcow2"; probed from the file when absent (a qcow2 header means qcow2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// The disk's ID as the guest reads it (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// A virtio-net interface over a host tap.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// An existing tap (or one to create with this name); a new kernel-named tap when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// Host-side IPv4 address given to the tap (and the tap brought up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    /// Netmask of `ip`; 255.255.255.0 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<Ipv4Addr>,
+    /// The guest's MAC address; a stable one derived from the tap and position when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// A virtio-rng entropy device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngConfig {
+    /// Where the random bytes come from.
+    #[serde(default = "default_rng_src")]
+    pub src: PathBuf,
+}
+
+fn default_rng_src() -> PathBuf {
+    PathBuf::from("/dev/urandom")
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        RngConfig {
+            src: default_rng_src(),
+        }
+    }
+}
+
 /// A whole VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -55,6 +116,12 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     #[serde(default)]
     pub serial: ConsoleConfig,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngConfig>,
 }
 
 /// A configuration the VMM cannot run.
@@ -68,7 +135,22 @@ pub enum ConfigError {
     MemoryUnaligned(u64),
     #[error("kernel command line is {0} bytes; the limit is {max}", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    #[error("disk {0}: unknown format '{1}' (use raw or qcow2)")]
+    DiskFormat(PathBuf, String),
+    #[error("disk {0}: serial '{1}' is longer than 20 bytes")]
+    DiskSerial(PathBuf, String),
+    #[error("{0} devices: at most {max} PCI devices fit the bus", max = MAX_PCI_DEVICES)]
+    TooManyDevices(usize),
+    #[error(
+        "net: '{0}' is not a usable MAC address (six hex bytes like 52:54:00:12:34:56, unicast)"
+    )]
+    Mac(String),
+    #[error("{0}")]
+    Options(String),
 }
+
+/// PCI device numbers 1..32 (0 is the host bridge).
+pub const MAX_PCI_DEVICES: usize = 31;
 
 impl VmConfig {
     /// Checks everything that can be checked without touching the host.
@@ -84,6 +166,22 @@ impl VmConfig {
         }
         if self.payload.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.payload.cmdline.len()));
+        }
+        for disk in &self.disks {
+            if let Some(f) = &disk.format {
+                if devices::block::Format::from_name(f).is_none() {
+                    return Err(ConfigError::DiskFormat(disk.path.clone(), f.clone()));
+                }
+            }
+            if let Some(serial) = &disk.serial {
+                if serial.len() > 20 {
+                    return Err(ConfigError::DiskSerial(disk.path.clone(), serial.clone()));
+                }
+            }
+        }
+        let count = self.disks.len() + self.net.len() + usize::from(self.rng.is_some());
+        if count > MAX_PCI_DEVICES {
+            return Err(ConfigError::TooManyDevices(count));
         }
         Ok(())
     }
@@ -114,6 +212,112 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size '{s}': too large"))
 }
 
+/// Splits `key=value,key=value` device options (the CLI's `--disk`/`--net`/`--rng` syntax, as
+/// Cloud Hypervisor's); a value may not contain a comma.
+fn parse_options<'a>(
+    what: &str,
+    s: &'a str,
+    known: &[&str],
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for item in s.split(',').filter(|i| !i.is_empty()) {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Options(format!("{what}: '{item}' is not key=value")))?;
+        if !known.contains(&key) {
+            return Err(ConfigError::Options(format!(
+                "{what}: unknown option '{key}' (known: {})",
+                known.join(", ")
+            )));
+        }
+        if seen.iter().any(|(k, _)| *k == key) {
+            return Err(ConfigError::Options(format!("{what}: '{key}' given twice")));
+        }
+        seen.push((key, value));
+    }
+    Ok(seen)
+}
+
+fn parse_on_off(what: &str, key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(ConfigError::Options(format!(
+            "{what}: {key}={value}: expected on or off"
+        ))),
+    }
+}
+
+impl DiskConfig {
+    /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,direct=on][,serial=ID][,id=NAME]`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let what = "--disk";
+        let mut disk = DiskConfig::default();
+        let mut path = None;
+        for (key, value) in parse_options(
+            what,
+            s,
+            &["path", "format", "readonly", "direct", "serial", "id"],
+        )? {
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "format" => disk.format = Some(value.to_owned()),
+                "readonly" => disk.readonly = parse_on_off(what, key, value)?,
+                "direct" => disk.direct = parse_on_off(what, key, value)?,
+                "serial" => disk.serial = Some(value.to_owned()),
+                "id" => disk.id = Some(value.to_owned()),
+                _ => {
+                    return Err(ConfigError::Options(format!(
+                        "{what}: {key}= needs a value"
+                    )))
+                }
+            }
+        }
+        disk.path =
+            path.ok_or_else(|| ConfigError::Options(format!("{what}: path=FILE is required")))?;
+        Ok(disk)
+    }
+}
+
+impl NetConfig {
+    /// Parses `[tap=NAME][,mac=MAC][,ip=ADDR][,mask=MASK][,id=NAME]`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let what = "--net";
+        let mut net = NetConfig::default();
+        let addr = |key: &str, value: &str| {
+            value.parse::<Ipv4Addr>().map_err(|_| {
+                ConfigError::Options(format!("{what}: {key}={value} is not an IPv4 address"))
+            })
+        };
+        for (key, value) in parse_options(what, s, &["tap", "mac", "ip", "mask", "id"])? {
+            match key {
+                "tap" if !value.is_empty() => net.tap = Some(value.to_owned()),
+                "mac" => net.mac = Some(value.to_owned()),
+                "ip" => net.ip = Some(addr(key, value)?),
+                "mask" => net.mask = Some(addr(key, value)?),
+                "id" => net.id = Some(value.to_owned()),
+                _ => {
+                    return Err(ConfigError::Options(format!(
+                        "{what}: {key}= needs a value"
+                    )))
+                }
+            }
+        }
+        Ok(net)
+    }
+}
+
+impl RngConfig {
+    /// Parses `[src=PATH]`.
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let mut rng = RngConfig::default();
+        for (_, value) in parse_options("--rng", s, &["src"])? {
+            rng.src = PathBuf::from(value);
+        }
+        Ok(rng)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,7 +332,66 @@ mod tests {
             cpus: CpusConfig { boot_vcpus: 2 },
             memory: MemoryConfig { size: 512 << 20 },
             serial: ConsoleConfig::Tty,
+            disks: Vec::new(),
+            net: Vec::new(),
+            rng: None,
         }
+    }
+
+    #[test]
+    fn device_options() {
+        let d = DiskConfig::parse("path=/a.qcow2,format=qcow2,readonly=on,direct=off,serial=x1")
+            .unwrap();
+        assert_eq!(d.path, PathBuf::from("/a.qcow2"));
+        assert_eq!(d.format.as_deref(), Some("qcow2"));
+        assert!(d.readonly && !d.direct);
+        assert_eq!(d.serial.as_deref(), Some("x1"));
+        for bad in [
+            "",
+            "format=raw",
+            "path=",
+            "path=/a,readonly=maybe",
+            "path=/a,colour=red",
+            "path=/a,path=/b",
+            "/a",
+        ] {
+            assert!(DiskConfig::parse(bad).is_err(), "{bad}");
+        }
+        let n = NetConfig::parse("tap=tap0,mac=52:54:00:00:00:01,ip=10.0.0.1,mask=255.255.255.252")
+            .unwrap();
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
+        assert_eq!(n.ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(NetConfig::parse("").unwrap(), NetConfig::default());
+        assert!(NetConfig::parse("ip=10.0.0.300").is_err());
+        assert_eq!(
+            RngConfig::parse("").unwrap().src,
+            PathBuf::from("/dev/urandom")
+        );
+        assert_eq!(
+            RngConfig::parse("src=/dev/random").unwrap().src,
+            PathBuf::from("/dev/random")
+        );
+    }
+
+    #[test]
+    fn device_validation() {
+        let mut c = config();
+        c.disks.push(DiskConfig {
+            path: "/d".into(),
+            format: Some("vmdk".into()),
+            ..Default::default()
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::DiskFormat(..))));
+        let mut c = config();
+        c.disks.push(DiskConfig {
+            path: "/d".into(),
+            serial: Some("x".repeat(21)),
+            ..Default::default()
+        });
+        assert!(matches!(c.validate(), Err(ConfigError::DiskSerial(..))));
+        let mut c = config();
+        c.net = vec![NetConfig::default(); 32];
+        assert_eq!(c.validate(), Err(ConfigError::TooManyDevices(32)));
     }
 
     #[test]

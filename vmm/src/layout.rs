@@ -11,7 +11,8 @@
 //! 0x000e_0000  ACPI RSDP, followed by the other ACPI tables
 //! 0x0010_0000  kernel (bzImage protected-mode part or vmlinux segments)
 //! ...          RAM up to min(size, 3 GiB), initramfs at its top
-//! 0xc000_0000  32-bit MMIO hole (devices), IOAPIC at 0xfec0_0000, LAPIC at 0xfee0_0000
+//! 0xc000_0000  32-bit MMIO hole: PCI BARs up to 0xe000_0000, then the PCI ECAM window,
+//!              IOAPIC at 0xfec0_0000, LAPIC at 0xfee0_0000
 //! 0x1_0000_0000 RAM above 4 GiB, when the guest has more than 3 GiB
 //! ```
 
@@ -49,6 +50,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit address space.
 pub const FOUR_GIB: u64 = 0x1_0000_0000;
+/// Where the VMM places PCI BARs: (start, size), the first 512 MiB of the MMIO hole.
+pub const PCI_BAR_WINDOW: (u64, u64) = (MMIO_HOLE_START, 0x2000_0000);
+/// PCI ECAM (MMCONFIG) window of segment 0: (start, size), bus 0 only (1 MiB).
+pub const PCI_MMCONFIG: (u64, u64) = (0xe000_0000, 1 << 20);
 /// IOAPIC MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.

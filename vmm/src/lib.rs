@@ -5,13 +5,16 @@
 //! guest reboots, as a physical machine would restart.
 
 pub mod acpi;
+pub mod backends;
 pub mod boot;
 pub mod config;
 pub mod console;
 pub mod cpuid;
+pub mod interrupts;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod pci;
 pub mod regs;
 pub mod vcpu;
 pub mod vm;
@@ -49,6 +52,12 @@ pub enum Error {
     Thread(#[source] std::io::Error),
     #[error("the guest stopped: {0}")]
     Guest(String),
+    #[error("PCI: {0}")]
+    Pci(String),
+    #[error("interrupts: {0}")]
+    Interrupts(String),
+    #[error("{0}")]
+    Device(String),
 }
 
 /// Options of a VM run that are not part of the VM itself.
@@ -65,8 +74,9 @@ pub fn run(config: &VmConfig, console: &Console, options: &RunOptions) -> Result
     let kvm = kvm::open(options.pvm_guest)?;
     let template = vcpu::CpuTemplate::from_kvm(&kvm)
         .map_err(|e| Error::Kvm("read supported CPUID/MSRs", e))?;
+    let backends = backends::Backends::open(config)?;
     loop {
-        let vm = Vm::new(&kvm, &template, config, console)?;
+        let vm = Vm::new(&kvm, &template, config, console, &backends)?;
         match vm.run()? {
             VmExit::Shutdown => return Ok(()),
             VmExit::Reset => {

@@ -17,10 +17,13 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiConfig};
+use crate::backends::Backends;
 use crate::boot::{self, EntryPoint};
 use crate::config::VmConfig;
 use crate::console::Console;
+use crate::interrupts::GsiRouter;
 use crate::layout::{irq, pio};
+use crate::pci::PciSegment;
 use crate::vcpu::{self, CpuTemplate, Vcpu, VcpuContext, VmEvents};
 use crate::{memory, Error};
 
@@ -38,7 +41,9 @@ pub enum VmExit {
 
 /// A VM ready to run.
 pub struct Vm {
-    _fd: VmFd,
+    /// The PCI devices (and their worker threads); dropped before the VM and its memory.
+    _pci: PciSegment,
+    _fd: Arc<VmFd>,
     /// Kept mapped while KVM uses it; dropped after `_fd` (fields drop in order).
     _memory: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
@@ -52,8 +57,9 @@ impl Vm {
         template: &CpuTemplate,
         config: &VmConfig,
         console: &Console,
+        backends: &Backends,
     ) -> Result<Self, Error> {
-        let fd = kvm.create_vm().map_err(|e| Error::Kvm("create VM", e))?;
+        let fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create VM", e))?);
         let memory = memory::create_guest_memory(config.memory.size)?;
         register_memory(&fd, &memory)?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
@@ -71,6 +77,18 @@ impl Vm {
         let pio_bus = legacy_devices(&events, console)?;
         fd.register_irqfd(&console.irq, irq::COM1)
             .map_err(|e| Error::Kvm("register COM1 irqfd", e))?;
+        let mmio_bus = Arc::new(Bus::new());
+        let router = Arc::new(GsiRouter::new(fd.clone()));
+        let mut pci = PciSegment::new(
+            fd.clone(),
+            &pio_bus,
+            mmio_bus.clone(),
+            memory.clone(),
+            router,
+        )?;
+        for device in backends.virtio_devices(config)? {
+            pci.add_virtio(device)?;
+        }
 
         tracing::debug!("VM, memory and legacy devices created");
         let payload = &config.payload;
@@ -117,11 +135,12 @@ impl Vm {
         tracing::debug!("{} vCPUs configured", vcpus.len());
         let ctx = VcpuContext {
             pio: Arc::new(pio_bus),
-            mmio: Arc::new(Bus::new()),
+            mmio: mmio_bus,
             events,
             stop: Arc::new(AtomicBool::new(false)),
         };
         Ok(Vm {
+            _pci: pci,
             _fd: fd,
             _memory: memory,
             vcpus,
@@ -220,7 +239,7 @@ fn register_memory(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
 
 /// Builds the port I/O bus with COM1, the i8042, the CMOS RTC and the ACPI power controls.
 fn legacy_devices(events: &VmEvents, console: &Console) -> Result<Bus, Error> {
-    let mut bus = Bus::new();
+    let bus = Bus::new();
     let dup = |e: &EventFd| e.try_clone().map_err(Error::EventFd);
     type Placed = (Arc<Mutex<dyn BusDevice>>, (u64, u64));
     let devices: [Placed; 4] = [

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vmm::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use vmm::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig};
 use vmm::vcpu::CpuTemplate;
 use vmm::{Console, Vm, VmExit};
 
@@ -27,6 +27,16 @@ impl Asm {
     }
     fn out_dx_al(mut self) -> Self {
         self.0.push(0xee);
+        self
+    }
+    fn out_dx_eax(mut self) -> Self {
+        self.0.push(0xef);
+        self
+    }
+    /// `mov eax, imm32`
+    fn mov_eax(mut self, v: u32) -> Self {
+        self.0.push(0xb8);
+        self.0.extend(v.to_le_bytes());
         self
     }
     fn in_al_dx(mut self) -> Self {
@@ -133,15 +143,27 @@ impl TinyGuest {
 
     /// Boots `code` with `vcpus` vCPUs; returns how the VM ended and what COM1 printed.
     fn run(&self, code: Asm, vcpus: u8) -> (Result<VmExit, vmm::Error>, Vec<u8>) {
+        self.run_with(code, vcpus, |_| {})
+    }
+
+    /// Like [`TinyGuest::run`], with the VM configuration adjusted by `adjust`.
+    fn run_with(
+        &self,
+        code: Asm,
+        vcpus: u8,
+        adjust: impl FnOnce(&mut VmConfig),
+    ) -> (Result<VmExit, vmm::Error>, Vec<u8>) {
         let kernel = self.dir.join("guest.elf");
         std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
         let serial = self.dir.join("serial.out");
         let _ = std::fs::remove_file(&serial);
-        let config = config(&kernel, &serial, vcpus);
+        let mut config = config(&kernel, &serial, vcpus);
+        adjust(&mut config);
         let kvm = vmm::kvm::open_any().expect("/dev/kvm");
         let template = CpuTemplate::from_kvm(&kvm).unwrap();
         let console = Console::new(&config.serial).unwrap();
-        let vm = Vm::new(&kvm, &template, &config, &console).expect("VM setup");
+        let backends = vmm::backends::Backends::open(&config).unwrap();
+        let vm = Vm::new(&kvm, &template, &config, &console, &backends).expect("VM setup");
         let exit = vm.run();
         drop(console);
         (exit, std::fs::read(&serial).unwrap_or_default())
@@ -164,6 +186,9 @@ fn config(kernel: &Path, serial: &Path, vcpus: u8) -> VmConfig {
         cpus: CpusConfig { boot_vcpus: vcpus },
         memory: MemoryConfig { size: 64 << 20 },
         serial: ConsoleConfig::File(serial.to_owned()),
+        disks: Vec::new(),
+        net: Vec::new(),
+        rng: None,
     }
 }
 
@@ -254,7 +279,8 @@ fn pvh_start_info_is_handed_to_the_guest() {
         .poweroff();
     let (exit, out) = g.run(code, 1);
     assert_eq!(exit.unwrap(), VmExit::Shutdown);
-    assert_eq!(out, [0x78, 3]);
+    // Low RAM, the BIOS area, RAM from 1 MiB, the PCI ECAM window.
+    assert_eq!(out, [0x78, 4]);
 }
 
 #[test]
@@ -274,4 +300,29 @@ fn triple_fault_resets() {
     let (exit, out) = g.run(code, 1);
     assert_eq!(exit.unwrap(), VmExit::Reset);
     assert_eq!(out, b"t");
+}
+
+#[test]
+fn pci_config_space_through_ports_and_ecam() {
+    let g = TinyGuest::new("pci");
+    let code = Asm::default()
+        // 0xcf8 <- enable | bus 0, device 0, function 0, register 0; read the vendor ID.
+        .mov_dx(0xcf8)
+        .mov_eax(0x8000_0000)
+        .out_dx_eax()
+        .in_port(0xcfc)
+        .print_al()
+        // ECAM: device 1 (the virtio-rng) vendor and device IDs.
+        .load_eax(0xe000_8000)
+        .print_al()
+        .shr_eax(16)
+        .print_al()
+        // Device 2 is absent: all ones.
+        .load_eax(0xe001_0000)
+        .print_al()
+        .poweroff();
+    let (exit, out) = g.run_with(code, 1, |c| c.rng = Some(RngConfig::default()));
+    assert_eq!(exit.unwrap(), VmExit::Shutdown);
+    // Intel host bridge (0x8086); Red Hat virtio vendor 0x1af4, modern virtio-rng 0x1044.
+    assert_eq!(out, [0x86, 0xf4, 0x44, 0xff]);
 }

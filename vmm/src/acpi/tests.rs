@@ -57,7 +57,8 @@ struct Tables {
     fadt: Vec<u8>,
     dsdt: Vec<u8>,
     madt: Vec<u8>,
-    addrs: [u64; 5],
+    mcfg: Vec<u8>,
+    addrs: [u64; 6],
 }
 
 /// Builds the tables for `vcpus` in 2 MiB of guest memory and parses them back.
@@ -69,9 +70,11 @@ fn build(vcpus: u8) -> Tables {
     let rsdp = read(&mem, rsdp_addr.0, 36);
     let xsdt_addr = u64_at(&rsdp, 24);
     let xsdt = table(&mem, xsdt_addr, b"XSDT");
-    assert_eq!(xsdt.len(), SDT_HEADER_LEN + 16, "two XSDT entries");
+    assert_eq!(xsdt.len(), SDT_HEADER_LEN + 24, "three XSDT entries");
     let fadt_addr = u64_at(&xsdt, 36);
     let madt_addr = u64_at(&xsdt, 44);
+    let mcfg_addr = u64_at(&xsdt, 52);
+    let mcfg = table(&mem, mcfg_addr, b"MCFG");
     let fadt = table(&mem, fadt_addr, b"FACP");
     let dsdt_addr = u64_at(&fadt, FADT_X_DSDT);
     let dsdt = table(&mem, dsdt_addr, b"DSDT");
@@ -82,7 +85,15 @@ fn build(vcpus: u8) -> Tables {
         fadt,
         dsdt,
         madt,
-        addrs: [rsdp_addr.0, xsdt_addr, fadt_addr, dsdt_addr, madt_addr],
+        mcfg,
+        addrs: [
+            rsdp_addr.0,
+            xsdt_addr,
+            fadt_addr,
+            dsdt_addr,
+            madt_addr,
+            mcfg_addr,
+        ],
     }
 }
 
@@ -263,4 +274,29 @@ fn zero_vcpus_is_an_error() {
     let mem = memory(2 << 20);
     let err = create_acpi_tables(&mem, &AcpiConfig { vcpus: 0 }).unwrap_err();
     assert!(matches!(err, AcpiError::NoVcpus), "{err}");
+}
+
+#[test]
+fn mcfg_describes_the_ecam_of_bus_0() {
+    let t = build(1);
+    // Header, 8 reserved bytes, one 16-byte allocation structure.
+    assert_eq!(t.mcfg.len(), SDT_HEADER_LEN + 8 + 16);
+    let entry = &t.mcfg[SDT_HEADER_LEN + 8..];
+    assert_eq!(u64_at(entry, 0), layout::PCI_MMCONFIG.0);
+    assert_eq!(u16_at(entry, 8), 0, "segment");
+    assert_eq!((entry[10], entry[11]), (0, 0), "buses 0..=0");
+}
+
+#[test]
+fn dsdt_has_the_pci_host_bridge_with_its_bar_window() {
+    let t = build(1);
+    assert!(contains(&t.dsdt, b"PCI0"));
+    // EISA IDs PNP0A08 and PNP0A03, compressed.
+    assert!(contains(&t.dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+    assert!(contains(&t.dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+    // The DWord memory descriptor's minimum and maximum.
+    let (start, size) = layout::PCI_BAR_WINDOW;
+    let mut range = (start as u32).to_le_bytes().to_vec();
+    range.extend_from_slice(&((start + size - 1) as u32).to_le_bytes());
+    assert!(contains(&t.dsdt, &range));
 }

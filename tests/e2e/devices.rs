@@ -1,0 +1,41 @@
+//! Device scenarios: the guest finds its PCI devices and uses them.
+
+use libtest_mimic::{Failed, Trial};
+
+use crate::harness::{hang_tolerant, Vm};
+
+fn rng_feeds_the_guest() -> Result<(), Failed> {
+    let mut vm = Vm::boot_with("bzImage", 1, "256M", "console=ttyS0", &["--rng"]);
+    vm.expect("podvisor-guest ready:")?;
+    vm.wait_for_shell()?;
+    let current = vm.shell_ok("cat /sys/class/misc/hw_random/rng_current")?;
+    if !current.contains("virtio_rng") {
+        return Err(vm.failure(&format!("hw_random uses '{current}', not virtio_rng")));
+    }
+    // 64 KiB from the device, and not all the same byte.
+    let out = vm.shell_ok(
+        "head -c 65536 /dev/hwrng | od -An -v -tx1 | tr -s ' ' '\\n' | sort -u | wc -l",
+    )?;
+    let distinct: u32 = out
+        .trim()
+        .parse()
+        .map_err(|_| vm.failure(&format!("od said '{out}'")))?;
+    if distinct < 200 {
+        return Err(vm.failure(&format!(
+            "only {distinct} distinct byte values from /dev/hwrng"
+        )));
+    }
+    vm.type_line("poweroff")?;
+    let status = vm.wait()?;
+    if status.code() != Some(0) {
+        return Err(vm.failure(&format!("podvisor exited with {status}")));
+    }
+    Ok(())
+}
+
+/// The device scenarios, in the order they run.
+pub fn trials() -> Vec<Trial> {
+    vec![Trial::test("rng_feeds_the_guest", || {
+        hang_tolerant(rng_feeds_the_guest)
+    })]
+}

@@ -1,0 +1,90 @@
+//! End-to-end scenarios: the `podvisor` binary boots the default guest
+//! (`resources/guest/build.sh`) and the tests read its console like a person would.
+//!
+//! They need hardware KVM. On a machine without it (PVM, or no /dev/kvm) this binary runs
+//! each scenario in its own session of the test host (`resources/testhost/run.sh`), which
+//! has real KVM: one scenario that brings the emulated test host down does not take the
+//! others with it, and such a scenario is run once more (only then).
+
+mod boot;
+mod devices;
+mod harness;
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+use harness::{hardware_kvm, repo_root};
+
+/// run.sh's exit code when the test host itself failed (not the command it ran).
+const TESTHOST_FAILED: i32 = 125;
+
+fn scenarios() -> Vec<Trial> {
+    let mut trials = boot::trials();
+    trials.extend(devices::trials());
+    trials
+}
+
+/// Runs scenario `name` of this binary in a fresh test-host session.
+fn in_testhost(name: &str) -> Result<(), Failed> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut first_try = None;
+    for _ in 0..2 {
+        let start = Instant::now();
+        let out = Command::new(repo_root().join("resources/testhost/run.sh"))
+            .arg(&exe)
+            .args(["--exact", name, "--test-threads", "1", "--color", "never"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run resources/testhost/run.sh: {e}"))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            if !text.contains("1 passed") {
+                return Err(format!("the scenario did not run in the test host:\n{text}").into());
+            }
+            if let Some(first) = first_try {
+                eprintln!("{name}: the test host failed on the first try, passed on the second. First try:\n{first}");
+            }
+            return Ok(());
+        }
+        if out.status.code() != Some(TESTHOST_FAILED) || first_try.is_some() {
+            let prior = first_try.map(|t| format!("--- first try ---\n{t}\n--- second try ---\n"));
+            return Err(format!("{}{text}", prior.unwrap_or_default()).into());
+        }
+        first_try = Some(format!("({:.0?}) {text}", start.elapsed()));
+    }
+    unreachable!("the loop returns on the second try")
+}
+
+fn main() {
+    let mut args = Arguments::from_args();
+    // One guest at a time: the test host emulates its CPUs in software, and two nested guests
+    // competing for them only make every boot slower.
+    args.test_threads.get_or_insert(1);
+    let status = Command::new(repo_root().join("resources/guest/build.sh"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("run resources/guest/build.sh");
+    assert!(status.success(), "resources/guest/build.sh failed");
+
+    let trials = scenarios();
+    if hardware_kvm() || std::env::var_os("PODVISOR_TESTHOST").is_some() {
+        libtest_mimic::run(&args, trials).exit();
+    }
+    eprintln!(
+        "no hardware KVM here: each scenario runs in its own resources/testhost/run.sh session"
+    );
+    let trials = trials
+        .iter()
+        .map(|t| {
+            let name = t.name().to_owned();
+            Trial::test(name.clone(), move || in_testhost(&name))
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
