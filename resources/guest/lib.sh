@@ -186,16 +186,14 @@ pv_extract_vmlinux() {
     PV_KERNEL_COMPRESSION="${dec%% *}"
 }
 
-# pv_initramfs OUT INIT MODULE... - gzip'd (PV_INITRAMFS_GZIP=0: plain) newc cpio with a static busybox
-# (+ applet symlinks), /init, the listed modules and their dependencies (in
-# load order; built-in ones skipped) and /etc/modules ("name path" lines, in
-# load order). Needs PV_KROOT/PV_KVER (pv_kernel_fetch) and PV_BUSYBOX.
-pv_initramfs() {
-    local out="$1" init="$2"
+# pv_stage DIR INIT MODULE... - fill DIR with a static busybox (+ applet symlinks),
+# /init, the listed modules and their dependencies (in load order; built-in ones
+# skipped) and /etc/modules ("name path" lines, in load order). Needs
+# PV_KROOT/PV_KVER (pv_kernel_fetch) and PV_BUSYBOX.
+pv_stage() {
+    local stage="$1" init="$2"
     shift 2
-    pv_need cpio:cpio gzip:gzip modprobe:kmod
-    local stage
-    stage="$(mktemp -d "${out%/*}/.stage.XXXXXX")"
+    pv_need modprobe:kmod
     mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,etc,tmp,root,mnt,newroot}
     cp "$PV_BUSYBOX" "$stage/bin/busybox"
     local a
@@ -228,10 +226,42 @@ pv_initramfs() {
             esac
         done < <(modprobe -d "$PV_KROOT" -S "$PV_KVER" --show-depends "$m" 2>&1 || echo "error $m")
     done
+}
+
+# pv_initramfs OUT INIT MODULE... - gzip'd (PV_INITRAMFS_GZIP=0: plain) newc cpio
+# of a pv_stage tree.
+pv_initramfs() {
+    local out="$1" init="$2"
+    shift 2
+    pv_need cpio:cpio gzip:gzip
+    local stage
+    stage="$(mktemp -d "${out%/*}/.stage.XXXXXX")"
+    pv_stage "$stage" "$init" "$@"
     (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --reproducible --quiet -R 0:0) \
         | if [[ "${PV_INITRAMFS_GZIP:-1}" == 1 ]]; then gzip -9n; else cat; fi >"$out.tmp" || pv_die "cpio failed"
     rm -rf "$stage"
     mv "$out.tmp" "$out"
+}
+
+# pv_copy_elf DIR BIN... - copy the dynamically linked host programs BIN (absolute
+# paths) into DIR at the same paths, with every shared library ldd lists and the
+# dynamic loader (files copied dereferenced, to the paths ldd prints). Prints the
+# host files it copied, one a line.
+pv_copy_elf() {
+    local dir="$1" bin f out files=""
+    shift
+    pv_need ldd:libc-bin
+    for bin in "$@"; do
+        out="$(ldd "$bin" 2>&1)" || pv_die "ldd $bin failed: $out"
+        [[ "$out" != *"not found"* ]] || pv_die "ldd $bin: missing libraries: $(grep 'not found' <<<"$out" | tr -s ' \t\n' ' ')"
+        files+="$bin"$'\n'"$(awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' <<<"$out")"$'\n'
+    done
+    while read -r f; do
+        [[ -n "$f" ]] || continue
+        mkdir -p "$dir/${f%/*}"
+        cp -L --preserve=mode,timestamps "$f" "$dir$f" || pv_die "cannot copy $f"
+        printf '%s\n' "$f"
+    done < <(LC_ALL=C sort -u <<<"$files")
 }
 
 # pv_stamp FILE... -> prints a hash of the given files' contents + extra
