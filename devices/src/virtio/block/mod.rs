@@ -26,6 +26,9 @@ mod config;
 mod request;
 mod worker;
 
+#[cfg(test)]
+mod tests;
+
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

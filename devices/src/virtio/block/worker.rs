@@ -216,6 +216,9 @@ impl BlkWorker {
                 Err(e) => disk_error(e),
             },
             RequestType::GetId => self.get_id(req),
+            RequestType::Discard | RequestType::WriteZeroes if self.exec.read_only => {
+                Completion::status(S_IOERR)
+            }
             RequestType::Discard if !self.exec.discard => Completion::status(S_UNSUPP),
             RequestType::WriteZeroes if !self.exec.write_zeroes => Completion::status(S_UNSUPP),
             RequestType::Discard | RequestType::WriteZeroes => self.discard(req, disk),
@@ -310,9 +313,6 @@ impl BlkWorker {
     /// DISCARD and WRITE_ZEROES: every segment is checked before any is executed.
     fn discard(&self, req: &Request, disk: &mut dyn DiskImage) -> Completion {
         let zeroes = req.kind == RequestType::WriteZeroes;
-        if self.exec.read_only {
-            return Completion::status(S_IOERR);
-        }
         let count = req.data_len / DISCARD_SEGMENT_LEN;
         if req.data_len & (DISCARD_SEGMENT_LEN - 1) != 0 || count == 0 {
             return Completion::status(S_IOERR);
