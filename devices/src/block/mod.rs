@@ -24,6 +24,7 @@
 
 mod error;
 mod file;
+mod guest_io;
 pub mod qcow2;
 pub mod raw;
 
@@ -33,7 +34,10 @@ mod tests;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use vm_memory::VolatileSlice;
+
 pub use error::BlockError;
+pub use guest_io::BOUNCE_CHUNK;
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
 
@@ -93,6 +97,28 @@ pub trait DiskImage: Send {
             pos += buf.len() as u64;
         }
         Ok(())
+    }
+
+    /// Reads consecutive guest bytes at `offset` straight into guest memory (the data buffers
+    /// of a virtio request). Formats that can, read with no intermediate copy (raw: `preadv`);
+    /// the default goes through a host buffer of at most [`BOUNCE_CHUNK`] bytes.
+    fn read_volatile_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        guest_io::read_by_copy(self, bufs, offset)
+    }
+
+    /// Writes guest memory buffers as consecutive guest bytes at `offset`, straight from guest
+    /// memory where the format can (raw: `pwritev`). The whole range is checked before
+    /// anything is written.
+    fn write_volatile_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        guest_io::write_by_copy(self, bufs, offset)
     }
 }
 

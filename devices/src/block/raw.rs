@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
+use vm_memory::VolatileSlice;
+
 use super::file::HostFile;
+use super::guest_io::{self, total_len};
 use super::qcow2::header::MAGIC;
 use super::{check_range, BlockError, DiskImage, Format};
 
@@ -116,5 +119,32 @@ impl DiskImage for RawImage {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn read_volatile_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        check_range(self.path(), offset, total_len(bufs), self.size)?;
+        if !self.file.can_use_vectored(bufs, offset) {
+            return guest_io::read_by_copy(self, bufs, offset);
+        }
+        self.file.read_volatile_at(bufs, offset)
+    }
+
+    fn write_volatile_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        self.check_write(offset, total_len(bufs))?;
+        // The signature guard looks at the bytes written to the first sector: take the copying
+        // path (through `write_at`) for the rare write that touches them.
+        if (self.probed && offset < MAGIC.len() as u64) || !self.file.can_use_vectored(bufs, offset)
+        {
+            return guest_io::write_by_copy(self, bufs, offset);
+        }
+        self.file.write_volatile_at(bufs, offset)
     }
 }

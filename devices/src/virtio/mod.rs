@@ -5,6 +5,7 @@
 //! negotiates features, and hands the enabled queues to [`VirtioDevice::activate`] when the
 //! driver sets DRIVER_OK; the device signals the driver through [`VirtioInterrupt`].
 
+pub mod block;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]
@@ -22,6 +23,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use block::VirtioBlk;
 pub use pci::VirtioPciDevice;
 pub use rng::Rng;
 
@@ -83,6 +85,13 @@ pub enum VirtioError {
         what: &'static str,
         #[source]
         source: std::io::Error,
+    },
+    /// A virtio-blk serial (GET_ID string) longer than the spec allows.
+    #[error("virtio-blk serial '{serial}' is {len} bytes long, at most {max} are allowed")]
+    BlkSerialTooLong {
+        serial: String,
+        len: usize,
+        max: usize,
     },
     /// Placing the transport's BAR or capabilities.
     #[error("virtio PCI configuration space: {0}")]
