@@ -5,6 +5,7 @@
 //! negotiates features, and hands the enabled queues to [`VirtioDevice::activate`] when the
 //! driver sets DRIVER_OK; the device signals the driver through [`VirtioInterrupt`].
 
+pub mod net;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]
@@ -22,6 +23,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+pub use net::{MacAddr, Tap, VirtioNet};
 pub use pci::VirtioPciDevice;
 pub use rng::Rng;
 
