@@ -18,7 +18,7 @@ mod worker;
 #[cfg(test)]
 mod tap_tests;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
