@@ -35,6 +35,8 @@ pub struct RxOutcome {
     pub used: bool,
     /// The guest's buffers ran out: stop reading the tap until the driver adds some.
     pub stalled: bool,
+    /// Reading the tap failed (e.g. the interface was deleted): stop watching it.
+    pub tap_failed: bool,
 }
 
 /// The receive side's state across wakeups.
@@ -188,7 +190,7 @@ impl RxState {
                         Ok(n) => self.deliver_direct(q, n, counters, &mut out)?,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) => {
-                            read_error(e, counters);
+                            out.tap_failed = read_failed(e, counters);
                             break;
                         }
                     }
@@ -202,7 +204,7 @@ impl RxState {
                     Ok(n) => self.pending = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        read_error(e, counters);
+                        out.tap_failed = read_failed(e, counters);
                         break;
                     }
                 }
@@ -271,7 +273,12 @@ impl RxState {
     }
 }
 
-fn read_error(e: io::Error, counters: &NetCounters) {
-    tracing::warn!("virtio-net: tap read: {e}");
+/// Counts a failed tap read; returns whether the tap is unusable (rather than interrupted).
+fn read_failed(e: io::Error, counters: &NetCounters) -> bool {
+    if e.kind() == io::ErrorKind::Interrupted {
+        return false;
+    }
+    tracing::warn!("virtio-net: tap read failed, receive stopped until reset: {e}");
     NetCounters::add(&counters.rx_errors, 1);
+    true
 }

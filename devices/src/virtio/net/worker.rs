@@ -80,6 +80,8 @@ struct Worker {
     /// A queue's ring is corrupt; it is not served until a reset.
     rx_broken: bool,
     tx_broken: bool,
+    /// Reading the tap failed; receive stops until a reset.
+    tap_failed: bool,
 }
 
 impl Worker {
@@ -101,6 +103,7 @@ impl Worker {
             rx_stalled: false,
             rx_broken: false,
             tx_broken: false,
+            tap_failed: false,
         }
     }
 
@@ -176,7 +179,7 @@ impl Worker {
 
     /// The driver added receive buffers: stop asking for kicks and read the tap again.
     fn unstall_rx(&mut self) {
-        if self.rx_broken {
+        if self.rx_broken || self.tap_failed {
             return;
         }
         self.rx_stalled = false;
@@ -195,7 +198,7 @@ impl Worker {
     }
 
     fn process_rx(&mut self) {
-        if self.rx_broken || self.rx_stalled {
+        if self.rx_broken || self.rx_stalled || self.tap_failed {
             return;
         }
         let queue = self.rx_queue.clone();
@@ -213,6 +216,11 @@ impl Worker {
                 }
             };
             used |= out.used;
+            if out.tap_failed {
+                // A level-triggered tap that cannot be read would spin the worker.
+                self.tap_failed = true;
+                break;
+            }
             if !out.stalled {
                 if kicks_enabled {
                     // Buffers are flowing again: the tap drives the worker, not kicks.
@@ -241,8 +249,8 @@ impl Worker {
         }
         let notify = used && q.needs_notification(&self.mem).unwrap_or(true);
         drop(q);
-        let stalled = self.rx_stalled;
-        self.watch_tap(!stalled);
+        let watch = !self.rx_stalled && !self.rx_broken && !self.tap_failed;
+        self.watch_tap(watch);
         if notify {
             self.interrupt.signal_used_queue(RX_QUEUE);
         }
