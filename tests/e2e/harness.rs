@@ -114,9 +114,10 @@ impl Vm {
     /// Runs `command` at the guest shell (which must be ready, see [`Vm::wait_for_shell`]);
     /// returns what it printed (stdout and stderr) and its exit status.
     pub fn shell(&mut self, command: &str) -> Result<(String, i32), Failed> {
-        const MARK: &str = "@@podvisor-rc=";
+        // Ends with a colon: `expect` then waits for the whole line.
+        const MARK: &str = "@@podvisor-rc:";
         // The quotes keep the echo of the typed line from matching the marker.
-        self.type_line(&format!("{command} 2>&1; echo \"@@podvisor-\"\"rc=$?@@\""))?;
+        self.type_line(&format!("{command} 2>&1; echo \"@@podvisor-\"\"rc:$?@@\""))?;
         let start = self.consumed;
         let rest = self.expect(MARK)?;
         let rc = rest
@@ -301,4 +302,95 @@ pub fn expect_error(args: &[&str]) -> Result<String, Failed> {
         return Err(format!("expected one error line, got: {stderr}").into());
     }
     Ok(stderr)
+}
+
+impl Vm {
+    /// Kills podvisor with SIGKILL (no chance to flush anything) and reaps it.
+    pub fn kill(&mut self) -> Result<(), Failed> {
+        self.child.kill().map_err(|e| e.to_string())?;
+        self.child.wait().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Powers the guest off from its shell and expects podvisor to exit 0.
+    pub fn poweroff(&mut self) -> Result<(), Failed> {
+        self.type_line("poweroff")?;
+        let status = self.wait()?;
+        if status.code() != Some(0) {
+            return Err(self.failure(&format!("podvisor exited with {status} after poweroff")));
+        }
+        Ok(())
+    }
+}
+
+/// A directory of its own for one scenario, removed when it ends.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("podvisor-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+
+    /// `path(file)` as a string, for command lines.
+    pub fn arg(&self, file: &str) -> String {
+        self.path(file).to_str().expect("UTF-8 temp dir").to_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a host program; returns its exit code and output (stdout and stderr).
+pub fn host(program: &str, args: &[&str]) -> Result<(i32, String), Failed> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+/// Like [`host`], failing unless the program exits 0.
+pub fn host_ok(program: &str, args: &[&str]) -> Result<String, Failed> {
+    let (rc, text) = host(program, args)?;
+    if rc != 0 {
+        return Err(format!("{program} {args:?} exited {rc}: {text}").into());
+    }
+    Ok(text)
+}
+
+/// SHA-256 (hex) of `len` bytes of `file` from `offset`.
+pub fn sha256_of(file: &Path, offset: u64, len: u64) -> Result<String, Failed> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+    let mut hasher = Sha256::new();
+    let copied = std::io::copy(&mut f.take(len), &mut hasher).map_err(|e| e.to_string())?;
+    if copied != len {
+        return Err(format!("{} has only {copied} bytes from {offset}", file.display()).into());
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+/// The first 64-digit hex word in `text` (a `sha256sum` line amid console noise).
+pub fn find_sha256(text: &str) -> Option<String> {
+    text.split(|c: char| !c.is_ascii_hexdigit())
+        .find(|w| w.len() == 64)
+        .map(str::to_owned)
 }

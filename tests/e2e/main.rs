@@ -8,7 +8,9 @@
 
 mod boot;
 mod devices;
+mod disks;
 mod harness;
+mod net;
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -23,6 +25,8 @@ const TESTHOST_FAILED: i32 = 125;
 fn scenarios() -> Vec<Trial> {
     let mut trials = boot::trials();
     trials.extend(devices::trials());
+    trials.extend(disks::trials());
+    trials.extend(net::trials());
     trials
 }
 

@@ -8,26 +8,66 @@
 
 use std::fs::File;
 
-use devices::virtio::{Rng, VirtioDevice};
+use std::net::Ipv4Addr;
 
-use crate::config::VmConfig;
+use devices::block::{open_disk, DiskOptions, Format};
+use devices::virtio::net::NetError;
+use devices::virtio::{MacAddr, Rng, Tap, VirtioBlk, VirtioDevice, VirtioNet};
+
+use crate::config::{DiskConfig, VmConfig};
 use crate::Error;
 
 /// Host resources that outlive a guest reboot.
 #[derive(Default)]
-pub struct Backends {}
+pub struct Backends {
+    /// One tap and guest MAC per `config.net` entry.
+    taps: Vec<(Tap, MacAddr)>,
+}
 
 impl Backends {
-    /// Opens what `config`'s devices need from the host.
+    /// Opens what `config`'s devices need from the host: the taps (created when not named,
+    /// given their host address when asked).
     pub fn open(config: &VmConfig) -> Result<Self, Error> {
-        let _ = config;
-        Ok(Backends {})
+        let mut taps = Vec::new();
+        for (index, net) in config.net.iter().enumerate() {
+            let fail = |e: NetError| Error::Device(format!("net {index}: {e}"));
+            let tap = Tap::open(net.tap.as_deref()).map_err(fail)?;
+            if let Some(ip) = net.ip {
+                let mask = net.mask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
+                tap.set_ip(ip, mask).map_err(fail)?;
+            }
+            if net.ip.is_some() || net.tap.is_none() {
+                tap.up().map_err(fail)?;
+            }
+            let mac = match &net.mac {
+                Some(m) => m
+                    .parse::<MacAddr>()
+                    .map_err(|e| Error::Device(format!("net {index}: {e}")))?,
+                None => MacAddr::stable_for(&format!(
+                    "{}/{index}",
+                    net.id.as_deref().unwrap_or(tap.name())
+                )),
+            };
+            tracing::info!("net {index}: tap {} with guest MAC {mac}", tap.name());
+            taps.push((tap, mac));
+        }
+        Ok(Backends { taps })
     }
 
     /// The virtio devices of one incarnation of the VM, in PCI slot order: disks, network
     /// interfaces, then the entropy device.
     pub fn virtio_devices(&self, config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
         let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for disk in &config.disks {
+            out.push(Box::new(open_blk(disk)?));
+        }
+        for (index, (tap, mac)) in self.taps.iter().enumerate() {
+            let fail = |e: String| Error::Device(format!("net {index} (tap {}): {e}", tap.name()));
+            let tap = tap.try_clone().map_err(|e| fail(e.to_string()))?;
+            out.push(Box::new(
+                VirtioNet::new(tap, *mac).map_err(|e| fail(e.to_string()))?,
+            ));
+        }
         if let Some(rng) = &config.rng {
             let src = File::open(&rng.src).map_err(|e| {
                 Error::Device(format!(
@@ -39,4 +79,15 @@ impl Backends {
         }
         Ok(out)
     }
+}
+
+fn open_blk(disk: &DiskConfig) -> Result<VirtioBlk, Error> {
+    let options = DiskOptions {
+        format: disk.format.as_deref().and_then(Format::from_name),
+        read_only: disk.readonly,
+        direct: disk.direct,
+    };
+    let image = open_disk(&disk.path, options).map_err(|e| Error::Device(e.to_string()))?;
+    VirtioBlk::new(image, disk.serial.clone())
+        .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))
 }

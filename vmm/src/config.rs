@@ -179,6 +179,13 @@ impl VmConfig {
                 }
             }
         }
+        for net in &self.net {
+            if let Some(mac) = &net.mac {
+                if mac.parse::<devices::virtio::MacAddr>().is_err() {
+                    return Err(ConfigError::Mac(mac.clone()));
+                }
+            }
+        }
         let count = self.disks.len() + self.net.len() + usize::from(self.rng.is_some());
         if count > MAX_PCI_DEVICES {
             return Err(ConfigError::TooManyDevices(count));
@@ -390,6 +397,11 @@ mod tests {
         });
         assert!(matches!(c.validate(), Err(ConfigError::DiskSerial(..))));
         let mut c = config();
+        c.net = vec![NetConfig {
+            mac: Some("01:00:00:00:00:01".into()),
+            ..Default::default()
+        }];
+        assert!(matches!(c.validate(), Err(ConfigError::Mac(_))));
         c.net = vec![NetConfig::default(); 32];
         assert_eq!(c.validate(), Err(ConfigError::TooManyDevices(32)));
     }

@@ -6,6 +6,7 @@
 //! driver sets DRIVER_OK; the device signals the driver through [`VirtioInterrupt`].
 
 pub mod block;
+pub mod net;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]
@@ -24,6 +25,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use block::VirtioBlk;
+pub use net::{MacAddr, Tap, VirtioNet};
 pub use pci::VirtioPciDevice;
 pub use rng::Rng;
 
