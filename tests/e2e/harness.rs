@@ -48,6 +48,8 @@ pub struct Vm {
     /// Everything printed so far, and how far `expect` has consumed it.
     text: String,
     consumed: usize,
+    /// Whether [`Vm::shell`] has turned the terminal's echo off.
+    quiet_shell: bool,
 }
 
 impl Vm {
@@ -83,6 +85,7 @@ impl Vm {
             output,
             text: String::new(),
             consumed: 0,
+            quiet_shell: false,
         }
     }
 
@@ -113,24 +116,33 @@ impl Vm {
 
     /// Runs `command` at the guest shell (which must be ready, see [`Vm::wait_for_shell`]);
     /// returns what it printed (stdout and stderr) and its exit status.
+    ///
+    /// The first call turns the terminal's echo and the prompt off, so that what comes back
+    /// is the command's output only (and whatever the kernel prints meanwhile).
     pub fn shell(&mut self, command: &str) -> Result<(String, i32), Failed> {
+        if !self.quiet_shell {
+            self.marked("stty -echo; PS1=''")?;
+            self.quiet_shell = true;
+        }
+        self.marked(command)
+    }
+
+    /// Types `command` followed by a marker line carrying its exit status; returns the output
+    /// between the two.
+    fn marked(&mut self, command: &str) -> Result<(String, i32), Failed> {
         // Ends with a colon: `expect` then waits for the whole line.
         const MARK: &str = "@@podvisor-rc:";
-        // The quotes keep the echo of the typed line from matching the marker.
-        self.type_line(&format!("{command} 2>&1; echo \"@@podvisor-\"\"rc:$?@@\""))?;
         let start = self.consumed;
+        // The quotes keep an echo of the typed line from matching the marker.
+        self.type_line(&format!("{command} 2>&1; echo \"@@podvisor-\"\"rc:$?@@\""))?;
         let rest = self.expect(MARK)?;
         let rc = rest
             .trim_start_matches(MARK)
             .trim_end_matches("@@")
             .parse::<i32>()
             .map_err(|_| self.failure(&format!("bad status line '{rest}'")))?;
-        let end = self.text[..self.consumed]
-            .rfind(MARK)
-            .unwrap_or(self.consumed);
+        let end = self.text[..self.consumed].rfind(MARK).unwrap_or(self.consumed);
         let output = self.text[start..end].replace('\r', "");
-        // Drop the echo of the typed line.
-        let output = output.split_once('\n').map_or("", |(_, o)| o).to_owned();
         Ok((output, rc))
     }
 
