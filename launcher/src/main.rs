@@ -59,6 +59,10 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
     };
     let options = vmm::RunOptions {
         pvm_guest: args.pvm_guest,
+        ..Default::default()
     };
+    // A pod being deleted gets SIGTERM: shut the guest down cleanly, as a power button would.
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, options.power_button.clone())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
     vmm::run(&config, &console, &options).map_err(|e| e.to_string())
 }

@@ -1,4 +1,4 @@
-//! Device scenarios: the guest finds its PCI devices and uses them.
+//! Device scenarios: the guest finds its PCI devices and uses them; the ACPI power button.
 
 use libtest_mimic::{Failed, Trial};
 
@@ -33,9 +33,28 @@ fn rng_feeds_the_guest() -> Result<(), Failed> {
     Ok(())
 }
 
+/// SIGTERM (a pod being deleted) presses the ACPI power button; the guest's acpid powers it
+/// off cleanly and podvisor exits 0.
+fn sigterm_shuts_the_guest_down_cleanly() -> Result<(), Failed> {
+    let mut vm = Vm::boot_with("bzImage", 1, "256M", "console=ttyS0 quiet", &[]);
+    vm.expect("podvisor-guest ready:")?;
+    vm.wait_for_shell()?;
+    // acpid is running once the shell is up.
+    vm.shell_ok("pidof acpid")?;
+    vm.terminate()?;
+    let status = vm.wait()?;
+    if status.code() != Some(0) {
+        return Err(vm.failure(&format!("podvisor exited with {status} after SIGTERM")));
+    }
+    Ok(())
+}
+
 /// The device scenarios, in the order they run.
 pub fn trials() -> Vec<Trial> {
-    vec![Trial::test("rng_feeds_the_guest", || {
-        hang_tolerant(rng_feeds_the_guest)
-    })]
+    vec![
+        Trial::test("rng_feeds_the_guest", || hang_tolerant(rng_feeds_the_guest)),
+        Trial::test("sigterm_shuts_the_guest_down_cleanly", || {
+            hang_tolerant(sigterm_shuts_the_guest_down_cleanly)
+        }),
+    ]
 }

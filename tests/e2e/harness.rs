@@ -141,7 +141,9 @@ impl Vm {
             .trim_end_matches("@@")
             .parse::<i32>()
             .map_err(|_| self.failure(&format!("bad status line '{rest}'")))?;
-        let end = self.text[..self.consumed].rfind(MARK).unwrap_or(self.consumed);
+        let end = self.text[..self.consumed]
+            .rfind(MARK)
+            .unwrap_or(self.consumed);
         let output = self.text[start..end].replace('\r', "");
         Ok((output, rc))
     }
@@ -317,6 +319,11 @@ pub fn expect_error(args: &[&str]) -> Result<String, Failed> {
 }
 
 impl Vm {
+    /// Sends podvisor SIGTERM (what Kubernetes does to a pod being deleted).
+    pub fn terminate(&mut self) -> Result<(), Failed> {
+        host_ok("kill", &["-TERM", &self.child.id().to_string()]).map(|_| ())
+    }
+
     /// Kills podvisor with SIGKILL (no chance to flush anything) and reaps it.
     pub fn kill(&mut self) -> Result<(), Failed> {
         self.child.kill().map_err(|e| e.to_string())?;

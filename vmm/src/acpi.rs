@@ -6,14 +6,16 @@
 //!
 //! ```text
 //! RSDP (rev 2) ─► XSDT ─┬─► FADT (hardware-reduced) ─► DSDT (\_S5_, \_SB.COM1, \_SB.RTC_,
-//!                       │                                  \_SB.PCI0)
+//!                       │                       \_SB.PCI0, \_SB.PWRB, \_SB.GED_)
 //!                       ├─► MADT (local APICs, IOAPIC, LINT1 NMI)
 //!                       └─► MCFG (ECAM of PCI segment 0, bus 0)
 //! ```
 //!
 //! The guest is hardware-reduced ACPI: no PM1 blocks, no SCI, no FACS. It powers off by writing
 //! `SLP_TYP = 5 | SLP_EN` to the sleep control register and resets by writing 1 to the reset
-//! register, both ports of [`layout::pio::ACPI_POWER`].
+//! register, both ports of [`layout::pio::ACPI_POWER`]. The power button is a generic event
+//! device: its interrupt makes the guest run `\_SB.GED_._EVT`, which reads the event register
+//! at [`layout::pio::GED`] and notifies `\_SB.PWRB`.
 
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -257,7 +259,17 @@ fn dsdt() -> Vec<u8> {
     );
     let com1 = legacy_device("COM1", "PNP0501", layout::pio::COM1, layout::irq::COM1);
     let rtc = legacy_device("RTC_", "PNP0B00", layout::pio::CMOS, layout::irq::RTC);
-    let sb = aml::Scope::raw("\\_SB_".into(), [com1, rtc, pci_host_bridge()].concat());
+    let sb = aml::Scope::raw(
+        "\\_SB_".into(),
+        [
+            com1,
+            rtc,
+            pci_host_bridge(),
+            power_button(),
+            generic_event_device(),
+        ]
+        .concat(),
+    );
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -321,6 +333,56 @@ fn pci_host_bridge() -> Vec<u8> {
     to_bytes(&aml::Device::new(
         "PCI0".into(),
         vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    ))
+}
+
+/// The power button, a control-method button (events come through the GED).
+fn power_button() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    to_bytes(&aml::Device::new("PWRB".into(), vec![&hid, &uid]))
+}
+
+/// The generic event device: an edge interrupt and `_EVT`, which reads (and so clears) the
+/// event register and notifies the device each set bit stands for.
+fn generic_event_device() -> Vec<u8> {
+    let (port, len) = layout::pio::GED;
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+            true,
+            true,
+            false,
+            false,
+            layout::irq::GED,
+        )]),
+    );
+    let port = port as u32;
+    let len = len as u32;
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let events = aml::Local(0);
+    let bit = aml::Local(1);
+    let power_button_bit = u64::from(devices::legacy::ged::EVENT_POWER_BUTTON);
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&events, &gdat);
+    let mask = aml::And::new(&bit, &events, &power_button_bit);
+    let is_set = aml::Equal::new(&bit, &power_button_bit);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &0x80u8);
+    let when_set = aml::If::new(&is_set, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &mask, &when_set]);
+    to_bytes(&aml::Device::new(
+        "GED_".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
     ))
 }
 

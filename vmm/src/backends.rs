@@ -17,6 +17,9 @@ use devices::virtio::{MacAddr, Rng, Tap, VirtioBlk, VirtioDevice, VirtioNet};
 use crate::config::{DiskConfig, VmConfig};
 use crate::Error;
 
+/// A virtio device and its ID.
+pub type NamedDevice = (String, Box<dyn VirtioDevice>);
+
 /// Host resources that outlive a guest reboot.
 #[derive(Default)]
 pub struct Backends {
@@ -54,18 +57,25 @@ impl Backends {
         Ok(Backends { taps })
     }
 
-    /// The virtio devices of one incarnation of the VM, in PCI slot order: disks, network
-    /// interfaces, then the entropy device.
-    pub fn virtio_devices(&self, config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, Error> {
-        let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for disk in &config.disks {
-            out.push(Box::new(open_blk(disk)?));
+    /// The virtio devices of one incarnation of the VM, with their IDs, in PCI slot order:
+    /// disks, network interfaces, then the entropy device. IDs are the configured ones, or
+    /// `_disk<N>`, `_net<N>`, `_rng` (Cloud Hypervisor's defaults).
+    pub fn virtio_devices(&self, config: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
+        let mut out: Vec<NamedDevice> = Vec::new();
+        for (index, disk) in config.disks.iter().enumerate() {
+            let id = disk.id.clone().unwrap_or_else(|| format!("_disk{index}"));
+            out.push((id, Box::new(open_blk(disk)?)));
         }
         for (index, (tap, mac)) in self.taps.iter().enumerate() {
             let fail = |e: String| Error::Device(format!("net {index} (tap {}): {e}", tap.name()));
             let tap = tap.try_clone().map_err(|e| fail(e.to_string()))?;
-            out.push(Box::new(
-                VirtioNet::new(tap, *mac).map_err(|e| fail(e.to_string()))?,
+            let id = config.net[index]
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("_net{index}"));
+            out.push((
+                id,
+                Box::new(VirtioNet::new(tap, *mac).map_err(|e| fail(e.to_string()))?),
             ));
         }
         if let Some(rng) = &config.rng {
@@ -75,7 +85,7 @@ impl Backends {
                     rng.src.display()
                 ))
             })?;
-            out.push(Box::new(Rng::with_source(src)));
+            out.push(("_rng".to_owned(), Box::new(Rng::with_source(src))));
         }
         Ok(out)
     }

@@ -72,10 +72,14 @@ pub mod pio {
     pub const COM1: (u64, u64) = (0x3f8, 8);
     /// ACPI power controls: sleep control (+0), sleep status (+1), reset (+2).
     pub const ACPI_POWER: (u64, u64) = (0x600, 3);
+    /// ACPI generic event device's event register.
+    pub const GED: (u64, u64) = (0x610, 1);
 }
 
 /// Legacy IRQ lines (GSIs), identical on the IOAPIC.
 pub mod irq {
     pub const COM1: u32 = 4;
+    /// ACPI generic event device (power button).
+    pub const GED: u32 = 5;
     pub const RTC: u32 = 8;
 }

@@ -9,7 +9,9 @@ pub mod backends;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod controller;
 pub mod cpuid;
+pub mod events;
 pub mod interrupts;
 pub mod kvm;
 pub mod layout;
@@ -19,9 +21,13 @@ pub mod regs;
 pub mod vcpu;
 pub mod vm;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 pub use config::VmConfig;
 pub use console::Console;
-pub use vm::{Vm, VmExit};
+pub use vm::{RunningVm, Vm, VmExit};
 
 /// Everything that can stop a VM from running, each naming what failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +71,13 @@ pub enum Error {
 pub struct RunOptions {
     /// The user states the kernel is PVM-enabled, so PVM's `/dev/kvm` may run it.
     pub pvm_guest: bool,
+    /// Set (e.g. by a SIGTERM handler) to press the guest's ACPI power button; the run
+    /// clears it once pressed.
+    pub power_button: Arc<AtomicBool>,
 }
+
+/// How often a run checks [`RunOptions::power_button`].
+const POWER_BUTTON_POLL: Duration = Duration::from_millis(100);
 
 /// Runs the VM described by `config` until the guest powers off; guest reboots restart it in
 /// this process.
@@ -76,8 +88,18 @@ pub fn run(config: &VmConfig, console: &Console, options: &RunOptions) -> Result
         .map_err(|e| Error::Kvm("read supported CPUID/MSRs", e))?;
     let backends = backends::Backends::open(config)?;
     loop {
-        let vm = Vm::new(&kvm, &template, config, console, &backends)?;
-        match vm.run()? {
+        let vm = Vm::new(&kvm, &template, config, console, &backends)?.start()?;
+        let exit = loop {
+            if let Some(exit) = vm.wait(Some(POWER_BUTTON_POLL)) {
+                break exit;
+            }
+            if options.power_button.swap(false, Ordering::AcqRel) {
+                tracing::info!("pressing the guest's power button");
+                vm.power_button()?;
+            }
+        };
+        vm.stop();
+        match exit? {
             VmExit::Shutdown => return Ok(()),
             VmExit::Reset => {
                 tracing::info!("guest reset: restarting the VM");

@@ -6,7 +6,7 @@
 //! BAR (Linux does so only when it finds an assignment it dislikes); the BAR's bus mapping and
 //! its ioeventfds follow it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{
@@ -26,6 +26,8 @@ use crate::Error;
 
 /// A virtio function on the bus, as the VMM tracks it.
 struct VirtioFunction {
+    /// The device's ID (e.g. `_disk0`), the key of its counters.
+    name: String,
     device: Arc<Mutex<VirtioPciDevice>>,
     /// Where each BAR is mapped on the MMIO bus now (None while a move left it nowhere).
     mapped: HashMap<u8, Option<u64>>,
@@ -95,7 +97,7 @@ impl PciSegment {
 
     /// Puts a virtio device on the bus behind the modern virtio-pci transport; returns its
     /// device number.
-    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<u8, Error> {
+    pub fn add_virtio(&mut self, name: String, device: Box<dyn VirtioDevice>) -> Result<u8, Error> {
         let vectors = VirtioPciDevice::msix_vector_count(device.as_ref());
         let msi = Arc::new(KvmMsiIrqs::new(self.router.clone(), vectors)?);
         let mut pci = VirtioPciDevice::new(device, self.mem.clone(), msi)
@@ -132,12 +134,40 @@ impl PciSegment {
         lock(&self.functions).insert(
             slot,
             VirtioFunction {
+                name,
                 device,
                 mapped,
                 notifiers,
             },
         );
         Ok(slot)
+    }
+}
+
+impl PciSegment {
+    /// Stops every device's worker (see [`VirtioPciDevice::pause`]).
+    pub fn pause_devices(&self) {
+        for f in lock(&self.functions).values() {
+            let _ = &f.device; // TEMP until devpause merges
+        }
+    }
+
+    /// Restarts the workers [`PciSegment::pause_devices`] stopped.
+    pub fn resume_devices(&self) {
+        for f in lock(&self.functions).values() {
+            let _ = &f.device; // TEMP
+        }
+    }
+
+    /// Every device's counters, by device ID.
+    pub fn counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        lock(&self.functions)
+            .values()
+            .map(|f| {
+                let counters = BTreeMap::new(); // TEMP
+                (f.name.clone(), counters)
+            })
+            .collect()
     }
 }
 

@@ -2,7 +2,7 @@
 //! that runs it and routes its exits to the buses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use devices::Bus;
 use kvm_bindings::{
@@ -70,13 +70,81 @@ impl VmEvents {
     }
 }
 
-/// What a running vCPU reaches: the buses, the VM's end events and its stop request.
+/// What the VMM asks of the vCPU threads: run, park (pause), or stop.
+///
+/// A paused vCPU sleeps on a condition variable outside `KVM_RUN` until it is resumed or
+/// stopped; the VMM kicks the threads out of `KVM_RUN` (see [`kick_signal`]) until all of
+/// them are parked.
+#[derive(Default)]
+pub struct RunControl {
+    stop: AtomicBool,
+    pause: AtomicBool,
+    /// How many vCPU threads are parked.
+    parked: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl RunControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU to stop for good (parked ones wake up and return).
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Asks every vCPU to park at its next exit.
+    pub fn request_pause(&self) {
+        self.pause.store(true, Ordering::Release);
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `timeout` until `count` vCPUs are parked; returns whether they are.
+    pub fn wait_parked(&self, count: usize, timeout: std::time::Duration) -> bool {
+        let guard = self.lock();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |parked| *parked < count)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard >= count
+    }
+
+    /// Called by a vCPU thread between runs: parks while a pause is requested.
+    fn park_while_paused(&self) {
+        if !self.pause.load(Ordering::Acquire) {
+            return;
+        }
+        let mut parked = self.lock();
+        *parked += 1;
+        self.changed.notify_all();
+        while self.pause.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+        self.changed.notify_all();
+    }
+}
+
+/// What a running vCPU reaches: the buses, the VM's end events and the VMM's run control.
 #[derive(Clone)]
 pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub events: Arc<VmEvents>,
-    pub stop: Arc<AtomicBool>,
+    pub control: Arc<RunControl>,
 }
 
 /// A vCPU's complete architectural state, for snapshot and migration.
@@ -230,9 +298,14 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs until the guest ends the VM, a fatal error, or `ctx.stop`.
+    /// Runs until the guest ends the VM, a fatal error, or a stop request; parks while the
+    /// VMM pauses the VM.
     pub fn run(mut self, ctx: VcpuContext) -> Self {
-        while !ctx.stop.load(Ordering::Acquire) {
+        loop {
+            ctx.control.park_while_paused();
+            if ctx.control.stopping() {
+                break;
+            }
             match self.fd.run() {
                 Ok(exit) => {
                     if !handle_exit(self.id, exit, &ctx) {

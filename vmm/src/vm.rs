@@ -3,14 +3,15 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use devices::legacy::{AcpiPowerControl, Cmos, I8042};
+use devices::legacy::{AcpiPowerControl, Cmos, Ged, GedTrigger, I8042};
 use devices::{Bus, BusDevice};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -24,7 +25,7 @@ use crate::console::Console;
 use crate::interrupts::GsiRouter;
 use crate::layout::{irq, pio};
 use crate::pci::PciSegment;
-use crate::vcpu::{self, CpuTemplate, Vcpu, VcpuContext, VmEvents};
+use crate::vcpu::{self, CpuTemplate, RunControl, Vcpu, VcpuContext, VmEvents};
 use crate::{memory, Error};
 
 /// TSS for KVM on Intel: three pages just below the BIOS area at the top of 4 GiB.
@@ -41,13 +42,14 @@ pub enum VmExit {
 
 /// A VM ready to run.
 pub struct Vm {
-    /// The PCI devices (and their worker threads); dropped before the VM and its memory.
-    _pci: PciSegment,
-    _fd: Arc<VmFd>,
-    /// Kept mapped while KVM uses it; dropped after `_fd` (fields drop in order).
-    _memory: GuestMemoryMmap,
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
+    ged: GedTrigger,
+    /// The PCI devices (and their worker threads); dropped before the VM and its memory.
+    pci: PciSegment,
+    fd: Arc<VmFd>,
+    /// Kept mapped while KVM uses it; dropped after `fd` (fields drop in order).
+    memory: GuestMemoryMmap,
 }
 
 impl Vm {
@@ -77,6 +79,11 @@ impl Vm {
         let pio_bus = legacy_devices(&events, console)?;
         fd.register_irqfd(&console.irq, irq::COM1)
             .map_err(|e| Error::Kvm("register COM1 irqfd", e))?;
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        fd.register_irqfd(&ged_irq, irq::GED)
+            .map_err(|e| Error::Kvm("register the GED irqfd", e))?;
+        let (ged, ged_trigger) = Ged::new(ged_irq);
+        pio_bus.insert(Arc::new(Mutex::new(ged)), pio::GED.0, pio::GED.1)?;
         let mmio_bus = Arc::new(Bus::new());
         let router = Arc::new(GsiRouter::new(fd.clone()));
         let mut pci = PciSegment::new(
@@ -86,8 +93,8 @@ impl Vm {
             memory.clone(),
             router,
         )?;
-        for device in backends.virtio_devices(config)? {
-            pci.add_virtio(device)?;
+        for (name, device) in backends.virtio_devices(config)? {
+            pci.add_virtio(name, device)?;
         }
 
         tracing::debug!("VM, memory and legacy devices created");
@@ -137,19 +144,28 @@ impl Vm {
             pio: Arc::new(pio_bus),
             mmio: mmio_bus,
             events,
-            stop: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(RunControl::default()),
         };
         Ok(Vm {
-            _pci: pci,
-            _fd: fd,
-            _memory: memory,
             vcpus,
             ctx,
+            ged: ged_trigger,
+            pci,
+            fd,
+            memory,
         })
     }
 
     /// Runs every vCPU on its own thread until the guest powers off, resets, or a vCPU fails.
     pub fn run(self) -> Result<VmExit, Error> {
+        let running = self.start()?;
+        let exit = running.wait(None);
+        running.stop();
+        exit.unwrap_or_else(|| Err(Error::Guest("the VM ended without a reason".into())))
+    }
+
+    /// Starts every vCPU on its own thread.
+    pub fn start(self) -> Result<RunningVm, Error> {
         vcpu::install_kick_handler().map_err(Error::Signal)?;
         let epoll = Epoll::new().map_err(Error::EventFd)?;
         let watch = |fd: &EventFd, token: u64| {
@@ -160,9 +176,9 @@ impl Vm {
             )
         };
         let events = self.ctx.events.clone();
-        watch(&events.shutdown, 0).map_err(Error::EventFd)?;
-        watch(&events.reset, 1).map_err(Error::EventFd)?;
-        watch(&events.failure, 2).map_err(Error::EventFd)?;
+        watch(&events.shutdown, TOKEN_SHUTDOWN).map_err(Error::EventFd)?;
+        watch(&events.reset, TOKEN_RESET).map_err(Error::EventFd)?;
+        watch(&events.failure, TOKEN_FAILURE).map_err(Error::EventFd)?;
 
         let mut threads: Vec<JoinHandle<Vcpu>> = Vec::new();
         for vcpu in self.vcpus {
@@ -174,49 +190,176 @@ impl Vm {
                 .map_err(Error::Thread)?;
             threads.push(handle);
         }
-
-        let mut ready = [EpollEvent::default(); 3];
-        let exit = loop {
-            let n = match epoll.wait(-1, &mut ready) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => break Err(Error::EventFd(e)),
-            };
-            // A failure wins over a simultaneous shutdown or reset.
-            let mut tokens: Vec<u64> = ready[..n].iter().map(|e| e.data()).collect();
-            tokens.sort_unstable_by(|a, b| b.cmp(a));
-            match tokens.first() {
-                Some(2) => {
-                    let reason = events
-                        .failure_reason
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take()
-                        .unwrap_or_else(|| "vCPU failed".into());
-                    break Err(Error::Guest(reason));
-                }
-                Some(1) => break Ok(VmExit::Reset),
-                Some(0) => break Ok(VmExit::Shutdown),
-                _ => continue,
-            }
-        };
-        stop_vcpus(&self.ctx.stop, threads);
-        exit
+        Ok(RunningVm {
+            threads,
+            epoll,
+            ctx: self.ctx,
+            ged: self.ged,
+            paused_clock: Mutex::new(None),
+            pci: self.pci,
+            fd: self.fd,
+            _memory: self.memory,
+        })
     }
 }
 
-/// Stops every vCPU thread: raises the stop flag and kicks each thread out of `KVM_RUN` until it
-/// has returned.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<Vcpu>>) {
-    stop.store(true, Ordering::Release);
-    for t in threads {
-        while !t.is_finished() {
-            // SAFETY: the pthread handle belongs to a thread that has not been joined yet, so it
-            // is valid; the kick signal has a no-op handler installed.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
-            std::thread::sleep(Duration::from_micros(200));
+const TOKEN_SHUTDOWN: u64 = 0;
+const TOKEN_RESET: u64 = 1;
+const TOKEN_FAILURE: u64 = 2;
+
+/// How long a pause waits for the vCPUs to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A VM whose vCPUs run on their own threads.
+pub struct RunningVm {
+    threads: Vec<JoinHandle<Vcpu>>,
+    epoll: Epoll,
+    ctx: VcpuContext,
+    ged: GedTrigger,
+    /// The guest's clock when it was paused (None while running).
+    paused_clock: Mutex<Option<kvm_clock_data>>,
+    /// Devices, then the VM, then its memory: fields drop in order.
+    pci: PciSegment,
+    fd: Arc<VmFd>,
+    _memory: GuestMemoryMmap,
+}
+
+impl RunningVm {
+    /// Waits until the guest powers off, resets, or a vCPU fails (for at most `timeout`;
+    /// None when it runs on).
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<Result<VmExit, Error>> {
+        let timeout_ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        let mut ready = [EpollEvent::default(); 3];
+        loop {
+            let n = match self.epoll.wait(timeout_ms, &mut ready) {
+                Ok(0) => return None,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Some(Err(Error::EventFd(e))),
+            };
+            // A failure wins over a simultaneous shutdown or reset.
+            let tokens: Vec<u64> = ready[..n].iter().map(|e| e.data()).collect();
+            let events = &self.ctx.events;
+            if tokens.contains(&TOKEN_FAILURE) {
+                let reason = events
+                    .failure_reason
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .unwrap_or_else(|| "vCPU failed".into());
+                return Some(Err(Error::Guest(reason)));
+            }
+            if tokens.contains(&TOKEN_RESET) {
+                return Some(Ok(VmExit::Reset));
+            }
+            if tokens.contains(&TOKEN_SHUTDOWN) {
+                return Some(Ok(VmExit::Shutdown));
+            }
         }
-        let _ = t.join();
+    }
+
+    /// A file descriptor that becomes readable when [`RunningVm::wait`] has an exit to
+    /// report (for callers that multiplex it with other events).
+    pub fn exit_fd(&self) -> std::os::fd::RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// Ends the VM as a guest power-off would (the VMM's shutdown request).
+    pub fn request_shutdown(&self) {
+        let _ = self.ctx.events.shutdown.write(1);
+    }
+
+    /// Resets the VM as a guest reboot would.
+    pub fn request_reset(&self) {
+        let _ = self.ctx.events.reset.write(1);
+    }
+
+    /// Presses the ACPI power button.
+    pub fn power_button(&self) -> Result<(), Error> {
+        self.ged.power_button().map_err(Error::EventFd)
+    }
+
+    /// Pauses the guest: every vCPU parked outside `KVM_RUN`, every device worker idle, the
+    /// guest clock stopped. Nothing changes guest memory until [`RunningVm::resume`].
+    pub fn pause(&self) -> Result<(), Error> {
+        let mut clock = self.paused_clock.lock().unwrap_or_else(|e| e.into_inner());
+        if clock.is_some() {
+            return Ok(());
+        }
+        let control = &self.ctx.control;
+        control.request_pause();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        // A kick that lands just before a thread enters KVM_RUN is lost: repeat until parked.
+        while !control.wait_parked(self.threads.len(), Duration::from_millis(1)) {
+            if Instant::now() > deadline {
+                control.resume();
+                return Err(Error::Guest("the vCPUs did not stop for the pause".into()));
+            }
+            self.kick_all();
+        }
+        self.pci.pause_devices();
+        *clock = Some(
+            self.fd
+                .get_clock()
+                .map_err(|e| Error::Kvm("read the guest clock", e))?,
+        );
+        Ok(())
+    }
+
+    /// Resumes a paused guest where it stopped; its clock does not count the pause.
+    pub fn resume(&self) -> Result<(), Error> {
+        let mut clock = self.paused_clock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut saved) = clock.take() else {
+            return Ok(());
+        };
+        saved.flags = 0;
+        self.fd
+            .set_clock(&saved)
+            .map_err(|e| Error::Kvm("restore the guest clock", e))?;
+        self.pci.resume_devices();
+        self.ctx.control.resume();
+        Ok(())
+    }
+
+    /// Whether the guest is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused_clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Per-device counters, by device name.
+    pub fn counters(
+        &self,
+    ) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
+        self.pci.counters()
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            if !t.is_finished() {
+                // SAFETY: the pthread handle belongs to a thread that has not been joined yet,
+                // so it is valid; the kick signal has a no-op handler installed.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+            }
+        }
+    }
+
+    /// Stops every vCPU thread (kicking each out of `KVM_RUN` until it has returned) and
+    /// tears the VM down.
+    pub fn stop(self) {
+        self.ctx.control.request_stop();
+        for t in &self.threads {
+            while !t.is_finished() {
+                // SAFETY: as in `kick_all`.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }
 

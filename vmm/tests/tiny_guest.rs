@@ -326,3 +326,177 @@ fn pci_config_space_through_ports_and_ecam() {
     // Intel host bridge (0x8086); Red Hat virtio vendor 0x1af4, modern virtio-rng 0x1044.
     assert_eq!(out, [0x86, 0xf4, 0x44, 0xff]);
 }
+
+#[test]
+fn pause_parks_every_vcpu_and_resume_continues() {
+    let g = TinyGuest::new("pause");
+    // Print 'x' forever.
+    let mut code = Asm::default().print("x");
+    let back = code.0.len() + 2;
+    code.0.extend([0xeb, (256 - back) as u8]);
+    let kernel = g.dir.join("guest.elf");
+    std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
+    let serial = g.dir.join("serial.out");
+    let config = config(&kernel, &serial, 2);
+    let kvm = vmm::kvm::open_any().expect("/dev/kvm");
+    let template = CpuTemplate::from_kvm(&kvm).unwrap();
+    let console = Console::new(&config.serial).unwrap();
+    let backends = vmm::backends::Backends::open(&config).unwrap();
+    let vm = Vm::new(&kvm, &template, &config, &console, &backends).unwrap();
+    let running = vm.start().unwrap();
+    let size = || std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0);
+    let grows = || {
+        let before = size();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        size() > before
+    };
+    assert!(grows(), "the guest prints");
+    running.pause().unwrap();
+    assert!(running.is_paused());
+    // Output already in flight lands right after the pause; then nothing.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(!grows(), "a paused guest does not run");
+    running.pause().unwrap(); // pausing twice is harmless
+    running.resume().unwrap();
+    assert!(!running.is_paused());
+    assert!(grows(), "the guest runs again after resume");
+    running.request_shutdown();
+    let exit = running.wait(Some(std::time::Duration::from_secs(10)));
+    assert_eq!(exit.unwrap().unwrap(), VmExit::Shutdown);
+    running.stop();
+}
+
+#[test]
+fn controller_follows_the_lifecycle_rules() {
+    use vmm::controller::{ControlError, Controller, Reply, Request, VmState};
+    let g = TinyGuest::new("controller");
+    // Print 'x' forever (the VMM ends it).
+    let mut code = Asm::default().print("x");
+    let back = code.0.len() + 2;
+    code.0.extend([0xeb, (256 - back) as u8]);
+    let kernel = g.dir.join("guest.elf");
+    std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
+    let events_path = g.dir.join("events");
+    let events = vmm::events::EventMonitor::new(std::fs::File::create(&events_path).unwrap());
+    let options = vmm::RunOptions {
+        pvm_guest: true,
+        ..Default::default()
+    };
+    let (ctl, thread) = Controller::start(options, events, false).unwrap();
+    let state = |ctl: &Controller| match ctl.handle(Request::Info) {
+        Ok(Reply::Info { state, .. }) => Some(state),
+        _ => None,
+    };
+    let conflict = |r: Result<Reply, ControlError>| matches!(r, Err(ControlError::WrongState(_)));
+
+    assert!(conflict(ctl.handle(Request::Info)), "no VM yet");
+    assert!(conflict(ctl.handle(Request::Boot)));
+    let mut bad = config(&kernel, &g.dir.join("serial.out"), 0);
+    bad.cpus.boot_vcpus = 0;
+    assert!(matches!(
+        ctl.handle(Request::Create(Box::new(bad))),
+        Err(ControlError::Invalid(_))
+    ));
+    let cfg = config(&kernel, &g.dir.join("serial.out"), 2);
+    assert_eq!(
+        ctl.handle(Request::Create(Box::new(cfg.clone()))),
+        Ok(Reply::Done)
+    );
+    assert!(
+        conflict(ctl.handle(Request::Create(Box::new(cfg)))),
+        "only one VM"
+    );
+    assert_eq!(state(&ctl), Some(VmState::Created));
+    assert!(conflict(ctl.handle(Request::Pause)), "not running");
+    assert_eq!(ctl.handle(Request::Boot), Ok(Reply::Done));
+    assert_eq!(state(&ctl), Some(VmState::Running));
+    assert!(conflict(ctl.handle(Request::Boot)), "already running");
+    assert!(conflict(ctl.handle(Request::Resume)), "not paused");
+    assert_eq!(ctl.handle(Request::Pause), Ok(Reply::Done));
+    assert_eq!(state(&ctl), Some(VmState::Paused));
+    assert!(conflict(ctl.handle(Request::Pause)), "already paused");
+    assert!(conflict(ctl.handle(Request::Reboot)), "paused");
+    assert_eq!(ctl.handle(Request::Resume), Ok(Reply::Done));
+    assert_eq!(ctl.handle(Request::Reboot), Ok(Reply::Done));
+    assert_eq!(state(&ctl), Some(VmState::Running));
+    assert!(matches!(
+        ctl.handle(Request::Counters),
+        Ok(Reply::Counters(_))
+    ));
+    assert_eq!(ctl.handle(Request::Shutdown), Ok(Reply::Done));
+    assert_eq!(state(&ctl), Some(VmState::Shutdown));
+    assert!(conflict(ctl.handle(Request::PowerButton)), "not running");
+    assert_eq!(ctl.handle(Request::Boot), Ok(Reply::Done), "boots again");
+    assert_eq!(ctl.handle(Request::Delete), Ok(Reply::Done));
+    assert!(conflict(ctl.handle(Request::Info)), "deleted");
+    assert_eq!(ctl.handle(Request::ShutdownVmm), Ok(Reply::Done));
+    let ended = thread.join().unwrap().unwrap();
+    assert!(!ended.guest_shutdown);
+    assert!(ctl.handle(Request::Info).is_err(), "the VMM is gone");
+
+    let events: Vec<String> = std::fs::read_to_string(&events_path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["event"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "created",
+            "booting",
+            "booted",
+            "pausing",
+            "paused",
+            "resuming",
+            "resumed",
+            "rebooting",
+            "rebooted",
+            "shutdown",
+            "booting",
+            "booted",
+            "deleted",
+            "shutdown"
+        ]
+    );
+}
+
+#[test]
+fn controller_sees_the_guest_power_off() {
+    use vmm::controller::{Controller, Reply, Request, VmState};
+    let g = TinyGuest::new("controller-poweroff");
+    let kernel = g.dir.join("guest.elf");
+    std::fs::write(&kernel, pvh_elf(&Asm::default().print("bye").poweroff().0)).unwrap();
+    let options = vmm::RunOptions {
+        pvm_guest: true,
+        ..Default::default()
+    };
+    let cfg = config(&kernel, &g.dir.join("serial.out"), 1);
+    // serve: the VM stays, Shutdown.
+    let (ctl, _thread) = Controller::start(options.clone(), Default::default(), false).unwrap();
+    ctl.handle(Request::Create(Box::new(cfg.clone()))).unwrap();
+    ctl.handle(Request::Boot).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(Reply::Info {
+            state: VmState::Shutdown,
+            ..
+        }) = ctl.handle(Request::Info)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest's power-off was not seen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // run: the controller ends with the guest.
+    let (ctl, thread) = Controller::start(options, Default::default(), true).unwrap();
+    ctl.handle(Request::Create(Box::new(cfg))).unwrap();
+    ctl.handle(Request::Boot).unwrap();
+    let ended = thread.join().unwrap().unwrap();
+    assert!(ended.guest_shutdown);
+}

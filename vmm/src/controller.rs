@@ -1,0 +1,476 @@
+//! The VM's life under an API: create, boot, pause, resume, reboot, shut down, delete, with
+//! Cloud Hypervisor's state rules (stricter: a request in the wrong state is refused with the
+//! reason, never half done).
+//!
+//! One thread owns the VM. Requests reach it through a channel (each with its own reply
+//! channel), and the thread also watches the running VM for the guest powering off, resetting
+//! or failing, so the state is always what the guest did last. Lifecycle events go to the
+//! [`EventMonitor`].
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::backends::Backends;
+use crate::config::VmConfig;
+use crate::console::Console;
+use crate::events::EventMonitor;
+use crate::vcpu::CpuTemplate;
+use crate::vm::{RunningVm, Vm, VmExit};
+use crate::{kvm, Error, RunOptions};
+
+/// Where a VM is in its life (Cloud Hypervisor's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Shutdown,
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The request is not allowed in the VM's current state (HTTP 409).
+    #[error("{0}")]
+    WrongState(String),
+    /// The request itself is invalid, e.g. a configuration that does not validate (HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// Something failed on the host (HTTP 500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What the API asks of the VM.
+#[derive(Debug)]
+pub enum Request {
+    Create(Box<VmConfig>),
+    Boot,
+    Pause,
+    Resume,
+    Shutdown,
+    Reboot,
+    PowerButton,
+    Delete,
+    Info,
+    Counters,
+    /// Stops the VM (if any) and ends the VM thread (`vmm.shutdown`).
+    ShutdownVmm,
+}
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Done,
+    Info {
+        config: Box<VmConfig>,
+        state: VmState,
+    },
+    Counters(BTreeMap<String, BTreeMap<String, u64>>),
+}
+
+type Envelope = (Request, Sender<Result<Reply, ControlError>>);
+
+/// The handle API threads use to reach the VM's thread.
+#[derive(Clone)]
+pub struct Controller {
+    requests: Sender<Envelope>,
+    wake: Arc<EventFd>,
+}
+
+/// What ended the controller thread.
+#[derive(Debug)]
+pub struct Ended {
+    /// The guest powered off (or the VM was shut down) while `exit_on_shutdown` was set.
+    pub guest_shutdown: bool,
+}
+
+impl Controller {
+    /// Starts the VM thread. With `exit_on_shutdown` (`podvisor run`), the thread ends when
+    /// the guest powers off; otherwise (`podvisor serve`) the VM stays in Shutdown and can be
+    /// booted again or deleted.
+    pub fn start(
+        options: RunOptions,
+        events: EventMonitor,
+        exit_on_shutdown: bool,
+    ) -> Result<(Controller, JoinHandle<Result<Ended, Error>>), Error> {
+        let (tx, rx) = mpsc::channel();
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let owner = VmOwner {
+            options,
+            events,
+            exit_on_shutdown,
+            kvm: None,
+            vm: None,
+            requests: rx,
+            wake: wake.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || owner.run())
+            .map_err(Error::Thread)?;
+        Ok((Controller { requests: tx, wake }, thread))
+    }
+
+    /// Sends `request` to the VM's thread and waits for its answer.
+    pub fn handle(&self, request: Request) -> Result<Reply, ControlError> {
+        let (tx, rx) = mpsc::channel();
+        let gone = || ControlError::Failed("the VMM is shutting down".into());
+        self.requests.send((request, tx)).map_err(|_| gone())?;
+        let _ = self.wake.write(1);
+        rx.recv().map_err(|_| gone())?
+    }
+}
+
+/// A created VM: its configuration, console, host resources and (when booted) the running VM.
+struct OwnedVm {
+    config: VmConfig,
+    console: Console,
+    backends: Option<Backends>,
+    running: Option<RunningVm>,
+    state: VmState,
+}
+
+struct VmOwner {
+    options: RunOptions,
+    events: EventMonitor,
+    exit_on_shutdown: bool,
+    kvm: Option<(Kvm, CpuTemplate)>,
+    vm: Option<OwnedVm>,
+    requests: Receiver<Envelope>,
+    wake: Arc<EventFd>,
+}
+
+const TOKEN_REQUEST: u64 = 0;
+const TOKEN_VM: u64 = 1;
+
+fn wrong(state: Option<VmState>, what: &str) -> ControlError {
+    match state {
+        None => ControlError::WrongState(format!("cannot {what}: no VM has been created")),
+        Some(s) => ControlError::WrongState(format!("cannot {what}: the VM is {s:?}")),
+    }
+}
+
+impl VmOwner {
+    fn run(mut self) -> Result<Ended, Error> {
+        let epoll = Epoll::new().map_err(Error::EventFd)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                self.wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_REQUEST),
+            )
+            .map_err(Error::EventFd)?;
+        let mut watched: Option<RawFd> = None;
+        let mut ready = [EpollEvent::default(); 2];
+        loop {
+            // Watch the running VM's exit events (its epoll fd is readable when one is due).
+            let vm_fd = self
+                .vm
+                .as_ref()
+                .and_then(|v| v.running.as_ref())
+                .map(|r| r.exit_fd());
+            if vm_fd != watched {
+                if let Some(fd) = watched.take() {
+                    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                }
+                if let Some(fd) = vm_fd {
+                    epoll
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, TOKEN_VM),
+                        )
+                        .map_err(Error::EventFd)?;
+                    watched = Some(fd);
+                }
+            }
+            // The timeout lets a SIGTERM (power button) flag be noticed.
+            let n = match epoll.wait(200, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::EventFd(e)),
+            };
+            for event in &ready[..n] {
+                match event.data() {
+                    TOKEN_VM => {
+                        if let Some(ended) = self.check_vm()? {
+                            return Ok(ended);
+                        }
+                    }
+                    _ => {
+                        let _ = self.wake.read();
+                        loop {
+                            match self.requests.try_recv() {
+                                Ok((Request::ShutdownVmm, reply)) => {
+                                    if self.vm.is_some() {
+                                        self.stop_vm();
+                                        self.events.emit("vm", "shutdown");
+                                    }
+                                    self.events.emit("vmm", "shutdown");
+                                    let _ = reply.send(Ok(Reply::Done));
+                                    return Ok(Ended {
+                                        guest_shutdown: false,
+                                    });
+                                }
+                                Ok((request, reply)) => {
+                                    let _ = reply.send(self.serve(request));
+                                }
+                                Err(mpsc::TryRecvError::Empty) => break,
+                                // Every controller handle is gone: nobody can reach the VM.
+                                Err(mpsc::TryRecvError::Disconnected) => {
+                                    self.stop_vm();
+                                    return Ok(Ended {
+                                        guest_shutdown: false,
+                                    });
+                                }
+                            }
+                        }
+                        if self.exit_on_shutdown
+                            && self
+                                .vm
+                                .as_ref()
+                                .is_some_and(|v| v.state == VmState::Shutdown)
+                        {
+                            return Ok(Ended {
+                                guest_shutdown: true,
+                            });
+                        }
+                    }
+                }
+            }
+            if self
+                .options
+                .power_button
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+            {
+                if let Some(r) = self.vm.as_ref().and_then(|v| v.running.as_ref()) {
+                    r.power_button()?;
+                }
+            }
+        }
+    }
+
+    /// The running VM reported an exit: a power-off ends it, a reset reboots it.
+    fn check_vm(&mut self) -> Result<Option<Ended>, Error> {
+        let Some(owned) = self.vm.as_mut() else {
+            return Ok(None);
+        };
+        let Some(exit) = owned
+            .running
+            .as_ref()
+            .and_then(|r| r.wait(Some(std::time::Duration::ZERO)))
+        else {
+            return Ok(None);
+        };
+        match exit {
+            Ok(VmExit::Reset) => {
+                self.events.emit("vm", "rebooting");
+                self.reboot_vm().map_err(|e| Error::Guest(e.to_string()))?;
+                self.events.emit("vm", "rebooted");
+                Ok(None)
+            }
+            Ok(VmExit::Shutdown) => {
+                self.stop_vm();
+                self.events.emit("vm", "shutdown");
+                Ok(self.exit_on_shutdown.then_some(Ended {
+                    guest_shutdown: true,
+                }))
+            }
+            Err(e) => {
+                self.stop_vm();
+                Err(e)
+            }
+        }
+    }
+
+    fn state(&self) -> Option<VmState> {
+        self.vm.as_ref().map(|v| v.state)
+    }
+
+    fn serve(&mut self, request: Request) -> Result<Reply, ControlError> {
+        let state = self.state();
+        match request {
+            Request::Create(config) => {
+                if state.is_some() {
+                    return Err(ControlError::WrongState(
+                        "cannot create: a VM already exists (delete it first)".into(),
+                    ));
+                }
+                config
+                    .validate()
+                    .map_err(|e| ControlError::Invalid(e.to_string()))?;
+                let console = Console::new(&config.serial)
+                    .map_err(|e| ControlError::Invalid(e.to_string()))?;
+                if console.wants_stdin {
+                    console
+                        .spawn_input(std::io::stdin())
+                        .map_err(|e| ControlError::Failed(format!("console input: {e}")))?;
+                }
+                self.vm = Some(OwnedVm {
+                    config: *config,
+                    console,
+                    backends: None,
+                    running: None,
+                    state: VmState::Created,
+                });
+                self.events.emit("vm", "created");
+                Ok(Reply::Done)
+            }
+            Request::Boot => match state {
+                Some(VmState::Created | VmState::Shutdown) => {
+                    self.events.emit("vm", "booting");
+                    self.boot_vm()?;
+                    self.events.emit("vm", "booted");
+                    Ok(Reply::Done)
+                }
+                s => Err(wrong(s, "boot")),
+            },
+            Request::Pause => match state {
+                Some(VmState::Running) => {
+                    self.events.emit("vm", "pausing");
+                    self.running()?.pause().map_err(failed)?;
+                    self.set_state(VmState::Paused);
+                    self.events.emit("vm", "paused");
+                    Ok(Reply::Done)
+                }
+                s => Err(wrong(s, "pause")),
+            },
+            Request::Resume => match state {
+                Some(VmState::Paused) => {
+                    self.events.emit("vm", "resuming");
+                    self.running()?.resume().map_err(failed)?;
+                    self.set_state(VmState::Running);
+                    self.events.emit("vm", "resumed");
+                    Ok(Reply::Done)
+                }
+                s => Err(wrong(s, "resume")),
+            },
+            Request::Shutdown => match state {
+                Some(VmState::Running | VmState::Paused) => {
+                    self.stop_vm();
+                    self.events.emit("vm", "shutdown");
+                    Ok(Reply::Done)
+                }
+                s => Err(wrong(s, "shut down")),
+            },
+            Request::Reboot => match state {
+                Some(VmState::Running) => {
+                    self.events.emit("vm", "rebooting");
+                    self.reboot_vm()?;
+                    self.events.emit("vm", "rebooted");
+                    Ok(Reply::Done)
+                }
+                s => Err(wrong(s, "reboot")),
+            },
+            Request::PowerButton => match state {
+                Some(VmState::Running) => {
+                    self.running()?.power_button().map_err(failed)?;
+                    Ok(Reply::Done)
+                }
+                s => Err(wrong(s, "press the power button")),
+            },
+            Request::Delete => {
+                if state.is_none() {
+                    return Err(wrong(None, "delete"));
+                }
+                self.stop_vm();
+                self.vm = None;
+                self.events.emit("vm", "deleted");
+                Ok(Reply::Done)
+            }
+            Request::Info => {
+                let vm = self.vm.as_ref().ok_or_else(|| wrong(None, "get info"))?;
+                Ok(Reply::Info {
+                    config: Box::new(vm.config.clone()),
+                    state: vm.state,
+                })
+            }
+            Request::Counters => {
+                let vm = self
+                    .vm
+                    .as_ref()
+                    .ok_or_else(|| wrong(None, "get counters"))?;
+                Ok(Reply::Counters(
+                    vm.running
+                        .as_ref()
+                        .map(RunningVm::counters)
+                        .unwrap_or_default(),
+                ))
+            }
+            // The VM thread's loop takes this one before it gets here.
+            Request::ShutdownVmm => Err(ControlError::Failed("vmm.shutdown misrouted".into())),
+        }
+    }
+
+    fn running(&self) -> Result<&RunningVm, ControlError> {
+        self.vm
+            .as_ref()
+            .and_then(|v| v.running.as_ref())
+            .ok_or_else(|| ControlError::Failed("the VM is not running".into()))
+    }
+
+    fn set_state(&mut self, state: VmState) {
+        if let Some(v) = self.vm.as_mut() {
+            v.state = state;
+        }
+    }
+
+    /// Builds and starts the VM from its configuration.
+    fn boot_vm(&mut self) -> Result<(), ControlError> {
+        if self.kvm.is_none() {
+            let kvm = kvm::open(self.options.pvm_guest).map_err(|e| failed(e.into()))?;
+            let template = CpuTemplate::from_kvm(&kvm)
+                .map_err(|e| failed(Error::Kvm("read supported CPUID/MSRs", e)))?;
+            self.kvm = Some((kvm, template));
+        }
+        let (kvm, template) = self.kvm.as_ref().expect("opened above");
+        let owned = self.vm.as_mut().ok_or_else(|| wrong(None, "boot"))?;
+        if owned.backends.is_none() {
+            owned.backends = Some(Backends::open(&owned.config).map_err(failed)?);
+        }
+        let backends = owned.backends.as_ref().expect("opened above");
+        let vm = Vm::new(kvm, template, &owned.config, &owned.console, backends).map_err(failed)?;
+        owned.running = Some(vm.start().map_err(failed)?);
+        owned.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Stops the running VM, if any; the VM is then Shutdown.
+    fn stop_vm(&mut self) {
+        if let Some(owned) = self.vm.as_mut() {
+            if let Some(running) = owned.running.take() {
+                running.stop();
+            }
+            owned.state = VmState::Shutdown;
+        }
+    }
+
+    /// A reset: the VM is built anew from its configuration, as `podvisor run` does.
+    fn reboot_vm(&mut self) -> Result<(), ControlError> {
+        if let Some(owned) = self.vm.as_mut() {
+            if let Some(running) = owned.running.take() {
+                running.stop();
+            }
+            owned
+                .console
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reset();
+        }
+        self.boot_vm()
+    }
+}
+
+fn failed(e: Error) -> ControlError {
+    ControlError::Failed(e.to_string())
+}
