@@ -4,6 +4,9 @@
 //! only that trait. The transport owns the queues' configuration and notification eventfds,
 //! negotiates features, and hands the enabled queues to [`VirtioDevice::activate`] when the
 //! driver sets DRIVER_OK; the device signals the driver through [`VirtioInterrupt`].
+//!
+//! A running device can be paused ([`VirtioDevice::pause`]) and resumed where it stopped, and
+//! reports what it has done by name ([`VirtioDevice::counters`]) for the VMM's `vm.counters`.
 
 pub mod block;
 pub mod net;
@@ -11,7 +14,9 @@ pub mod pci;
 pub mod rng;
 #[cfg(test)]
 mod testing;
+mod worker_thread;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_config::{
@@ -95,6 +100,13 @@ pub enum VirtioError {
         len: usize,
         max: usize,
     },
+    /// Starting (or restarting, on resume) a device's worker thread.
+    #[error("{device}: cannot start the worker thread: {source}")]
+    SpawnWorker {
+        device: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// Placing the transport's BAR or capabilities.
     #[error("virtio PCI configuration space: {0}")]
     Pci(#[from] crate::pci::PciError),
@@ -145,8 +157,25 @@ pub trait VirtioDevice: Send {
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), VirtioError>;
     /// Stops the device: when this returns, no worker touches guest memory, the queues or the
-    /// interrupt any more, and [`VirtioDevice::activate`] may be called again.
+    /// interrupt any more, and [`VirtioDevice::activate`] may be called again. Works whether
+    /// the device is running or paused.
     fn reset(&mut self);
+    /// Pauses an active device: when this returns, no worker touches guest memory, the queues
+    /// or the interrupt, requests in flight have completed, nothing new starts and the backend
+    /// is not read (frames wait in the tap). Every chain taken from a queue is in the used ring
+    /// or back in the available ring, so the queues' positions can be saved. Does nothing if
+    /// the device is not active or already paused.
+    fn pause(&mut self);
+    /// Continues a paused device exactly where it stopped (same queues, features and
+    /// positions), serving at once what the driver queued meanwhile. Does nothing unless
+    /// paused. Fails only if the worker cannot be started again; the device then stays
+    /// stopped until a reset.
+    fn resume(&mut self) -> Result<(), VirtioError>;
+    /// What the device has done, by name (`read_bytes`, `rx_frames`...), for `vm.counters`.
+    /// Counters only grow; they survive reset, pause and resume.
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        BTreeMap::new()
+    }
 }
 
 /// Locks a queue, recovering it if a thread panicked while holding it.

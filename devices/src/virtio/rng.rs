@@ -3,15 +3,17 @@
 //!
 //! The queue is served by a worker thread started on activation; it sleeps in epoll on the
 //! queue's notification eventfd and a kill eventfd, and is stopped and joined on reset and drop.
+//! Pause stops the thread the same way but keeps the worker (memory, interrupt, queue, broken
+//! flag), and resume runs it again on a new thread.
 //! Work per wakeup is bounded (bytes per request, requests per wakeup), so a hostile driver
 //! cannot keep the worker from noticing a reset.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -19,6 +21,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker_thread::{DeviceWorker, WorkerThread};
 use super::{
     lock_queue, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1_BIT,
     VIRTIO_RING_F_EVENT_IDX_BIT,
@@ -60,17 +63,12 @@ impl RngCounters {
     }
 }
 
-struct Worker {
-    kill: EventFd,
-    thread: JoinHandle<()>,
-}
-
 /// The virtio entropy device.
 pub struct Rng {
     source: File,
     acked_features: u64,
     counters: Arc<RngCounters>,
-    worker: Option<Worker>,
+    worker: Option<WorkerThread<RngWorker>>,
 }
 
 impl Rng {
@@ -93,7 +91,8 @@ impl Rng {
         }
     }
 
-    /// The device's counters (keep the Arc before boxing the device into a transport).
+    /// The device's counters (keep the Arc before boxing the device into a transport; once
+    /// boxed, [`VirtioDevice::counters`] reports them by name).
     pub fn counters(&self) -> Arc<RngCounters> {
         self.counters.clone()
     }
@@ -101,16 +100,6 @@ impl Rng {
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            // If the write fails the eventfd counter is saturated, which still wakes the worker.
-            let _ = worker.kill.write(1);
-            if worker.thread.join().is_err() {
-                tracing::error!("virtio-rng worker panicked");
-            }
-        }
     }
 }
 
@@ -147,7 +136,7 @@ impl VirtioDevice for Rng {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), VirtioError> {
-        self.stop_worker();
+        self.worker = None;
         let got = queues.len();
         let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
             return Err(VirtioError::QueueCount {
@@ -186,22 +175,35 @@ impl VirtioDevice for Rng {
             counters: self.counters.clone(),
             broken: false,
         };
-        let thread = std::thread::Builder::new()
-            .name("virtio-rng".into())
-            .spawn(move || worker.run())
-            .map_err(io("spawning the virtio-rng worker"))?;
-        self.worker = Some(Worker { kill, thread });
+        self.worker = Some(WorkerThread::spawn("virtio-rng", kill, worker)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        // Dropping the worker thread stops and joins it.
+        self.worker = None;
     }
-}
 
-impl Drop for Rng {
-    fn drop(&mut self) {
-        self.stop_worker();
+    fn pause(&mut self) {
+        if let Some(worker) = &mut self.worker {
+            worker.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        match &mut self.worker {
+            Some(worker) => worker.resume(),
+            None => Ok(()),
+        }
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        let c = &self.counters;
+        BTreeMap::from([
+            ("bytes", c.bytes_served()),
+            ("requests", c.requests()),
+            ("bad_requests", c.bad_requests()),
+        ])
     }
 }
 
@@ -219,9 +221,9 @@ struct RngWorker {
     broken: bool,
 }
 
-impl RngWorker {
-    fn run(mut self) {
-        // Buffers queued before activation (or before a snapshot) are served right away.
+impl DeviceWorker for RngWorker {
+    fn run(mut self) -> Self {
+        // Buffers queued before activation, a snapshot or a resume are served right away.
         self.process_queue();
         let mut events = [EpollEvent::default(); 2];
         loop {
@@ -230,19 +232,21 @@ impl RngWorker {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("virtio-rng: epoll_wait: {e}");
-                    return;
+                    return self;
                 }
             };
             if events[..n].iter().any(|e| e.data() == TOKEN_KILL) {
                 let _ = self.kill.read();
-                return;
+                return self;
             }
             // EAGAIN only means a concurrent read already consumed the count.
             let _ = self.notify.read();
             self.process_queue();
         }
     }
+}
 
+impl RngWorker {
     fn process_queue(&mut self) {
         if self.broken {
             return;
@@ -568,6 +572,79 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(r.ring.used_idx(&r.mem), 1);
         r.rng.reset();
+    }
+
+    /// Queues a 16-byte request and kicks the device; returns the avail index it makes.
+    fn submit(r: &mut Running, addr: u64) -> u16 {
+        r.ring.add_chain(&r.mem, &[(addr, 16, VRING_DESC_F_WRITE)]);
+        r.notify.write(1).unwrap();
+        r.ring.avail_idx(&r.mem)
+    }
+
+    /// Nothing is served within a while: the used ring stays at `used` and `addr` stays zero.
+    fn assert_not_served(r: &Running, used: u16, addr: u64) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(r.ring.used_idx(&r.mem), used, "served while stopped");
+        assert_eq!(r.read(addr, 16), vec![0; 16], "guest memory written");
+    }
+
+    #[test]
+    fn pause_stops_service_and_resume_serves_what_was_queued() {
+        let mut r = start(false);
+        assert_eq!(r.request(&[(0x8000, 16, VRING_DESC_F_WRITE)]), 16);
+        r.rng.pause();
+        let idx = submit(&mut r, 0x9000);
+        assert_not_served(&r, 1, 0x9000);
+        let irqs = r.irq.used.load(Ordering::SeqCst);
+        r.rng.resume().unwrap();
+        assert!(r.ring.wait_used(&r.mem, idx), "not served after resume");
+        assert_eq!(r.ring.used_elem(&r.mem, 1), (1, 16));
+        assert_ne!(r.read(0x9000, 16), vec![0; 16]);
+        assert!(r.irq.wait_used(irqs + 1));
+        // Still running: a request after the resume is served too.
+        assert_eq!(r.request(&[(0xa000, 8, VRING_DESC_F_WRITE)]), 8);
+        let c = VirtioDevice::counters(&r.rng);
+        assert_eq!(c["requests"], 3);
+        assert_eq!(c["bytes"], 40);
+        assert_eq!(c["bad_requests"], 0);
+    }
+
+    #[test]
+    fn pause_resume_reset_and_drop_in_any_order() {
+        // Inactive: pause and resume do nothing (and start no worker).
+        let mut rng = Rng::new().unwrap();
+        rng.pause();
+        rng.resume().unwrap();
+        rng.pause();
+        drop(rng);
+
+        let mut r = start(false);
+        // Resume without pause, pause twice, resume twice: one running worker.
+        r.rng.resume().unwrap();
+        r.rng.pause();
+        r.rng.pause();
+        r.rng.resume().unwrap();
+        r.rng.resume().unwrap();
+        assert_eq!(r.request(&[(0x8000, 4, VRING_DESC_F_WRITE)]), 4);
+        // Reset while paused: resume afterwards does not bring the worker back.
+        r.rng.pause();
+        r.rng.reset();
+        r.rng.resume().unwrap();
+        submit(&mut r, 0x9000);
+        assert_not_served(&r, 1, 0x9000);
+        // A fresh activation (the queue starts over at the top of the ring) serves again.
+        let queue = ActivatedQueue {
+            index: 0,
+            queue: queue_for(&r.ring, false),
+            notify: r.notify.try_clone().unwrap(),
+        };
+        r.rng
+            .activate(r.mem.clone(), r.irq.clone(), vec![queue])
+            .unwrap();
+        assert!(r.ring.wait_used(&r.mem, 2));
+        // Drop while paused joins nothing and does not hang.
+        r.rng.pause();
+        drop(r);
     }
 
     #[test]

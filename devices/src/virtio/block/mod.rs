@@ -10,6 +10,8 @@
 //! The worker sleeps in epoll on the queue's notification eventfd and a kill eventfd. Each
 //! wakeup drains every available request (up to a bound, so a reset is noticed promptly),
 //! completes them in order and raises at most one interrupt per batch, as EVENT_IDX allows.
+//! A batch runs to its end: reset and pause (which stops the thread but keeps the worker, to
+//! run it again on resume) take effect between batches, so no request is ever half done.
 //! Data moves between the image and guest memory without an intermediate copy where the format
 //! allows it: the data buffers become [`vm_memory::VolatileSlice`]s of guest memory and the
 //! image's [`DiskImage::read_volatile_at`] / [`DiskImage::write_volatile_at`] hand them to
@@ -20,7 +22,8 @@
 //! The device has no guest-visible state of its own: the transport saves the queues and the
 //! acked features, and on restore calls [`VirtioDevice::ack_features`] then
 //! [`VirtioDevice::activate`], which is all this device needs. Requests are completed within
-//! one batch under the queue lock, so none is in flight when a snapshot is taken.
+//! one batch under the queue lock, so none is in flight when a snapshot is taken; pause the
+//! device first ([`VirtioDevice::pause`]) so none starts after it either.
 
 mod config;
 mod request;
@@ -29,12 +32,12 @@ mod worker;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -42,6 +45,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker_thread::WorkerThread;
 use super::{ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::block::DiskImage;
 
@@ -113,11 +117,6 @@ impl BlkCounters {
     }
 }
 
-struct Worker {
-    kill: EventFd,
-    thread: JoinHandle<()>,
-}
-
 /// The virtio block device.
 pub struct VirtioBlk {
     disk: Arc<Mutex<Box<dyn DiskImage>>>,
@@ -125,7 +124,7 @@ pub struct VirtioBlk {
     id: [u8; ID_BYTES],
     acked_features: u64,
     counters: Arc<BlkCounters>,
-    worker: Option<Worker>,
+    worker: Option<WorkerThread<BlkWorker>>,
 }
 
 impl VirtioBlk {
@@ -156,7 +155,8 @@ impl VirtioBlk {
         })
     }
 
-    /// The device's counters (keep the Arc before boxing the device into a transport).
+    /// The device's counters (keep the Arc before boxing the device into a transport; once
+    /// boxed, [`VirtioDevice::counters`] reports them by name).
     pub fn counters(&self) -> Arc<BlkCounters> {
         self.counters.clone()
     }
@@ -174,16 +174,6 @@ impl VirtioBlk {
     /// The disk's capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
         self.config.capacity
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            // If the write fails the eventfd counter is saturated, which still wakes the worker.
-            let _ = worker.kill.write(1);
-            if worker.thread.join().is_err() {
-                tracing::error!("virtio-blk worker panicked");
-            }
-        }
     }
 }
 
@@ -248,7 +238,7 @@ impl VirtioDevice for VirtioBlk {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), VirtioError> {
-        self.stop_worker();
+        self.worker = None;
         let got = queues.len();
         let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
             return Err(VirtioError::QueueCount {
@@ -282,21 +272,39 @@ impl VirtioDevice for VirtioBlk {
             self.config.execution(self.acked_features, self.id),
             self.counters.clone(),
         );
-        let thread = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || worker.run())
-            .map_err(io("spawning the virtio-blk worker"))?;
-        self.worker = Some(Worker { kill, thread });
+        self.worker = Some(WorkerThread::spawn("virtio-blk", kill, worker)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        // Dropping the worker thread stops and joins it.
+        self.worker = None;
     }
-}
 
-impl Drop for VirtioBlk {
-    fn drop(&mut self) {
-        self.stop_worker();
+    fn pause(&mut self) {
+        if let Some(worker) = &mut self.worker {
+            worker.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        match &mut self.worker {
+            Some(worker) => worker.resume(),
+            None => Ok(()),
+        }
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        let c = &self.counters;
+        BTreeMap::from([
+            ("read_bytes", c.read_bytes()),
+            ("write_bytes", c.write_bytes()),
+            ("read_ops", c.read_ops()),
+            ("write_ops", c.write_ops()),
+            ("flushes", c.flushes()),
+            ("discards", c.discards()),
+            ("write_zeroes", c.write_zeroes()),
+            ("errors", c.errors()),
+        ])
     }
 }

@@ -16,6 +16,7 @@ use super::config::{Execution, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE
 use super::request::{self, ParseError, Request, RequestType, Segment};
 use super::{BlkCounters, ID_BYTES};
 use crate::block::{BlockError, DiskImage};
+use crate::virtio::worker_thread::DeviceWorker;
 use crate::virtio::{lock_queue, ActivatedQueue, VirtioInterrupt};
 
 pub(super) const TOKEN_NOTIFY: u64 = 0;
@@ -89,9 +90,11 @@ impl BlkWorker {
             broken: false,
         }
     }
+}
 
-    pub(super) fn run(mut self) {
-        // Requests queued before activation (or before a snapshot) are served right away.
+impl DeviceWorker for BlkWorker {
+    fn run(mut self) -> Self {
+        // Requests queued before activation, a snapshot or a resume are served right away.
         self.process_queue();
         let mut events = [EpollEvent::default(); 2];
         loop {
@@ -100,19 +103,21 @@ impl BlkWorker {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("virtio-blk: epoll_wait: {e}");
-                    return;
+                    return self;
                 }
             };
             if events[..n].iter().any(|e| e.data() == TOKEN_KILL) {
                 let _ = self.kill.read();
-                return;
+                return self;
             }
             // EAGAIN only means a concurrent read already consumed the count.
             let _ = self.notify.read();
             self.process_queue();
         }
     }
+}
 
+impl BlkWorker {
     /// Serves every available request (up to [`MAX_REQUESTS_PER_WAKEUP`]) and interrupts the
     /// driver once for the batch, if it wants to be.
     fn process_queue(&mut self) {

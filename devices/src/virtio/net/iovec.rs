@@ -27,6 +27,12 @@ pub struct GuestIoVecs {
     addrs: Vec<GuestAddress>,
 }
 
+// SAFETY: the raw pointers in `iovs` only address mappings of `self.mem` (a `Send` value the
+// list owns, which keeps them mapped wherever the list goes); they carry no thread affinity and
+// are only dereferenced by the kernel in `readv`/`writev` calls made by the list's owner. A
+// device's worker moves its lists to a new thread when it resumes after a pause.
+unsafe impl Send for GuestIoVecs {}
+
 impl GuestIoVecs {
     pub fn new(mem: GuestMemoryMmap) -> Self {
         GuestIoVecs {

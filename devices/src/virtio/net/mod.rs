@@ -7,6 +7,12 @@
 //! One worker thread per device serves both queues and the tap ([`worker`]); transmit writes
 //! straight from guest memory ([`tx`]), receive reads straight into the guest's buffers when
 //! they can hold the largest frame and through one bounce buffer otherwise ([`rx`]).
+//!
+//! Pause stops the worker thread but keeps the worker: the receive chains it held go back to
+//! the ring (so the queues can be saved), a frame already read from the tap waits in its
+//! bounce buffer, and new frames wait in the kernel's tap queue. Resume runs the same worker
+//! on a new thread. A frame in the bounce buffer is not part of a snapshot (a restored VM has
+//! lost it, as if the link had dropped it).
 
 mod iovec;
 mod mac;
@@ -16,13 +22,15 @@ mod tx;
 mod worker;
 
 #[cfg(test)]
+mod pause_tests;
+#[cfg(test)]
 mod tap_tests;
 #[cfg(test)]
 pub(super) mod tests;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,6 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use mac::MacAddr;
 pub use tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
 
+use super::worker_thread::WorkerThread;
 use super::{
     ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1_BIT,
     VIRTIO_RING_F_EVENT_IDX_BIT,
@@ -173,11 +182,6 @@ pub fn offload_flags(acked: u64) -> u32 {
     flags
 }
 
-struct Running {
-    kill: EventFd,
-    thread: JoinHandle<()>,
-}
-
 /// A virtio network card backed by a tap interface.
 pub struct VirtioNet {
     tap: Arc<Tap>,
@@ -185,7 +189,7 @@ pub struct VirtioNet {
     avail_features: u64,
     acked_features: u64,
     counters: Arc<NetCounters>,
-    worker: Option<Running>,
+    worker: Option<WorkerThread<worker::Worker>>,
 }
 
 impl VirtioNet {
@@ -218,7 +222,8 @@ impl VirtioNet {
         })
     }
 
-    /// The device's counters (keep the Arc before boxing the device into a transport).
+    /// The device's counters (keep the Arc before boxing the device into a transport; once
+    /// boxed, [`VirtioDevice::counters`] reports them by name).
     pub fn counters(&self) -> Arc<NetCounters> {
         self.counters.clone()
     }
@@ -250,16 +255,6 @@ impl VirtioNet {
         c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes());
         c
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            // A saturated counter still wakes the worker, so the result does not matter.
-            let _ = worker.kill.write(1);
-            if worker.thread.join().is_err() {
-                tracing::error!("virtio-net worker panicked");
-            }
-        }
     }
 }
 
@@ -311,7 +306,7 @@ impl VirtioDevice for VirtioNet {
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), VirtioError> {
-        self.stop_worker();
+        self.worker = None;
         let got = queues.len();
         let mut it = queues.into_iter();
         let (Some(rx), Some(tx), None) = (it.next(), it.next(), it.next()) else {
@@ -333,19 +328,42 @@ impl VirtioDevice for VirtioNet {
             counters: self.counters.clone(),
             mrg_rxbuf: self.acked_features & features::MRG_RXBUF != 0,
         };
-        let thread = worker::spawn(parts)?;
-        self.worker = Some(Running { kill, thread });
+        let worker = worker::Worker::new(parts)?;
+        self.worker = Some(WorkerThread::spawn("virtio-net", kill, worker)?);
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        // Dropping the worker thread stops and joins it (held receive chains go back to the
+        // ring; a frame waiting in the bounce buffer is dropped).
+        self.worker = None;
     }
-}
 
-impl Drop for VirtioNet {
-    fn drop(&mut self) {
-        self.stop_worker();
+    fn pause(&mut self) {
+        if let Some(worker) = &mut self.worker {
+            worker.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        match &mut self.worker {
+            Some(worker) => worker.resume(),
+            None => Ok(()),
+        }
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        let c = &self.counters;
+        BTreeMap::from([
+            ("rx_bytes", c.rx_bytes()),
+            ("rx_frames", c.rx_packets()),
+            ("rx_drops", c.rx_dropped()),
+            ("rx_errors", c.rx_errors()),
+            ("tx_bytes", c.tx_bytes()),
+            ("tx_frames", c.tx_packets()),
+            ("tx_drops", c.tx_dropped()),
+            ("tx_errors", c.tx_errors()),
+        ])
     }
 }
 

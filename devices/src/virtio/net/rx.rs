@@ -65,9 +65,15 @@ impl RxState {
         }
     }
 
-    /// Chains taken from the ring and not used yet (the worker gives them back on exit).
-    pub fn held(&self) -> usize {
-        self.chains.len()
+    /// Forgets the chains taken from the ring and not used yet, for the worker to give them
+    /// back to the ring (it stops); returns how many there were. A frame waiting in the bounce
+    /// buffer stays, for when the worker runs again.
+    pub fn release_chains(&mut self) -> usize {
+        let held = self.chains.len();
+        self.chains.clear();
+        self.iovs.clear();
+        self.cap = 0;
+        held
     }
 
     /// Takes available chains until the held ones can hold `want` bytes (one chain without

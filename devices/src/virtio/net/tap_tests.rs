@@ -93,6 +93,90 @@ const ACKED: u64 = VIRTIO_F_VERSION_1_BIT
     | features::GUEST_TSO4
     | features::GUEST_TSO6;
 
+/// Both ends of a test link.
+struct Link {
+    host: Ipv4Addr,
+    guest: Ipv4Addr,
+    host_mac: [u8; 6],
+    mac: MacAddr,
+}
+
+impl Link {
+    fn of(tap: &Tap, host: Ipv4Addr, guest: Ipv4Addr) -> Link {
+        Link {
+            host,
+            guest,
+            host_mac: tap.host_mac().unwrap(),
+            mac: MacAddr::stable_for(tap.name()),
+        }
+    }
+}
+
+/// Plays the guest until the host's datagram to `port` arrives: answers the host's ARP request
+/// first, re-offers each receive buffer, checks the datagram and its virtio header.
+fn expect_datagram(h: &mut Harness, link: &Link, payload: &[u8], port: u16) {
+    let Link {
+        host,
+        guest,
+        host_mac,
+        mac,
+    } = *link;
+    const BUF: u32 = 2048;
+    // Answer the host's ARP request from the guest side, then expect the datagram.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut arp_answered = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (head, len) = h
+            .next_rx(left)
+            .unwrap_or_else(|| panic!("no datagram for the guest (ARP answered: {arp_answered})"));
+        let addr = BUF_BASE + u64::from(head) * 0x1000;
+        assert!(len <= BUF, "a frame spans buffers: {len}");
+        let pkt = h.read(addr, len as usize);
+        // Re-offer the same buffer.
+        h.post_rx(&[(addr, BUF)]);
+        h.kick_rx();
+        let (hdr, frame) = pkt.split_at(VNET_HDR_LEN);
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers");
+        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+        if ethertype == ETH_ARP && frame[21] == 1 && frame[38..42] == guest.octets() {
+            let reply = ethernet(
+                host_mac,
+                mac.bytes(),
+                ETH_ARP,
+                &arp_reply(mac.bytes(), guest, host_mac, host),
+            );
+            h.transmit(&[(BUF_BASE + 0x20000, &with_header(&reply))]);
+            arp_answered = true;
+            continue;
+        }
+        if ethertype != ETH_IPV4 || frame[23] != 17 || frame[30..34] != guest.octets() {
+            continue;
+        }
+        assert_eq!(&frame[0..6], &mac.bytes(), "destination MAC");
+        let ihl = usize::from(frame[14] & 0xf) * 4;
+        let udp = &frame[14 + ihl..];
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), port);
+        assert_eq!(&udp[8..], payload);
+        // virtio_net_hdr: no segmentation; the checksum either complete or left to the guest
+        // (GUEST_CSUM is acked) with the right start and offset.
+        let (flags, gso_type) = (hdr[0], hdr[1]);
+        assert_eq!(gso_type, 0, "gso_type");
+        let csum_start = u16::from_le_bytes([hdr[6], hdr[7]]);
+        let csum_offset = u16::from_le_bytes([hdr[8], hdr[9]]);
+        match flags {
+            0 => {}
+            1 => assert_eq!((csum_start, csum_offset), (14 + ihl as u16, 6)),
+            f => panic!("unexpected header flags {f:#x}"),
+        }
+        assert!(
+            arp_answered,
+            "the datagram came before the host resolved the guest"
+        );
+        break;
+    }
+}
+
 #[test]
 fn guest_sends_udp_to_the_host_through_a_real_tap() {
     let (tap, host, guest) = test_tap("t", 201);
@@ -137,8 +221,8 @@ fn guest_sends_udp_to_the_host_through_a_real_tap() {
 #[test]
 fn host_sends_udp_to_the_guest_through_a_real_tap() {
     let (tap, host, guest) = test_tap("r", 202);
-    let host_mac = tap.host_mac().unwrap();
-    let mac = MacAddr::stable_for(tap.name());
+    let link = Link::of(&tap, host, guest);
+    let mac = link.mac;
     let net = VirtioNet::new(tap, mac).unwrap();
     let mut h = Harness::start(net, ACKED, 16);
     const BUF: u32 = 2048;
@@ -152,59 +236,7 @@ fn host_sends_udp_to_the_guest_through_a_real_tap() {
     sock.send_to(payload, SocketAddrV4::new(guest, 5000))
         .unwrap();
 
-    // Answer the host's ARP request from the guest side, then expect the datagram.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut arp_answered = false;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (head, len) = h
-            .next_rx(left)
-            .unwrap_or_else(|| panic!("no datagram for the guest (ARP answered: {arp_answered})"));
-        let addr = BUF_BASE + u64::from(head) * 0x1000;
-        assert!(len <= BUF, "a frame spans buffers: {len}");
-        let pkt = h.read(addr, len as usize);
-        // Re-offer the same buffer.
-        h.post_rx(&[(addr, BUF)]);
-        h.kick_rx();
-        let (hdr, frame) = pkt.split_at(VNET_HDR_LEN);
-        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers");
-        let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-        if ethertype == ETH_ARP && frame[21] == 1 && frame[38..42] == guest.octets() {
-            let reply = ethernet(
-                host_mac,
-                mac.bytes(),
-                ETH_ARP,
-                &arp_reply(mac.bytes(), guest, host_mac, host),
-            );
-            h.transmit(&[(BUF_BASE + 0x20000, &with_header(&reply))]);
-            arp_answered = true;
-            continue;
-        }
-        if ethertype != ETH_IPV4 || frame[23] != 17 || frame[30..34] != guest.octets() {
-            continue;
-        }
-        assert_eq!(&frame[0..6], &mac.bytes(), "destination MAC");
-        let ihl = usize::from(frame[14] & 0xf) * 4;
-        let udp = &frame[14 + ihl..];
-        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 5000);
-        assert_eq!(&udp[8..], payload);
-        // virtio_net_hdr: no segmentation; the checksum either complete or left to the guest
-        // (GUEST_CSUM is acked) with the right start and offset.
-        let (flags, gso_type) = (hdr[0], hdr[1]);
-        assert_eq!(gso_type, 0, "gso_type");
-        let csum_start = u16::from_le_bytes([hdr[6], hdr[7]]);
-        let csum_offset = u16::from_le_bytes([hdr[8], hdr[9]]);
-        match flags {
-            0 => {}
-            1 => assert_eq!((csum_start, csum_offset), (14 + ihl as u16, 6)),
-            f => panic!("unexpected header flags {f:#x}"),
-        }
-        assert!(
-            arp_answered,
-            "the datagram came before the host resolved the guest"
-        );
-        break;
-    }
+    expect_datagram(&mut h, &link, payload, 5000);
     let c = h.net.counters();
     assert!(c.rx_packets() >= 1);
     assert_eq!(c.rx_dropped(), 0);
@@ -220,4 +252,30 @@ fn opening_with_a_template_lets_the_kernel_name_the_tap() {
     drop(tap);
     // The tap vanishes with its last file descriptor.
     assert!(!std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
+}
+
+#[test]
+fn a_frame_arriving_while_paused_is_delivered_after_resume() {
+    let (tap, host, guest) = test_tap("p", 203);
+    let link = Link::of(&tap, host, guest);
+    let net = VirtioNet::new(tap, link.mac).unwrap();
+    let mut h = Harness::start(net, ACKED, 16);
+    for i in 0..8 {
+        h.post_rx(&[(BUF_BASE + i * 0x1000, 2048)]);
+    }
+    h.kick_rx();
+    h.net.pause();
+    // The host resolves the guest first: its ARP request reaches the tap during the pause.
+    let sock = UdpSocket::bind((host, 0)).unwrap();
+    let payload = b"sent while the guest was paused";
+    sock.send_to(payload, SocketAddrV4::new(guest, 5001))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(h.rx.used_idx(&h.mem), 0, "received while paused");
+    assert_eq!(h.net.counters().rx_packets(), 0);
+    h.net.resume().unwrap();
+    expect_datagram(&mut h, &link, payload, 5001);
+    let c = VirtioDevice::counters(&h.net);
+    assert!(c["rx_frames"] >= 2, "ARP request and datagram: {c:?}");
+    assert_eq!(c["rx_drops"], 0);
 }

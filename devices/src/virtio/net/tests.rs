@@ -145,7 +145,7 @@ impl Harness {
 }
 
 /// A datagram socket pair: the device's "tap" and the test's end.
-fn socket_pair() -> (File, File) {
+pub(super) fn socket_pair() -> (File, File) {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into the array, which is large enough.
     let ret = unsafe {
@@ -161,22 +161,22 @@ fn socket_pair() -> (File, File) {
     unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
 }
 
-fn mac() -> MacAddr {
+pub(super) fn mac() -> MacAddr {
     "52:54:00:12:34:56".parse().unwrap()
 }
 
 /// A device on a socket pair, started with `acked` features; returns the peer end.
-fn start(acked: u64, ring_size: u16) -> (Harness, File) {
+pub(super) fn start(acked: u64, ring_size: u16) -> (Harness, File) {
     let (dev, peer) = socket_pair();
     let net = VirtioNet::new(Tap::from_file(dev, "pair"), mac()).unwrap();
     (Harness::start(net, acked, ring_size), peer)
 }
 
-const BASE: u64 = VIRTIO_F_VERSION_1_BIT | features::MAC | features::STATUS;
-const MRG: u64 = BASE | features::MRG_RXBUF;
+pub(super) const BASE: u64 = VIRTIO_F_VERSION_1_BIT | features::MAC | features::STATUS;
+pub(super) const MRG: u64 = BASE | features::MRG_RXBUF;
 
 /// Reads one datagram from the peer, waiting up to a second.
-fn recv(peer: &mut File) -> Option<Vec<u8>> {
+pub(super) fn recv(peer: &mut File) -> Option<Vec<u8>> {
     let mut buf = vec![0; MAX_PACKET_LEN + 100];
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
@@ -194,7 +194,7 @@ fn recv(peer: &mut File) -> Option<Vec<u8>> {
 }
 
 /// A frame with a header whose num_buffers is garbage (the device must overwrite it).
-fn packet(len: usize, seed: u8) -> Vec<u8> {
+pub(super) fn packet(len: usize, seed: u8) -> Vec<u8> {
     let mut p: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
     p[..VNET_HDR_LEN].fill(0);
     p[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&[0xee, 0xee]);
@@ -612,6 +612,6 @@ fn reset_stops_the_worker_and_activate_works_again() {
     h.net.reset();
 }
 
-fn lock_queue_next_avail(q: &Arc<Mutex<Queue>>) -> u16 {
+pub(super) fn lock_queue_next_avail(q: &Arc<Mutex<Queue>>) -> u16 {
     crate::virtio::lock_queue(q).next_avail()
 }

@@ -4,10 +4,13 @@
 //! they run out the worker stops watching it, enables receive-queue notifications and waits for
 //! the driver's kick, so a full guest neither spins the worker nor loses frames (they queue in
 //! the kernel). Work per wakeup is bounded so a reset is always noticed.
+//!
+//! On kill (reset or pause) the worker gives the receive chains it holds back to the ring and
+//! returns itself; a resume runs it again, with its epoll set, flags and any frame waiting in
+//! the bounce buffer.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -17,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::iovec::GuestIoVecs;
 use super::rx::RxState;
 use super::{tx, NetCounters, Tap, RX_QUEUE, TX_QUEUE};
+use crate::virtio::worker_thread::DeviceWorker;
 use crate::virtio::{lock_queue, ActivatedQueue, VirtioError, VirtioInterrupt};
 
 const TOKEN_RX: u64 = 0;
@@ -36,31 +40,8 @@ pub struct WorkerParts {
     pub mrg_rxbuf: bool,
 }
 
-/// Starts the worker thread.
-pub fn spawn(parts: WorkerParts) -> Result<JoinHandle<()>, VirtioError> {
-    let io = |what| move |source| VirtioError::Io { what, source };
-    let epoll = Epoll::new().map_err(io("virtio-net epoll"))?;
-    for (fd, token) in [
-        (parts.rx.notify.as_raw_fd(), TOKEN_RX),
-        (parts.tx.notify.as_raw_fd(), TOKEN_TX),
-        (parts.kill.as_raw_fd(), TOKEN_KILL),
-        (parts.tap.as_raw_fd(), TOKEN_TAP),
-    ] {
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-            .map_err(io("virtio-net epoll registration"))?;
-    }
-    std::thread::Builder::new()
-        .name("virtio-net".into())
-        .spawn(move || Worker::new(parts, epoll).run())
-        .map_err(io("spawning the virtio-net worker"))
-}
-
-struct Worker {
+/// The receive and transmit side of one device, on its thread or paused.
+pub struct Worker {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
     rx_queue: Arc<Mutex<Queue>>,
@@ -85,7 +66,28 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(p: WorkerParts, epoll: Epoll) -> Self {
+    /// A worker for `parts`, with its epoll set (the tap watched).
+    pub fn new(parts: WorkerParts) -> Result<Worker, VirtioError> {
+        let io = |what| move |source| VirtioError::Io { what, source };
+        let epoll = Epoll::new().map_err(io("virtio-net epoll"))?;
+        for (fd, token) in [
+            (parts.rx.notify.as_raw_fd(), TOKEN_RX),
+            (parts.tx.notify.as_raw_fd(), TOKEN_TX),
+            (parts.kill.as_raw_fd(), TOKEN_KILL),
+            (parts.tap.as_raw_fd(), TOKEN_TAP),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(io("virtio-net epoll registration"))?;
+        }
+        Ok(Worker::with_epoll(parts, epoll))
+    }
+
+    fn with_epoll(p: WorkerParts, epoll: Epoll) -> Self {
         Worker {
             rx: RxState::new(p.mem.clone(), p.mrg_rxbuf),
             tx_iovs: GuestIoVecs::new(p.mem.clone()),
@@ -106,9 +108,11 @@ impl Worker {
             tap_failed: false,
         }
     }
+}
 
-    fn run(mut self) {
-        // Buffers queued before activation (or a restore) are served right away.
+impl DeviceWorker for Worker {
+    fn run(mut self) -> Self {
+        // Buffers queued before activation, a restore or a resume are served right away.
         self.process_tx();
         self.unstall_rx();
         self.process_rx();
@@ -128,7 +132,7 @@ impl Worker {
                     TOKEN_KILL => {
                         let _ = self.kill.read();
                         self.give_back_rx_chains();
-                        return;
+                        return self;
                     }
                     TOKEN_TX => {
                         // EAGAIN only means a concurrent read consumed the count.
@@ -156,8 +160,11 @@ impl Worker {
             }
         }
         self.give_back_rx_chains();
+        self
     }
+}
 
+impl Worker {
     fn watch_tap(&mut self, watch: bool) {
         if watch == self.tap_watched {
             return;
@@ -290,12 +297,13 @@ impl Worker {
     /// Chains taken for receiving but unused go back to the ring (they are the last ones
     /// taken), so a snapshot or a later activation offers them again.
     fn give_back_rx_chains(&mut self) {
+        let held = self.rx.release_chains();
         if self.rx_broken {
             return;
         }
         let queue = self.rx_queue.clone();
         let mut q = lock_queue(&queue);
-        for _ in 0..self.rx.held() {
+        for _ in 0..held {
             q.go_to_previous_position();
         }
     }

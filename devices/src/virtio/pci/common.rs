@@ -229,7 +229,7 @@ impl VirtioPciDevice {
             let result = if new & status::FEATURES_OK == 0 {
                 Err(None)
             } else {
-                self.activate().map_err(Some)
+                self.start_device().map_err(Some)
             };
             if let Err(e) = result {
                 if let Some(e) = e {
@@ -239,6 +239,15 @@ impl VirtioPciDevice {
                 self.interrupt.signal_config_change();
             }
         }
+    }
+
+    /// Activates the device, or, while paused, leaves that to [`VirtioPciDevice::resume`].
+    pub(super) fn start_device(&mut self) -> Result<(), VirtioError> {
+        if self.paused {
+            self.activate_on_resume = true;
+            return Ok(());
+        }
+        self.activate()
     }
 
     /// Hands the enabled queues to the device.
@@ -282,6 +291,7 @@ impl VirtioPciDevice {
         if std::mem::take(&mut self.activated) {
             self.device.reset();
         }
+        self.activate_on_resume = false;
         self.device_status = 0;
         self.acked_features = 0;
         self.device_feature_select = 0;

@@ -11,6 +11,12 @@
 //! 0x4000  MSI-X table            (one vector per queue plus one for configuration changes)
 //! 0x6000  MSI-X PBA
 //! ```
+//!
+//! # Pause
+//!
+//! [`VirtioPciDevice::pause`] pauses the device (when the driver has started it) and keeps it
+//! paused until [`VirtioPciDevice::resume`]: a driver start or a restore meanwhile is carried
+//! out on resume, so nothing runs while the VM is paused. A paused transport can be saved.
 
 mod common;
 mod interrupt;
@@ -18,6 +24,7 @@ mod persist;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
@@ -27,7 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub use persist::{QueueConfigState, VirtioPciState};
 
 use self::interrupt::VirtioPciInterrupt;
-use super::{VirtioDevice, VirtioError};
+use super::{VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::pci::msix::{msix_capability, pba_size, MSIX_CAPABILITY_ID};
 use crate::pci::{
     BarReprogram, MsiIrqs, MsixTable, PciBar, PciBarKind, PciConfiguration, PciDevice, PciError,
@@ -82,8 +89,13 @@ pub struct VirtioPciDevice {
     device_feature_select: u32,
     driver_feature_select: u32,
     queue_select: u16,
-    /// Whether the device is running (activate succeeded and no reset since).
+    /// Whether the device is running or paused (activate succeeded and no reset since).
     activated: bool,
+    /// The VMM paused the device ([`VirtioPciDevice::pause`]).
+    paused: bool,
+    /// The device is to be activated on resume (the driver or a restore started it while
+    /// paused).
+    activate_on_resume: bool,
     msix_cap: usize,
     pci_cfg_cap: usize,
 }
@@ -224,6 +236,8 @@ impl VirtioPciDevice {
             driver_feature_select: 0,
             queue_select: 0,
             activated: false,
+            paused: false,
+            activate_on_resume: false,
             msix_cap,
             pci_cfg_cap,
         })
@@ -243,6 +257,58 @@ impl VirtioPciDevice {
     /// The wrapped device, mutably (e.g. for device-specific snapshot state).
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
+    }
+
+    /// The virtio device ID of the wrapped device (`VIRTIO_ID_*`).
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// The wrapped device's counters by name ([`VirtioDevice::counters`]).
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        self.device.counters()
+    }
+
+    /// Pauses the device ([`VirtioDevice::pause`]) if the driver started it: when this
+    /// returns, the device does not touch guest memory, its queues or its interrupts, and the
+    /// queues are consistent for [`crate::Persist::save`]. Pausing twice does nothing more.
+    pub fn pause(&mut self) {
+        if std::mem::replace(&mut self.paused, true) {
+            return;
+        }
+        if self.activated {
+            self.device.pause();
+        }
+    }
+
+    /// Continues a paused device where it stopped, or activates it if the driver or a restore
+    /// started it while paused. Does nothing unless paused. On failure the device stops, is
+    /// marked DEVICE_NEEDS_RESET and the driver is told (as for a failed activation).
+    pub fn resume(&mut self) -> Result<(), VirtioError> {
+        if !std::mem::take(&mut self.paused) {
+            return Ok(());
+        }
+        let result = if std::mem::take(&mut self.activate_on_resume) {
+            self.activate()
+        } else if self.activated {
+            self.device.resume()
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &result {
+            tracing::warn!("virtio device type {}: {e}", self.device.device_type());
+            if std::mem::take(&mut self.activated) {
+                self.device.reset();
+            }
+            self.device_status |= super::status::NEEDS_RESET;
+            self.interrupt.signal_config_change();
+        }
+        result
+    }
+
+    /// Whether the VMM paused the device.
+    pub fn is_paused(&self) -> bool {
+        self.paused
     }
 
     /// The device status register.

@@ -44,8 +44,12 @@ pub struct VirtioPciState {
 impl Persist for VirtioPciDevice {
     type State = VirtioPciState;
 
-    /// Captures the transport. Take it with the vCPUs paused; a running device's workers
-    /// finish each batch under the queue lock, so positions are consistent.
+    /// Captures the transport. Take it with the vCPUs parked and the device paused
+    /// ([`VirtioPciDevice::pause`]): the device's worker has then stopped, its requests in
+    /// flight have completed and the chains it held (virtio-net's receive buffers) are back in
+    /// the available ring, so `next_avail`/`next_used` say exactly what the device has consumed
+    /// and a restored device continues from there. (Saving a running device is consistent per
+    /// batch only, and misses chains a worker holds across batches.)
     fn save(&self) -> VirtioPciState {
         let queues = self
             .queues
@@ -81,12 +85,14 @@ impl Persist for VirtioPciDevice {
     }
 
     /// Puts the transport back and, if the driver had started the device, re-activates it
-    /// (the device's own state should be restored first). A queue that no longer fits guest
-    /// memory leaves the device in DEVICE_NEEDS_RESET.
+    /// (the device's own state should be restored first); a paused transport activates it on
+    /// resume instead. A queue that no longer fits guest memory leaves the device in
+    /// DEVICE_NEEDS_RESET.
     fn restore(&mut self, state: &VirtioPciState) {
         if std::mem::take(&mut self.activated) {
             self.device.reset();
         }
+        self.activate_on_resume = false;
         self.config.restore(&state.config);
         self.msix.restore(&state.msix);
         self.device_status = state.device_status;
@@ -119,7 +125,7 @@ impl Persist for VirtioPciDevice {
         let running = status::DRIVER_OK | status::FEATURES_OK;
         if self.device_status & running == running && self.device_status & status::NEEDS_RESET == 0
         {
-            if let Err(e) = self.activate() {
+            if let Err(e) = self.start_device() {
                 tracing::warn!("virtio device restore: {e}");
                 self.device_status |= status::NEEDS_RESET;
             }

@@ -13,6 +13,7 @@ use crate::virtio::{
     VIRTIO_RING_F_EVENT_IDX_BIT,
 };
 use crate::Persist;
+use vm_memory::Bytes;
 
 const MEM_SIZE: usize = 0x10_0000;
 const FEATURE_BIT0: u64 = 1;
@@ -41,6 +42,8 @@ struct Seen {
     acked: Mutex<Option<u64>>,
     activations: Mutex<Vec<Vec<u16>>>,
     resets: AtomicUsize,
+    pauses: AtomicUsize,
+    resumes: AtomicUsize,
     interrupt: Mutex<Option<Arc<dyn VirtioInterrupt>>>,
     config: Mutex<[u8; 8]>,
 }
@@ -89,6 +92,13 @@ impl VirtioDevice for Dummy {
     fn reset(&mut self) {
         self.seen.resets.fetch_add(1, Ordering::SeqCst);
         self.seen.interrupt.lock().unwrap().take();
+    }
+    fn pause(&mut self) {
+        self.seen.pauses.fetch_add(1, Ordering::SeqCst);
+    }
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        self.seen.resumes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -590,7 +600,6 @@ fn blk_end_to_end_and_restore() {
     use virtio_bindings::virtio_blk::{
         VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_OUT,
     };
-    use vm_memory::Bytes;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
@@ -665,4 +674,95 @@ fn blk_end_to_end_and_restore() {
     assert_eq!(status, 0);
     assert_eq!(restored.discards(), 1);
     assert_eq!(counters.write_ops(), 1);
+}
+
+#[test]
+fn pause_and_resume_reach_only_a_started_device() {
+    let (dev, seen) = dummy(1);
+    let mut d = Driver::new(dev);
+    let count = |a: &AtomicUsize| a.load(Ordering::SeqCst);
+    // Not started: nothing to pause or resume.
+    d.dev.pause();
+    assert!(d.dev.is_paused());
+    d.dev.resume().unwrap();
+    assert!(!d.dev.is_paused());
+    assert_eq!((count(&seen.pauses), count(&seen.resumes)), (0, 0));
+    // Started: one pause and one resume reach the device, however often they are asked for.
+    d.negotiate(VIRTIO_F_VERSION_1_BIT);
+    let ring = TestRing::new(0x1000, 16);
+    d.setup_queue(0, &ring, VIRTIO_MSI_NO_VECTOR);
+    d.add_status(status::DRIVER_OK);
+    d.dev.resume().unwrap();
+    d.dev.pause();
+    d.dev.pause();
+    assert_eq!((count(&seen.pauses), count(&seen.resumes)), (1, 0));
+    d.dev.resume().unwrap();
+    d.dev.resume().unwrap();
+    assert_eq!((count(&seen.pauses), count(&seen.resumes)), (1, 1));
+    // A driver reset while paused resets the device; resume then has nothing to resume.
+    d.dev.pause();
+    d.set_common(STATUS, 0, 1);
+    assert_eq!(count(&seen.resets), 1);
+    d.dev.resume().unwrap();
+    assert_eq!((count(&seen.pauses), count(&seen.resumes)), (2, 1));
+    assert_eq!(d.dev.device_type(), 26);
+    assert!(d.dev.counters().is_empty());
+}
+
+#[test]
+fn start_or_restore_while_paused_activates_on_resume() {
+    let (dev, seen) = dummy(1);
+    let mut d = Driver::new(dev);
+    d.negotiate(VIRTIO_F_VERSION_1_BIT);
+    let ring = TestRing::new(0x1000, 16);
+    d.setup_queue(0, &ring, VIRTIO_MSI_NO_VECTOR);
+    d.dev.pause();
+    d.add_status(status::DRIVER_OK);
+    assert!(seen.activations.lock().unwrap().is_empty());
+    let state = d.dev.save();
+    d.dev.resume().unwrap();
+    assert_eq!(*seen.activations.lock().unwrap(), vec![vec![0]]);
+
+    let (dev, seen) = dummy(1);
+    let irqs = Arc::new(FakeMsiIrqs::default());
+    let mut restored = VirtioPciDevice::new(dev, d.mem.clone(), irqs).unwrap();
+    restored.pause();
+    restored.restore(&state);
+    assert!(seen.activations.lock().unwrap().is_empty());
+    assert_eq!(restored.save(), state);
+    restored.resume().unwrap();
+    assert_eq!(*seen.activations.lock().unwrap(), vec![vec![0]]);
+    assert_eq!(seen.resumes.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn paused_rng_serves_nothing_and_saves_its_position() {
+    let (mut d, mut ring, _) = running_rng(VIRTIO_F_VERSION_1_BIT);
+    ring.add_chain(&d.mem, &[(0x8000, 8, VRING_DESC_F_WRITE)]);
+    d.kick(0);
+    assert!(ring.wait_used(&d.mem, 1));
+    d.dev.pause();
+    ring.add_chain(&d.mem, &[(0x9000, 8, VRING_DESC_F_WRITE)]);
+    d.kick(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(ring.used_idx(&d.mem), 1);
+    let mut buf = [0u8; 8];
+    d.mem
+        .read_slice(&mut buf, vm_memory::GuestAddress(0x9000))
+        .unwrap();
+    assert_eq!(buf, [0; 8]);
+    let state = d.dev.save();
+    assert_eq!(
+        (state.queues[0].next_avail, state.queues[0].next_used),
+        (1, 1)
+    );
+    assert_eq!(d.dev.device_type(), 4);
+    assert_eq!(d.dev.counters()["requests"], 1);
+    d.dev.resume().unwrap();
+    assert!(ring.wait_used(&d.mem, 2));
+    assert_eq!(d.dev.counters()["requests"], 2);
+    assert_eq!(d.dev.counters()["bytes"], 16);
+    // Dropped while paused: the worker stops.
+    d.dev.pause();
+    drop(d);
 }

@@ -2,6 +2,7 @@
 //! by the worker thread against real raw and qcow2 images in a temporary directory.
 
 mod hostile;
+mod pause;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,0 +1,107 @@
+//! The worker thread of a virtio device, which can be stopped and started again with the same
+//! state: that is how devices pause and resume.
+//!
+//! A worker ([`DeviceWorker`]) owns everything its thread touches: guest memory, the interrupt,
+//! the queue handles and notification eventfds, its epoll set and any state carried between
+//! wakeups. Its thread runs until the kill eventfd fires and then hands the worker back, so
+//! [`WorkerThread::pause`] keeps it and [`WorkerThread::resume`] runs it on a new thread, where
+//! it left off. Dropping a [`WorkerThread`] stops the thread and drops the worker (a reset).
+
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::VirtioError;
+
+/// What a device's worker thread runs.
+pub(crate) trait DeviceWorker: Send + 'static {
+    /// Serves the device until its kill eventfd is signalled (or a fatal error) and returns
+    /// the worker, with nothing in flight: every request taken from a queue is either in the
+    /// used ring or back in the available ring. The first thing a run does is serve what the
+    /// driver queued while no thread ran.
+    fn run(self) -> Self;
+}
+
+enum State<W> {
+    Running(JoinHandle<W>),
+    Paused(W),
+    /// The thread panicked or could not be started again; only a reset helps.
+    Lost,
+}
+
+/// A device worker on its thread, or parked between a pause and a resume.
+pub(crate) struct WorkerThread<W: DeviceWorker> {
+    name: &'static str,
+    /// Wakes the thread to return; the worker holds a clone in its epoll set and reads it
+    /// before returning.
+    kill: EventFd,
+    state: State<W>,
+}
+
+impl<W: DeviceWorker> WorkerThread<W> {
+    /// Starts `worker` on a thread called `name`; `kill` is the eventfd that stops it.
+    pub(crate) fn spawn(name: &'static str, kill: EventFd, worker: W) -> Result<Self, VirtioError> {
+        let thread = start(name, worker)?;
+        Ok(WorkerThread {
+            name,
+            kill,
+            state: State::Running(thread),
+        })
+    }
+
+    /// Stops the thread and keeps the worker; returns once the thread has ended (its current
+    /// batch of requests completed). Pausing a paused worker does nothing.
+    pub(crate) fn pause(&mut self) {
+        self.state = match std::mem::replace(&mut self.state, State::Lost) {
+            State::Running(thread) => match self.stop(thread) {
+                Some(worker) => State::Paused(worker),
+                None => State::Lost,
+            },
+            other => other,
+        };
+    }
+
+    /// Runs the paused worker on a new thread; does nothing unless paused.
+    pub(crate) fn resume(&mut self) -> Result<(), VirtioError> {
+        match std::mem::replace(&mut self.state, State::Lost) {
+            State::Paused(worker) => {
+                // A kill the worker never read (its thread had ended on its own before the
+                // pause) must not end the new run at once.
+                let _ = self.kill.read();
+                self.state = State::Running(start(self.name, worker)?);
+            }
+            other => self.state = other,
+        }
+        Ok(())
+    }
+
+    fn stop(&self, thread: JoinHandle<W>) -> Option<W> {
+        // If the write fails the eventfd counter is saturated, which still wakes the worker.
+        let _ = self.kill.write(1);
+        match thread.join() {
+            Ok(worker) => Some(worker),
+            Err(_) => {
+                tracing::error!("{} worker panicked", self.name);
+                None
+            }
+        }
+    }
+}
+
+impl<W: DeviceWorker> Drop for WorkerThread<W> {
+    fn drop(&mut self) {
+        if let State::Running(thread) = std::mem::replace(&mut self.state, State::Lost) {
+            self.stop(thread);
+        }
+    }
+}
+
+fn start<W: DeviceWorker>(name: &'static str, worker: W) -> Result<JoinHandle<W>, VirtioError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || worker.run())
+        .map_err(|source| VirtioError::SpawnWorker {
+            device: name,
+            source,
+        })
+}
