@@ -148,15 +148,18 @@ impl PciSegment {
     /// Stops every device's worker (see [`VirtioPciDevice::pause`]).
     pub fn pause_devices(&self) {
         for f in lock(&self.functions).values() {
-            let _ = &f.device; // TEMP until devpause merges
+            lock(&f.device).pause();
         }
     }
 
     /// Restarts the workers [`PciSegment::pause_devices`] stopped.
-    pub fn resume_devices(&self) {
+    pub fn resume_devices(&self) -> Result<(), Error> {
         for f in lock(&self.functions).values() {
-            let _ = &f.device; // TEMP
+            lock(&f.device)
+                .resume()
+                .map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
         }
+        Ok(())
     }
 
     /// Every device's counters, by device ID.
@@ -164,7 +167,11 @@ impl PciSegment {
         lock(&self.functions)
             .values()
             .map(|f| {
-                let counters = BTreeMap::new(); // TEMP
+                let counters = lock(&f.device)
+                    .counters()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
                 (f.name.clone(), counters)
             })
             .collect()

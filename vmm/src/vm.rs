@@ -316,7 +316,7 @@ impl RunningVm {
         self.fd
             .set_clock(&saved)
             .map_err(|e| Error::Kvm("restore the guest clock", e))?;
-        self.pci.resume_devices();
+        self.pci.resume_devices()?;
         self.ctx.control.resume();
         Ok(())
     }
