@@ -164,8 +164,10 @@ fn readonly_disk_refuses_writes() -> Result<(), Failed> {
     Ok(())
 }
 
-/// SIGKILL right after the guest's `sync` returns: every byte it synced is in the images,
-/// and the qcow2 has no corruption (leaked clusters are allowed).
+/// SIGKILL right after the guest's `sync` returns: every byte it flushed is in the images,
+/// and the qcow2 has no corruption (leaked clusters are allowed). (`sync` alone writes a raw
+/// block device's dirty pages back but sends the device no FLUSH; `conv=fsync` does, as a
+/// file system's sync would.)
 fn kill_after_sync_loses_nothing() -> Result<(), Failed> {
     let dir = Scratch::new("kill");
     let (raw, qcow2, flat) = (dir.arg("k.raw"), dir.arg("k.qcow2"), dir.arg("k-flat.raw"));
@@ -179,7 +181,7 @@ fn kill_after_sync_loses_nothing() -> Result<(), Failed> {
     ])?;
     let sha = guest_payload(&mut vm)?;
     vm.shell_ok(
-        "dd if=/tmp/f of=/dev/vda bs=1M 2>/dev/null && dd if=/tmp/f of=/dev/vdb bs=1M seek=3 2>/dev/null && sync",
+        "dd if=/tmp/f of=/dev/vda bs=1M conv=fsync 2>/dev/null && dd if=/tmp/f of=/dev/vdb bs=1M seek=3 conv=fsync 2>/dev/null && sync",
     )?;
     vm.kill()?;
     if sha256_of(Path::new(&raw), 0, PAYLOAD_MIB * MIB)? != sha {
