@@ -88,9 +88,7 @@ impl RunArgs {
                 initramfs: self.initramfs.clone(),
                 cmdline: self.cmdline.clone(),
             },
-            cpus: CpusConfig {
-                boot_vcpus: self.cpus,
-            },
+            cpus: CpusConfig::new(self.cpus),
             memory: MemoryConfig { size },
             serial: parse_serial(&self.serial)?,
             disks: self
@@ -111,6 +109,7 @@ impl RunArgs {
                 .map(RngConfig::parse)
                 .transpose()
                 .map_err(|e| e.to_string())?,
+            console: None,
         })
     }
 }
