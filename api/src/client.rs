@@ -1,0 +1,150 @@
+//! A small blocking client for the API over its Unix socket (what `podvisor ctl` uses). It
+//! keeps one HTTP/1.1 connection open across requests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+use crate::error::Error;
+use crate::routes::API_PREFIX;
+use crate::types::ErrorBody;
+
+/// An answer: status and raw body (JSON, or empty for 204).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The `error` of an error answer's body, or the body as text.
+    pub fn error_message(&self) -> String {
+        match serde_json::from_slice::<ErrorBody>(&self.body) {
+            Ok(e) => e.error,
+            Err(_) => String::from_utf8_lossy(&self.body).into_owned(),
+        }
+    }
+}
+
+/// A connection to a podvisor API socket.
+pub struct Client {
+    path: PathBuf,
+    runtime: tokio::runtime::Runtime,
+    sender: Option<SendRequest<Full<Bytes>>>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects to `path`.
+    pub fn connect(path: &Path) -> Result<Self, Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|source| Error::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
+        let mut client = Client {
+            path: path.to_owned(),
+            runtime,
+            sender: None,
+            timeout: Duration::from_secs(120),
+        };
+        client.reconnect()?;
+        Ok(client)
+    }
+
+    /// How long one request may take (default 120 s: a boot can be slow).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    fn reconnect(&mut self) -> Result<(), Error> {
+        let path = self.path.clone();
+        let connect_err = |source| Error::Connect {
+            path: path.clone(),
+            source,
+        };
+        let sender = self.runtime.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&path)
+                .await
+                .map_err(connect_err)?;
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| connect_err(std::io::Error::other(e)))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Ok::<_, Error>(sender)
+        })?;
+        self.sender = Some(sender);
+        Ok(())
+    }
+
+    /// Sends `method` to `endpoint` (e.g. `vm.info`), with an optional JSON body.
+    pub fn request(
+        &mut self,
+        method: &str,
+        endpoint: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Reply, Error> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            self.reconnect()?;
+        }
+        let path = self.path.clone();
+        let fail = |message: String| Error::Request {
+            path: path.clone(),
+            endpoint: endpoint.to_owned(),
+            message,
+        };
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("{API_PREFIX}{endpoint}"))
+            .header(HOST, "localhost");
+        if body.is_some() {
+            builder = builder.header(CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+            .map_err(|e| fail(e.to_string()))?;
+        let Some(sender) = self.sender.as_mut() else {
+            return Err(fail("not connected".into()));
+        };
+        let timeout = self.timeout;
+        let result = self.runtime.block_on(async {
+            tokio::time::timeout(timeout, async {
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await?.to_bytes();
+                Ok::<_, hyper::Error>(Reply {
+                    status,
+                    body: body.to_vec(),
+                })
+            })
+            .await
+        });
+        match result {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => {
+                self.sender = None;
+                Err(fail(e.to_string()))
+            }
+            Err(_) => {
+                self.sender = None;
+                Err(fail(format!("no answer within {} s", timeout.as_secs())))
+            }
+        }
+    }
+}
