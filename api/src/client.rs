@@ -1,6 +1,7 @@
 //! A small blocking client for the API over its Unix socket (what `podvisor ctl` uses). It
 //! keeps one HTTP/1.1 connection open across requests.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -40,8 +41,30 @@ impl Reply {
 pub struct Client {
     path: PathBuf,
     runtime: tokio::runtime::Runtime,
-    sender: Option<SendRequest<Full<Bytes>>>,
+    connection: Option<Connection>,
     timeout: Duration,
+}
+
+/// A kept-alive connection: hyper's handle, and a duplicate of the socket to check, between
+/// requests, whether the server has closed it.
+struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+    socket: OwnedFd,
+}
+
+impl Connection {
+    /// Whether it can carry another request: between requests the server sends nothing, so a
+    /// readable socket means it was closed (idle timeout, server restart).
+    fn usable(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on a descriptor we own, zero timeout.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready == 0 && !self.sender.is_closed()
+    }
 }
 
 impl Client {
@@ -58,7 +81,7 @@ impl Client {
         let mut client = Client {
             path: path.to_owned(),
             runtime,
-            sender: None,
+            connection: None,
             timeout: Duration::from_secs(120),
         };
         client.reconnect()?;
@@ -76,19 +99,20 @@ impl Client {
             path: path.clone(),
             source,
         };
-        let sender = self.runtime.block_on(async {
+        let connection = self.runtime.block_on(async {
             let stream = tokio::net::UnixStream::connect(&path)
                 .await
                 .map_err(connect_err)?;
+            let socket = stream.as_fd().try_clone_to_owned().map_err(connect_err)?;
             let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| connect_err(std::io::Error::other(e)))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            Ok::<_, Error>(sender)
+            Ok::<_, Error>(Connection { sender, socket })
         })?;
-        self.sender = Some(sender);
+        self.connection = Some(connection);
         Ok(())
     }
 
@@ -99,7 +123,7 @@ impl Client {
         endpoint: &str,
         body: Option<&[u8]>,
     ) -> Result<Reply, Error> {
-        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+        if !self.connection.as_ref().is_some_and(Connection::usable) {
             self.reconnect()?;
         }
         let path = self.path.clone();
@@ -118,7 +142,7 @@ impl Client {
         let request = builder
             .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
             .map_err(|e| fail(e.to_string()))?;
-        let Some(sender) = self.sender.as_mut() else {
+        let Some(Connection { sender, .. }) = self.connection.as_mut() else {
             return Err(fail("not connected".into()));
         };
         let timeout = self.timeout;
@@ -138,11 +162,11 @@ impl Client {
         match result {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => {
-                self.sender = None;
+                self.connection = None;
                 Err(fail(e.to_string()))
             }
             Err(_) => {
-                self.sender = None;
+                self.connection = None;
                 Err(fail(format!("no answer within {} s", timeout.as_secs())))
             }
         }

@@ -349,6 +349,58 @@ fn a_slow_action_does_not_block_others() {
 }
 
 #[test]
+fn shutdown_waits_for_answers_in_flight() {
+    let dir = TempDir::new("drain");
+    let vm: VmConfigSource = serde_json::from_str(CONFIG).unwrap();
+    let server = start(
+        &dir,
+        Arc::new(SlowBoot(FakeVmm::with_vm(vm, VmState::Created))),
+    );
+    let mut c = Client::connect(&dir.sock()).unwrap();
+    let boot = std::thread::spawn(move || c.request("PUT", "vm.boot", None).unwrap().status);
+    std::thread::sleep(Duration::from_millis(200));
+    server.shutdown();
+    assert_eq!(boot.join().unwrap(), 204);
+    assert!(!dir.sock().exists());
+    assert!(Client::connect(&dir.sock()).is_err());
+}
+
+#[test]
+fn client_reconnects_after_idle_close() {
+    let dir = TempDir::new("idle");
+    let opts = ServerOptions {
+        header_read_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let _server = api::serve_with(&dir.sock(), Arc::new(FakeVmm::new()), opts).unwrap();
+    let mut c = Client::connect(&dir.sock()).unwrap();
+    assert_eq!(c.request("GET", "vmm.ping", None).unwrap().status, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.request("GET", "vmm.ping", None).unwrap().status, 200);
+}
+
+#[test]
+fn oversized_head_is_refused() {
+    let dir = TempDir::new("head");
+    let _server = start(&dir, Arc::new(FakeVmm::new()));
+    let mut req = b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 200 << 10));
+    req.extend_from_slice(b"\r\n\r\n");
+    let mut s = UnixStream::connect(dir.sock()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(&req);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(out.is_empty() || status_of(&text) == 431, "{text}");
+    let r = raw(
+        &dir.sock(),
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 200);
+}
+
+#[test]
 fn connection_cap() {
     let dir = TempDir::new("cap");
     let opts = ServerOptions {
