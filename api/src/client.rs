@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -50,12 +50,23 @@ pub struct Client {
 struct Connection {
     sender: SendRequest<Full<Bytes>>,
     socket: OwnedFd,
+    last_used: Instant,
 }
+
+/// A connection idle for less than this is reused without checking the socket (a server closes
+/// idle connections after seconds; the check costs tens of µs on some hosts).
+const CHECK_AFTER_IDLE: Duration = Duration::from_millis(50);
 
 impl Connection {
     /// Whether it can carry another request: between requests the server sends nothing, so a
     /// readable socket means it was closed (idle timeout, server restart).
     fn usable(&self) -> bool {
+        if self.sender.is_closed() {
+            return false;
+        }
+        if self.last_used.elapsed() < CHECK_AFTER_IDLE {
+            return true;
+        }
         let mut poll = libc::pollfd {
             fd: self.socket.as_raw_fd(),
             events: libc::POLLIN | libc::POLLRDHUP,
@@ -63,7 +74,7 @@ impl Connection {
         };
         // SAFETY: one valid pollfd on a descriptor we own, zero timeout.
         let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-        ready == 0 && !self.sender.is_closed()
+        ready == 0
     }
 }
 
@@ -110,7 +121,11 @@ impl Client {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            Ok::<_, Error>(Connection { sender, socket })
+            Ok::<_, Error>(Connection {
+                sender,
+                socket,
+                last_used: Instant::now(),
+            })
         })?;
         self.connection = Some(connection);
         Ok(())
@@ -142,9 +157,10 @@ impl Client {
         let request = builder
             .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
             .map_err(|e| fail(e.to_string()))?;
-        let Some(Connection { sender, .. }) = self.connection.as_mut() else {
+        let Some(connection) = self.connection.as_mut() else {
             return Err(fail("not connected".into()));
         };
+        let sender = &mut connection.sender;
         let timeout = self.timeout;
         let result = self.runtime.block_on(async {
             tokio::time::timeout(timeout, async {
@@ -160,7 +176,10 @@ impl Client {
             .await
         });
         match result {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => {
+                connection.last_used = Instant::now();
+                Ok(reply)
+            }
             Ok(Err(e)) => {
                 self.connection = None;
                 Err(fail(e.to_string()))
