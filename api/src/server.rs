@@ -17,7 +17,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::error::Error;
 use crate::routes::{self, MAX_BODY_BYTES};
-use crate::socket::{self, BoundSocket};
+use crate::socket::{self, SocketFile};
 use crate::types::{ApiError, ErrorStatus, VmmBackend};
 
 /// Limits of the server. The defaults suit a pod's control socket.
@@ -47,7 +47,7 @@ impl Default for ServerOptions {
 
 /// A running API server. Dropping it stops it, as [`ApiServer::shutdown`] does.
 pub struct ApiServer {
-    socket: Arc<BoundSocket>,
+    socket: SocketFile,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -98,19 +98,16 @@ pub fn serve_with(
         .enable_time()
         .build()
         .map_err(Error::Runtime)?;
-    let bound = Arc::new(socket::bind(socket)?);
+    let (std_listener, file) = socket::bind(socket)?;
     let listener = {
         let _guard = runtime.enter();
-        let std_listener = bound.listener.try_clone().and_then(|l| {
-            l.set_nonblocking(true)?;
-            Ok(l)
-        });
-        std_listener
-            .and_then(tokio::net::UnixListener::from_std)
-            .map_err(|source| Error::Bind {
+        tokio::net::UnixListener::from_std(std_listener).map_err(|source| {
+            file.remove_file();
+            Error::Bind {
                 path: socket.to_owned(),
                 source,
-            })?
+            }
+        })?
     };
     let (stop, stopped) = watch::channel(false);
     let path = socket.to_owned();
@@ -120,9 +117,12 @@ pub fn serve_with(
             runtime.block_on(accept_loop(listener, backend, options, stopped, path));
             runtime.shutdown_timeout(Duration::from_millis(100));
         })
-        .map_err(Error::Runtime)?;
+        .map_err(|e| {
+            file.remove_file();
+            Error::Runtime(e)
+        })?;
     Ok(ApiServer {
-        socket: bound,
+        socket: file,
         stop,
         thread: Some(thread),
     })

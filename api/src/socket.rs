@@ -13,14 +13,13 @@ use crate::error::Error;
 /// Pending connections the kernel queues before `accept`.
 const BACKLOG: libc::c_int = 128;
 
-/// A bound socket and the identity of its file, so only our own file is removed later.
-pub(crate) struct BoundSocket {
-    pub listener: UnixListener,
+/// The socket file we bound, identified so that only our own file is removed later.
+pub(crate) struct SocketFile {
     pub path: PathBuf,
     dev_ino: (u64, u64),
 }
 
-impl BoundSocket {
+impl SocketFile {
     /// Removes the socket file if it is still the one we created.
     pub fn remove_file(&self) {
         if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
@@ -34,7 +33,7 @@ impl BoundSocket {
 /// Binds `path`, mode 0600. An existing socket nobody answers on is stale and replaced; one
 /// that accepts a connection belongs to a live process and is an error, as is a file that is
 /// not a socket.
-pub(crate) fn bind(path: &Path) -> Result<BoundSocket, Error> {
+pub(crate) fn bind(path: &Path) -> Result<(UnixListener, SocketFile), Error> {
     let bytes = path.as_os_str().as_bytes();
     let mut addr = libc::sockaddr_un {
         sun_family: libc::AF_UNIX as libc::sa_family_t,
@@ -97,11 +96,11 @@ pub(crate) fn bind(path: &Path) -> Result<BoundSocket, Error> {
         return Err(bind_err(err));
     }
     let meta = std::fs::symlink_metadata(path).map_err(bind_err)?;
-    Ok(BoundSocket {
-        listener: UnixListener::from(fd),
+    let file = SocketFile {
         path: path.to_owned(),
         dev_ino: (meta.dev(), meta.ino()),
-    })
+    };
+    Ok((UnixListener::from(fd), file))
 }
 
 fn remove_if_stale(path: &Path) -> Result<(), Error> {

@@ -151,6 +151,21 @@ fn lifecycle_over_the_socket() {
     assert_eq!(c.request("PUT", "vmm.shutdown", None).unwrap().status, 204);
     server.shutdown();
     assert!(!dir.sock().exists(), "shutdown removes the socket");
+    // The path is free again.
+    let again = start(&dir, Arc::new(FakeVmm::new()));
+    assert_eq!(
+        Client::connect(&dir.sock())
+            .unwrap()
+            .request("GET", "vmm.ping", None)
+            .unwrap()
+            .status,
+        200
+    );
+    drop(again);
+    assert!(
+        !dir.sock().exists(),
+        "dropping the server removes the socket too"
+    );
 }
 
 #[test]
