@@ -26,6 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Boot a Linux kernel and run the VM until the guest powers off (a guest reboot restarts it).
     Run(RunArgs),
+    /// Send one request to a running podvisor's API socket and print the JSON answer.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Debug, Args)]
@@ -88,9 +90,7 @@ impl RunArgs {
                 initramfs: self.initramfs.clone(),
                 cmdline: self.cmdline.clone(),
             },
-            cpus: CpusConfig {
-                boot_vcpus: self.cpus,
-            },
+            cpus: CpusConfig::new(self.cpus),
             memory: MemoryConfig { size },
             serial: parse_serial(&self.serial)?,
             disks: self
@@ -111,6 +111,7 @@ impl RunArgs {
                 .map(RngConfig::parse)
                 .transpose()
                 .map_err(|e| e.to_string())?,
+            console: None,
         })
     }
 }
@@ -126,6 +127,7 @@ mod tests {
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).unwrap().command {
             Command::Run(a) => a,
+            other => panic!("not a run command: {other:?}"),
         }
     }
 
@@ -206,6 +208,45 @@ mod tests {
         assert!(none.disks.is_empty() && none.net.is_empty() && none.rng.is_none());
         let bad = run_args(&["run", "--kernel", "k", "--disk", "readonly=on"]);
         assert!(bad.to_config().unwrap_err().contains("path=FILE"));
+    }
+
+    #[test]
+    fn ctl_commands() {
+        use crate::ctl::CtlAction;
+        let action = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Ctl(c) => {
+                assert_eq!(c.api_socket, PathBuf::from("/s"));
+                c.action
+            }
+            other => panic!("{other:?}"),
+        };
+        let base = ["ctl", "--api-socket", "/s"];
+        for (word, expected) in [
+            ("ping", CtlAction::Ping),
+            ("info", CtlAction::Info),
+            ("counters", CtlAction::Counters),
+            ("boot", CtlAction::Boot),
+            ("pause", CtlAction::Pause),
+            ("resume", CtlAction::Resume),
+            ("shutdown", CtlAction::Shutdown),
+            ("reboot", CtlAction::Reboot),
+            ("power-button", CtlAction::PowerButton),
+            ("delete", CtlAction::Delete),
+            ("shutdown-vmm", CtlAction::ShutdownVmm),
+        ] {
+            let args: Vec<&str> = base.iter().copied().chain([word]).collect();
+            assert_eq!(action(&args), expected, "{word}");
+        }
+        let args: Vec<&str> = base.iter().copied().chain(["create", "vm.json"]).collect();
+        assert_eq!(
+            action(&args),
+            CtlAction::Create {
+                file: "vm.json".into()
+            }
+        );
+        assert!(parse(&["ctl", "ping"]).is_err(), "--api-socket is required");
+        assert!(parse(&["ctl", "--api-socket", "/s", "create"]).is_err());
+        assert!(parse(&["ctl", "--api-socket", "/s", "frobnicate"]).is_err());
     }
 
     #[test]

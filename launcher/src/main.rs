@@ -1,6 +1,7 @@
 //! `podvisor`: boots a VM from the command line (and, as a pod's entrypoint, serves its API).
 
 mod cli;
+mod ctl;
 mod terminal;
 
 use std::process::ExitCode;
@@ -33,14 +34,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
-        cli::Command::Run(args) => match run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("podvisor: error: {msg}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match cli.command {
+        cli::Command::Run(args) => run(args),
+        cli::Command::Ctl(args) => ctl::run(&args, &mut std::io::stdout().lock()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("podvisor: error: {msg}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! What a VM is made of, as the user asked for it. The CLI and (later) the REST API both map to
-//! these types; [`VmConfig::validate`] checks them once, after which the VMM trusts them.
+//! What a VM is made of, as the user asked for it. The CLI and the REST API (`vm.create`, in
+//! Cloud Hypervisor's JSON shapes) both map to these types; [`VmConfig::validate`] checks them
+//! once, after which the VMM trusts them.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -26,6 +27,20 @@ pub struct PayloadConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpusConfig {
     pub boot_vcpus: u8,
+    /// Cloud Hypervisor's hotplug ceiling. podvisor has no vCPU hotplug: when given, it must
+    /// equal `boot_vcpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u8>,
+}
+
+impl CpusConfig {
+    /// `n` vCPUs at boot, no hotplug ceiling given.
+    pub fn new(boot_vcpus: u8) -> Self {
+        CpusConfig {
+            boot_vcpus,
+            max_vcpus: None,
+        }
+    }
 }
 
 /// Guest RAM.
@@ -44,8 +59,18 @@ pub enum ConsoleConfig {
     Tty,
     /// Appended to a file; no input.
     File(PathBuf),
-    /// The UART exists but its output is dropped.
+    /// The UART exists but its output is dropped (Cloud Hypervisor's `Null` means the same).
+    #[serde(alias = "Null")]
     Off,
+}
+
+/// Cloud Hypervisor's `console` (a virtio-console). podvisor has none, so only the modes that
+/// ask for no console (`Off`, `Null`) are accepted; [`VmConfig::validate`] rejects the others.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioConsoleConfig {
+    pub mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
 }
 
 /// A virtio-blk disk.
@@ -122,6 +147,26 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngConfig>,
+    /// Accepted for Cloud Hypervisor compatibility; see [`VirtioConsoleConfig`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<VirtioConsoleConfig>,
+}
+
+/// Where a VM is in its life, as the API's `vm.info` reports it (Cloud Hypervisor's `VmState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Configured (`vm.create`), not booted yet.
+    Created,
+    Running,
+    Paused,
+    /// The guest was shut down (or powered off); `vm.boot` starts it again.
+    Shutdown,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
 }
 
 /// A configuration the VMM cannot run.
@@ -145,6 +190,12 @@ pub enum ConfigError {
         "net: '{0}' is not a usable MAC address (six hex bytes like 52:54:00:12:34:56, unicast)"
     )]
     Mac(String),
+    #[error(
+        "cpus: max_vcpus ({max}) must equal boot_vcpus ({boot}): podvisor has no vCPU hotplug"
+    )]
+    MaxVcpus { boot: u8, max: u8 },
+    #[error("console: mode '{0}' is not supported: podvisor has no virtio-console (use mode Off or Null; the guest's console is the serial port)")]
+    VirtioConsole(String),
     #[error("{0}")]
     Options(String),
 }
@@ -157,6 +208,19 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cpus.boot_vcpus == 0 || self.cpus.boot_vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.cpus.boot_vcpus));
+        }
+        if let Some(max) = self.cpus.max_vcpus {
+            if max != self.cpus.boot_vcpus {
+                return Err(ConfigError::MaxVcpus {
+                    boot: self.cpus.boot_vcpus,
+                    max,
+                });
+            }
+        }
+        if let Some(console) = &self.console {
+            if !matches!(console.mode.as_str(), "Off" | "Null") {
+                return Err(ConfigError::VirtioConsole(console.mode.clone()));
+            }
         }
         if self.memory.size < MIN_MEMORY_BYTES {
             return Err(ConfigError::MemoryTooSmall(self.memory.size));
@@ -336,12 +400,13 @@ mod tests {
                 initramfs: None,
                 cmdline: "console=ttyS0".into(),
             },
-            cpus: CpusConfig { boot_vcpus: 2 },
+            cpus: CpusConfig::new(2),
             memory: MemoryConfig { size: 512 << 20 },
             serial: ConsoleConfig::Tty,
             disks: Vec::new(),
             net: Vec::new(),
             rng: None,
+            console: None,
         }
     }
 
@@ -438,6 +503,30 @@ mod tests {
         let mut c = config();
         c.payload.cmdline = "x".repeat(4000);
         assert_eq!(c.validate(), Err(ConfigError::CmdlineTooLong(4000)));
+    }
+
+    #[test]
+    fn cloud_hypervisor_extras() {
+        let mut c = config();
+        c.cpus.max_vcpus = Some(2);
+        assert_eq!(c.validate(), Ok(()));
+        c.cpus.max_vcpus = Some(4);
+        assert_eq!(c.validate(), Err(ConfigError::MaxVcpus { boot: 2, max: 4 }));
+        let mut c = config();
+        for (mode, ok) in [
+            ("Off", true),
+            ("Null", true),
+            ("Tty", false),
+            ("Pty", false),
+        ] {
+            c.console = Some(VirtioConsoleConfig {
+                mode: mode.into(),
+                file: None,
+            });
+            assert_eq!(c.validate().is_ok(), ok, "{mode}");
+        }
+        let serial: ConsoleConfig = serde_json::from_str(r#"{"mode":"Null"}"#).unwrap();
+        assert_eq!(serial, ConsoleConfig::Off);
     }
 
     #[test]

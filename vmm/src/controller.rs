@@ -14,26 +14,17 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kvm_ioctls::Kvm;
-use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
+pub use crate::config::VmState;
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::events::EventMonitor;
 use crate::vcpu::CpuTemplate;
 use crate::vm::{RunningVm, Vm, VmExit};
 use crate::{kvm, Error, RunOptions};
-
-/// Where a VM is in its life (Cloud Hypervisor's names).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum VmState {
-    Created,
-    Running,
-    Paused,
-    Shutdown,
-}
 
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

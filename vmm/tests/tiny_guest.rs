@@ -183,12 +183,13 @@ fn config(kernel: &Path, serial: &Path, vcpus: u8) -> VmConfig {
             initramfs: None,
             cmdline: String::new(),
         },
-        cpus: CpusConfig { boot_vcpus: vcpus },
+        cpus: CpusConfig::new(vcpus),
         memory: MemoryConfig { size: 64 << 20 },
         serial: ConsoleConfig::File(serial.to_owned()),
         disks: Vec::new(),
         net: Vec::new(),
         rng: None,
+        console: None,
     }
 }
 

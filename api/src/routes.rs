@@ -1,0 +1,329 @@
+//! The route table and the pure mapping from an HTTP request (method, path, body) to an
+//! [`ApiRequest`], and from an answer back to a status and body. No I/O here: the server, the
+//! unit tests and the fuzz target all call these functions.
+
+use vmm::config::VmConfig;
+
+use crate::types::{ApiError, ApiRequest, ApiResponse, ErrorBody, ErrorStatus};
+
+/// Every endpoint lives under this path.
+pub const API_PREFIX: &str = "/api/v1/";
+
+/// Largest request body accepted; larger ones get 413 before they are read.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// One served endpoint. `api/openapi.yaml` documents exactly these (a test compares them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The path after [`API_PREFIX`], e.g. `vm.info`.
+    pub endpoint: &'static str,
+    /// `GET` or `PUT`.
+    pub method: &'static str,
+}
+
+const fn route(endpoint: &'static str, method: &'static str) -> Route {
+    Route { endpoint, method }
+}
+
+/// The served routes.
+pub const ROUTES: &[Route] = &[
+    route("vmm.ping", "GET"),
+    route("vmm.shutdown", "PUT"),
+    route("vm.create", "PUT"),
+    route("vm.boot", "PUT"),
+    route("vm.delete", "PUT"),
+    route("vm.info", "GET"),
+    route("vm.counters", "GET"),
+    route("vm.pause", "PUT"),
+    route("vm.resume", "PUT"),
+    route("vm.shutdown", "PUT"),
+    route("vm.reboot", "PUT"),
+    route("vm.power-button", "PUT"),
+];
+
+/// Decodes one request. Bodies of endpoints that take none are ignored, as Cloud Hypervisor
+/// does; `vm.create`'s body must be a valid `VmConfig` (JSON, then [`VmConfig::validate`]).
+pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let endpoint = path
+        .strip_prefix(API_PREFIX)
+        .ok_or_else(|| ApiError::not_found(format!("no such path '{}'", printable(path))))?;
+    let route = ROUTES
+        .iter()
+        .find(|r| r.endpoint == endpoint)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no such endpoint '{}'", printable(endpoint)))
+        })?;
+    if route.method != method {
+        return Err(ApiError::new(
+            ErrorStatus::MethodNotAllowed,
+            format!(
+                "{} takes {}, not {}",
+                route.endpoint,
+                route.method,
+                printable(method)
+            ),
+        ));
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(too_large(body.len() as u64));
+    }
+    Ok(match route.endpoint {
+        "vmm.ping" => ApiRequest::VmmPing,
+        "vmm.shutdown" => ApiRequest::VmmShutdown,
+        "vm.create" => ApiRequest::VmCreate(Box::new(parse_vm_config(body)?)),
+        "vm.boot" => ApiRequest::VmBoot,
+        "vm.delete" => ApiRequest::VmDelete,
+        "vm.info" => ApiRequest::VmInfo,
+        "vm.counters" => ApiRequest::VmCounters,
+        "vm.pause" => ApiRequest::VmPause,
+        "vm.resume" => ApiRequest::VmResume,
+        "vm.shutdown" => ApiRequest::VmShutdown,
+        "vm.reboot" => ApiRequest::VmReboot,
+        "vm.power-button" => ApiRequest::VmPowerButton,
+        other => {
+            return Err(ApiError::internal(format!(
+                "route {other} has no request (a bug)"
+            )))
+        }
+    })
+}
+
+/// The methods a path is served with (for a 405's `Allow` header).
+pub fn allowed_method(path: &str) -> Option<&'static str> {
+    let endpoint = path.strip_prefix(API_PREFIX)?;
+    ROUTES
+        .iter()
+        .find(|r| r.endpoint == endpoint)
+        .map(|r| r.method)
+}
+
+/// The 413 answer for a body of `len` bytes.
+pub fn too_large(len: u64) -> ApiError {
+    ApiError::new(
+        ErrorStatus::PayloadTooLarge,
+        format!("request body is {len} bytes or more; the limit is {MAX_BODY_BYTES}"),
+    )
+}
+
+fn parse_vm_config(body: &[u8]) -> Result<VmConfig, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "vm.create needs a VmConfig JSON body",
+        ));
+    }
+    let config: VmConfig = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid VmConfig: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| ApiError::bad_request(format!("invalid VmConfig: {e}")))?;
+    Ok(config)
+}
+
+/// At most 64 characters of `s`, control characters escaped: safe to echo in an error.
+fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(64).flat_map(char::escape_default).collect();
+    if s.chars().nth(64).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// The HTTP status and JSON body (none for 204) of an answer.
+pub fn encode_response(result: &Result<ApiResponse, ApiError>) -> (u16, Option<Vec<u8>>) {
+    let json = match result {
+        Ok(ApiResponse::Empty) => return (204, None),
+        Ok(ApiResponse::Ping(p)) => serde_json::to_vec(p),
+        Ok(ApiResponse::Info(i)) => serde_json::to_vec(i),
+        Ok(ApiResponse::Counters(c)) => serde_json::to_vec(c),
+        Err(e) => return (e.status.code(), Some(error_body(&e.message))),
+    };
+    match json {
+        Ok(body) => (200, Some(body)),
+        Err(e) => (
+            500,
+            Some(error_body(&format!("cannot encode the answer: {e}"))),
+        ),
+    }
+}
+
+fn error_body(message: &str) -> Vec<u8> {
+    let body = ErrorBody {
+        error: message.to_owned(),
+    };
+    serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"error\":\"unknown\"}".to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{VmInfo, VmmPingResponse};
+    use vmm::config::VmState;
+
+    const CONFIG: &str = r#"{
+        "payload": {"kernel": "/k", "cmdline": "console=ttyS0"},
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 536870912},
+        "disks": [{"path": "/d.raw", "readonly": true, "direct": false}],
+        "net": [{"tap": "tap0", "ip": "10.0.0.1", "mask": "255.255.255.0", "mac": "52:54:00:00:00:01"}],
+        "rng": {"src": "/dev/urandom"},
+        "serial": {"mode": "File", "file": "/tmp/s"},
+        "console": {"mode": "Off"}
+    }"#;
+
+    fn p(method: &str, endpoint: &str, body: &str) -> Result<ApiRequest, ApiError> {
+        parse_request(method, &format!("{API_PREFIX}{endpoint}"), body.as_bytes())
+    }
+
+    fn status(r: Result<ApiRequest, ApiError>) -> u16 {
+        r.map(|_| 200).unwrap_or_else(|e| e.status.code())
+    }
+
+    #[test]
+    fn every_route() {
+        let expected = [
+            ("vmm.ping", ApiRequest::VmmPing),
+            ("vmm.shutdown", ApiRequest::VmmShutdown),
+            ("vm.boot", ApiRequest::VmBoot),
+            ("vm.delete", ApiRequest::VmDelete),
+            ("vm.info", ApiRequest::VmInfo),
+            ("vm.counters", ApiRequest::VmCounters),
+            ("vm.pause", ApiRequest::VmPause),
+            ("vm.resume", ApiRequest::VmResume),
+            ("vm.shutdown", ApiRequest::VmShutdown),
+            ("vm.reboot", ApiRequest::VmReboot),
+            ("vm.power-button", ApiRequest::VmPowerButton),
+        ];
+        let count = expected.len();
+        for (endpoint, request) in expected {
+            let method = allowed_method(&format!("{API_PREFIX}{endpoint}")).unwrap();
+            assert_eq!(p(method, endpoint, ""), Ok(request), "{endpoint}");
+            let other = if method == "GET" { "PUT" } else { "GET" };
+            for wrong in [other, "POST", "DELETE", "PATCH", "HEAD", "get", ""] {
+                assert_eq!(status(p(wrong, endpoint, "")), 405, "{wrong} {endpoint}");
+            }
+        }
+        match p("PUT", "vm.create", CONFIG).unwrap() {
+            ApiRequest::VmCreate(c) => {
+                assert_eq!(c.cpus.boot_vcpus, 2);
+                assert_eq!(c.memory.size, 512 << 20);
+                assert!(c.disks[0].readonly);
+                assert_eq!(c.net[0].tap.as_deref(), Some("tap0"));
+                assert_eq!(c.serial, vmm::config::ConsoleConfig::File("/tmp/s".into()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(status(p("GET", "vm.create", CONFIG)), 405);
+        assert_eq!(ROUTES.len(), count + 1);
+    }
+
+    #[test]
+    fn unknown_paths() {
+        for path in [
+            "/",
+            "",
+            "/api/v1/",
+            "/api/v1/vm.infox",
+            "/api/v1/vm.info/",
+            "/api/v2/vm.info",
+            "/api/v1//vm.info",
+            "api/v1/vm.info",
+            "/api/v1/vm.snapshot",
+            "/api/v1/vmm.info",
+            "/api/v1/VM.INFO",
+        ] {
+            let e = parse_request("GET", path, b"").unwrap_err();
+            assert_eq!(e.status, ErrorStatus::NotFound, "{path}");
+        }
+        let e = parse_request("GET", "/\u{1b}[31m", b"").unwrap_err();
+        assert!(e.message.contains("\\u{1b}"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_bodies() {
+        for (body, needle) in [
+            ("", "needs a VmConfig"),
+            ("  \n", "needs a VmConfig"),
+            ("{", "EOF"),
+            ("null", "invalid type"),
+            ("[]", "invalid length"),
+            ("{}", "missing field `payload`"),
+            (
+                r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":"2"},"memory":{"size":1}}"#,
+                "invalid type: string",
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":300},"memory":{"size":1}}"#,
+                "300",
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":-1},"memory":{"size":1}}"#,
+                "-1",
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":1}}"#,
+                "at least",
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1,"max_vcpus":4},"memory":{"size":536870912}}"#,
+                "hotplug",
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":536870912},"console":{"mode":"Tty"}}"#,
+                "virtio-console",
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":536870912},"serial":{"mode":"Pty"}}"#,
+                "unknown variant",
+            ),
+            (
+                r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":536870912},"net":[{"ip":"1.2.3"}]}"#,
+                "invalid",
+            ),
+            ("\u{0}\u{ff}", "invalid VmConfig"),
+        ] {
+            let e = p("PUT", "vm.create", body).unwrap_err();
+            assert_eq!(e.status, ErrorStatus::BadRequest, "{body}: {e}");
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+        }
+        let e =
+            parse_request("PUT", "/api/v1/vm.create", &vec![b' '; MAX_BODY_BYTES + 1]).unwrap_err();
+        assert_eq!(e.status, ErrorStatus::PayloadTooLarge);
+        // Bodies of endpoints that take none are ignored.
+        assert_eq!(p("PUT", "vm.boot", "{garbage"), Ok(ApiRequest::VmBoot));
+    }
+
+    #[test]
+    fn responses() {
+        assert_eq!(encode_response(&Ok(ApiResponse::Empty)), (204, None));
+        let (code, body) = encode_response(&Ok(ApiResponse::Ping(VmmPingResponse::current())));
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_slice(&body.unwrap()).unwrap();
+        assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+        let config = match p("PUT", "vm.create", CONFIG).unwrap() {
+            ApiRequest::VmCreate(c) => *c,
+            _ => unreachable!(),
+        };
+        let info = VmInfo {
+            config,
+            state: VmState::Paused,
+            memory_actual_size: Some(512 << 20),
+        };
+        let (code, body) = encode_response(&Ok(ApiResponse::Info(info.clone())));
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_slice(body.as_ref().unwrap()).unwrap();
+        assert_eq!(v["state"], "Paused");
+        assert_eq!(v["config"]["cpus"]["boot_vcpus"], 2);
+        assert_eq!(v["config"]["memory"]["size"], 536870912u64);
+        assert_eq!(v["config"]["payload"]["kernel"], "/k");
+        assert_eq!(v["config"]["serial"]["mode"], "File");
+        assert_eq!(
+            serde_json::from_slice::<VmInfo>(&body.unwrap()).unwrap(),
+            info
+        );
+        let err = ApiError::wrong_state("vm.pause", VmState::Created, "Running");
+        let (code, body) = encode_response(&Err(err));
+        assert_eq!(code, 409);
+        let b: ErrorBody = serde_json::from_slice(&body.unwrap()).unwrap();
+        assert_eq!(b.error, "vm.pause: the VM is Created; it must be Running");
+    }
+}

@@ -1,0 +1,279 @@
+//! The HTTP/1.1 server: hyper on a small tokio runtime on its own thread, one task per
+//! connection, backend calls on blocking threads so a slow VM action never stalls the others.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{watch, Semaphore};
+
+use crate::error::Error;
+use crate::routes::{self, MAX_BODY_BYTES};
+use crate::socket::{self, SocketFile};
+use crate::types::{ApiError, ErrorStatus, VmmBackend};
+
+/// Limits of the server. The defaults suit a pod's control socket.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// A connection that has not sent a whole request head within this time (counted from the
+    /// end of the previous answer on a kept-alive connection) is closed.
+    pub header_read_timeout: Duration,
+    /// A request whose body is not complete within this time gets 408.
+    pub body_read_timeout: Duration,
+    /// Connections served at once; further ones are closed at once.
+    pub max_connections: usize,
+    /// How long [`ApiServer::shutdown`] waits for answers in flight.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 64,
+            drain_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A running API server. Dropping it stops it, as [`ApiServer::shutdown`] does.
+pub struct ApiServer {
+    socket: SocketFile,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// The socket it listens on.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket.path
+    }
+
+    /// Stops accepting, waits (up to [`ServerOptions::drain_timeout`]) for answers in flight,
+    /// and removes the socket file.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.socket.remove_file();
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Serves the API on `socket` with default limits. Returns once the socket listens.
+pub fn serve(socket: &Path, backend: Arc<dyn VmmBackend>) -> Result<ApiServer, Error> {
+    serve_with(socket, backend, ServerOptions::default())
+}
+
+/// Serves the API on `socket` with the given limits.
+pub fn serve_with(
+    socket: &Path,
+    backend: Arc<dyn VmmBackend>,
+    options: ServerOptions,
+) -> Result<ApiServer, Error> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .thread_name("api")
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(Error::Runtime)?;
+    let (std_listener, file) = socket::bind(socket)?;
+    let listener = {
+        let _guard = runtime.enter();
+        tokio::net::UnixListener::from_std(std_listener).map_err(|source| {
+            file.remove_file();
+            Error::Bind {
+                path: socket.to_owned(),
+                source,
+            }
+        })?
+    };
+    let (stop, stopped) = watch::channel(false);
+    let path = socket.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("api-server".into())
+        .spawn(move || {
+            runtime.block_on(accept_loop(listener, backend, options, stopped, path));
+            runtime.shutdown_timeout(Duration::from_millis(100));
+        })
+        .map_err(|e| {
+            file.remove_file();
+            Error::Runtime(e)
+        })?;
+    Ok(ApiServer {
+        socket: file,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    backend: Arc<dyn VmmBackend>,
+    options: ServerOptions,
+    mut stopped: watch::Receiver<bool>,
+    path: PathBuf,
+) {
+    let options = Arc::new(options);
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .half_close(true)
+        .max_buf_size(64 << 10);
+    tracing::info!("API listening on {}", path.display());
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!("API socket {}: accept failed: {e}", path.display());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                "API socket {}: {} connections open, refusing another",
+                path.display(),
+                options.max_connections
+            );
+            continue;
+        };
+        let backend = backend.clone();
+        let opts = options.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let backend = backend.clone();
+            let opts = opts.clone();
+            async move { Ok::<_, Infallible>(answer(req, backend, &opts).await) }
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("API connection ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(options.drain_timeout) => {
+            tracing::warn!("API server: answers still in flight at shutdown were dropped");
+        }
+    }
+}
+
+/// One request, start to end.
+async fn answer(
+    req: Request<Incoming>,
+    backend: Arc<dyn VmmBackend>,
+    options: &ServerOptions,
+) -> Response<Full<Bytes>> {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    // Route first, so a wrong path or method is answered without reading the body.
+    let allowed = routes::allowed_method(&path);
+    if allowed != Some(method.as_str()) {
+        let error = match routes::parse_request(&method, &path, b"") {
+            Err(e) => e,
+            Ok(_) => ApiError::internal("route check and router disagree (a bug)"),
+        };
+        let mut response = respond(&Err(error));
+        if let Some(allowed) = allowed {
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allowed));
+        }
+        return response;
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let hinted = req.body().size_hint().lower();
+    if let Some(len) = declared
+        .into_iter()
+        .chain([hinted])
+        .find(|&l| l > MAX_BODY_BYTES as u64)
+    {
+        return respond(&Err(routes::too_large(len)));
+    }
+    let body = match tokio::time::timeout(
+        options.body_read_timeout,
+        Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return respond(&Err(routes::too_large(MAX_BODY_BYTES as u64 + 1)))
+        }
+        Ok(Err(e)) => {
+            return respond(&Err(ApiError::bad_request(format!(
+                "cannot read the request body: {e}"
+            ))))
+        }
+        Err(_) => {
+            return respond(&Err(ApiError::new(
+                ErrorStatus::RequestTimeout,
+                format!(
+                    "request body not received within {} ms",
+                    options.body_read_timeout.as_millis()
+                ),
+            )))
+        }
+    };
+    let request = match routes::parse_request(&method, &path, &body) {
+        Ok(request) => request,
+        Err(e) => return respond(&Err(e)),
+    };
+    tracing::debug!("API {method} {path}");
+    let result = match tokio::task::spawn_blocking(move || backend.handle(request)).await {
+        Ok(result) => result,
+        Err(e) => Err(ApiError::internal(format!(
+            "the VMM failed while handling {path}: {e}"
+        ))),
+    };
+    respond(&result)
+}
+
+fn respond(result: &Result<crate::types::ApiResponse, ApiError>) -> Response<Full<Bytes>> {
+    let (code, body) = routes::encode_response(result);
+    let has_body = body.is_some();
+    let mut response = Response::new(Full::new(body.map(Bytes::from).unwrap_or_default()));
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if has_body {
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    response
+}

@@ -1,0 +1,187 @@
+//! The boundary between the HTTP layer and the VMM: requests in, answers out.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use vmm::config::{VmConfig, VmState};
+
+/// One API action, decoded from an HTTP request (see [`crate::parse_request`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET vmm.ping`: is the VMM alive? Answer [`ApiResponse::Ping`].
+    VmmPing,
+    /// `PUT vmm.shutdown`: stop the VM (if any) and end the VMM process. Answer
+    /// [`ApiResponse::Empty`] first: the server writes the answer, the launcher then calls
+    /// [`crate::ApiServer::shutdown`], which waits for answers in flight.
+    VmmShutdown,
+    /// `PUT vm.create`: remember this (already validated) configuration. `Created`.
+    VmCreate(Box<VmConfig>),
+    /// `PUT vm.boot`: `Created` or `Shutdown` → `Running`.
+    VmBoot,
+    /// `PUT vm.delete`: drop the VM (stopping it if it runs); no VM afterwards.
+    VmDelete,
+    /// `GET vm.info`: answer [`ApiResponse::Info`].
+    VmInfo,
+    /// `GET vm.counters`: answer [`ApiResponse::Counters`].
+    VmCounters,
+    /// `PUT vm.pause`: `Running` → `Paused`.
+    VmPause,
+    /// `PUT vm.resume`: `Paused` → `Running`.
+    VmResume,
+    /// `PUT vm.shutdown`: `Running`/`Paused` → `Shutdown`.
+    VmShutdown,
+    /// `PUT vm.reboot`: `Running`/`Paused` → `Running`, from a fresh boot.
+    VmReboot,
+    /// `PUT vm.power-button`: press the ACPI power button (the guest decides what to do).
+    VmPowerButton,
+}
+
+/// Per-device counters: device id → counter name → value (Cloud Hypervisor's `VmCounters`).
+pub type VmCounters = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// A successful answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiResponse {
+    /// 204 No Content.
+    Empty,
+    /// 200 with a [`VmmPingResponse`].
+    Ping(VmmPingResponse),
+    /// 200 with a [`VmInfo`].
+    Info(VmInfo),
+    /// 200 with a [`VmCounters`] object.
+    Counters(VmCounters),
+}
+
+/// `vmm.ping`'s answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    pub version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub build_version: String,
+    #[serde(default)]
+    pub pid: i64,
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+impl VmmPingResponse {
+    /// The answer for this process: podvisor's version and PID.
+    pub fn current() -> Self {
+        VmmPingResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            build_version: String::new(),
+            pid: i64::from(std::process::id()),
+            features: Vec::new(),
+        }
+    }
+}
+
+/// `vm.info`'s answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub config: VmConfig,
+    pub state: VmState,
+    /// Guest RAM in bytes as the VM has it now (no balloon: the configured size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_actual_size: Option<u64>,
+}
+
+/// The HTTP status of a refused request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorStatus {
+    /// 400: the body is not valid JSON, has the wrong types, or the config fails validation.
+    BadRequest,
+    /// 404: unknown path, or no VM exists for a VM action.
+    NotFound,
+    /// 405: the path exists with another method.
+    MethodNotAllowed,
+    /// 408: the client was too slow sending its body.
+    RequestTimeout,
+    /// 409: the VM is in the wrong state for this action (the message says which).
+    Conflict,
+    /// 413: the body is over [`crate::MAX_BODY_BYTES`].
+    PayloadTooLarge,
+    /// 500: the VMM failed to carry the action out.
+    Internal,
+    /// 503: the server is overloaded or going away.
+    Unavailable,
+}
+
+impl ErrorStatus {
+    /// The HTTP status code.
+    pub fn code(self) -> u16 {
+        match self {
+            ErrorStatus::BadRequest => 400,
+            ErrorStatus::NotFound => 404,
+            ErrorStatus::MethodNotAllowed => 405,
+            ErrorStatus::RequestTimeout => 408,
+            ErrorStatus::Conflict => 409,
+            ErrorStatus::PayloadTooLarge => 413,
+            ErrorStatus::Internal => 500,
+            ErrorStatus::Unavailable => 503,
+        }
+    }
+}
+
+/// A refused or failed request: a status and one line saying why. Sent as
+/// `{"error": message}` with the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: ErrorStatus,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: ErrorStatus, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorStatus::BadRequest, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorStatus::NotFound, message)
+    }
+
+    /// The VM is in `state` and `action` needs another one.
+    pub fn wrong_state(action: &str, state: VmState, needs: &str) -> Self {
+        Self::new(
+            ErrorStatus::Conflict,
+            format!("{action}: the VM is {state}; it must be {needs}"),
+        )
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorStatus::Internal, message)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status.code(), self.message)
+    }
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// What the VMM implements to be driven by the API.
+///
+/// The server calls [`VmmBackend::handle`] from a small pool of blocking threads, possibly
+/// several at once: the backend serialises what must be serialised (a `Mutex` around its VM
+/// state is enough) and enforces the state rules, answering a request in the wrong state with
+/// [`ErrorStatus::Conflict`] and a reason (see [`ApiError::wrong_state`]), and a VM action
+/// with no VM created with [`ErrorStatus::NotFound`]. `handle` may block (a boot takes time),
+/// but should not wait on the guest indefinitely: other requests keep being served meanwhile,
+/// and a client waiting on a request that never ends waits forever.
+pub trait VmmBackend: Send + Sync + 'static {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError>;
+}

@@ -1,0 +1,215 @@
+//! `podvisor ctl`: one request to a running podvisor's API socket, its JSON answer on stdout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The API socket of the podvisor to talk to.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    #[command(subcommand)]
+    pub action: CtlAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum CtlAction {
+    /// Check that the VMM answers (vmm.ping).
+    Ping,
+    /// The VM's configuration and state (vm.info).
+    Info,
+    /// Per-device counters (vm.counters).
+    Counters,
+    /// Create the VM from a VmConfig JSON file, `-` for stdin (vm.create).
+    Create {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Boot the created VM (vm.boot).
+    Boot,
+    /// Pause the running VM (vm.pause).
+    Pause,
+    /// Resume the paused VM (vm.resume).
+    Resume,
+    /// Shut the VM down (vm.shutdown).
+    Shutdown,
+    /// Reboot the VM (vm.reboot).
+    Reboot,
+    /// Press the VM's power button (vm.power-button).
+    PowerButton,
+    /// Delete the VM (vm.delete).
+    Delete,
+    /// End the podvisor process (vmm.shutdown).
+    ShutdownVmm,
+}
+
+impl CtlAction {
+    /// HTTP method and endpoint.
+    fn route(&self) -> (&'static str, &'static str) {
+        match self {
+            CtlAction::Ping => ("GET", "vmm.ping"),
+            CtlAction::Info => ("GET", "vm.info"),
+            CtlAction::Counters => ("GET", "vm.counters"),
+            CtlAction::Create { .. } => ("PUT", "vm.create"),
+            CtlAction::Boot => ("PUT", "vm.boot"),
+            CtlAction::Pause => ("PUT", "vm.pause"),
+            CtlAction::Resume => ("PUT", "vm.resume"),
+            CtlAction::Shutdown => ("PUT", "vm.shutdown"),
+            CtlAction::Reboot => ("PUT", "vm.reboot"),
+            CtlAction::PowerButton => ("PUT", "vm.power-button"),
+            CtlAction::Delete => ("PUT", "vm.delete"),
+            CtlAction::ShutdownVmm => ("PUT", "vmm.shutdown"),
+        }
+    }
+}
+
+/// Sends the request and writes the answer's JSON (pretty-printed) to `out`. An error answer
+/// or an unreachable socket is an `Err` with one line for the user.
+pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
+    let (method, endpoint) = args.action.route();
+    let body = match &args.action {
+        CtlAction::Create { file } => Some(read_config(file)?),
+        _ => None,
+    };
+    let mut client = api::Client::connect(&args.api_socket).map_err(|e| e.to_string())?;
+    let reply = client
+        .request(method, endpoint, body.as_deref())
+        .map_err(|e| e.to_string())?;
+    if !reply.is_success() {
+        return Err(format!(
+            "{endpoint}: {} {}",
+            reply.status,
+            reply.error_message()
+        ));
+    }
+    if !reply.body.is_empty() {
+        let text = match serde_json::from_slice::<serde_json::Value>(&reply.body) {
+            Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+            Err(_) => String::from_utf8_lossy(&reply.body).into_owned(),
+        };
+        writeln!(out, "{text}").map_err(|e| format!("cannot write the answer: {e}"))?;
+    }
+    Ok(())
+}
+
+fn read_config(file: &Path) -> Result<Vec<u8>, String> {
+    let result = if file == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf)
+    } else {
+        std::fs::read(file)
+    };
+    result.map_err(|e| format!("cannot read VM config {}: {e}", file.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    struct Fixture {
+        dir: PathBuf,
+        server: Option<api::ApiServer>,
+    }
+
+    impl Fixture {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("podvisor-ctl-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let server =
+                api::serve(&dir.join("api.sock"), Arc::new(api::fake::FakeVmm::new())).unwrap();
+            Fixture {
+                dir,
+                server: Some(server),
+            }
+        }
+
+        fn ctl(&self, action: CtlAction) -> Result<String, String> {
+            let args = CtlArgs {
+                api_socket: self.dir.join("api.sock"),
+                action,
+            };
+            let mut out = Vec::new();
+            run(&args, &mut out).map(|()| String::from_utf8(out).unwrap())
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            if let Some(server) = self.server.take() {
+                server.shutdown();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn a_session() {
+        let f = Fixture::new("session");
+        let ping = f.ctl(CtlAction::Ping).unwrap();
+        assert!(ping.contains("\"version\""), "{ping}");
+        let err = f.ctl(CtlAction::Info).unwrap_err();
+        assert!(err.starts_with("vm.info: 404 "), "{err}");
+        let config = f.dir.join("vm.json");
+        std::fs::write(
+            &config,
+            r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":268435456}}"#,
+        )
+        .unwrap();
+        let create = CtlAction::Create {
+            file: config.clone(),
+        };
+        assert_eq!(f.ctl(create.clone()).unwrap(), "");
+        let err = f.ctl(create).unwrap_err();
+        assert!(err.starts_with("vm.create: 409 "), "{err}");
+        let err = f.ctl(CtlAction::Pause).unwrap_err();
+        assert_eq!(
+            err,
+            "vm.pause: 409 vm.pause: the VM is Created; it must be Running"
+        );
+        for action in [
+            CtlAction::Boot,
+            CtlAction::Pause,
+            CtlAction::Resume,
+            CtlAction::Reboot,
+            CtlAction::PowerButton,
+            CtlAction::Shutdown,
+        ] {
+            assert_eq!(f.ctl(action.clone()), Ok(String::new()), "{action:?}");
+        }
+        let info = f.ctl(CtlAction::Info).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(v["state"], "Shutdown");
+        assert!(info.contains("\n  \"config\""), "pretty-printed: {info}");
+        assert_eq!(f.ctl(CtlAction::Counters).unwrap().trim(), "{}");
+        assert_eq!(f.ctl(CtlAction::Delete), Ok(String::new()));
+        assert_eq!(f.ctl(CtlAction::ShutdownVmm), Ok(String::new()));
+    }
+
+    #[test]
+    fn bad_input_and_no_server() {
+        let f = Fixture::new("bad");
+        let bad = f.dir.join("bad.json");
+        std::fs::write(&bad, "{\"payload\": 3}").unwrap();
+        let err = f.ctl(CtlAction::Create { file: bad }).unwrap_err();
+        assert!(err.starts_with("vm.create: 400 invalid VmConfig"), "{err}");
+        let err = f
+            .ctl(CtlAction::Create {
+                file: f.dir.join("missing.json"),
+            })
+            .unwrap_err();
+        assert!(err.starts_with("cannot read VM config"), "{err}");
+        let args = CtlArgs {
+            api_socket: f.dir.join("nobody.sock"),
+            action: CtlAction::Ping,
+        };
+        let err = run(&args, &mut Vec::new()).unwrap_err();
+        assert!(err.starts_with("cannot reach podvisor at "), "{err}");
+        assert!(err.contains("nobody.sock"), "{err}");
+    }
+}
