@@ -26,8 +26,23 @@ pub struct Cli {
 pub enum Command {
     /// Boot a Linux kernel and run the VM until the guest powers off (a guest reboot restarts it).
     Run(RunArgs),
+    /// Start an empty VMM that serves the API (a pod's entrypoint): `vm.create`, `vm.boot`, ...
+    Serve(ServeArgs),
     /// Send one request to a running podvisor's API socket and print the JSON answer.
     Ctl(crate::ctl::CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The Unix socket to serve the REST API on (created mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Write one JSON object per lifecycle event: path=FILE or fd=N.
+    #[arg(long, value_name = "path=FILE|fd=N")]
+    pub event_monitor: Option<String>,
+    /// State that guest kernels are PVM-enabled, so they may run on a PVM /dev/kvm.
+    #[arg(long)]
+    pub pvm_guest: bool,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +76,12 @@ pub struct RunArgs {
     /// A virtio-rng entropy device: [src=PATH] (default /dev/urandom).
     #[arg(long, value_name = "[src=PATH]", num_args = 0..=1, default_missing_value = "")]
     pub rng: Option<String>,
+    /// Also serve the REST API on this Unix socket (created mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Write one JSON object per lifecycle event: path=FILE or fd=N.
+    #[arg(long, value_name = "path=FILE|fd=N")]
+    pub event_monitor: Option<String>,
     /// State that the kernel is PVM-enabled, so it may run on a PVM /dev/kvm.
     #[arg(long)]
     pub pvm_guest: bool,

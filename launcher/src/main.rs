@@ -3,10 +3,12 @@
 mod cli;
 mod ctl;
 mod terminal;
+mod vmm_service;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::controller::{Controller, Request};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         cli::Command::Run(args) => run(args),
+        cli::Command::Serve(args) => serve(args),
         cli::Command::Ctl(args) => ctl::run(&args, &mut std::io::stdout().lock()),
     };
     match result {
@@ -50,22 +53,46 @@ fn main() -> ExitCode {
 fn run(args: cli::RunArgs) -> Result<(), String> {
     let config = args.to_config()?;
     config.validate().map_err(|e| e.to_string())?;
-    let console = vmm::Console::new(&config.serial).map_err(|e| e.to_string())?;
-    let _raw = if console.wants_stdin {
-        let raw = terminal::RawMode::enable_on_stdin();
-        console
-            .spawn_input(std::io::stdin())
-            .map_err(|e| format!("cannot start console input: {e}"))?;
-        raw
-    } else {
-        None
-    };
+    let events = event_monitor(args.event_monitor.as_deref())?;
+    // The console's stdin pump starts with the VM; the terminal goes raw first.
+    let _raw = (config.serial == vmm::config::ConsoleConfig::Tty)
+        .then(terminal::RawMode::enable_on_stdin)
+        .flatten();
+    let options = run_options(args.pvm_guest)?;
+    let (controller, thread) =
+        Controller::start(options, events, true).map_err(|e| e.to_string())?;
+    let started = controller
+        .handle(Request::Create(Box::new(config)))
+        .and_then(|_| controller.handle(Request::Boot));
+    if let Err(e) = started {
+        let _ = controller.handle(Request::ShutdownVmm);
+        let _ = thread.join();
+        return Err(e.to_string());
+    }
+    vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)
+}
+
+fn serve(args: cli::ServeArgs) -> Result<(), String> {
+    let events = event_monitor(args.event_monitor.as_deref())?;
+    let options = run_options(args.pvm_guest)?;
+    let (controller, thread) =
+        Controller::start(options, events, false).map_err(|e| e.to_string())?;
+    vmm_service::serve_until_end(Some(&args.api_socket), controller, thread)
+}
+
+fn event_monitor(spec: Option<&str>) -> Result<vmm::events::EventMonitor, String> {
+    spec.map(vmm_service::parse_event_monitor)
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
+fn run_options(pvm_guest: bool) -> Result<vmm::RunOptions, String> {
     let options = vmm::RunOptions {
-        pvm_guest: args.pvm_guest,
+        pvm_guest,
         ..Default::default()
     };
     // A pod being deleted gets SIGTERM: shut the guest down cleanly, as a power button would.
     signal_hook::flag::register(signal_hook::consts::SIGTERM, options.power_button.clone())
         .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    vmm::run(&config, &console, &options).map_err(|e| e.to_string())
+    Ok(options)
 }

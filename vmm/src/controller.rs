@@ -29,6 +29,9 @@ use crate::{kvm, Error, RunOptions};
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
+    /// The request needs a VM and none has been created (HTTP 404).
+    #[error("{0}")]
+    NoVm(String),
     /// The request is not allowed in the VM's current state (HTTP 409).
     #[error("{0}")]
     WrongState(String),
@@ -145,7 +148,7 @@ const TOKEN_VM: u64 = 1;
 
 fn wrong(state: Option<VmState>, what: &str) -> ControlError {
     match state {
-        None => ControlError::WrongState(format!("cannot {what}: no VM has been created")),
+        None => ControlError::NoVm(format!("cannot {what}: no VM has been created")),
         Some(s) => ControlError::WrongState(format!("cannot {what}: the VM is {s:?}")),
     }
 }
@@ -370,8 +373,9 @@ impl VmOwner {
                 s => Err(wrong(s, "press the power button")),
             },
             Request::Delete => {
+                // Deleting nothing is not an error, as in Cloud Hypervisor.
                 if state.is_none() {
-                    return Err(wrong(None, "delete"));
+                    return Ok(Reply::Done);
                 }
                 self.stop_vm();
                 self.vm = None;

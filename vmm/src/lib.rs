@@ -1,8 +1,9 @@
 //! podvisor's virtual machine monitor core: KVM, guest memory, vCPUs and Linux boot.
 //!
-//! [`run`] is the whole life of a VM started from a [`config::VmConfig`]: it creates the VM,
-//! runs it until the guest powers off, and builds it anew in the same process each time the
-//! guest reboots, as a physical machine would restart.
+//! [`controller::Controller`] owns a VM for its whole life: it creates it from a
+//! [`config::VmConfig`], boots it, pauses and resumes it, runs it until the guest powers off,
+//! and builds it anew in the same process each time the guest reboots, as a physical machine
+//! would restart.
 
 pub mod acpi;
 pub mod backends;
@@ -21,9 +22,8 @@ pub mod regs;
 pub mod vcpu;
 pub mod vm;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub use config::VmConfig;
 pub use console::Console;
@@ -74,41 +74,4 @@ pub struct RunOptions {
     /// Set (e.g. by a SIGTERM handler) to press the guest's ACPI power button; the run
     /// clears it once pressed.
     pub power_button: Arc<AtomicBool>,
-}
-
-/// How often a run checks [`RunOptions::power_button`].
-const POWER_BUTTON_POLL: Duration = Duration::from_millis(100);
-
-/// Runs the VM described by `config` until the guest powers off; guest reboots restart it in
-/// this process.
-pub fn run(config: &VmConfig, console: &Console, options: &RunOptions) -> Result<(), Error> {
-    config.validate()?;
-    let kvm = kvm::open(options.pvm_guest)?;
-    let template = vcpu::CpuTemplate::from_kvm(&kvm)
-        .map_err(|e| Error::Kvm("read supported CPUID/MSRs", e))?;
-    let backends = backends::Backends::open(config)?;
-    loop {
-        let vm = Vm::new(&kvm, &template, config, console, &backends)?.start()?;
-        let exit = loop {
-            if let Some(exit) = vm.wait(Some(POWER_BUTTON_POLL)) {
-                break exit;
-            }
-            if options.power_button.swap(false, Ordering::AcqRel) {
-                tracing::info!("pressing the guest's power button");
-                vm.power_button()?;
-            }
-        };
-        vm.stop();
-        match exit? {
-            VmExit::Shutdown => return Ok(()),
-            VmExit::Reset => {
-                tracing::info!("guest reset: restarting the VM");
-                console
-                    .serial
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .reset();
-            }
-        }
-    }
 }

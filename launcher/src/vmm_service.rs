@@ -1,0 +1,114 @@
+//! The VMM as a service: the lifecycle controller (`vmm::controller`) behind the REST API,
+//! for `podvisor serve` and `podvisor run --api-socket`.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use api::{ApiError, ApiRequest, ApiResponse, ErrorStatus, VmInfo, VmmBackend, VmmPingResponse};
+use vmm::controller::{ControlError, Controller, Reply, Request};
+use vmm::events::EventMonitor;
+
+/// Where lifecycle events go: `path=FILE` (appended) or `fd=N` (a descriptor the caller
+/// passed, e.g. a pipe).
+pub fn parse_event_monitor(spec: &str) -> Result<EventMonitor, String> {
+    let bad = || format!("invalid --event-monitor '{spec}': expected path=FILE or fd=N");
+    if let Some(path) = spec.strip_prefix("path=") {
+        if path.is_empty() {
+            return Err(bad());
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open event monitor file {path}: {e}"))?;
+        return Ok(EventMonitor::new(file));
+    }
+    if let Some(fd) = spec.strip_prefix("fd=") {
+        let fd: i32 = fd.parse().map_err(|_| bad())?;
+        // SAFETY: F_GETFD only queries the descriptor; it fails for one that is not open.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("--event-monitor fd={fd}: not an open file descriptor"));
+        }
+        // SAFETY: the caller passed this open descriptor for podvisor to write events to; it
+        // is owned by the monitor from here on and used by nothing else.
+        return Ok(EventMonitor::new(unsafe { File::from_raw_fd(fd) }));
+    }
+    Err(bad())
+}
+
+/// The real VMM behind the API.
+pub struct VmmService {
+    controller: Controller,
+}
+
+impl VmmService {
+    pub fn new(controller: Controller) -> Self {
+        VmmService { controller }
+    }
+
+    fn call(&self, request: Request) -> Result<Reply, ApiError> {
+        self.controller.handle(request).map_err(|e| match e {
+            ControlError::NoVm(m) => ApiError::new(ErrorStatus::NotFound, m),
+            ControlError::WrongState(m) => ApiError::new(ErrorStatus::Conflict, m),
+            ControlError::Invalid(m) => ApiError::new(ErrorStatus::BadRequest, m),
+            ControlError::Failed(m) => ApiError::new(ErrorStatus::Internal, m),
+        })
+    }
+
+    fn done(&self, request: Request) -> Result<ApiResponse, ApiError> {
+        self.call(request).map(|_| ApiResponse::Empty)
+    }
+}
+
+impl VmmBackend for VmmService {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        match request {
+            ApiRequest::VmmPing => Ok(ApiResponse::Ping(VmmPingResponse::current())),
+            ApiRequest::VmmShutdown => self.done(Request::ShutdownVmm),
+            ApiRequest::VmCreate(config) => self.done(Request::Create(config)),
+            ApiRequest::VmBoot => self.done(Request::Boot),
+            ApiRequest::VmDelete => self.done(Request::Delete),
+            ApiRequest::VmPause => self.done(Request::Pause),
+            ApiRequest::VmResume => self.done(Request::Resume),
+            ApiRequest::VmShutdown => self.done(Request::Shutdown),
+            ApiRequest::VmReboot => self.done(Request::Reboot),
+            ApiRequest::VmPowerButton => self.done(Request::PowerButton),
+            ApiRequest::VmInfo => match self.call(Request::Info)? {
+                Reply::Info { config, state } => Ok(ApiResponse::Info(VmInfo {
+                    memory_actual_size: Some(config.memory.size),
+                    config: *config,
+                    state,
+                })),
+                other => Err(ApiError::internal(format!("vm.info: unexpected {other:?}"))),
+            },
+            ApiRequest::VmCounters => match self.call(Request::Counters)? {
+                Reply::Counters(c) => Ok(ApiResponse::Counters(c)),
+                other => Err(ApiError::internal(format!("vm.counters: unexpected {other:?}"))),
+            },
+        }
+    }
+}
+
+/// Serves the API on `socket` for `controller` until the VMM ends; returns how it ended.
+pub fn serve_until_end(
+    socket: Option<&Path>,
+    controller: Controller,
+    vmm_thread: std::thread::JoinHandle<Result<vmm::controller::Ended, vmm::Error>>,
+) -> Result<(), String> {
+    let server = socket
+        .map(|path| {
+            api::serve(path, Arc::new(VmmService::new(controller.clone())))
+                .map_err(|e| e.to_string())
+        })
+        .transpose()?;
+    let result = vmm_thread
+        .join()
+        .map_err(|_| "the VMM thread panicked".to_owned())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    if let Some(server) = server {
+        server.shutdown();
+    }
+    result.map(|_| ())
+}
