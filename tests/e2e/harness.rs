@@ -54,8 +54,13 @@ pub struct Vm {
 
 impl Vm {
     pub fn start(args: &[&str]) -> Vm {
+        Vm::spawn("run", args)
+    }
+
+    /// Starts `podvisor SUBCOMMAND ARGS...` (`run` or `serve`) with its console captured.
+    pub fn spawn(subcommand: &str, args: &[&str]) -> Vm {
         let mut child = Command::new(podvisor())
-            .arg("run")
+            .arg(subcommand)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -329,6 +334,19 @@ impl Vm {
         self.child.kill().map_err(|e| e.to_string())?;
         self.child.wait().map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// Whether podvisor has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// How much console output has arrived so far (after draining what is pending).
+    pub fn output_len(&mut self) -> usize {
+        while let Ok(chunk) = self.output.try_recv() {
+            self.text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        self.text.len()
     }
 
     /// Powers the guest off from its shell and expects podvisor to exit 0.

@@ -6,6 +6,7 @@
 //! has real KVM: one scenario that brings the emulated test host down does not take the
 //! others with it, and such a scenario is run once more (only then).
 
+mod api;
 mod boot;
 mod devices;
 mod disks;
@@ -27,6 +28,7 @@ fn scenarios() -> Vec<Trial> {
     trials.extend(devices::trials());
     trials.extend(disks::trials());
     trials.extend(net::trials());
+    trials.extend(api::trials());
     trials
 }
 

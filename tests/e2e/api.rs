@@ -1,0 +1,261 @@
+//! Control API scenarios: a pod's VM driven over the REST socket with `podvisor ctl`, as the
+//! node controller would: create, boot, pause and resume (the guest really stops, its clock
+//! does not count the pause), reboot, power button, counters, delete, and the event monitor.
+
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Failed, Trial};
+
+use crate::harness::{guest, hang_tolerant, host, podvisor, Scratch, Vm};
+
+/// `podvisor ctl --api-socket SOCKET ARGS...`: exit code and output.
+fn ctl(socket: &str, args: &[&str]) -> Result<(i32, String), Failed> {
+    let mut all = vec!["ctl", "--api-socket", socket];
+    all.extend_from_slice(args);
+    host(podvisor(), &all)
+}
+
+fn ctl_ok(socket: &str, args: &[&str]) -> Result<String, Failed> {
+    let (rc, out) = ctl(socket, args)?;
+    if rc != 0 {
+        return Err(format!("podvisor ctl {args:?} exited {rc}: {out}").into());
+    }
+    Ok(out)
+}
+
+fn state(socket: &str) -> Result<String, Failed> {
+    let out = ctl_ok(socket, &["info"])?;
+    let info: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("vm.info is not JSON ({e}): {out}"))?;
+    Ok(info["state"].as_str().unwrap_or_default().to_owned())
+}
+
+fn wait_for_state(socket: &str, wanted: &str) -> Result<(), Failed> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = state(socket)?;
+        if now == wanted {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the VM stayed {now}, expected {wanted}").into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the socket answers `vmm.ping`.
+fn wait_for_socket(vm: &mut Vm, socket: &str) -> Result<(), Failed> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ctl(socket, &["ping"])?.0 != 0 {
+        if Instant::now() > deadline || vm.exited() {
+            return Err(vm.failure("the API socket never answered"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The guest's uptime in seconds (`/proc/uptime`).
+fn guest_uptime(vm: &mut Vm) -> Result<f64, Failed> {
+    let out = vm.shell_ok("cat /proc/uptime")?;
+    out.split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .ok_or_else(|| vm.failure(&format!("no uptime in '{out}'")))
+}
+
+fn served_vm_lifecycle() -> Result<(), Failed> {
+    let dir = Scratch::new("api");
+    let socket = dir.arg("api.sock");
+    let events = dir.path("events.jsonl");
+    let config = serde_json::json!({
+        "payload": {
+            "kernel": guest("bzImage"),
+            "initramfs": guest("initramfs.cpio.gz"),
+            "cmdline": "console=ttyS0 quiet",
+        },
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 512u64 << 20},
+        "rng": {"src": "/dev/urandom"},
+        "serial": {"mode": "Tty"},
+        "console": {"mode": "Off"},
+    });
+    let config_file = dir.path("vm.json");
+    std::fs::write(&config_file, config.to_string())?;
+
+    let mut vm = Vm::spawn(
+        "serve",
+        &[
+            "--api-socket",
+            &socket,
+            "--event-monitor",
+            &format!("path={}", events.display()),
+        ],
+    );
+    wait_for_socket(&mut vm, &socket)?;
+    let mode = std::fs::metadata(&socket)?.permissions();
+    if std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777 != 0o600 {
+        return Err(format!(
+            "the API socket has mode {:o}",
+            std::os::unix::fs::PermissionsExt::mode(&mode)
+        )
+        .into());
+    }
+    // No VM yet: an error answer, and ctl says so with a non-zero exit.
+    if ctl(&socket, &["info"])?.0 == 0 {
+        return Err("vm.info without a VM succeeded".into());
+    }
+    ctl_ok(&socket, &["create", config_file.to_str().unwrap()])?;
+    if state(&socket)? != "Created" {
+        return Err("not Created after vm.create".into());
+    }
+    let (rc, out) = ctl(&socket, &["pause"])?;
+    if rc == 0 || !out.contains("409") {
+        return Err(format!("pausing a Created VM: rc {rc}, {out}").into());
+    }
+    ctl_ok(&socket, &["boot"])?;
+    vm.expect("podvisor-guest ready:")?;
+    vm.wait_for_shell()?;
+    if state(&socket)? != "Running" {
+        return Err("not Running after vm.boot".into());
+    }
+
+    // Pause: a ticker in the guest stops, the guest's clock does not count the pause.
+    vm.shell_ok("(while :; do echo tick; sleep 0.2; done) & echo $! > /tmp/ticker")?;
+    let clocksource =
+        vm.shell_ok("cat /sys/devices/system/clocksource/clocksource0/current_clocksource")?;
+    let up0 = guest_uptime(&mut vm)?;
+    let wall0 = Instant::now();
+    ctl_ok(&socket, &["pause"])?;
+    let paused_at = vm.output_len();
+    let pause = Duration::from_secs(3);
+    std::thread::sleep(pause);
+    if state(&socket)? != "Paused" {
+        return Err("not Paused after vm.pause".into());
+    }
+    if vm.output_len() != paused_at {
+        return Err(vm.failure("the guest printed while paused"));
+    }
+    ctl_ok(&socket, &["resume"])?;
+    vm.expect("tick")?;
+    vm.shell_ok("kill $(cat /tmp/ticker)")?;
+    let up1 = guest_uptime(&mut vm)?;
+    let wall = wall0.elapsed().as_secs_f64();
+    let guest_elapsed = up1 - up0;
+    if guest_elapsed <= 0.0 {
+        return Err(vm.failure(&format!("guest clock went from {up0} to {up1}")));
+    }
+    if clocksource.trim() == "kvm-clock" && guest_elapsed > wall - pause.as_secs_f64() + 1.0 {
+        return Err(vm.failure(&format!(
+            "the guest's clock counted the pause: {guest_elapsed:.2} s of guest time in {wall:.2} s with {pause:?} paused"
+        )));
+    }
+
+    let counters: serde_json::Value = serde_json::from_str(&ctl_ok(&socket, &["counters"])?)?;
+    if counters["_rng"]["bytes"].as_u64().is_none() {
+        return Err(format!("no rng counters in {counters}").into());
+    }
+
+    ctl_ok(&socket, &["reboot"])?;
+    vm.expect("podvisor-guest ready:")?;
+    vm.wait_for_shell()?;
+    wait_for_state(&socket, "Running")?;
+
+    // The power button: the guest's acpid powers it off; the served VM stays, Shutdown.
+    vm.shell_ok("pidof acpid")?;
+    ctl_ok(&socket, &["power-button"])?;
+    wait_for_state(&socket, "Shutdown")?;
+    ctl_ok(&socket, &["delete"])?;
+    if ctl(&socket, &["info"])?.0 == 0 {
+        return Err("vm.info after vm.delete succeeded".into());
+    }
+    ctl_ok(&socket, &["shutdown-vmm"])?;
+    let status = vm.wait()?;
+    if status.code() != Some(0) {
+        return Err(vm.failure(&format!("podvisor serve exited with {status}")));
+    }
+    if std::path::Path::new(&socket).exists() {
+        return Err("the API socket was left behind".into());
+    }
+
+    let seen: Vec<String> = std::fs::read_to_string(&events)?
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            format!(
+                "{}:{}",
+                v["source"].as_str().unwrap_or("?"),
+                v["event"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    let wanted = [
+        "vm:created",
+        "vm:booting",
+        "vm:booted",
+        "vm:pausing",
+        "vm:paused",
+        "vm:resuming",
+        "vm:resumed",
+        "vm:rebooting",
+        "vm:rebooted",
+        "vm:shutdown",
+        "vm:deleted",
+        "vmm:shutdown",
+    ];
+    if seen != wanted {
+        return Err(format!("events {seen:?}, expected {wanted:?}").into());
+    }
+    Ok(())
+}
+
+/// `podvisor run --api-socket`: the command-line VM is Running and answers; vm.shutdown ends
+/// podvisor with status 0.
+fn run_with_api_socket() -> Result<(), Failed> {
+    let dir = Scratch::new("apirun");
+    let socket = dir.arg("run.sock");
+    let mut vm = Vm::boot_with(
+        "vmlinux",
+        1,
+        "256M",
+        "console=ttyS0 quiet",
+        &["--api-socket", &socket],
+    );
+    vm.expect("podvisor-guest ready:")?;
+    wait_for_socket(&mut vm, &socket)?;
+    if state(&socket)? != "Running" {
+        return Err("the command-line VM is not Running".into());
+    }
+    let second = dir.path("second.json");
+    let config = serde_json::json!({
+        "payload": {"kernel": guest("vmlinux")},
+        "cpus": {"boot_vcpus": 1},
+        "memory": {"size": 256u64 << 20},
+    });
+    std::fs::write(&second, config.to_string())?;
+    let (rc, out) = ctl(&socket, &["create", second.to_str().unwrap()])?;
+    if rc == 0 || !out.contains("409") {
+        return Err(format!("a second vm.create: rc {rc}, {out}").into());
+    }
+    ctl_ok(&socket, &["shutdown"])?;
+    let status = vm.wait()?;
+    if status.code() != Some(0) {
+        return Err(vm.failure(&format!(
+            "podvisor run exited with {status} after vm.shutdown"
+        )));
+    }
+    Ok(())
+}
+
+/// The API scenarios.
+pub fn trials() -> Vec<Trial> {
+    vec![
+        Trial::test("api_served_vm_lifecycle", || {
+            hang_tolerant(served_vm_lifecycle)
+        }),
+        Trial::test("api_run_with_api_socket", || {
+            hang_tolerant(run_with_api_socket)
+        }),
+    ]
+}
