@@ -59,9 +59,16 @@ fn wait_for_socket(vm: &mut Vm, socket: &str) -> Result<(), Failed> {
 /// The guest's uptime in seconds (`/proc/uptime`).
 fn guest_uptime(vm: &mut Vm) -> Result<f64, Failed> {
     let out = vm.shell_ok("cat /proc/uptime")?;
-    out.split_whitespace()
-        .next()
-        .and_then(|w| w.parse().ok())
+    // "UPTIME IDLE", possibly amid job-control messages of the shell.
+    out.lines()
+        .rev()
+        .find_map(|line| {
+            let words: Vec<f64> = line
+                .split_whitespace()
+                .map(|w| w.parse().ok())
+                .collect::<Option<_>>()?;
+            (words.len() == 2).then_some(words[0])
+        })
         .ok_or_else(|| vm.failure(&format!("no uptime in '{out}'")))
 }
 
