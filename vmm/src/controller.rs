@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::Kvm;
@@ -18,8 +18,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
-pub use crate::config::VmState;
 use crate::config::VmConfig;
+pub use crate::config::VmState;
 use crate::console::Console;
 use crate::events::EventMonitor;
 use crate::vcpu::CpuTemplate;
@@ -73,11 +73,16 @@ pub enum Reply {
 
 type Envelope = (Request, Sender<Result<Reply, ControlError>>);
 
+/// What `vm.info` reports, published by the VM thread after every change so that readers
+/// need not cross to it.
+type InfoSnapshot = Arc<RwLock<Option<(Arc<VmConfig>, VmState)>>>;
+
 /// The handle API threads use to reach the VM's thread.
 #[derive(Clone)]
 pub struct Controller {
     requests: Sender<Envelope>,
     wake: Arc<EventFd>,
+    info: InfoSnapshot,
 }
 
 /// What ended the controller thread.
@@ -98,7 +103,9 @@ impl Controller {
     ) -> Result<(Controller, JoinHandle<Result<Ended, Error>>), Error> {
         let (tx, rx) = mpsc::channel();
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
+        let info = InfoSnapshot::default();
         let owner = VmOwner {
+            info: info.clone(),
             options,
             events,
             exit_on_shutdown,
@@ -111,11 +118,29 @@ impl Controller {
             .name("vmm".into())
             .spawn(move || owner.run())
             .map_err(Error::Thread)?;
-        Ok((Controller { requests: tx, wake }, thread))
+        Ok((
+            Controller {
+                requests: tx,
+                wake,
+                info,
+            },
+            thread,
+        ))
     }
 
-    /// Sends `request` to the VM's thread and waits for its answer.
+    /// Sends `request` to the VM's thread and waits for its answer (`Info` is answered from
+    /// the state the VM thread last published, which every completed request has updated).
     pub fn handle(&self, request: Request) -> Result<Reply, ControlError> {
+        if let Request::Info = request {
+            let info = self.info.read().unwrap_or_else(|e| e.into_inner());
+            return match info.as_ref() {
+                Some((config, state)) => Ok(Reply::Info {
+                    config: Box::new(VmConfig::clone(config)),
+                    state: *state,
+                }),
+                None => Err(wrong(None, "get info")),
+            };
+        }
         let (tx, rx) = mpsc::channel();
         let gone = || ControlError::Failed("the VMM is shutting down".into());
         self.requests.send((request, tx)).map_err(|_| gone())?;
@@ -126,7 +151,7 @@ impl Controller {
 
 /// A created VM: its configuration, console, host resources and (when booted) the running VM.
 struct OwnedVm {
-    config: VmConfig,
+    config: Arc<VmConfig>,
     console: Console,
     backends: Option<Backends>,
     running: Option<RunningVm>,
@@ -134,6 +159,7 @@ struct OwnedVm {
 }
 
 struct VmOwner {
+    info: InfoSnapshot,
     options: RunOptions,
     events: EventMonitor,
     exit_on_shutdown: bool,
@@ -196,7 +222,9 @@ impl VmOwner {
             for event in &ready[..n] {
                 match event.data() {
                     TOKEN_VM => {
-                        if let Some(ended) = self.check_vm()? {
+                        let ended = self.check_vm();
+                        self.publish();
+                        if let Some(ended) = ended? {
                             return Ok(ended);
                         }
                     }
@@ -210,13 +238,17 @@ impl VmOwner {
                                         self.events.emit("vm", "shutdown");
                                     }
                                     self.events.emit("vmm", "shutdown");
+                                    self.vm = None;
+                                    self.publish();
                                     let _ = reply.send(Ok(Reply::Done));
                                     return Ok(Ended {
                                         guest_shutdown: false,
                                     });
                                 }
                                 Ok((request, reply)) => {
-                                    let _ = reply.send(self.serve(request));
+                                    let result = self.serve(request);
+                                    self.publish();
+                                    let _ = reply.send(result);
                                 }
                                 Err(mpsc::TryRecvError::Empty) => break,
                                 // Every controller handle is gone: nobody can reach the VM.
@@ -286,6 +318,12 @@ impl VmOwner {
         }
     }
 
+    /// Publishes the VM's configuration and state for `vm.info`.
+    fn publish(&self) {
+        let now = self.vm.as_ref().map(|v| (v.config.clone(), v.state));
+        *self.info.write().unwrap_or_else(|e| e.into_inner()) = now;
+    }
+
     fn state(&self) -> Option<VmState> {
         self.vm.as_ref().map(|v| v.state)
     }
@@ -310,7 +348,7 @@ impl VmOwner {
                         .map_err(|e| ControlError::Failed(format!("console input: {e}")))?;
                 }
                 self.vm = Some(OwnedVm {
-                    config: *config,
+                    config: Arc::from(config),
                     console,
                     backends: None,
                     running: None,
@@ -385,7 +423,7 @@ impl VmOwner {
             Request::Info => {
                 let vm = self.vm.as_ref().ok_or_else(|| wrong(None, "get info"))?;
                 Ok(Reply::Info {
-                    config: Box::new(vm.config.clone()),
+                    config: Box::new(VmConfig::clone(&vm.config)),
                     state: vm.state,
                 })
             }

@@ -393,7 +393,11 @@ fn controller_follows_the_lifecycle_rules() {
 
     assert!(no_vm(ctl.handle(Request::Info)), "no VM yet");
     assert!(no_vm(ctl.handle(Request::Boot)));
-    assert_eq!(ctl.handle(Request::Delete), Ok(Reply::Done), "deleting nothing is fine");
+    assert_eq!(
+        ctl.handle(Request::Delete),
+        Ok(Reply::Done),
+        "deleting nothing is fine"
+    );
     let mut bad = config(&kernel, &g.dir.join("serial.out"), 0);
     bad.cpus.boot_vcpus = 0;
     assert!(matches!(
