@@ -259,14 +259,18 @@ mod tests {
         struct Mover(Arc<Bus>);
         impl BusDevice for Mover {
             fn read(&mut self, _: u64, _: &mut [u8]) {}
-            fn write(&mut self, _: u64, _: &[u8]) {
-                self.0.relocate(0x10, 0x20).unwrap();
+            fn write(&mut self, _: u64, data: &[u8]) {
+                // A write of 1 moves the device (as a BAR write would); others do nothing.
+                if data == [1] {
+                    self.0.relocate(0x10, 0x20).unwrap();
+                }
             }
         }
         let bus = Arc::new(Bus::new());
         bus.insert(Arc::new(Mutex::new(Mover(bus.clone()))), 0x10, 1)
             .unwrap();
-        assert!(bus.write(0x10, &[0]));
+        assert!(bus.write(0x10, &[1]));
+        assert!(!bus.write(0x10, &[0]), "moved away");
         assert!(bus.write(0x20, &[0]));
     }
 }

@@ -29,7 +29,9 @@ pub fn parse_event_monitor(spec: &str) -> Result<EventMonitor, String> {
         let fd: i32 = fd.parse().map_err(|_| bad())?;
         // SAFETY: F_GETFD only queries the descriptor; it fails for one that is not open.
         if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return Err(format!("--event-monitor fd={fd}: not an open file descriptor"));
+            return Err(format!(
+                "--event-monitor fd={fd}: not an open file descriptor"
+            ));
         }
         // SAFETY: the caller passed this open descriptor for podvisor to write events to; it
         // is owned by the monitor from here on and used by nothing else.
@@ -85,7 +87,9 @@ impl VmmBackend for VmmService {
             },
             ApiRequest::VmCounters => match self.call(Request::Counters)? {
                 Reply::Counters(c) => Ok(ApiResponse::Counters(c)),
-                other => Err(ApiError::internal(format!("vm.counters: unexpected {other:?}"))),
+                other => Err(ApiError::internal(format!(
+                    "vm.counters: unexpected {other:?}"
+                ))),
             },
         }
     }
