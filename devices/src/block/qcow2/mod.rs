@@ -41,6 +41,7 @@
 mod alloc;
 mod cluster;
 mod compressed;
+mod guest;
 pub mod header;
 mod refcount;
 mod tables;
@@ -48,7 +49,9 @@ mod tables;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::file::HostFile;
+use vm_memory::VolatileSlice;
+
+use super::file::{AlignedBuf, HostFile};
 use super::{BlockError, DiskImage, Format};
 use header::{Header, AUTOCLEAR_FIELD, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use refcount::Refcounts;
@@ -79,6 +82,8 @@ pub struct Qcow2Image {
     decompressor: compressed::Decompressor,
     /// The last decompressed cluster: (its L2 entry's host offset, data).
     decompressed: Option<(u64, Vec<u8>)>,
+    /// One cluster for building partially written clusters, kept across requests.
+    scratch: Option<AlignedBuf>,
 }
 
 impl Qcow2Image {
@@ -148,6 +153,7 @@ impl Qcow2Image {
             backing,
             pending_free: Vec::new(),
             decompressed: None,
+            scratch: None,
         };
         // Autoclear bits mean "valid only if every writer knew this feature": we do not (only
         // bitmaps use one today), so a writer clears them before its first write.
@@ -445,6 +451,22 @@ impl DiskImage for Qcow2Image {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn read_volatile_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        self.read_guest(bufs, offset)
+    }
+
+    fn write_volatile_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        self.write_guest(bufs, offset)
     }
 }
 
