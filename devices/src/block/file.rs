@@ -10,7 +10,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
@@ -425,6 +425,22 @@ impl HostFile {
             skip += n;
         }
         Ok(())
+    }
+
+    /// The descriptor, for I/O submitted elsewhere (`io_uring`).
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Tests: whether a barrier would sync.
+    #[cfg(test)]
+    pub(crate) fn is_unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Notes a write made through [`HostFile::raw_fd`], so the next barrier syncs.
+    pub(crate) fn note_write(&mut self) {
+        self.unsynced = true;
     }
 
     /// Makes everything written so far durable (`fdatasync`).

@@ -32,6 +32,7 @@ pub mod raw;
 mod tests;
 
 use std::fmt;
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
@@ -97,6 +98,21 @@ pub trait DiskImage: Send {
             pos += buf.len() as u64;
         }
         Ok(())
+    }
+
+    /// For formats whose guest bytes lie as they are in one file (raw): the file descriptor a
+    /// read (`write == false`) or write of `bufs` at `offset` may go to directly, possibly
+    /// asynchronously, once this has checked it (range, read-only, `O_DIRECT` alignment, the
+    /// probed-raw guard) and noted a write for the next [`DiskImage::flush`]. `None` when the
+    /// request must go through [`DiskImage::read_volatile_at`] /
+    /// [`DiskImage::write_volatile_at`], which also report why it fails, if it does.
+    fn passthrough_fd(
+        &mut self,
+        _bufs: &[VolatileSlice<'_>],
+        _offset: u64,
+        _write: bool,
+    ) -> Option<RawFd> {
+        None
     }
 
     /// Reads consecutive guest bytes at `offset` straight into guest memory (the data buffers

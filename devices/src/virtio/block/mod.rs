@@ -27,6 +27,7 @@
 
 mod config;
 mod request;
+mod uring;
 mod worker;
 
 #[cfg(test)]
@@ -124,6 +125,8 @@ pub struct VirtioBlk {
     id: [u8; ID_BYTES],
     acked_features: u64,
     counters: Arc<BlkCounters>,
+    /// Put reads and writes in flight together on an `io_uring` where the image allows.
+    io_uring: bool,
     worker: Option<WorkerThread<BlkWorker>>,
 }
 
@@ -151,8 +154,16 @@ impl VirtioBlk {
             id,
             acked_features: 0,
             counters: Arc::default(),
+            io_uring: true,
             worker: None,
         })
+    }
+
+    /// Whether reads and writes may be in flight together on an `io_uring` (the default);
+    /// without, or where the kernel refuses it, each request is served synchronously. Takes
+    /// effect at the next activation.
+    pub fn set_io_uring(&mut self, enabled: bool) {
+        self.io_uring = enabled;
     }
 
     /// The device's counters (keep the Arc before boxing the device into a transport; once
@@ -271,6 +282,7 @@ impl VirtioDevice for VirtioBlk {
             self.disk.clone(),
             self.config.execution(self.acked_features, self.id),
             self.counters.clone(),
+            self.io_uring,
         );
         self.worker = Some(WorkerThread::spawn("virtio-blk", kill, worker)?);
         Ok(())

@@ -8,12 +8,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::epoll::{Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{Execution, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
+use super::config::{Execution, BLK_QUEUE_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
 use super::request::{self, ParseError, Request, RequestType, Segment};
+use super::uring::IoRing;
 use super::{BlkCounters, ID_BYTES};
 use crate::block::{BlockError, DiskImage};
 use crate::virtio::worker_thread::DeviceWorker;
@@ -25,6 +26,10 @@ pub(super) const TOKEN_KILL: u64 = 1;
 /// Requests handled per wakeup before the worker yields (and re-arms itself), so a reset is
 /// noticed promptly whatever the driver queues.
 pub(super) const MAX_REQUESTS_PER_WAKEUP: usize = 256;
+
+/// Most guest buffers one request may put on the ring (Linux's `IOV_MAX`); more go through
+/// the synchronous path, which splits them.
+const MAX_RING_IOVECS: usize = 1024;
 
 /// Bytes of one DISCARD / WRITE_ZEROES segment: sector (le64), sectors (le32), flags (le32).
 const DISCARD_SEGMENT_LEN: u64 = 16;
@@ -62,6 +67,8 @@ pub(super) struct BlkWorker {
     counters: Arc<BlkCounters>,
     /// The driver corrupted the ring; nothing more is served until a reset.
     broken: bool,
+    /// Reads and writes in flight together; `None` serves every request synchronously.
+    ring: Option<IoRing>,
 }
 
 impl BlkWorker {
@@ -75,7 +82,19 @@ impl BlkWorker {
         disk: Arc<Mutex<Box<dyn DiskImage>>>,
         exec: Execution,
         counters: Arc<BlkCounters>,
+        io_uring: bool,
     ) -> Self {
+        let ring = if io_uring {
+            match IoRing::new(u32::from(BLK_QUEUE_SIZE)) {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    tracing::info!("virtio-blk: io_uring unavailable ({e}): synchronous I/O");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         BlkWorker {
             mem,
             interrupt,
@@ -88,6 +107,7 @@ impl BlkWorker {
             exec,
             counters,
             broken: false,
+            ring,
         }
     }
 }
@@ -119,7 +139,8 @@ impl DeviceWorker for BlkWorker {
 
 impl BlkWorker {
     /// Serves every available request (up to [`MAX_REQUESTS_PER_WAKEUP`]) and interrupts the
-    /// driver once for the batch, if it wants to be.
+    /// driver once per round of completions, if it wants to be. Returns with nothing in
+    /// flight.
     fn process_queue(&mut self) {
         if self.broken {
             return;
@@ -128,8 +149,10 @@ impl BlkWorker {
         let mut q = lock_queue(&queue);
         let disk = self.disk.clone();
         let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = self.ring.take();
         let mem = &self.mem;
         let mut served = 0;
+        let mut used = 0;
         let mut error = None;
         'batches: loop {
             if let Err(e) = q.disable_notification(mem) {
@@ -151,10 +174,33 @@ impl BlkWorker {
                     BlkCounters::add(&self.counters.errors, 1);
                     continue;
                 }
-                let used_len = self.serve(chain, disk.as_mut());
+                let parsed = request::parse(chain, mem);
+                let parsed = match (ring.as_mut(), parsed) {
+                    (Some(r), Ok(req)) => match self.submit(r, head, req, disk.as_mut()) {
+                        Ok(()) => continue,
+                        Err(req) => Ok(req),
+                    },
+                    (_, parsed) => parsed,
+                };
+                // Synchronous: after everything submitted before it has completed.
+                if let Some(r) = ring.as_mut() {
+                    if let Err(e) = self.drain(r, &mut q, disk.as_mut(), &mut used) {
+                        error = Some(e);
+                        break 'batches;
+                    }
+                }
+                let used_len = self.finish(parsed, disk.as_mut());
                 if let Err(e) = q.add_used(mem, head, used_len) {
                     error = Some(e);
                     break 'batches;
+                }
+                used += 1;
+            }
+            if let Some(r) = ring.as_mut() {
+                r.submit();
+                if let Err(e) = self.drain(r, &mut q, disk.as_mut(), &mut used) {
+                    error = Some(e);
+                    break;
                 }
             }
             if served >= MAX_REQUESTS_PER_WAKEUP {
@@ -171,20 +217,142 @@ impl BlkWorker {
                 }
             }
         }
+        if let Some(r) = ring.as_mut() {
+            // After a queue error: the kernel must be done with guest memory before we return.
+            let _ = self.drain(r, &mut q, disk.as_mut(), &mut used);
+        }
+        self.ring = ring;
         drop(disk);
         if let Some(e) = error {
             tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", self.index);
             self.broken = true;
         }
-        if served > 0 && q.needs_notification(mem).unwrap_or(true) {
+        if used > 0 && q.needs_notification(mem).unwrap_or(true) {
             drop(q);
             self.interrupt.signal_used_queue(self.index);
         }
     }
 
-    /// Parses, executes and completes one chain; returns the used length.
-    fn serve(&self, chain: DescriptorChain<&GuestMemoryMmap>, disk: &mut dyn DiskImage) -> u32 {
-        let (status_addr, done) = match request::parse(chain, &self.mem) {
+    /// Puts a read or write on the ring when the image takes it as it is; gives the request
+    /// back otherwise (to be served synchronously).
+    fn submit(
+        &self,
+        ring: &mut IoRing,
+        head: u16,
+        req: Request,
+        disk: &mut dyn DiskImage,
+    ) -> Result<(), Request> {
+        let write = match req.kind {
+            RequestType::In => false,
+            // Write-through devices flush after each write: synchronous.
+            RequestType::Out if self.exec.writeback && !self.exec.read_only => true,
+            _ => return Err(req),
+        };
+        if !ring.has_room() || req.data_len & (SECTOR_SIZE - 1) != 0 || req.data_len == 0 {
+            return Err(req);
+        }
+        let Some(offset) = byte_offset(req.sector, req.data_len / SECTOR_SIZE, self.exec.capacity)
+        else {
+            return Err(req);
+        };
+        let Some(slices) = guest_slices(&self.mem, &req.data) else {
+            return Err(req);
+        };
+        if slices.len() > MAX_RING_IOVECS {
+            return Err(req);
+        }
+        let Some(fd) = disk.passthrough_fd(&slices, offset, write) else {
+            return Err(req);
+        };
+        let iovecs = slices
+            .iter()
+            .map(|s| libc::iovec {
+                // Only the address is taken; `self.mem` keeps the mapping alive until the
+                // completion is reaped (the worker drains before it returns).
+                iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                iov_len: s.len(),
+            })
+            .collect();
+        ring.push(fd, write, iovecs, head, req, offset)
+    }
+
+    /// Waits for every request in flight and completes each in the used ring.
+    fn drain(
+        &self,
+        ring: &mut IoRing,
+        q: &mut Queue,
+        disk: &mut dyn DiskImage,
+        used: &mut usize,
+    ) -> Result<(), virtio_queue::Error> {
+        let mut error = None;
+        while ring.in_flight() > 0 {
+            for (op, result) in ring.reap() {
+                let used_len = self.complete_async(op.req, op.offset, result, disk);
+                if error.is_none() {
+                    match q.add_used(&self.mem, op.head, used_len) {
+                        Ok(()) => *used += 1,
+                        Err(e) => error = Some(e),
+                    }
+                }
+            }
+        }
+        error.map_or(Ok(()), Err)
+    }
+
+    /// Completes a request the ring finished with `result` (bytes or a negative errno); a
+    /// short transfer is done again synchronously, which finishes it or reports why not.
+    fn complete_async(
+        &self,
+        req: Request,
+        offset: u64,
+        result: i32,
+        disk: &mut dyn DiskImage,
+    ) -> u32 {
+        let status = req.status;
+        let done = match u64::try_from(result) {
+            Ok(n) if n == req.data_len => {
+                let c = &self.counters;
+                if req.kind == RequestType::Out {
+                    BlkCounters::add(&c.write_ops, 1);
+                    BlkCounters::add(&c.write_bytes, req.data_len);
+                    Completion::status(S_OK)
+                } else {
+                    BlkCounters::add(&c.read_ops, 1);
+                    BlkCounters::add(&c.read_bytes, req.data_len);
+                    Completion {
+                        status: S_OK,
+                        data_written: u32::try_from(req.data_len).unwrap_or(u32::MAX),
+                    }
+                }
+            }
+            Ok(_) => self.read_write(&req, disk),
+            Err(_) => {
+                let e = std::io::Error::from_raw_os_error(-result);
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => {
+                        self.read_write(&req, disk)
+                    }
+                    _ => {
+                        tracing::warn!(
+                            "virtio-blk: {} of {} bytes at {offset}: {e}",
+                            if req.kind == RequestType::Out {
+                                "write"
+                            } else {
+                                "read"
+                            },
+                            req.data_len
+                        );
+                        Completion::status(S_IOERR)
+                    }
+                }
+            }
+        };
+        self.write_status(status, done)
+    }
+
+    /// Executes a parsed (or unparsable) request and completes it; returns the used length.
+    fn finish(&self, parsed: Result<Request, ParseError>, disk: &mut dyn DiskImage) -> u32 {
+        let (status_addr, done) = match parsed {
             Ok(req) => (req.status, self.execute(&req, disk)),
             Err(ParseError::Malformed { status, reason }) => {
                 tracing::debug!("virtio-blk: malformed request: {reason}");
@@ -196,6 +364,11 @@ impl BlkWorker {
                 return 0;
             }
         };
+        self.write_status(status_addr, done)
+    }
+
+    /// Writes the status byte of a finished request; returns the used length.
+    fn write_status(&self, status_addr: GuestAddress, done: Completion) -> u32 {
         if done.status != S_OK {
             BlkCounters::add(&self.counters.errors, 1);
         }
