@@ -9,9 +9,10 @@
 //! and the worker serves every request synchronously.
 
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::request::Request;
 
@@ -28,6 +29,8 @@ pub(super) struct InFlight {
 /// An `io_uring` and the requests submitted on it.
 pub(super) struct IoRing {
     ring: IoUring,
+    /// Signalled by the kernel for every completion: the worker sleeps on it in epoll.
+    event: EventFd,
     /// Indexed by the `user_data` of the operation; `None` is a free slot.
     slots: Vec<Option<InFlight>>,
     in_flight: usize,
@@ -43,12 +46,26 @@ impl IoRing {
     /// A ring for up to `depth` requests in flight.
     pub(super) fn new(depth: u32) -> io::Result<Self> {
         let ring = IoUring::new(depth)?;
+        let event = EventFd::new(libc::EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
         let depth = ring.params().sq_entries() as usize;
         Ok(IoRing {
             ring,
+            event,
             slots: (0..depth).map(|_| None).collect(),
             in_flight: 0,
         })
+    }
+
+    /// The eventfd signalled when requests complete.
+    pub(super) fn event_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// Consumes the eventfd's count (the completions themselves are taken by
+    /// [`IoRing::completed`]).
+    pub(super) fn clear_event(&self) {
+        let _ = self.event.read();
     }
 
     /// Requests in flight.
@@ -119,24 +136,33 @@ impl IoRing {
         }
     }
 
-    /// Waits until at least one request completed and returns every completed one with its
-    /// result (bytes transferred, or a negative errno).
-    pub(super) fn reap(&mut self) -> Vec<(InFlight, i32)> {
+    /// Every request completed so far, with its result (bytes transferred, or a negative
+    /// errno); does not wait.
+    pub(super) fn completed(&mut self) -> Vec<(InFlight, i32)> {
         let mut done = Vec::new();
-        while done.is_empty() && self.in_flight > 0 {
+        for cqe in self.ring.completion() {
+            let slot = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
+            if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
+                self.in_flight -= 1;
+                done.push((op, cqe.result()));
+            }
+        }
+        done
+    }
+
+    /// Waits until at least one request completed (if any is in flight) and returns every
+    /// completed one.
+    pub(super) fn reap(&mut self) -> Vec<(InFlight, i32)> {
+        loop {
+            let done = self.completed();
+            if !done.is_empty() || self.in_flight == 0 {
+                return done;
+            }
             if let Err(e) = self.ring.submit_and_wait(1) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::debug!("virtio-blk: io_uring wait: {e}");
                 }
             }
-            for cqe in self.ring.completion() {
-                let slot = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
-                if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
-                    self.in_flight -= 1;
-                    done.push((op, cqe.result()));
-                }
-            }
         }
-        done
     }
 }

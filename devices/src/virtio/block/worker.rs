@@ -1,5 +1,6 @@
 //! The I/O thread of a virtio-blk device: drains the request queue, executes each request
-//! against the disk image and completes it.
+//! against the disk image (synchronously, or several at once on an io_uring, see `uring`) and
+//! completes it.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -9,12 +10,12 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
-use vmm_sys_util::epoll::{Epoll, EpollEvent};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{Execution, BLK_QUEUE_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
 use super::request::{self, ParseError, Request, RequestType, Segment};
-use super::uring::IoRing;
+use super::uring::{InFlight, IoRing};
 use super::{BlkCounters, ID_BYTES};
 use crate::block::{BlockError, DiskImage};
 use crate::virtio::worker_thread::DeviceWorker;
@@ -22,6 +23,8 @@ use crate::virtio::{lock_queue, ActivatedQueue, VirtioInterrupt};
 
 pub(super) const TOKEN_NOTIFY: u64 = 0;
 pub(super) const TOKEN_KILL: u64 = 1;
+/// The io_uring completion eventfd.
+const TOKEN_RING: u64 = 2;
 
 /// Requests handled per wakeup before the worker yields (and re-arms itself), so a reset is
 /// noticed promptly whatever the driver queues.
@@ -85,7 +88,12 @@ impl BlkWorker {
         io_uring: bool,
     ) -> Self {
         let ring = if io_uring {
-            match IoRing::new(u32::from(BLK_QUEUE_SIZE)) {
+            let ring = IoRing::new(u32::from(BLK_QUEUE_SIZE)).and_then(|ring| {
+                let event = EpollEvent::new(EventSet::IN, TOKEN_RING);
+                epoll.ctl(ControlOperation::Add, ring.event_fd(), event)?;
+                Ok(ring)
+            });
+            match ring {
                 Ok(ring) => Some(ring),
                 Err(e) => {
                     tracing::info!("virtio-blk: io_uring unavailable ({e}): synchronous I/O");
@@ -116,7 +124,7 @@ impl DeviceWorker for BlkWorker {
     fn run(mut self) -> Self {
         // Requests queued before activation, a snapshot or a resume are served right away.
         self.process_queue();
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -128,7 +136,12 @@ impl DeviceWorker for BlkWorker {
             };
             if events[..n].iter().any(|e| e.data() == TOKEN_KILL) {
                 let _ = self.kill.read();
+                // Paused or reset: nothing may stay in flight.
+                self.finish_in_flight();
                 return self;
+            }
+            if let Some(ring) = &self.ring {
+                ring.clear_event();
             }
             // EAGAIN only means a concurrent read already consumed the count.
             let _ = self.notify.read();
@@ -138,11 +151,13 @@ impl DeviceWorker for BlkWorker {
 }
 
 impl BlkWorker {
-    /// Serves every available request (up to [`MAX_REQUESTS_PER_WAKEUP`]) and interrupts the
-    /// driver once per round of completions, if it wants to be. Returns with nothing in
-    /// flight.
+    /// Serves every available request (up to [`MAX_REQUESTS_PER_WAKEUP`]): synchronous ones at
+    /// once, the others put on the ring; completes what the ring finished and interrupts the
+    /// driver once for all of it, if it wants to be. Requests may stay in flight until the
+    /// ring's eventfd wakes the worker again (or a pause or reset drains them).
     fn process_queue(&mut self) {
         if self.broken {
+            self.finish_in_flight();
             return;
         }
         let queue = self.queue.clone();
@@ -197,8 +212,11 @@ impl BlkWorker {
                 used += 1;
             }
             if let Some(r) = ring.as_mut() {
+                // The batch goes to the kernel; what already finished is completed now, the
+                // rest when the ring's eventfd wakes the worker.
                 r.submit();
-                if let Err(e) = self.drain(r, &mut q, disk.as_mut(), &mut used) {
+                let done = r.completed();
+                if let Err(e) = self.complete(done, &mut q, disk.as_mut(), &mut used) {
                     error = Some(e);
                     break;
                 }
@@ -217,8 +235,8 @@ impl BlkWorker {
                 }
             }
         }
-        if let Some(r) = ring.as_mut() {
-            // After a queue error: the kernel must be done with guest memory before we return.
+        if let (Some(r), Some(_)) = (ring.as_mut(), &error) {
+            // The queue is broken: the kernel must be done with guest memory all the same.
             let _ = self.drain(r, &mut q, disk.as_mut(), &mut used);
         }
         self.ring = ring;
@@ -276,6 +294,31 @@ impl BlkWorker {
         ring.push(fd, write, iovecs, head, req, offset)
     }
 
+    /// Waits for every request in flight, completes them and interrupts the driver if it
+    /// wants to be: the worker then has nothing in flight.
+    fn finish_in_flight(&mut self) {
+        let Some(mut ring) = self.ring.take() else {
+            return;
+        };
+        if ring.in_flight() > 0 {
+            let queue = self.queue.clone();
+            let mut q = lock_queue(&queue);
+            let disk = self.disk.clone();
+            let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+            let mut used = 0;
+            if let Err(e) = self.drain(&mut ring, &mut q, disk.as_mut(), &mut used) {
+                tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", self.index);
+                self.broken = true;
+            }
+            drop(disk);
+            if used > 0 && q.needs_notification(&self.mem).unwrap_or(true) {
+                drop(q);
+                self.interrupt.signal_used_queue(self.index);
+            }
+        }
+        self.ring = Some(ring);
+    }
+
     /// Waits for every request in flight and completes each in the used ring.
     fn drain(
         &self,
@@ -284,15 +327,33 @@ impl BlkWorker {
         disk: &mut dyn DiskImage,
         used: &mut usize,
     ) -> Result<(), virtio_queue::Error> {
-        let mut error = None;
+        let mut result = Ok(());
         while ring.in_flight() > 0 {
-            for (op, result) in ring.reap() {
-                let used_len = self.complete_async(op.req, op.offset, result, disk);
-                if error.is_none() {
-                    match q.add_used(&self.mem, op.head, used_len) {
-                        Ok(()) => *used += 1,
-                        Err(e) => error = Some(e),
-                    }
+            let done = ring.reap();
+            let step = self.complete(done, q, disk, used);
+            if result.is_ok() {
+                result = step;
+            }
+        }
+        result
+    }
+
+    /// Completes requests the ring finished in the used ring. Every status is written even
+    /// when the used ring cannot be updated (the first such error is returned).
+    fn complete(
+        &self,
+        done: Vec<(InFlight, i32)>,
+        q: &mut Queue,
+        disk: &mut dyn DiskImage,
+        used: &mut usize,
+    ) -> Result<(), virtio_queue::Error> {
+        let mut error = None;
+        for (op, result) in done {
+            let used_len = self.complete_async(op.req, op.offset, result, disk);
+            if error.is_none() {
+                match q.add_used(&self.mem, op.head, used_len) {
+                    Ok(()) => *used += 1,
+                    Err(e) => error = Some(e),
                 }
             }
         }
