@@ -100,18 +100,20 @@ pub trait DiskImage: Send {
         Ok(())
     }
 
-    /// For formats whose guest bytes lie as they are in one file (raw): the file descriptor a
-    /// read (`write == false`) or write of `bufs` at `offset` may go to directly, possibly
-    /// asynchronously, once this has checked it (range, read-only, `O_DIRECT` alignment, the
-    /// probed-raw guard) and noted a write for the next [`DiskImage::flush`]. `None` when the
-    /// request must go through [`DiskImage::read_volatile_at`] /
+    /// Where a read (`write == false`) or write of `bufs` at guest `offset` may go directly,
+    /// possibly asynchronously: a file descriptor and the offset in it, when the whole range
+    /// lies as it is in one contiguous range of one file (raw images; allocated data clusters
+    /// of qcow2, owned by the active layer for writes). Checks the request first (range,
+    /// read-only, `O_DIRECT` alignment, the probed-raw guard) and notes a write for the next
+    /// [`DiskImage::flush`]. The mapping stays valid until the next call of any other method.
+    /// `None` when the request must go through [`DiskImage::read_volatile_at`] /
     /// [`DiskImage::write_volatile_at`], which also report why it fails, if it does.
-    fn passthrough_fd(
+    fn passthrough(
         &mut self,
         _bufs: &[VolatileSlice<'_>],
         _offset: u64,
         _write: bool,
-    ) -> Option<RawFd> {
+    ) -> Option<(RawFd, u64)> {
         None
     }
 

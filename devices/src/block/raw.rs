@@ -130,12 +130,12 @@ impl DiskImage for RawImage {
         self.read_only
     }
 
-    fn passthrough_fd(
+    fn passthrough(
         &mut self,
         bufs: &[VolatileSlice<'_>],
         offset: u64,
         write: bool,
-    ) -> Option<RawFd> {
+    ) -> Option<(RawFd, u64)> {
         let total = total_len(bufs);
         if write {
             self.check_write(offset, total).ok()?;
@@ -151,7 +151,7 @@ impl DiskImage for RawImage {
         if write {
             self.file.note_write();
         }
-        Some(self.file.raw_fd())
+        Some((self.file.raw_fd(), offset))
     }
 
     fn read_volatile_at(

@@ -12,6 +12,8 @@
 //! points at it is even changed in the cache, so no metadata written back in the middle of a
 //! request (a cache eviction) can reach a cluster whose data is not in the file yet.
 
+use std::os::unix::io::RawFd;
+
 use vm_memory::VolatileSlice;
 
 use super::super::file::AlignedBuf;
@@ -63,6 +65,52 @@ impl Qcow2Image {
             next += 1;
         }
         Ok(n)
+    }
+
+    /// The host range of a request that lies in one host-contiguous run of data clusters
+    /// (for a write: clusters of the active layer alone, written in place), as
+    /// [`DiskImage::passthrough`](super::super::DiskImage::passthrough) hands it out. Metadata
+    /// only changes in requests served synchronously, after those in flight completed.
+    pub(super) fn data_run(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+        write: bool,
+    ) -> Option<(RawFd, u64)> {
+        let total = total_len(bufs);
+        if total == 0 || (write && self.read_only) {
+            return None;
+        }
+        self.check_range(offset, total).ok()?;
+        let (vc, in_off, n) = self.locate(offset, total);
+        let first = self.mapping(vc).ok()?;
+        let Mapping::Data { host, .. } = first else {
+            return None;
+        };
+        if self.extend_run(vc, first, n, total).ok()? != total {
+            return None;
+        }
+        let host_off = host + in_off;
+        if write {
+            let last = (offset + total - 1) >> self.cluster_bits;
+            for c in vc..=last {
+                let owned = self.l1_entry(self.split(c).0).ok()? & COPIED != 0
+                    && matches!(self.mapping(c).ok()?, Mapping::Data { copied: true, .. });
+                if !owned {
+                    return None;
+                }
+            }
+            if self.refs.overlaps_metadata(host_off, total) {
+                return None;
+            }
+        }
+        if !self.file.can_use_vectored(bufs, host_off) {
+            return None;
+        }
+        if write {
+            self.file.note_write();
+        }
+        Some((self.file.raw_fd(), host_off))
     }
 
     /// Reads `[offset, offset + total_len(bufs))` into guest memory.

@@ -47,6 +47,7 @@ mod refcount;
 mod tables;
 
 use std::collections::BTreeSet;
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
@@ -451,6 +452,15 @@ impl DiskImage for Qcow2Image {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn passthrough(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+        write: bool,
+    ) -> Option<(RawFd, u64)> {
+        self.data_run(bufs, offset, write)
     }
 
     fn read_volatile_at(

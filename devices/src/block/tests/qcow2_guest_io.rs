@@ -276,3 +276,48 @@ fn direct_guest_io_with_aligned_and_misaligned_buffers() {
     assert_same(&img, &model);
     let _ = fs::remove_file(&img);
 }
+
+#[test]
+fn passthrough_only_for_data_clusters_the_active_layer_owns() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("pass.qcow2");
+    create(&img, "cluster_size=4096", MIB);
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x11 0 16k".into(),
+            "write -c -P 0x22 64k 4k".into(),
+            "write -z 128k 4k".into(),
+        ],
+    );
+    run_ok("qemu-img", &["snapshot", "-c", "s1", s(&img)]);
+    let mem = memory();
+    let bufs = [mem.get_slice(GuestAddress(0), 8192).unwrap()];
+    let mut disk = open_disk(&img, rw()).unwrap();
+    // Reads of allocated data: the host range holds the guest bytes.
+    let (fd, at) = disk.passthrough(&bufs, 4096, false).unwrap();
+    let mut got = [0u8; 8192];
+    // SAFETY: pread(2) into a local buffer of the given length, on a descriptor the open
+    // image keeps open.
+    let n = unsafe { libc::pread(fd, got.as_mut_ptr().cast(), 8192, at as libc::off_t) };
+    assert_eq!(n, 8192);
+    assert_eq!(got, [0x11; 8192]);
+    // Not for compressed, zero or unallocated clusters, nor past the end.
+    for off in [64 * KIB, 128 * KIB, 200 * KIB, MIB - 4096] {
+        assert!(disk.passthrough(&bufs, off, false).is_none(), "{off}");
+    }
+    // Writes: not into clusters shared with the snapshot, until copied on write.
+    assert!(disk.passthrough(&bufs, 0, true).is_none());
+    mem.write_slice(&[0x33; 8192], GuestAddress(0)).unwrap();
+    disk.write_volatile_at(&bufs, 0).unwrap();
+    let (fd, at) = disk.passthrough(&bufs, 0, true).unwrap();
+    // SAFETY: as above.
+    let n = unsafe { libc::pread(fd, got.as_mut_ptr().cast(), 8192, at as libc::off_t) };
+    assert_eq!(n, 8192);
+    assert_eq!(got, [0x33; 8192]);
+    drop(disk);
+    assert_clean(&img);
+    let mut ro_disk = open_disk(&img, ro()).unwrap();
+    assert!(ro_disk.passthrough(&bufs, 0, true).is_none());
+    assert!(ro_disk.passthrough(&bufs, 0, false).is_some());
+}

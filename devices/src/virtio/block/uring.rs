@@ -2,9 +2,10 @@
 //! the reads and writes of a batch as `readv`/`writev` straight on guest memory, then reaps
 //! their completions.
 //!
-//! Only images that can take a request as it is ([`crate::block::DiskImage::passthrough_fd`],
-//! raw images) use it; everything else, and every request that is not a plain read or write,
-//! runs synchronously once the requests in flight have completed. Where `io_uring` cannot be
+//! Only requests an image can hand over as they are ([`crate::block::DiskImage::passthrough`]:
+//! raw images, and allocated data clusters of qcow2) go on it; everything else, and every
+//! request that is not a plain read or write, runs synchronously once the requests in flight
+//! have completed. Where `io_uring` cannot be
 //! set up (an old kernel, a seccomp filter, a limit on locked memory), [`IoRing::new`] fails
 //! and the worker serves every request synchronously.
 
@@ -20,6 +21,7 @@ use super::request::Request;
 pub(super) struct InFlight {
     pub(super) head: u16,
     pub(super) req: Request,
+    /// Where in the file.
     pub(super) offset: u64,
     /// The guest buffers, read or written by the kernel until the completion arrives; kept
     /// here so the array outlives the operation.

@@ -279,7 +279,7 @@ impl BlkWorker {
         if slices.len() > MAX_RING_IOVECS {
             return Err(req);
         }
-        let Some(fd) = disk.passthrough_fd(&slices, offset, write) else {
+        let Some((fd, file_offset)) = disk.passthrough(&slices, offset, write) else {
             return Err(req);
         };
         let iovecs = slices
@@ -291,7 +291,7 @@ impl BlkWorker {
                 iov_len: s.len(),
             })
             .collect();
-        ring.push(fd, write, iovecs, head, req, offset)
+        ring.push(fd, write, iovecs, head, req, file_offset)
     }
 
     /// Waits for every request in flight, completes them and interrupts the driver if it

@@ -136,14 +136,14 @@ impl DiskImage for RefusingFd {
     fn is_read_only(&self) -> bool {
         false
     }
-    fn passthrough_fd(
+    fn passthrough(
         &mut self,
         bufs: &[vm_memory::VolatileSlice<'_>],
         offset: u64,
         write: bool,
-    ) -> Option<RawFd> {
-        self.inner.passthrough_fd(bufs, offset, write)?;
-        Some(self.read_only_file.as_raw_fd())
+    ) -> Option<(RawFd, u64)> {
+        let (_, at) = self.inner.passthrough(bufs, offset, write)?;
+        Some((self.read_only_file.as_raw_fd(), at))
     }
     fn read_volatile_at(
         &mut self,
@@ -265,22 +265,75 @@ fn pause_waits_for_every_request_in_flight() {
 }
 
 #[test]
-fn qcow2_batches_are_served_synchronously() {
-    // qcow2 has no pass-through descriptor: its requests never go on the ring.
+fn qcow2_batches_allocate_synchronously_and_overwrite_on_the_ring() {
     for mode in modes() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("d.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"]);
+        let p = img.to_str().unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            p,
+            "1M",
+        ]);
         let mut r = start_mode(open(&img, Format::Qcow2, false), mode);
+        let mut model = vec![0u8; DISK_SIZE as usize];
+        // Allocating writes (served synchronously), every other 4 KiB cluster.
         let mut reqs = Vec::new();
         for i in 0..40u64 {
             let buf = DATA + i * 4096;
-            r.write(buf, &[i as u8; 4096]);
-            reqs.push(queue(&mut r, VIRTIO_BLK_T_OUT, i * 8, buf, 4096));
+            r.write(buf, &[i as u8 + 1; 4096]);
+            reqs.push(queue(&mut r, VIRTIO_BLK_T_OUT, i * 16, buf, 4096));
+            model[(i * 8192) as usize..(i * 8192 + 4096) as usize].fill(i as u8 + 1);
         }
         run_batch(&mut r, 40);
         assert!(reqs.iter().all(|(_, s)| r.read(*s, 1) == [S_OK]));
-        let (status, got) = r.read_sectors(39 * 8, 4096);
-        assert_eq!((status, got), (S_OK, vec![39; 4096]));
+        // Overwrites of allocated clusters (in place) and reads, some of them of
+        // unallocated clusters (synchronous), in one batch.
+        let mut reqs = Vec::new();
+        let old = model.clone();
+        for i in 0..40u64 {
+            let buf = DATA + 0x4_0000 + i * 8192;
+            if i % 2 == 0 {
+                // Half a cluster at sector 4 of cluster 2i: offset 2048 inside it.
+                r.write(buf, &[0xa0 + i as u8; 2048]);
+                reqs.push((queue(&mut r, VIRTIO_BLK_T_OUT, i * 16 + 4, buf, 2048), None));
+                let at = (i * 8192 + 2048) as usize;
+                model[at..at + 2048].fill(0xa0 + i as u8);
+            } else {
+                // Cluster 2i - 1 is unallocated, 2i - 2 allocated: both read.
+                r.write(buf, &[0xee; 8192]);
+                let sector = (i - 1) * 16;
+                reqs.push((queue(&mut r, VIRTIO_BLK_T_IN, sector, buf, 8192), Some(buf)));
+            }
+        }
+        let used = run_batch(&mut r, 80);
+        assert_eq!(used.len(), 80);
+        for ((_, s), buf) in &reqs {
+            assert_eq!(r.read(*s, 1), [S_OK], "io_uring {mode}");
+            if let Some(buf) = buf {
+                // Cluster 2i - 2 as before or after the write in the same batch (they are
+                // in flight together), then the unallocated cluster's zeros.
+                let i = (buf - DATA - 0x4_0000) / 8192;
+                let at = ((i - 1) * 8192) as usize;
+                let got = r.read(*buf, 8192);
+                assert!(
+                    got[..4096] == old[at..at + 4096] || got[..4096] == model[at..at + 4096],
+                    "io_uring {mode}: read of cluster {}",
+                    2 * (i - 1)
+                );
+                assert_eq!(got[4096..], [0; 4096]);
+            }
+        }
+        assert_eq!(r.request(VIRTIO_BLK_T_FLUSH, 0, &[]).0, S_OK);
+        drop(r);
+        qemu_img(&["check", "-q", p]);
+        let out = dir.path().join("out.raw");
+        qemu_img(&["convert", "-O", "raw", p, out.to_str().unwrap()]);
+        assert!(std::fs::read(&out).unwrap() == model, "io_uring {mode}");
     }
 }
