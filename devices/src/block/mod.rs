@@ -1,7 +1,9 @@
 //! Disk images for virtio-blk: the formats (raw, qcow2) behind one trait, [`DiskImage`].
 //!
 //! This layer has no virtio code and no threads: the virtio-blk device calls it from its I/O
-//! worker thread, one request at a time, with byte offsets and lengths.
+//! worker thread, one request at a time, with byte offsets and lengths. Reads and writes that
+//! [`DiskImage::passthrough`] maps to one range of one file the worker may instead submit
+//! itself, several at once; it calls nothing else on the image while they are in flight.
 //!
 //! [`open_disk`] opens an image and, for qcow2, its chain of backing files (opened read-only,
 //! relative names resolved against the directory of the image naming them, a loop in the chain

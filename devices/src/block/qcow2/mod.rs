@@ -14,6 +14,10 @@
 //! written; shared L2 tables and data clusters are copied on write, so snapshots stay intact);
 //! backing files of any format we read, in chains of any length.
 //!
+//! Guest I/O goes straight between guest memory and the file, a run of host-contiguous
+//! clusters per system call (`guest.rs`); requests within allocated data clusters can be
+//! handed to the caller to submit itself ([`DiskImage::passthrough`]).
+//!
 //! Refused: encryption, external data files, extended L2 entries (subclusters), unknown
 //! incompatible features; images with the dirty or corrupt bit are opened read-only only.
 //!
