@@ -231,7 +231,16 @@ fn pause_waits_for_every_request_in_flight() {
     for mode in modes() {
         let dir = tempfile::tempdir().unwrap();
         let path = raw_image(dir.path(), 4 * DISK_SIZE);
-        let mut r = start_mode(open(&path, Format::Raw, false), mode);
+        // O_DIRECT where the filesystem has it, so that requests stay in flight a while.
+        let options = |direct| DiskOptions {
+            format: Some(Format::Raw),
+            read_only: false,
+            direct,
+        };
+        let disk = open_disk(&path, options(true))
+            .or_else(|_| open_disk(&path, options(false)))
+            .unwrap();
+        let mut r = start_mode(disk, mode);
         // Three descriptors each: as many as the ring's descriptor table holds.
         const N: u16 = 85;
         let mut statuses = Vec::new();
@@ -243,9 +252,17 @@ fn pause_waits_for_every_request_in_flight() {
             } else {
                 VIRTIO_BLK_T_IN
             };
-            statuses.push(queue(&mut r, kind, (i % 800) * 8, buf, 4096).1);
+            r.write(buf, &[0xee; 4096]);
+            let s = queue(&mut r, kind, (i % 800) * 8, buf, 4096).1;
+            statuses.push((s, kind == VIRTIO_BLK_T_IN, buf));
         }
         r.notify.write(1).unwrap();
+        // Pause once the worker is inside the batch.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while r.ring.used_idx(&r.mem) == 0 {
+            assert!(std::time::Instant::now() < deadline, "nothing served");
+            std::hint::spin_loop();
+        }
         r.blk.pause();
         // Whatever was taken is complete: its status is written and it is in the used ring;
         // nothing completes after the pause returned.
@@ -256,11 +273,24 @@ fn pause_waits_for_every_request_in_flight() {
             done,
             "io_uring {mode}: completed while paused"
         );
-        let finished = statuses.iter().filter(|s| r.read(**s, 1) == [S_OK]).count();
+        let finished = statuses
+            .iter()
+            .filter(|(s, _, _)| r.read(*s, 1) == [S_OK])
+            .count();
         assert_eq!(finished, usize::from(done), "io_uring {mode}");
+        // No read the device has not completed touched guest memory: none is in flight.
+        for (s, read, buf) in &statuses {
+            if *read && r.read(*s, 1) != [S_OK] {
+                let untouched = r.read(*buf, 4096).iter().all(|&b| b == 0xee);
+                assert!(
+                    untouched,
+                    "io_uring {mode}: a read completed after the pause"
+                );
+            }
+        }
         r.blk.resume().unwrap();
         assert!(r.ring.wait_used(&r.mem, N), "io_uring {mode}");
-        assert!(statuses.iter().all(|s| r.read(*s, 1) == [S_OK]));
+        assert!(statuses.iter().all(|(s, _, _)| r.read(*s, 1) == [S_OK]));
     }
 }
 
