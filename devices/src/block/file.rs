@@ -10,11 +10,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
+use super::guest_io::{total_len, SliceCursor, BOUNCE_CHUNK};
 use super::BlockError;
 
 /// Alignment of buffers, offsets and lengths for `O_DIRECT` I/O.
@@ -38,24 +39,24 @@ fn zero_fill(bufs: &[VolatileSlice<'_>], skip: usize) {
 }
 
 /// A byte buffer whose start is aligned to [`DIRECT_ALIGN`], made safely by over-allocating.
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     buf: Vec<u8>,
     start: usize,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let buf = vec![0u8; len + DIRECT_ALIGN];
         let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
         Self { buf, start, len }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         &self.buf[self.start..self.start + self.len]
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.buf[self.start..self.start + self.len]
     }
 }
@@ -318,6 +319,53 @@ impl HostFile {
         result
     }
 
+    /// Reads `bufs` (guest memory) from `offset`: straight into them with `preadv` when
+    /// [`HostFile::can_use_vectored`] allows, else through a bounded host buffer (misaligned
+    /// `O_DIRECT` buffers). Bytes past the end of the file read as zeros.
+    pub(crate) fn read_guest(
+        &self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        if self.can_use_vectored(bufs, offset) {
+            return self.read_volatile_at(bufs, offset);
+        }
+        let total = total_len(bufs);
+        let mut bounce = vec![0u8; total.min(BOUNCE_CHUNK as u64) as usize];
+        let mut cursor = SliceCursor::new(bufs);
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(BOUNCE_CHUNK as u64) as usize;
+            self.read_at(&mut bounce[..n], offset + done)?;
+            cursor.scatter(&bounce[..n]);
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes `bufs` (guest memory) at `offset`: straight from them with `pwritev` when
+    /// [`HostFile::can_use_vectored`] allows, else through a bounded host buffer.
+    pub(crate) fn write_guest(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        if self.can_use_vectored(bufs, offset) {
+            return self.write_volatile_at(bufs, offset);
+        }
+        let total = total_len(bufs);
+        let mut bounce = vec![0u8; total.min(BOUNCE_CHUNK as u64) as usize];
+        let mut cursor = SliceCursor::new(bufs);
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(BOUNCE_CHUNK as u64) as usize;
+            cursor.gather(&mut bounce[..n]);
+            self.write_at(&bounce[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
     /// `preadv`/`pwritev` over all of `bufs`, at most [`MAX_IOVECS`] buffers per call, resuming
     /// after short transfers.
     fn vectored(&self, bufs: &[VolatileSlice<'_>], offset: u64, write: bool) -> io::Result<()> {
@@ -377,6 +425,22 @@ impl HostFile {
             skip += n;
         }
         Ok(())
+    }
+
+    /// The descriptor, for I/O submitted elsewhere (`io_uring`).
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Tests: whether a barrier would sync.
+    #[cfg(test)]
+    pub(crate) fn is_unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Notes a write made through [`HostFile::raw_fd`], so the next barrier syncs.
+    pub(crate) fn note_write(&mut self) {
+        self.unsynced = true;
     }
 
     /// Makes everything written so far durable (`fdatasync`).

@@ -15,14 +15,14 @@ pub(crate) fn total_len(bufs: &[VolatileSlice<'_>]) -> u64 {
 }
 
 /// A position in a list of slices, walked front to back.
-struct SliceCursor<'s, 'a> {
+pub(crate) struct SliceCursor<'s, 'a> {
     bufs: &'s [VolatileSlice<'a>],
     index: usize,
     skip: usize,
 }
 
 impl<'s, 'a> SliceCursor<'s, 'a> {
-    fn new(bufs: &'s [VolatileSlice<'a>]) -> Self {
+    pub(crate) fn new(bufs: &'s [VolatileSlice<'a>]) -> Self {
         SliceCursor {
             bufs,
             index: 0,
@@ -31,7 +31,7 @@ impl<'s, 'a> SliceCursor<'s, 'a> {
     }
 
     /// Copies `data` into the slices from the cursor on and advances past it.
-    fn scatter(&mut self, mut data: &[u8]) {
+    pub(crate) fn scatter(&mut self, mut data: &[u8]) {
         while !data.is_empty() && self.index < self.bufs.len() {
             let buf = &self.bufs[self.index];
             let n = (buf.len() - self.skip).min(data.len());
@@ -44,7 +44,7 @@ impl<'s, 'a> SliceCursor<'s, 'a> {
     }
 
     /// Fills `data` from the slices from the cursor on and advances past it.
-    fn gather(&mut self, mut data: &mut [u8]) {
+    pub(crate) fn gather(&mut self, mut data: &mut [u8]) {
         while !data.is_empty() && self.index < self.bufs.len() {
             let buf = &self.bufs[self.index];
             let n = (buf.len() - self.skip).min(data.len());
@@ -53,6 +53,31 @@ impl<'s, 'a> SliceCursor<'s, 'a> {
             }
             data = &mut data[n..];
             self.advance(n);
+        }
+    }
+
+    /// The next `n` bytes (fewer if the slices end first) as sub-slices, appended to `out`;
+    /// advances past them.
+    pub(crate) fn take_into(&mut self, mut n: usize, out: &mut Vec<VolatileSlice<'a>>) {
+        while n > 0 && self.index < self.bufs.len() {
+            let buf = &self.bufs[self.index];
+            let k = (buf.len() - self.skip).min(n);
+            if let Ok(part) = buf.subslice(self.skip, k) {
+                out.push(part);
+            }
+            n -= k;
+            self.advance(k);
+        }
+    }
+
+    /// Writes zeros to the next `n` bytes and advances past them.
+    pub(crate) fn zero(&mut self, n: usize) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        let mut left = n;
+        while left > 0 && self.index < self.bufs.len() {
+            let k = left.min(ZEROS.len());
+            self.scatter(&ZEROS[..k]);
+            left -= k;
         }
     }
 

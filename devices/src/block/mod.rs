@@ -1,7 +1,9 @@
 //! Disk images for virtio-blk: the formats (raw, qcow2) behind one trait, [`DiskImage`].
 //!
 //! This layer has no virtio code and no threads: the virtio-blk device calls it from its I/O
-//! worker thread, one request at a time, with byte offsets and lengths.
+//! worker thread, one request at a time, with byte offsets and lengths. Reads and writes that
+//! [`DiskImage::passthrough`] maps to one range of one file the worker may instead submit
+//! itself, several at once; it calls nothing else on the image while they are in flight.
 //!
 //! [`open_disk`] opens an image and, for qcow2, its chain of backing files (opened read-only,
 //! relative names resolved against the directory of the image naming them, a loop in the chain
@@ -32,6 +34,7 @@ pub mod raw;
 mod tests;
 
 use std::fmt;
+use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
@@ -97,6 +100,23 @@ pub trait DiskImage: Send {
             pos += buf.len() as u64;
         }
         Ok(())
+    }
+
+    /// Where a read (`write == false`) or write of `bufs` at guest `offset` may go directly,
+    /// possibly asynchronously: a file descriptor and the offset in it, when the whole range
+    /// lies as it is in one contiguous range of one file (raw images; allocated data clusters
+    /// of qcow2, owned by the active layer for writes). Checks the request first (range,
+    /// read-only, `O_DIRECT` alignment, the probed-raw guard) and notes a write for the next
+    /// [`DiskImage::flush`]. The mapping stays valid until the next call of any other method.
+    /// `None` when the request must go through [`DiskImage::read_volatile_at`] /
+    /// [`DiskImage::write_volatile_at`], which also report why it fails, if it does.
+    fn passthrough(
+        &mut self,
+        _bufs: &[VolatileSlice<'_>],
+        _offset: u64,
+        _write: bool,
+    ) -> Option<(RawFd, u64)> {
+        None
     }
 
     /// Reads consecutive guest bytes at `offset` straight into guest memory (the data buffers

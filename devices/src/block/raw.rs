@@ -1,5 +1,6 @@
 //! Raw images: the guest's bytes at the same offsets in a regular file or a block device.
 
+use std::os::unix::io::RawFd;
 use std::path::Path;
 
 use vm_memory::VolatileSlice;
@@ -54,6 +55,14 @@ impl RawImage {
         let n = (MAGIC.len() - start).min(buf.len());
         head[start..start + n].copy_from_slice(&buf[..n]);
         Ok(head == MAGIC)
+    }
+}
+
+impl RawImage {
+    /// Tests: the host file.
+    #[cfg(test)]
+    pub(crate) fn host_file(&self) -> &HostFile {
+        &self.file
     }
 }
 
@@ -119,6 +128,30 @@ impl DiskImage for RawImage {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn passthrough(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+        write: bool,
+    ) -> Option<(RawFd, u64)> {
+        let total = total_len(bufs);
+        if write {
+            self.check_write(offset, total).ok()?;
+            if self.probed && offset < MAGIC.len() as u64 {
+                return None;
+            }
+        } else {
+            check_range(self.path(), offset, total, self.size).ok()?;
+        }
+        if !self.file.can_use_vectored(bufs, offset) {
+            return None;
+        }
+        if write {
+            self.file.note_write();
+        }
+        Some((self.file.raw_fd(), offset))
     }
 
     fn read_volatile_at(

@@ -9,7 +9,7 @@ use super::Qcow2Image;
 impl Qcow2Image {
     /// The cluster containing `offset`, the offset in it, and how many of `remaining` bytes
     /// fall in it.
-    fn locate(&self, offset: u64, remaining: u64) -> (u64, u64, u64) {
+    pub(super) fn locate(&self, offset: u64, remaining: u64) -> (u64, u64, u64) {
         let cs = self.cluster_size();
         let in_off = offset & (cs - 1);
         (
@@ -20,7 +20,7 @@ impl Qcow2Image {
     }
 
     /// Bytes of guest cluster `vc` inside the virtual disk (less than a cluster at the end).
-    fn visible(&self, vc: u64) -> u64 {
+    pub(super) fn visible(&self, vc: u64) -> u64 {
         let cs = self.cluster_size();
         self.header
             .size
@@ -30,7 +30,7 @@ impl Qcow2Image {
 
     /// Reads guest bytes at `offset` from the backing image, or zeros without one (and past
     /// the backing image's end).
-    fn read_backing(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
+    pub(super) fn read_backing(&mut self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         let Some(backing) = self.backing.as_mut() else {
             buf.fill(0);
             return Ok(());
@@ -44,7 +44,7 @@ impl Qcow2Image {
     }
 
     /// Decompresses the cluster at (`host`, `len`) into the one-cluster cache.
-    fn load_compressed(&mut self, host: u64, len: u64) -> Result<&[u8], BlockError> {
+    pub(super) fn load_compressed(&mut self, host: u64, len: u64) -> Result<&[u8], BlockError> {
         if self.decompressed.as_ref().map(|(h, _)| *h) != Some(host) {
             self.decompressed = None;
             let mut input = vec![0u8; len as usize];
@@ -119,12 +119,12 @@ impl Qcow2Image {
     }
 
     /// Whether host cluster `host` is referenced once only (may be modified in place).
-    fn exclusive(&mut self, host: u64, copied: bool) -> Result<bool, BlockError> {
+    pub(super) fn exclusive(&mut self, host: u64, copied: bool) -> Result<bool, BlockError> {
         Ok(copied || self.refs.get(&mut self.file, host >> self.cluster_bits)? == 1)
     }
 
     /// Drops a reference to `mapping`'s host clusters once the change is durable.
-    fn release(&mut self, mapping: Mapping) {
+    pub(super) fn release(&mut self, mapping: Mapping) {
         if let Some(range) = mapping.host_range(self.cluster_size()) {
             self.pending_free.push(range);
             if matches!(mapping, Mapping::Compressed { .. }) {

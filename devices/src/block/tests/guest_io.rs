@@ -157,3 +157,44 @@ fn qcow2_copies_through_a_bounded_buffer() {
     disk.read_volatile_at(&bufs, 4096).unwrap();
     assert_eq!(gathered(&mem, count, len), data);
 }
+
+#[test]
+fn raw_passthrough_checks_requests_and_marks_writes_for_the_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.raw");
+    fs::write(&path, vec![0u8; 16384]).unwrap();
+    let mem = memory();
+    let bufs = slices(&mem, 2, 4096);
+    let open_raw = |read_only: bool, probed: bool| {
+        RawImage::open(
+            HostFile::open(&path, read_only, false).unwrap(),
+            read_only,
+            probed,
+        )
+        .unwrap()
+    };
+    let mut disk = open_raw(false, false);
+    assert!(disk.passthrough(&bufs, 4096, false).is_some());
+    assert!(!disk.host_file().is_unsynced(), "a read needs no sync");
+    assert!(disk.passthrough(&bufs, 8192 + 512, false).is_none());
+    assert!(disk.passthrough(&bufs, u64::MAX - 100, true).is_none());
+    assert!(!disk.host_file().is_unsynced());
+    assert!(disk.passthrough(&bufs, 0, true).is_some());
+    assert!(disk.host_file().is_unsynced(), "the next flush must sync");
+    disk.flush().unwrap();
+    assert!(!disk.host_file().is_unsynced());
+    // Read-only: no writes; probed: not over the first bytes (the signature guard).
+    let mut ro_disk = open_raw(true, false);
+    assert!(ro_disk.passthrough(&bufs, 0, true).is_none());
+    assert!(ro_disk.passthrough(&bufs, 0, false).is_some());
+    let mut probed = open_raw(false, true);
+    assert!(probed.passthrough(&bufs, 0, true).is_none());
+    assert!(probed.passthrough(&bufs, 4096, true).is_some());
+    // O_DIRECT: misaligned guest buffers go the synchronous way.
+    if let Ok(file) = HostFile::open(&path, false, true) {
+        let mut direct = RawImage::open(file, false, false).unwrap();
+        let odd = [mem.get_slice(GuestAddress(512), 4096).unwrap()];
+        assert!(direct.passthrough(&odd, 0, false).is_none());
+        assert!(direct.passthrough(&bufs, 0, false).is_some());
+    }
+}

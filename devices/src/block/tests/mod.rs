@@ -16,6 +16,7 @@ use super::*;
 mod chains;
 mod errors;
 mod guest_io;
+mod qcow2_guest_io;
 mod qcow2_io;
 
 pub(super) const KIB: u64 = 1024;

@@ -4,29 +4,42 @@
 //! - [`config`]: the feature bits offered and the device configuration space.
 //! - [`request`]: turning a descriptor chain (hostile guest input) into a checked [`Request`].
 //! - [`worker`]: the thread that executes requests, off the vCPU threads.
+//! - [`uring`]: the reads and writes the worker keeps in flight together on an io_uring.
 //!
 //! # I/O
 //!
-//! The worker sleeps in epoll on the queue's notification eventfd and a kill eventfd. Each
-//! wakeup drains every available request (up to a bound, so a reset is noticed promptly),
-//! completes them in order and raises at most one interrupt per batch, as EVENT_IDX allows.
-//! A batch runs to its end: reset and pause (which stops the thread but keeps the worker, to
-//! run it again on resume) take effect between batches, so no request is ever half done.
-//! Data moves between the image and guest memory without an intermediate copy where the format
-//! allows it: the data buffers become [`vm_memory::VolatileSlice`]s of guest memory and the
-//! image's [`DiskImage::read_volatile_at`] / [`DiskImage::write_volatile_at`] hand them to
-//! `preadv`/`pwritev` (raw images); qcow2 goes through a bounded host buffer.
+//! The worker sleeps in epoll on the queue's notification eventfd, a kill eventfd and, with
+//! io_uring, the ring's completion eventfd. Each wakeup takes every available request (up to
+//! a bound, so a reset is noticed promptly). Reads and writes that the image can hand over as
+//! they are ([`DiskImage::passthrough`]: raw images, allocated data clusters of qcow2) go on
+//! an io_uring as `readv`/`writev` straight on guest memory, so up to the queue depth are in
+//! flight together, as with QEMU's `aio=io_uring`; they complete in any order (IN_ORDER is
+//! not offered), and each round of completions raises at most one interrupt, as EVENT_IDX
+//! allows. Every other request (flush, discard, write-zeroes, GET_ID, anything that changes
+//! qcow2 metadata) is served synchronously once everything submitted before it completed, so
+//! a flush makes durable every write the driver saw complete. Where io_uring is unavailable
+//! (or turned off, [`VirtioBlk::set_io_uring`]) every request is served synchronously, with
+//! one interrupt per batch.
+//!
+//! Reset and pause (which stops the thread but keeps the worker, to run it again on resume)
+//! first wait for every request in flight, so no request is ever half done. Data moves
+//! between the image and guest memory without an intermediate copy: the data buffers become
+//! [`vm_memory::VolatileSlice`]s of guest memory and the image's
+//! [`DiskImage::read_volatile_at`] / [`DiskImage::write_volatile_at`] hand them to
+//! `preadv`/`pwritev` (qcow2 cluster run by cluster run; misaligned `O_DIRECT` buffers and
+//! compressed or partially written qcow2 clusters are the exceptions).
 //!
 //! # Save and restore
 //!
 //! The device has no guest-visible state of its own: the transport saves the queues and the
 //! acked features, and on restore calls [`VirtioDevice::ack_features`] then
-//! [`VirtioDevice::activate`], which is all this device needs. Requests are completed within
-//! one batch under the queue lock, so none is in flight when a snapshot is taken; pause the
-//! device first ([`VirtioDevice::pause`]) so none starts after it either.
+//! [`VirtioDevice::activate`], which is all this device needs. Pause the device first
+//! ([`VirtioDevice::pause`]): it returns once every request in flight completed, and none
+//! starts after it.
 
 mod config;
 mod request;
+mod uring;
 mod worker;
 
 #[cfg(test)]
@@ -124,6 +137,8 @@ pub struct VirtioBlk {
     id: [u8; ID_BYTES],
     acked_features: u64,
     counters: Arc<BlkCounters>,
+    /// Put reads and writes in flight together on an `io_uring` where the image allows.
+    io_uring: bool,
     worker: Option<WorkerThread<BlkWorker>>,
 }
 
@@ -151,8 +166,16 @@ impl VirtioBlk {
             id,
             acked_features: 0,
             counters: Arc::default(),
+            io_uring: true,
             worker: None,
         })
+    }
+
+    /// Whether reads and writes may be in flight together on an `io_uring` (the default);
+    /// without, or where the kernel refuses it, each request is served synchronously. Takes
+    /// effect at the next activation.
+    pub fn set_io_uring(&mut self, enabled: bool) {
+        self.io_uring = enabled;
     }
 
     /// The device's counters (keep the Arc before boxing the device into a transport; once
@@ -271,6 +294,7 @@ impl VirtioDevice for VirtioBlk {
             self.disk.clone(),
             self.config.execution(self.acked_features, self.id),
             self.counters.clone(),
+            self.io_uring,
         );
         self.worker = Some(WorkerThread::spawn("virtio-blk", kill, worker)?);
         Ok(())

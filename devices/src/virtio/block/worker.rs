@@ -1,5 +1,6 @@
 //! The I/O thread of a virtio-blk device: drains the request queue, executes each request
-//! against the disk image and completes it.
+//! against the disk image (synchronously, or several at once on an io_uring, see `uring`) and
+//! completes it.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -8,12 +9,13 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
-use vmm_sys_util::epoll::{Epoll, EpollEvent};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{Execution, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
+use super::config::{Execution, BLK_QUEUE_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
 use super::request::{self, ParseError, Request, RequestType, Segment};
+use super::uring::{InFlight, IoRing};
 use super::{BlkCounters, ID_BYTES};
 use crate::block::{BlockError, DiskImage};
 use crate::virtio::worker_thread::DeviceWorker;
@@ -21,10 +23,16 @@ use crate::virtio::{lock_queue, ActivatedQueue, VirtioInterrupt};
 
 pub(super) const TOKEN_NOTIFY: u64 = 0;
 pub(super) const TOKEN_KILL: u64 = 1;
+/// The io_uring completion eventfd.
+const TOKEN_RING: u64 = 2;
 
 /// Requests handled per wakeup before the worker yields (and re-arms itself), so a reset is
 /// noticed promptly whatever the driver queues.
 pub(super) const MAX_REQUESTS_PER_WAKEUP: usize = 256;
+
+/// Most guest buffers one request may put on the ring (Linux's `IOV_MAX`); more go through
+/// the synchronous path, which splits them.
+const MAX_RING_IOVECS: usize = 1024;
 
 /// Bytes of one DISCARD / WRITE_ZEROES segment: sector (le64), sectors (le32), flags (le32).
 const DISCARD_SEGMENT_LEN: u64 = 16;
@@ -62,6 +70,8 @@ pub(super) struct BlkWorker {
     counters: Arc<BlkCounters>,
     /// The driver corrupted the ring; nothing more is served until a reset.
     broken: bool,
+    /// Reads and writes in flight together; `None` serves every request synchronously.
+    ring: Option<IoRing>,
 }
 
 impl BlkWorker {
@@ -75,7 +85,24 @@ impl BlkWorker {
         disk: Arc<Mutex<Box<dyn DiskImage>>>,
         exec: Execution,
         counters: Arc<BlkCounters>,
+        io_uring: bool,
     ) -> Self {
+        let ring = if io_uring {
+            let ring = IoRing::new(u32::from(BLK_QUEUE_SIZE)).and_then(|ring| {
+                let event = EpollEvent::new(EventSet::IN, TOKEN_RING);
+                epoll.ctl(ControlOperation::Add, ring.event_fd(), event)?;
+                Ok(ring)
+            });
+            match ring {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    tracing::info!("virtio-blk: io_uring unavailable ({e}): synchronous I/O");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         BlkWorker {
             mem,
             interrupt,
@@ -88,6 +115,7 @@ impl BlkWorker {
             exec,
             counters,
             broken: false,
+            ring,
         }
     }
 }
@@ -96,7 +124,7 @@ impl DeviceWorker for BlkWorker {
     fn run(mut self) -> Self {
         // Requests queued before activation, a snapshot or a resume are served right away.
         self.process_queue();
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -108,7 +136,12 @@ impl DeviceWorker for BlkWorker {
             };
             if events[..n].iter().any(|e| e.data() == TOKEN_KILL) {
                 let _ = self.kill.read();
+                // Paused or reset: nothing may stay in flight.
+                self.finish_in_flight();
                 return self;
+            }
+            if let Some(ring) = &self.ring {
+                ring.clear_event();
             }
             // EAGAIN only means a concurrent read already consumed the count.
             let _ = self.notify.read();
@@ -118,18 +151,23 @@ impl DeviceWorker for BlkWorker {
 }
 
 impl BlkWorker {
-    /// Serves every available request (up to [`MAX_REQUESTS_PER_WAKEUP`]) and interrupts the
-    /// driver once for the batch, if it wants to be.
+    /// Serves every available request (up to [`MAX_REQUESTS_PER_WAKEUP`]): synchronous ones at
+    /// once, the others put on the ring; completes what the ring finished and interrupts the
+    /// driver once for all of it, if it wants to be. Requests may stay in flight until the
+    /// ring's eventfd wakes the worker again (or a pause or reset drains them).
     fn process_queue(&mut self) {
         if self.broken {
+            self.finish_in_flight();
             return;
         }
         let queue = self.queue.clone();
         let mut q = lock_queue(&queue);
         let disk = self.disk.clone();
         let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = self.ring.take();
         let mem = &self.mem;
         let mut served = 0;
+        let mut used = 0;
         let mut error = None;
         'batches: loop {
             if let Err(e) = q.disable_notification(mem) {
@@ -151,10 +189,36 @@ impl BlkWorker {
                     BlkCounters::add(&self.counters.errors, 1);
                     continue;
                 }
-                let used_len = self.serve(chain, disk.as_mut());
+                let parsed = request::parse(chain, mem);
+                let parsed = match (ring.as_mut(), parsed) {
+                    (Some(r), Ok(req)) => match self.submit(r, head, req, disk.as_mut()) {
+                        Ok(()) => continue,
+                        Err(req) => Ok(req),
+                    },
+                    (_, parsed) => parsed,
+                };
+                // Synchronous: after everything submitted before it has completed.
+                if let Some(r) = ring.as_mut() {
+                    if let Err(e) = self.drain(r, &mut q, disk.as_mut(), &mut used) {
+                        error = Some(e);
+                        break 'batches;
+                    }
+                }
+                let used_len = self.finish(parsed, disk.as_mut());
                 if let Err(e) = q.add_used(mem, head, used_len) {
                     error = Some(e);
                     break 'batches;
+                }
+                used += 1;
+            }
+            if let Some(r) = ring.as_mut() {
+                // The batch goes to the kernel; what already finished is completed now, the
+                // rest when the ring's eventfd wakes the worker.
+                r.submit();
+                let done = r.completed();
+                if let Err(e) = self.complete(done, &mut q, disk.as_mut(), &mut used) {
+                    error = Some(e);
+                    break;
                 }
             }
             if served >= MAX_REQUESTS_PER_WAKEUP {
@@ -171,20 +235,185 @@ impl BlkWorker {
                 }
             }
         }
+        if let (Some(r), Some(_)) = (ring.as_mut(), &error) {
+            // The queue is broken: the kernel must be done with guest memory all the same.
+            let _ = self.drain(r, &mut q, disk.as_mut(), &mut used);
+        }
+        self.ring = ring;
         drop(disk);
         if let Some(e) = error {
             tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", self.index);
             self.broken = true;
         }
-        if served > 0 && q.needs_notification(mem).unwrap_or(true) {
+        if used > 0 && q.needs_notification(mem).unwrap_or(true) {
             drop(q);
             self.interrupt.signal_used_queue(self.index);
         }
     }
 
-    /// Parses, executes and completes one chain; returns the used length.
-    fn serve(&self, chain: DescriptorChain<&GuestMemoryMmap>, disk: &mut dyn DiskImage) -> u32 {
-        let (status_addr, done) = match request::parse(chain, &self.mem) {
+    /// Puts a read or write on the ring when the image takes it as it is; gives the request
+    /// back otherwise (to be served synchronously).
+    fn submit(
+        &self,
+        ring: &mut IoRing,
+        head: u16,
+        req: Request,
+        disk: &mut dyn DiskImage,
+    ) -> Result<(), Request> {
+        let write = match req.kind {
+            RequestType::In => false,
+            // Write-through devices flush after each write: synchronous.
+            RequestType::Out if self.exec.writeback && !self.exec.read_only => true,
+            _ => return Err(req),
+        };
+        if !ring.has_room() || req.data_len & (SECTOR_SIZE - 1) != 0 || req.data_len == 0 {
+            return Err(req);
+        }
+        let Some(offset) = byte_offset(req.sector, req.data_len / SECTOR_SIZE, self.exec.capacity)
+        else {
+            return Err(req);
+        };
+        let Some(slices) = guest_slices(&self.mem, &req.data) else {
+            return Err(req);
+        };
+        if slices.len() > MAX_RING_IOVECS {
+            return Err(req);
+        }
+        let Some((fd, file_offset)) = disk.passthrough(&slices, offset, write) else {
+            return Err(req);
+        };
+        let iovecs = slices
+            .iter()
+            .map(|s| libc::iovec {
+                // Only the address is taken; `self.mem` keeps the mapping alive until the
+                // completion is reaped (the worker drains before it returns).
+                iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                iov_len: s.len(),
+            })
+            .collect();
+        ring.push(fd, write, iovecs, head, req, file_offset)
+    }
+
+    /// Waits for every request in flight, completes them and interrupts the driver if it
+    /// wants to be: the worker then has nothing in flight.
+    fn finish_in_flight(&mut self) {
+        let Some(mut ring) = self.ring.take() else {
+            return;
+        };
+        if ring.in_flight() > 0 {
+            let queue = self.queue.clone();
+            let mut q = lock_queue(&queue);
+            let disk = self.disk.clone();
+            let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+            let mut used = 0;
+            if let Err(e) = self.drain(&mut ring, &mut q, disk.as_mut(), &mut used) {
+                tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", self.index);
+                self.broken = true;
+            }
+            drop(disk);
+            if used > 0 && q.needs_notification(&self.mem).unwrap_or(true) {
+                drop(q);
+                self.interrupt.signal_used_queue(self.index);
+            }
+        }
+        self.ring = Some(ring);
+    }
+
+    /// Waits for every request in flight and completes each in the used ring.
+    fn drain(
+        &self,
+        ring: &mut IoRing,
+        q: &mut Queue,
+        disk: &mut dyn DiskImage,
+        used: &mut usize,
+    ) -> Result<(), virtio_queue::Error> {
+        let mut result = Ok(());
+        while ring.in_flight() > 0 {
+            let done = ring.reap();
+            let step = self.complete(done, q, disk, used);
+            if result.is_ok() {
+                result = step;
+            }
+        }
+        result
+    }
+
+    /// Completes requests the ring finished in the used ring. Every status is written even
+    /// when the used ring cannot be updated (the first such error is returned).
+    fn complete(
+        &self,
+        done: Vec<(InFlight, i32)>,
+        q: &mut Queue,
+        disk: &mut dyn DiskImage,
+        used: &mut usize,
+    ) -> Result<(), virtio_queue::Error> {
+        let mut error = None;
+        for (op, result) in done {
+            let used_len = self.complete_async(op.req, op.offset, result, disk);
+            if error.is_none() {
+                match q.add_used(&self.mem, op.head, used_len) {
+                    Ok(()) => *used += 1,
+                    Err(e) => error = Some(e),
+                }
+            }
+        }
+        error.map_or(Ok(()), Err)
+    }
+
+    /// Completes a request the ring finished with `result` (bytes or a negative errno); a
+    /// short transfer is done again synchronously, which finishes it or reports why not.
+    fn complete_async(
+        &self,
+        req: Request,
+        offset: u64,
+        result: i32,
+        disk: &mut dyn DiskImage,
+    ) -> u32 {
+        let status = req.status;
+        let done = match u64::try_from(result) {
+            Ok(n) if n == req.data_len => {
+                let c = &self.counters;
+                if req.kind == RequestType::Out {
+                    BlkCounters::add(&c.write_ops, 1);
+                    BlkCounters::add(&c.write_bytes, req.data_len);
+                    Completion::status(S_OK)
+                } else {
+                    BlkCounters::add(&c.read_ops, 1);
+                    BlkCounters::add(&c.read_bytes, req.data_len);
+                    Completion {
+                        status: S_OK,
+                        data_written: u32::try_from(req.data_len).unwrap_or(u32::MAX),
+                    }
+                }
+            }
+            Ok(_) => self.read_write(&req, disk),
+            Err(_) => {
+                let e = std::io::Error::from_raw_os_error(-result);
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => {
+                        self.read_write(&req, disk)
+                    }
+                    _ => {
+                        tracing::warn!(
+                            "virtio-blk: {} of {} bytes at {offset}: {e}",
+                            if req.kind == RequestType::Out {
+                                "write"
+                            } else {
+                                "read"
+                            },
+                            req.data_len
+                        );
+                        Completion::status(S_IOERR)
+                    }
+                }
+            }
+        };
+        self.write_status(status, done)
+    }
+
+    /// Executes a parsed (or unparsable) request and completes it; returns the used length.
+    fn finish(&self, parsed: Result<Request, ParseError>, disk: &mut dyn DiskImage) -> u32 {
+        let (status_addr, done) = match parsed {
             Ok(req) => (req.status, self.execute(&req, disk)),
             Err(ParseError::Malformed { status, reason }) => {
                 tracing::debug!("virtio-blk: malformed request: {reason}");
@@ -196,6 +425,11 @@ impl BlkWorker {
                 return 0;
             }
         };
+        self.write_status(status_addr, done)
+    }
+
+    /// Writes the status byte of a finished request; returns the used length.
+    fn write_status(&self, status_addr: GuestAddress, done: Completion) -> u32 {
         if done.status != S_OK {
             BlkCounters::add(&self.counters.errors, 1);
         }

@@ -1,0 +1,170 @@
+//! Several virtio-blk requests in flight at once: an `io_uring` on which the worker submits
+//! the reads and writes of a batch as `readv`/`writev` straight on guest memory, then reaps
+//! their completions.
+//!
+//! Only requests an image can hand over as they are ([`crate::block::DiskImage::passthrough`]:
+//! raw images, and allocated data clusters of qcow2) go on it; everything else, and every
+//! request that is not a plain read or write, runs synchronously once the requests in flight
+//! have completed. Where `io_uring` cannot be
+//! set up (an old kernel, a seccomp filter, a limit on locked memory), [`IoRing::new`] fails
+//! and the worker serves every request synchronously.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+
+use io_uring::{opcode, types, IoUring};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::Request;
+
+/// One request the kernel is working on.
+pub(super) struct InFlight {
+    pub(super) head: u16,
+    pub(super) req: Request,
+    /// Where in the file.
+    pub(super) offset: u64,
+    /// The guest buffers, read or written by the kernel until the completion arrives; kept
+    /// here so the array outlives the operation.
+    _iovecs: Vec<libc::iovec>,
+}
+
+/// An `io_uring` and the requests submitted on it.
+pub(super) struct IoRing {
+    ring: IoUring,
+    /// Signalled by the kernel for every completion: the worker sleeps on it in epoll.
+    event: EventFd,
+    /// Indexed by the `user_data` of the operation; `None` is a free slot.
+    slots: Vec<Option<InFlight>>,
+    in_flight: usize,
+}
+
+// SAFETY: the raw pointers in `InFlight::iovecs` point into guest memory, which is shared with
+// the guest and with other threads anyway; they are only handed to the kernel and never
+// dereferenced by us. A worker (and its ring) moves between threads only between runs, when
+// nothing is in flight and every slot is empty.
+unsafe impl Send for IoRing {}
+
+impl IoRing {
+    /// A ring for up to `depth` requests in flight.
+    pub(super) fn new(depth: u32) -> io::Result<Self> {
+        let ring = IoUring::new(depth)?;
+        let event = EventFd::new(libc::EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
+        let depth = ring.params().sq_entries() as usize;
+        Ok(IoRing {
+            ring,
+            event,
+            slots: (0..depth).map(|_| None).collect(),
+            in_flight: 0,
+        })
+    }
+
+    /// The eventfd signalled when requests complete.
+    pub(super) fn event_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// Consumes the eventfd's count (the completions themselves are taken by
+    /// [`IoRing::completed`]).
+    pub(super) fn clear_event(&self) {
+        let _ = self.event.read();
+    }
+
+    /// Requests in flight.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether another request can be submitted.
+    pub(super) fn has_room(&self) -> bool {
+        self.in_flight < self.slots.len()
+    }
+
+    /// Queues a `readv` (`write == false`) or `writev` of `iovecs` at `offset` of `fd`. The
+    /// caller guarantees that the iovecs describe guest memory that stays mapped until the
+    /// completion is reaped (the worker holds the memory), and that `fd` stays open as long
+    /// (the image is locked by the worker until every request is reaped). Returns the request
+    /// back if there is no room.
+    pub(super) fn push(
+        &mut self,
+        fd: RawFd,
+        write: bool,
+        iovecs: Vec<libc::iovec>,
+        head: u16,
+        req: Request,
+        offset: u64,
+    ) -> Result<(), Request> {
+        let Some(slot) = self.slots.iter().position(Option::is_none) else {
+            return Err(req);
+        };
+        let Ok(count) = u32::try_from(iovecs.len()) else {
+            return Err(req);
+        };
+        let entry = if write {
+            opcode::Writev::new(types::Fd(fd), iovecs.as_ptr(), count)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Readv::new(types::Fd(fd), iovecs.as_ptr(), count)
+                .offset(offset)
+                .build()
+        }
+        .user_data(slot as u64);
+        if self.ring.submission().is_full() {
+            // Hand what is queued to the kernel, which frees the submission queue.
+            let _ = self.ring.submit();
+        }
+        // SAFETY: the entry points to `iovecs`, whose heap array is moved (not copied) into
+        // the slot below and stays there until the completion for `slot` is reaped; the
+        // guest memory and the file descriptor outlive the operation (see above).
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            return Err(req);
+        }
+        self.slots[slot] = Some(InFlight {
+            head,
+            req,
+            offset,
+            _iovecs: iovecs,
+        });
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Submits what is queued without waiting.
+    pub(super) fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            tracing::debug!("virtio-blk: io_uring submit: {e}");
+        }
+    }
+
+    /// Every request completed so far, with its result (bytes transferred, or a negative
+    /// errno); does not wait.
+    pub(super) fn completed(&mut self) -> Vec<(InFlight, i32)> {
+        let mut done = Vec::new();
+        for cqe in self.ring.completion() {
+            let slot = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
+            if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
+                self.in_flight -= 1;
+                done.push((op, cqe.result()));
+            }
+        }
+        done
+    }
+
+    /// Waits until at least one request completed (if any is in flight) and returns every
+    /// completed one.
+    pub(super) fn reap(&mut self) -> Vec<(InFlight, i32)> {
+        loop {
+            let done = self.completed();
+            if !done.is_empty() || self.in_flight == 0 {
+                return done;
+            }
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::debug!("virtio-blk: io_uring wait: {e}");
+                }
+            }
+        }
+    }
+}
