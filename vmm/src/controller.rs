@@ -105,6 +105,7 @@ impl Controller {
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
         let info = InfoSnapshot::default();
         let owner = VmOwner {
+            generation: 0,
             info: info.clone(),
             options,
             events,
@@ -159,6 +160,8 @@ struct OwnedVm {
 }
 
 struct VmOwner {
+    /// Counts VM boots (and reboots), so each running VM is told apart from the last.
+    generation: u64,
     info: InfoSnapshot,
     options: RunOptions,
     events: EventMonitor,
@@ -189,7 +192,10 @@ impl VmOwner {
                 EpollEvent::new(EventSet::IN, TOKEN_REQUEST),
             )
             .map_err(Error::EventFd)?;
-        let mut watched: Option<RawFd> = None;
+        // The watched VM: its exit fd and its boot generation. A rebooted VM's new fd may
+        // reuse the old number, and closing the old one dropped it from the epoll set, so
+        // the generation, not the number, says whether to register again.
+        let mut watched: Option<(RawFd, u64)> = None;
         let mut ready = [EpollEvent::default(); 2];
         loop {
             // Watch the running VM's exit events (its epoll fd is readable when one is due).
@@ -197,12 +203,13 @@ impl VmOwner {
                 .vm
                 .as_ref()
                 .and_then(|v| v.running.as_ref())
-                .map(|r| r.exit_fd());
+                .map(|r| (r.exit_fd(), self.generation));
             if vm_fd != watched {
-                if let Some(fd) = watched.take() {
+                if let Some((fd, _)) = watched.take() {
+                    // Fails harmlessly when the fd was closed (and so left the set) already.
                     let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                 }
-                if let Some(fd) = vm_fd {
+                if let Some((fd, generation)) = vm_fd {
                     epoll
                         .ctl(
                             ControlOperation::Add,
@@ -210,7 +217,7 @@ impl VmOwner {
                             EpollEvent::new(EventSet::IN, TOKEN_VM),
                         )
                         .map_err(Error::EventFd)?;
-                    watched = Some(fd);
+                    watched = Some((fd, generation));
                 }
             }
             // The timeout lets a SIGTERM (power button) flag be noticed.
@@ -473,6 +480,7 @@ impl VmOwner {
         let backends = owned.backends.as_ref().expect("opened above");
         let vm = Vm::new(kvm, template, &owned.config, &owned.console, backends).map_err(failed)?;
         owned.running = Some(vm.start().map_err(failed)?);
+        self.generation += 1;
         owned.state = VmState::Running;
         Ok(())
     }

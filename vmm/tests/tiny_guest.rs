@@ -484,21 +484,24 @@ fn controller_sees_the_guest_power_off() {
     // serve: the VM stays, Shutdown.
     let (ctl, _thread) = Controller::start(options.clone(), Default::default(), false).unwrap();
     ctl.handle(Request::Create(Box::new(cfg.clone()))).unwrap();
-    ctl.handle(Request::Boot).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if let Ok(Reply::Info {
-            state: VmState::Shutdown,
-            ..
-        }) = ctl.handle(Request::Info)
-        {
-            break;
+    // Twice: the second VM's exit fd may reuse the first one's number.
+    for boot in 1..=2 {
+        ctl.handle(Request::Boot).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(Reply::Info {
+                state: VmState::Shutdown,
+                ..
+            }) = ctl.handle(Request::Info)
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest's power-off was not seen (boot {boot})"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest's power-off was not seen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // run: the controller ends with the guest.
     let (ctl, thread) = Controller::start(options, Default::default(), true).unwrap();
@@ -506,4 +509,36 @@ fn controller_sees_the_guest_power_off() {
     ctl.handle(Request::Boot).unwrap();
     let ended = thread.join().unwrap().unwrap();
     assert!(ended.guest_shutdown);
+}
+
+#[test]
+fn controller_follows_a_guest_that_keeps_rebooting() {
+    use vmm::controller::{Controller, Reply, Request};
+    let g = TinyGuest::new("controller-reboots");
+    let kernel = g.dir.join("guest.elf");
+    // Reset through the i8042 at once, every boot.
+    let code = Asm::default()
+        .print("r")
+        .out_port(0x64, 0xfe)
+        .halt_forever();
+    std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
+    let events_path = g.dir.join("events");
+    let events = vmm::events::EventMonitor::new(std::fs::File::create(&events_path).unwrap());
+    let options = vmm::RunOptions {
+        pvm_guest: true,
+        ..Default::default()
+    };
+    let (ctl, thread) = Controller::start(options, events, false).unwrap();
+    let cfg = config(&kernel, &g.dir.join("serial.out"), 1);
+    ctl.handle(Request::Create(Box::new(cfg))).unwrap();
+    ctl.handle(Request::Boot).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(ctl.handle(Request::ShutdownVmm), Ok(Reply::Done));
+    thread.join().unwrap().unwrap();
+    // Each new VM's exit events are watched (its fd may reuse the last one's number).
+    let reboots = std::fs::read_to_string(&events_path)
+        .unwrap()
+        .matches("\"rebooted\"")
+        .count();
+    assert!(reboots >= 3, "only {reboots} reboots seen in 500 ms");
 }
