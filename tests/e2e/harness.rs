@@ -304,13 +304,17 @@ pub fn in_emulated_testhost() -> bool {
 
 /// Runs podvisor expecting a failure; returns its stderr.
 pub fn expect_error(args: &[&str]) -> Result<String, Failed> {
-    let out = Command::new(podvisor())
-        .arg("run")
+    // Under `timeout`: a podvisor that does not exit fails the test instead of hanging it.
+    let out = Command::new("timeout")
+        .args(["--kill-after=5", "60", podvisor(), "run"])
         .args(args)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| e.to_string())?;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if matches!(out.status.code(), Some(124) | Some(137)) {
+        return Err(format!("{HUNG} podvisor {args:?} did not exit within 60 s: {stderr}").into());
+    }
     if out.status.success() {
         return Err(format!("podvisor {args:?} succeeded").into());
     }
@@ -389,7 +393,9 @@ impl Drop for Scratch {
 
 /// Runs a host program; returns its exit code and output (stdout and stderr).
 pub fn host(program: &str, args: &[&str]) -> Result<(i32, String), Failed> {
-    let out = Command::new(program)
+    // Under `timeout`, so that a stuck tool fails the test instead of hanging it.
+    let out = Command::new("timeout")
+        .args(["--kill-after=5", "300", program])
         .args(args)
         .stdin(Stdio::null())
         .output()

@@ -22,6 +22,11 @@ use harness::{hardware_kvm, repo_root};
 
 /// run.sh's exit code when the test host itself failed (not the command it ran).
 const TESTHOST_FAILED: i32 = 125;
+/// `timeout`'s exit code when a scenario's whole test-host session took too long.
+const SESSION_TIMED_OUT: i32 = 124;
+/// The longest one scenario's test-host session may take (every wait inside a scenario has
+/// its own, shorter limit; this one catches a wedged test host).
+const SESSION_LIMIT: &str = "900";
 
 fn scenarios() -> Vec<Trial> {
     let mut trials = boot::trials();
@@ -38,7 +43,9 @@ fn in_testhost(name: &str) -> Result<(), Failed> {
     let mut first_try = None;
     for _ in 0..2 {
         let start = Instant::now();
-        let out = Command::new(repo_root().join("resources/testhost/run.sh"))
+        let out = Command::new("timeout")
+            .args(["--kill-after=10", SESSION_LIMIT])
+            .arg(repo_root().join("resources/testhost/run.sh"))
             .arg(&exe)
             .args(["--exact", name, "--test-threads", "1", "--color", "never"])
             .stdin(Stdio::null())
@@ -58,7 +65,8 @@ fn in_testhost(name: &str) -> Result<(), Failed> {
             }
             return Ok(());
         }
-        if out.status.code() != Some(TESTHOST_FAILED) || first_try.is_some() {
+        let retry = matches!(out.status.code(), Some(TESTHOST_FAILED | SESSION_TIMED_OUT));
+        if !retry || first_try.is_some() {
             let prior = first_try.map(|t| format!("--- first try ---\n{t}\n--- second try ---\n"));
             return Err(format!("{}{text}", prior.unwrap_or_default()).into());
         }
