@@ -86,12 +86,12 @@ for d in "$base"/podvisor-testhost.*; do
 done
 RUN="$(mktemp -d "$base/podvisor-testhost.XXXXXX")"
 RUN="$(cd "$RUN" && pwd -P)" # no symlinks: the guest resolves paths itself
-vfsd_pid="" qemu_pid="" tail_pid=""
+vfsd_pid="" qemu_pid="" tail_pid="" watchdog_pid=""
 # shellcheck disable=SC2317 # called from the EXIT trap
 cleanup() {
     set +e
     local p
-    for p in "$qemu_pid" "$vfsd_pid" "$tail_pid"; do
+    for p in "$qemu_pid" "$vfsd_pid" "$tail_pid" "$watchdog_pid"; do
         if [[ -n "$p" ]]; then
             kill "$p" 2>/dev/null
             wait "$p" 2>/dev/null
@@ -209,6 +209,21 @@ else
 fi
 qemu_pid=$!
 qemu_rc=0
+# The emulated test host's own KVM occasionally locks up (its kernel reports a soft lockup in
+# a vCPU thread and never recovers): stop it at once rather than wait for the caller's
+# timeout, so the caller sees a failed test host (125) and may try again.
+(
+    while kill -0 "$qemu_pid" 2>/dev/null; do
+        if grep -qE 'soft lockup|hard LOCKUP' "$RUN/kernel.log" 2>/dev/null; then
+            pv_say "error: the test host's kernel locked up:"
+            grep -m3 -E 'soft lockup|hard LOCKUP' "$RUN/kernel.log" >&2
+            kill "$qemu_pid" 2>/dev/null
+            break
+        fi
+        sleep 2
+    done
+) &
+watchdog_pid=$!
 if [[ "$DEBUG" == 1 ]]; then
     : >>"$RUN/kernel.log"
     tail -s 0.1 -n +1 -f "$RUN/kernel.log" >&2 &

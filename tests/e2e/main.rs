@@ -26,7 +26,7 @@ const TESTHOST_FAILED: i32 = 125;
 const SESSION_TIMED_OUT: i32 = 124;
 /// The longest one scenario's test-host session may take (every wait inside a scenario has
 /// its own, shorter limit; this one catches a wedged test host).
-const SESSION_LIMIT: &str = "900";
+const SESSION_LIMIT: &str = "600";
 
 fn scenarios() -> Vec<Trial> {
     let mut trials = boot::trials();
