@@ -12,6 +12,8 @@ use libtest_mimic::Failed;
 
 /// Generous: inside the software-emulated test host a boot takes 5-15 s.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+/// Silence before the ready line that counts as a frozen guest.
+pub const BOOT_SILENCE_LIMIT: Duration = Duration::from_secs(90);
 
 /// The default guest's shell prompt.
 pub const PROMPT: &str = "podvisor-guest# ";
@@ -165,6 +167,12 @@ impl Vm {
     /// Waits until the console prints `pattern`; returns the rest of the line it starts.
     pub fn expect(&mut self, pattern: &str) -> Result<String, Failed> {
         let deadline = Instant::now() + BOOT_TIMEOUT;
+        // A booting guest prints all the time (even a quiet one reaches its ready line in
+        // seconds): this long a silence before the ready line means it froze.
+        let silence_limit = pattern
+            .starts_with("podvisor-guest ready")
+            .then_some(BOOT_SILENCE_LIMIT);
+        let mut last_output = Instant::now();
         loop {
             if let Some(pos) = self.text[self.consumed..].find(pattern) {
                 let start = self.consumed + pos;
@@ -175,14 +183,20 @@ impl Vm {
                     return Ok(self.text[start..end].trim_end_matches('\r').to_owned());
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let mut left = deadline.saturating_duration_since(Instant::now());
+            if let Some(limit) = silence_limit {
+                left = left.min((last_output + limit).saturating_duration_since(Instant::now()));
+            }
             match self.output.recv_timeout(left) {
-                Ok(chunk) => self.text.push_str(&String::from_utf8_lossy(&chunk)),
+                Ok(chunk) => {
+                    self.text.push_str(&String::from_utf8_lossy(&chunk));
+                    last_output = Instant::now();
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
-                    return Err(
-                        self.failure(&format!("{HUNG} no '{pattern}' within {BOOT_TIMEOUT:?}"))
-                    );
+                    return Err(self.failure(&format!(
+                        "{HUNG} no '{pattern}' within {BOOT_TIMEOUT:?} (or {BOOT_SILENCE_LIMIT:?} without output)"
+                    )));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(
@@ -282,21 +296,32 @@ pub fn parse_ready(line: &str) -> Result<(u32, u64), Failed> {
 pub const HUNG: &str = "no progress:";
 
 /// Runs a boot scenario; when it fails because the guest hung *inside the emulated test host*,
-/// runs it once more. Nested guests on software-emulated SVM occasionally freeze at random
-/// points (QEMU's own guests do too, see docs/benchmarks.md); a scenario that fails twice, or
-/// fails any other way (wrong CPU count, exit status, error text), fails the test.
+/// runs it again, up to [`HANG_TRIES`] times in all. Nested guests on software-emulated SVM
+/// occasionally freeze at random points (QEMU's own guests do too, see docs/benchmarks.md); a
+/// scenario that hangs every time, or fails any other way (wrong CPU count, exit status, error
+/// text), fails the test.
 pub fn hang_tolerant(scenario: impl Fn() -> Result<(), Failed>) -> Result<(), Failed> {
-    match scenario() {
-        Err(e) if in_emulated_testhost() && e.message().is_some_and(|m| m.contains(HUNG)) => {
-            eprintln!(
-                "guest hung in the emulated test host; running the scenario once more. First try:\n{}",
-                e.message().unwrap_or_default()
-            );
-            scenario()
+    let mut tries = 1;
+    loop {
+        match scenario() {
+            Err(e)
+                if tries < HANG_TRIES
+                    && in_emulated_testhost()
+                    && e.message().is_some_and(|m| m.contains(HUNG)) =>
+            {
+                eprintln!(
+                    "guest hung in the emulated test host; running the scenario again. Try {tries}:\n{}",
+                    e.message().unwrap_or_default()
+                );
+                tries += 1;
+            }
+            other => return other,
         }
-        other => other,
     }
 }
+
+/// How many times a scenario whose guest hung in the emulated test host is run.
+const HANG_TRIES: u32 = 3;
 
 pub fn in_emulated_testhost() -> bool {
     std::env::var_os("PODVISOR_TESTHOST").is_some()
