@@ -122,6 +122,20 @@ def run_once(cmd, mem_mib, timeout):
             "peak_rss_kib": peak, "overhead_kib": overhead_kib}
 
 
+def thp_settings():
+    """The host's transparent huge page knobs: QEMU's anonymous RAM follows `enabled`,
+    podvisor's memfd RAM `shmem_enabled`."""
+    out = []
+    for knob in ("enabled", "shmem_enabled"):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{knob}") as f:
+                m = re.search(r"\[(\w+)\]", f.read())
+            out.append(f"{knob}={m.group(1) if m else '?'}")
+        except OSError:
+            out.append(f"{knob}=unavailable")
+    return " ".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--podvisor", default=os.path.join(ROOT, "target", "release", "podvisor"))
@@ -133,9 +147,17 @@ def main():
     ap.add_argument("--timeout", type=float, default=120,
                     help="seconds before a run counts as failed (hung guest)")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--only", help="comma-separated configurations to run (for quick checks; "
+                    "the ratios need both sides), e.g. 'podvisor PVH,qemu microvm PVH'")
     args = ap.parse_args()
 
     cfgs = configs(args.podvisor, args.qemu, args.memory, args.cpus, args.cmdline)
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        unknown = [w for w in wanted if w not in cfgs]
+        if unknown:
+            ap.error(f"unknown configuration(s) {unknown}; known: {list(cfgs)}")
+        cfgs = {n: c for n, c in cfgs.items() if n in wanted}
     results = {name: [] for name in cfgs}
     failures = {name: 0 for name in cfgs}
     for rnd in range(args.runs + 1):
@@ -155,11 +177,12 @@ def main():
                 results[name].append(r)
 
     def med(name, key):
-        vals = [r[key] for r in results[name] if r[key] is not None]
+        vals = [r[key] for r in results.get(name, []) if r[key] is not None]
         return statistics.median(vals) if vals else float("nan")
 
     print(f"\nBoot benchmark: {args.runs} runs each after one warm-up, {args.cpus} vCPU, "
           f"{args.memory} MiB, cmdline '{args.cmdline}'")
+    print(f"Host huge pages: {thp_settings()}")
     print(f"{'configuration':24} {'ready ms':>9} {'exit ms':>9} {'uptime ms':>10} "
           f"{'peak RSS MiB':>13} {'overhead MiB':>13} {'failed':>7}")
     for name in cfgs:

@@ -20,6 +20,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Read
 
 use crate::layout::{self, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START};
 use crate::memory::{low_ram_end, ram_ranges};
+use crate::payload::PayloadFile;
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
@@ -92,9 +93,9 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 
 /// Loads a bzImage or a PVH-capable ELF vmlinux.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = open("kernel", path)?;
+    let mut file = PayloadFile::new(open("kernel", path)?, mem);
     let mut magic = [0u8; 0x206];
-    let n = read_prefix(&mut file, &mut magic).map_err(|source| BootError::Open {
+    let n = read_prefix(file.file_mut(), &mut magic).map_err(|source| BootError::Open {
         what: "kernel",
         path: path.to_owned(),
         source,
@@ -169,8 +170,9 @@ pub fn load_initramfs(
     kernel: &LoadedKernel,
     mem_size: u64,
 ) -> Result<Initramfs, BootError> {
-    let mut file = open("initramfs", path)?;
+    let mut file = PayloadFile::new(open("initramfs", path)?, mem);
     let size = file
+        .file()
         .metadata()
         .map_err(|source| BootError::Open {
             what: "initramfs",

@@ -17,6 +17,7 @@ pub mod interrupts;
 pub mod kvm;
 pub mod layout;
 pub mod memory;
+pub mod payload;
 pub mod pci;
 pub mod regs;
 pub mod vcpu;
