@@ -2,8 +2,9 @@
 """Boot benchmark: podvisor vs QEMU, same kernel + initramfs + command line, interleaved.
 
 Run it where there is hardware KVM (resources/bench/boot.sh puts it in the test host).
-For each VMM configuration: one warm-up, then N measured runs, interleaved round-robin so
-that drift in the (emulated) machine hits every configuration alike. Reported per config:
+For each VMM configuration: one warm-up, then N measured runs, interleaved in rounds (each
+round runs every configuration once, in a fresh seeded random order) so that drift in the
+(emulated) machine, and the run that came just before, hit every configuration alike. Reported per config:
 
   ready_ms   median wall time from process start to the guest's ready line
   exit_ms    median wall time from process start to process exit after the guest powers off
@@ -15,6 +16,7 @@ that drift in the (emulated) machine hits every configuration alike. Reported pe
 """
 import argparse
 import json
+import random
 import os
 import re
 import statistics
@@ -147,6 +149,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=120,
                     help="seconds before a run counts as failed (hung guest)")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the per-round run order")
     ap.add_argument("--only", help="comma-separated configurations to run (for quick checks; "
                     "the ratios need both sides), e.g. 'podvisor PVH,qemu microvm PVH'")
     args = ap.parse_args()
@@ -160,8 +163,13 @@ def main():
         cfgs = {n: c for n, c in cfgs.items() if n in wanted}
     results = {name: [] for name in cfgs}
     failures = {name: 0 for name in cfgs}
+    rng = random.Random(args.seed)
     for rnd in range(args.runs + 1):
-        for name, cmd in cfgs.items():
+        # A fresh order each round: in the emulated test host a boot's speed depends on what
+        # ran just before it, so no configuration may always follow the same one.
+        order = list(cfgs.items())
+        rng.shuffle(order)
+        for name, cmd in order:
             label = "warm-up" if rnd == 0 else f"run {rnd}"
             try:
                 r = run_once(cmd, args.memory, args.timeout)
