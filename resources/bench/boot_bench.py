@@ -30,6 +30,27 @@ READY = b"podvisor-guest ready:"
 UPTIME = re.compile(rb"podvisor-guest uptime: ([0-9.]+)")
 
 
+SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+# podvisor PVH again with the host's shmem huge pages switched off for the run: what
+# transparent huge pages for memfd guest RAM are worth (run only where that knob is on and
+# writable).
+FOUR_K = "podvisor PVH 4K pages"
+
+
+def shmem_setting():
+    try:
+        with open(SHMEM) as f:
+            m = re.search(r"\[(\w+)\]", f.read())
+        return m.group(1) if m else None
+    except OSError:
+        return None
+
+
+def set_shmem(value):
+    with open(SHMEM, "w") as f:
+        f.write(value)
+
+
 def configs(podvisor, qemu, mem_mib, cpus, cmdline):
     bz = os.path.join(GUEST, "bzImage")
     vmlinux = os.path.join(GUEST, "vmlinux")
@@ -48,6 +69,7 @@ def configs(podvisor, qemu, mem_mib, cpus, cmdline):
     return {
         "podvisor bzImage": pv(bz),
         "podvisor PVH": pv(vmlinux),
+        FOUR_K: pv(vmlinux),
         "qemu microvm bzImage": qm("microvm,rtc=on", bz),
         "qemu microvm PVH": qm("microvm,rtc=on", vmlinux),
         "qemu pc bzImage": qm("pc", bz),
@@ -161,6 +183,10 @@ def main():
         if unknown:
             ap.error(f"unknown configuration(s) {unknown}; known: {list(cfgs)}")
         cfgs = {n: c for n, c in cfgs.items() if n in wanted}
+    shmem = shmem_setting()
+    if FOUR_K in cfgs and (shmem in (None, "never", "deny") or not os.access(SHMEM, os.W_OK)):
+        print(f"skipping '{FOUR_K}': {SHMEM} is {shmem} or not writable", file=sys.stderr)
+        del cfgs[FOUR_K]
     results = {name: [] for name in cfgs}
     failures = {name: 0 for name in cfgs}
     rng = random.Random(args.seed)
@@ -172,7 +198,13 @@ def main():
         for name, cmd in order:
             label = "warm-up" if rnd == 0 else f"run {rnd}"
             try:
-                r = run_once(cmd, args.memory, args.timeout)
+                if name == FOUR_K:
+                    set_shmem("never")
+                try:
+                    r = run_once(cmd, args.memory, args.timeout)
+                finally:
+                    if name == FOUR_K:
+                        set_shmem(shmem)
             except RuntimeError as e:
                 # A hung or failed boot is reported and counted, not averaged in.
                 failures[name] += 1
@@ -204,6 +236,10 @@ def main():
               f"exit {med(p, 'exit_ms') / med(q, 'exit_ms'):.2f}x  "
               f"uptime {med(p, 'uptime_ms') / med(q, 'uptime_ms'):.2f}x  "
               f"overhead {med(p, 'overhead_kib') / med(q, 'overhead_kib'):.2f}x")
+    if FOUR_K in cfgs:
+        p, q = "podvisor PVH", FOUR_K
+        print(f"  podvisor PVH on huge pages / on 4 KiB pages: ready "
+              f"{med(p, 'ready_ms') / med(q, 'ready_ms'):.2f}x")
     p, q = "podvisor bzImage", "qemu pc bzImage"
     print(f"  vs pc    ready {med(p, 'ready_ms') / med(q, 'ready_ms'):.2f}x  "
           f"exit {med(p, 'exit_ms') / med(q, 'exit_ms'):.2f}x")
