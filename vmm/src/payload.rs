@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    ReadVolatile, VolatileMemoryError, VolatileSlice,
+    GuestRegionMmap, ReadVolatile, VolatileMemoryError, VolatileSlice,
 };
 
 /// A payload file that linux-loader (or our own loaders) read into guest memory that was
@@ -55,16 +55,28 @@ impl<'m> PayloadFile<'m> {
         &mut self.file
     }
 
-    /// The memory file and offset in it behind `len` bytes of host memory at `ptr`, when they
-    /// lie inside one file-backed guest RAM region.
-    fn backing(&self, ptr: *const u8, len: usize) -> Option<(&File, u64)> {
+    /// The guest RAM region holding `len` bytes of host memory at `ptr`, and their offset in it.
+    fn region_of(&self, ptr: *const u8, len: usize) -> Option<(&GuestRegionMmap, u64)> {
         let addr = ptr as usize;
         self.mem.iter().find_map(|region| {
             let base = region.as_ptr() as usize;
             let inside = addr >= base && addr.checked_add(len)? <= base + region.size();
-            let fo = region.file_offset()?;
-            inside.then(|| (fo.file(), fo.start() + (addr - base) as u64))
+            inside.then(|| (region, (addr - base) as u64))
         })
+    }
+
+    /// The memory file and offset in it behind `len` bytes of host memory at `ptr`, when they
+    /// lie inside one file-backed guest RAM region.
+    fn backing(&self, ptr: *const u8, len: usize) -> Option<(&File, u64)> {
+        let (region, offset) = self.region_of(ptr, len)?;
+        let fo = region.file_offset()?;
+        Some((fo.file(), fo.start() + offset))
+    }
+
+    /// The guest-physical address of `len` bytes of host memory at `ptr`, when it is guest RAM.
+    fn guest_addr(&self, ptr: *const u8, len: usize) -> Option<GuestAddress> {
+        let (region, offset) = self.region_of(ptr, len)?;
+        Some(region.start_addr().unchecked_add(offset))
     }
 
     /// Copies up to `len` bytes from the file's position into `memfd` at `offset` and advances
@@ -118,16 +130,6 @@ const BOUNCE: usize = 256 << 10;
 const PAGE: usize = 4096;
 
 impl PayloadFile<'_> {
-    /// The guest-physical address of host memory at `ptr`, when it is guest RAM.
-    fn guest_addr(&self, ptr: *const u8, len: usize) -> Option<GuestAddress> {
-        let addr = ptr as usize;
-        self.mem.iter().find_map(|region| {
-            let base = region.as_ptr() as usize;
-            let inside = addr >= base && addr.checked_add(len)? <= base + region.size();
-            inside.then(|| region.start_addr().unchecked_add((addr - base) as u64))
-        })
-    }
-
     /// Reads `len` bytes from the file's position into guest RAM at `dest` with several
     /// threads, each taking its own share through a bounce buffer, and advances the position
     /// by what was read. Guest RAM is fresh (all zeroes) when a payload loads, so pages that
