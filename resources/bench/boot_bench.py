@@ -30,20 +30,27 @@ READY = b"podvisor-guest ready:"
 UPTIME = re.compile(rb"podvisor-guest uptime: ([0-9.]+)")
 
 
-SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+THP = "/sys/kernel/mm/transparent_hugepage"
+SHMEM = f"{THP}/shmem_enabled"
 # podvisor PVH again with the host's shmem huge pages switched off for the run: what
 # transparent huge pages for memfd guest RAM are worth (run only where that knob is on and
 # writable).
 FOUR_K = "podvisor PVH 4K pages"
 
 
-def shmem_setting():
+def thp_knob(name):
+    """The selected value of a transparent huge page knob ("[advise]" -> "advise"), or None
+    when the host has no such knob or it cannot be read."""
     try:
-        with open(SHMEM) as f:
+        with open(f"{THP}/{name}") as f:
             m = re.search(r"\[(\w+)\]", f.read())
         return m.group(1) if m else None
     except OSError:
         return None
+
+
+def shmem_setting():
+    return thp_knob("shmem_enabled")
 
 
 def set_shmem(value):
@@ -149,15 +156,8 @@ def run_once(cmd, mem_mib, timeout):
 def thp_settings():
     """The host's transparent huge page knobs: QEMU's anonymous RAM follows `enabled`,
     podvisor's memfd RAM `shmem_enabled`."""
-    out = []
-    for knob in ("enabled", "shmem_enabled"):
-        try:
-            with open(f"/sys/kernel/mm/transparent_hugepage/{knob}") as f:
-                m = re.search(r"\[(\w+)\]", f.read())
-            out.append(f"{knob}={m.group(1) if m else '?'}")
-        except OSError:
-            out.append(f"{knob}=unavailable")
-    return " ".join(out)
+    return " ".join(f"{knob}={thp_knob(knob) or 'unavailable'}"
+                    for knob in ("enabled", "shmem_enabled"))
 
 
 def main():
