@@ -2,6 +2,7 @@
 //! `podvisor run` whose console the test reads like a person would, and the retry rule for
 //! guests that hang in the emulated test host.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -327,11 +328,21 @@ pub fn in_emulated_testhost() -> bool {
     std::env::var_os("PODVISOR_TESTHOST").is_some()
 }
 
+/// A command that runs `program` under coreutils `timeout`: TERM after `limit_s` seconds, KILL
+/// `kill_after_s` seconds later (exit status 124 or 137).
+pub fn under_timeout(limit_s: u32, kill_after_s: u32, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(format!("--kill-after={kill_after_s}"))
+        .arg(limit_s.to_string())
+        .arg(program);
+    cmd
+}
+
 /// Runs podvisor expecting a failure; returns its stderr.
 pub fn expect_error(args: &[&str]) -> Result<String, Failed> {
     // Under `timeout`: a podvisor that does not exit fails the test instead of hanging it.
-    let out = Command::new("timeout")
-        .args(["--kill-after=5", "60", podvisor(), "run"])
+    let out = under_timeout(60, 5, podvisor())
+        .arg("run")
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -419,8 +430,7 @@ impl Drop for Scratch {
 /// Runs a host program; returns its exit code and output (stdout and stderr).
 pub fn host(program: &str, args: &[&str]) -> Result<(i32, String), Failed> {
     // Under `timeout`, so that a stuck tool fails the test instead of hanging it.
-    let out = Command::new("timeout")
-        .args(["--kill-after=5", "300", program])
+    let out = under_timeout(300, 5, program)
         .args(args)
         .stdin(Stdio::null())
         .output()

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
-use harness::{hardware_kvm, repo_root};
+use harness::{hardware_kvm, repo_root, under_timeout};
 
 /// run.sh's exit code when the test host itself failed (not the command it ran).
 const TESTHOST_FAILED: i32 = 125;
@@ -26,7 +26,7 @@ const TESTHOST_FAILED: i32 = 125;
 const SESSION_TIMED_OUT: i32 = 124;
 /// The longest one scenario's test-host session may take (every wait inside a scenario has
 /// its own, shorter limit; this one catches a wedged test host).
-const SESSION_LIMIT: &str = "600";
+const SESSION_LIMIT_S: u32 = 600;
 
 fn scenarios() -> Vec<Trial> {
     let mut trials = boot::trials();
@@ -43,14 +43,16 @@ fn in_testhost(name: &str) -> Result<(), Failed> {
     let mut first_try = None;
     for _ in 0..2 {
         let start = Instant::now();
-        let out = Command::new("timeout")
-            .args(["--kill-after=10", SESSION_LIMIT])
-            .arg(repo_root().join("resources/testhost/run.sh"))
-            .arg(&exe)
-            .args(["--exact", name, "--test-threads", "1", "--color", "never"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run resources/testhost/run.sh: {e}"))?;
+        let out = under_timeout(
+            SESSION_LIMIT_S,
+            10,
+            repo_root().join("resources/testhost/run.sh"),
+        )
+        .arg(&exe)
+        .args(["--exact", name, "--test-threads", "1", "--color", "never"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run resources/testhost/run.sh: {e}"))?;
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
