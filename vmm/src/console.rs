@@ -71,6 +71,7 @@ impl Console {
             .try_clone()?;
         std::thread::Builder::new()
             .name("console-in".into())
+            .stack_size(devices::THREAD_STACK_SIZE)
             .spawn(move || {
                 let mut buf = [0u8; 256];
                 loop {

@@ -117,6 +117,7 @@ impl Controller {
         };
         let thread = std::thread::Builder::new()
             .name("vmm".into())
+            .stack_size(devices::THREAD_STACK_SIZE)
             .spawn(move || owner.run())
             .map_err(Error::Thread)?;
         Ok((

@@ -149,14 +149,22 @@ impl PayloadFile<'_> {
                     let off = i * share;
                     let count = share.min(len - off);
                     let at = dest.unchecked_add(off as u64);
-                    s.spawn(move || copy_nonzero(file, start + off as u64, mem, at, count))
+                    std::thread::Builder::new()
+                        .name("payload".into())
+                        .stack_size(devices::THREAD_STACK_SIZE)
+                        .spawn_scoped(s, move || {
+                            copy_nonzero(file, start + off as u64, mem, at, count)
+                        })
                 })
                 .collect();
             workers
                 .into_iter()
                 .map(|w| {
-                    w.join()
-                        .unwrap_or_else(|_| Err(std::io::Error::other("payload reader panicked")))
+                    w.and_then(|w| {
+                        w.join().unwrap_or_else(|_| {
+                            Err(std::io::Error::other("payload reader panicked"))
+                        })
+                    })
                 })
                 .collect()
         });

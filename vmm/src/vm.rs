@@ -186,6 +186,7 @@ impl Vm {
             let name = format!("vcpu{}", vcpu.id());
             let handle = std::thread::Builder::new()
                 .name(name)
+                .stack_size(devices::THREAD_STACK_SIZE)
                 .spawn(move || vcpu.run(ctx))
                 .map_err(Error::Thread)?;
             threads.push(handle);

@@ -99,6 +99,7 @@ impl<W: DeviceWorker> Drop for WorkerThread<W> {
 fn start<W: DeviceWorker>(name: &'static str, worker: W) -> Result<JoinHandle<W>, VirtioError> {
     std::thread::Builder::new()
         .name(name.into())
+        .stack_size(crate::THREAD_STACK_SIZE)
         .spawn(move || worker.run())
         .map_err(|source| VirtioError::SpawnWorker {
             device: name,
