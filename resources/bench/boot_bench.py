@@ -13,6 +13,12 @@ round runs every configuration once, in a fresh seeded random order) so that dri
   overhead   median VMM memory overhead: RSS of every mapping except guest RAM, sampled at
              the ready line from /proc/PID/smaps (guest RAM = podvisor's memfd mapping /
              QEMU's RAM block mapping, found by size)
+
+With --state FILE every finished run is appended to FILE as it ends, and a later call with the
+same FILE and arguments skips the runs it already holds: the emulated test host sometimes
+freezes, and boot.sh then starts a new one that carries on where the old one stopped. Each
+run also records how the host's memory behaved (/proc/vmstat deltas: huge page faults,
+fallbacks to small pages, compaction stalls).
 """
 import argparse
 import json
@@ -56,6 +62,21 @@ def shmem_setting():
 def set_shmem(value):
     with open(SHMEM, "w") as f:
         f.write(value)
+
+
+# /proc/vmstat counters recorded per run: huge pages the VMM's RAM got (anonymous for QEMU,
+# shmem for podvisor's memfd), faults that fell back to 4 KiB pages, and direct compaction.
+VMSTAT = ("thp_fault_alloc", "thp_fault_fallback", "thp_file_alloc", "thp_file_fallback",
+          "compact_stall")
+
+
+def vmstat():
+    try:
+        with open("/proc/vmstat") as f:
+            pairs = (line.split() for line in f)
+            return {k: int(v) for k, v in pairs if k in VMSTAT}
+    except OSError:
+        return {}
 
 
 def configs(podvisor, qemu, mem_mib, cpus, cmdline):
@@ -103,6 +124,7 @@ def guest_ram_kib(smaps_text, mem_mib):
 
 
 def run_once(cmd, mem_mib, timeout):
+    before = vmstat()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -149,8 +171,10 @@ def run_once(cmd, mem_mib, timeout):
                            f"{out[-3000:].decode(errors='replace')}")
     m = UPTIME.search(out)
     uptime_ms = float(m.group(1)) * 1000 if m else None
+    after = vmstat()
     return {"ready_ms": ready_ms, "exit_ms": exit_ms, "uptime_ms": uptime_ms,
-            "peak_rss_kib": peak, "overhead_kib": overhead_kib}
+            "peak_rss_kib": peak, "overhead_kib": overhead_kib,
+            "vmstat": {k: after[k] - before[k] for k in after if k in before}}
 
 
 def thp_settings():
@@ -158,6 +182,52 @@ def thp_settings():
     podvisor's memfd RAM `shmem_enabled`."""
     return " ".join(f"{knob}={thp_knob(knob) or 'unavailable'}"
                     for knob in ("enabled", "shmem_enabled"))
+
+
+class State:
+    """Finished runs, kept in a JSON-lines file (first line: the arguments they belong to) so
+    that a benchmark cut short can be resumed. Without a path nothing is kept."""
+
+    def __init__(self, path, params):
+        self.path = path
+        self.done = {}
+        if not path:
+            return
+        params = json.loads(json.dumps(params))  # as it reads back from the file
+        lines = []
+        try:
+            with open(path) as f:
+                text = [line for line in f if line.strip()]
+            for i, line in enumerate(text):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    if i + 1 < len(text):
+                        raise
+                    # The last line of a test host that froze mid-write: that run is redone.
+                    with open(path, "w") as f:
+                        f.writelines(text[:-1])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            sys.exit(f"boot_bench: cannot read state file {path}: {e}")
+        if not lines:
+            with open(path, "w") as f:
+                f.write(json.dumps({"params": params}) + "\n")
+            return
+        if lines[0].get("params") != params:
+            sys.exit(f"boot_bench: state file {path} belongs to a run with other arguments; "
+                     "remove it or pass the same arguments")
+        for e in lines[1:]:
+            self.done[(e["round"], e["name"])] = e
+
+    def record(self, rnd, name, entry):
+        if not self.path:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"round": rnd, "name": name, **entry}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def main():
@@ -171,6 +241,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=120,
                     help="seconds before a run counts as failed (hung guest)")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--state", help="append each finished run here and skip the runs it "
+                    "already holds (resume after a frozen test host; same arguments only)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the per-round run order")
     ap.add_argument("--only", help="comma-separated configurations to run (for quick checks; "
                     "the ratios need both sides), e.g. 'podvisor PVH,qemu microvm PVH'")
@@ -189,6 +261,26 @@ def main():
         del cfgs[FOUR_K]
     results = {name: [] for name in cfgs}
     failures = {name: 0 for name in cfgs}
+    state = State(args.state, {"configs": cfgs, "runs": args.runs, "memory": args.memory,
+                               "seed": args.seed, "timeout": args.timeout})
+
+    def account(rnd, name, entry, resumed):
+        label = ("warm-up" if rnd == 0 else f"run {rnd}") + (" (resumed)" if resumed else "")
+        if "failed" in entry:
+            # A hung or failed boot is reported and counted, not averaged in.
+            failures[name] += 1
+            print(f"[{label}] {name}: FAILED: {entry['failed']}", file=sys.stderr, flush=True)
+            return
+        r = entry["result"]
+        vm = r.get("vmstat") or {}
+        print(f"[{label}] {name}: ready {r['ready_ms']:.0f} ms, exit {r['exit_ms']:.0f} ms, "
+              f"uptime {r['uptime_ms'] or 0:.0f} ms, peak {r['peak_rss_kib'] / 1024:.1f} MiB, "
+              f"overhead {(r['overhead_kib'] or 0) / 1024:.1f} MiB, "
+              f"vmstat {' '.join(f'{k}+{v}' for k, v in vm.items() if v)}",
+              file=sys.stderr, flush=True)
+        if rnd > 0:
+            results[name].append(r)
+
     rng = random.Random(args.seed)
     for rnd in range(args.runs + 1):
         # A fresh order each round: in the emulated test host a boot's speed depends on what
@@ -196,25 +288,22 @@ def main():
         order = list(cfgs.items())
         rng.shuffle(order)
         for name, cmd in order:
-            label = "warm-up" if rnd == 0 else f"run {rnd}"
+            entry = state.done.get((rnd, name))
+            if entry is not None:
+                account(rnd, name, entry, True)
+                continue
             try:
                 if name == FOUR_K:
                     set_shmem("never")
                 try:
-                    r = run_once(cmd, args.memory, args.timeout)
+                    entry = {"result": run_once(cmd, args.memory, args.timeout)}
                 finally:
                     if name == FOUR_K:
                         set_shmem(shmem)
             except RuntimeError as e:
-                # A hung or failed boot is reported and counted, not averaged in.
-                failures[name] += 1
-                print(f"[{label}] {name}: FAILED: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
-                continue
-            print(f"[{label}] {name}: ready {r['ready_ms']:.0f} ms, exit {r['exit_ms']:.0f} ms, "
-                  f"uptime {r['uptime_ms'] or 0:.0f} ms, peak {r['peak_rss_kib'] / 1024:.1f} MiB, "
-                  f"overhead {(r['overhead_kib'] or 0) / 1024:.1f} MiB", file=sys.stderr, flush=True)
-            if rnd > 0:
-                results[name].append(r)
+                entry = {"failed": str(e).splitlines()[0]}
+            state.record(rnd, name, entry)
+            account(rnd, name, entry, False)
 
     def med(name, key):
         vals = [r[key] for r in results.get(name, []) if r[key] is not None]
