@@ -5,8 +5,8 @@
 #
 # Every finished run is kept in a run record (target/bench/boot-*.jsonl). The emulated test
 # host sometimes freezes without a word; when the record has not grown for
-# PODVISOR_BENCH_STALL_S seconds (default 300; one boot is given at most 120 s), that test
-# host is stopped and a new one carries on from the record, up to 3 times.
+# PODVISOR_BENCH_STALL_S seconds (default 180; one boot is given at most 120 s), that test
+# host is stopped and a new one carries on from the record, up to 7 times.
 # PODVISOR_BENCH_STATE=FILE resumes an earlier record (same arguments).
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/../../scripts/common.sh"
@@ -23,9 +23,10 @@ if pv_hw_kvm; then
     exec "${bench[@]}"
 fi
 
-stall="${PODVISOR_BENCH_STALL_S:-300}"
+stall="${PODVISOR_BENCH_STALL_S:-180}"
 [[ "$stall" =~ ^[1-9][0-9]*$ ]] || pv_die "PODVISOR_BENCH_STALL_S must be a number of seconds, not '$stall'"
-for attempt in 1 2 3 4; do
+tries=8
+for attempt in $(seq "$tries"); do
     started=$(date +%s)
     resources/testhost/run.sh "${bench[@]}" &
     pid=$!
@@ -43,11 +44,15 @@ for attempt in 1 2 3 4; do
     rc=0
     wait "$pid" || rc=$?
     if ((stalled)); then
-        pv_say "the test host did nothing for ${stall} s (frozen): stopped; a new one resumes the run (try $((attempt + 1)) of 4)"
+        why="did nothing for ${stall} s (frozen)"
     elif ((rc == 125)); then
-        pv_say "the test host failed: a new one resumes the run (try $((attempt + 1)) of 4)"
+        why="failed"
     else
         exit "$rc"
     fi
+    if ((attempt < tries)); then
+        pv_say "the test host $why: a new one resumes the run (try $((attempt + 1)) of $tries)"
+    fi
 done
-pv_die "the test host froze or failed 4 times; the runs so far are in $state (PODVISOR_BENCH_STATE=$state $0 $* resumes)"
+pv_die "the test host froze or failed $tries times; the runs so far are in $state;" \
+    "resume with: PODVISOR_BENCH_STATE=$state $0$(printf ' %q' "$@")"
