@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use vmm::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig};
+use vmm::controller::Controller;
 use vmm::vcpu::CpuTemplate;
 use vmm::{Console, Vm, VmExit};
 
@@ -141,6 +142,22 @@ impl TinyGuest {
         TinyGuest { dir }
     }
 
+    /// Writes `code` as the guest kernel (a PVH ELF); returns its path.
+    fn kernel(&self, code: &Asm) -> PathBuf {
+        let kernel = self.dir.join("guest.elf");
+        std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
+        kernel
+    }
+
+    /// Starts a controller for tiny guests that records its events in a file; returns the
+    /// controller, its thread and the events file.
+    fn controller_with_events(&self) -> (Controller, ControllerThread, PathBuf) {
+        let path = self.dir.join("events");
+        let events = vmm::events::EventMonitor::new(std::fs::File::create(&path).unwrap());
+        let (ctl, thread) = Controller::start(tiny_options(), events, false).unwrap();
+        (ctl, thread, path)
+    }
+
     /// Boots `code` with `vcpus` vCPUs; returns how the VM ended and what COM1 printed.
     fn run(&self, code: Asm, vcpus: u8) -> (Result<VmExit, vmm::Error>, Vec<u8>) {
         self.run_with(code, vcpus, |_| {})
@@ -153,8 +170,7 @@ impl TinyGuest {
         vcpus: u8,
         adjust: impl FnOnce(&mut VmConfig),
     ) -> (Result<VmExit, vmm::Error>, Vec<u8>) {
-        let kernel = self.dir.join("guest.elf");
-        std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
+        let kernel = self.kernel(&code);
         let serial = self.dir.join("serial.out");
         let _ = std::fs::remove_file(&serial);
         let mut config = config(&kernel, &serial, vcpus);
@@ -173,6 +189,16 @@ impl TinyGuest {
 impl Drop for TinyGuest {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+type ControllerThread = std::thread::JoinHandle<Result<vmm::controller::Ended, vmm::Error>>;
+
+/// Controller options for tiny guests (they run on PVM's `/dev/kvm` too).
+fn tiny_options() -> vmm::RunOptions {
+    vmm::RunOptions {
+        pvm_guest: true,
+        ..Default::default()
     }
 }
 
@@ -335,8 +361,7 @@ fn pause_parks_every_vcpu_and_resume_continues() {
     let mut code = Asm::default().print("x");
     let back = code.0.len() + 2;
     code.0.extend([0xeb, (256 - back) as u8]);
-    let kernel = g.dir.join("guest.elf");
-    std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
+    let kernel = g.kernel(&code);
     let serial = g.dir.join("serial.out");
     let config = config(&kernel, &serial, 2);
     let kvm = vmm::kvm::open_any().expect("/dev/kvm");
@@ -369,21 +394,14 @@ fn pause_parks_every_vcpu_and_resume_continues() {
 
 #[test]
 fn controller_follows_the_lifecycle_rules() {
-    use vmm::controller::{ControlError, Controller, Reply, Request, VmState};
+    use vmm::controller::{ControlError, Reply, Request, VmState};
     let g = TinyGuest::new("controller");
     // Print 'x' forever (the VMM ends it).
     let mut code = Asm::default().print("x");
     let back = code.0.len() + 2;
     code.0.extend([0xeb, (256 - back) as u8]);
-    let kernel = g.dir.join("guest.elf");
-    std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
-    let events_path = g.dir.join("events");
-    let events = vmm::events::EventMonitor::new(std::fs::File::create(&events_path).unwrap());
-    let options = vmm::RunOptions {
-        pvm_guest: true,
-        ..Default::default()
-    };
-    let (ctl, thread) = Controller::start(options, events, false).unwrap();
+    let kernel = g.kernel(&code);
+    let (ctl, thread, events_path) = g.controller_with_events();
     let state = |ctl: &Controller| match ctl.handle(Request::Info) {
         Ok(Reply::Info { state, .. }) => Some(state),
         _ => None,
@@ -472,14 +490,10 @@ fn controller_follows_the_lifecycle_rules() {
 
 #[test]
 fn controller_sees_the_guest_power_off() {
-    use vmm::controller::{Controller, Reply, Request, VmState};
+    use vmm::controller::{Reply, Request, VmState};
     let g = TinyGuest::new("controller-poweroff");
-    let kernel = g.dir.join("guest.elf");
-    std::fs::write(&kernel, pvh_elf(&Asm::default().print("bye").poweroff().0)).unwrap();
-    let options = vmm::RunOptions {
-        pvm_guest: true,
-        ..Default::default()
-    };
+    let kernel = g.kernel(&Asm::default().print("bye").poweroff());
+    let options = tiny_options();
     let cfg = config(&kernel, &g.dir.join("serial.out"), 1);
     // serve: the VM stays, Shutdown.
     let (ctl, _thread) = Controller::start(options.clone(), Default::default(), false).unwrap();
@@ -513,22 +527,15 @@ fn controller_sees_the_guest_power_off() {
 
 #[test]
 fn controller_follows_a_guest_that_keeps_rebooting() {
-    use vmm::controller::{Controller, Reply, Request};
+    use vmm::controller::{Reply, Request};
     let g = TinyGuest::new("controller-reboots");
-    let kernel = g.dir.join("guest.elf");
     // Reset through the i8042 at once, every boot.
     let code = Asm::default()
         .print("r")
         .out_port(0x64, 0xfe)
         .halt_forever();
-    std::fs::write(&kernel, pvh_elf(&code.0)).unwrap();
-    let events_path = g.dir.join("events");
-    let events = vmm::events::EventMonitor::new(std::fs::File::create(&events_path).unwrap());
-    let options = vmm::RunOptions {
-        pvm_guest: true,
-        ..Default::default()
-    };
-    let (ctl, thread) = Controller::start(options, events, false).unwrap();
+    let kernel = g.kernel(&code);
+    let (ctl, thread, events_path) = g.controller_with_events();
     let cfg = config(&kernel, &g.dir.join("serial.out"), 1);
     ctl.handle(Request::Create(Box::new(cfg))).unwrap();
     ctl.handle(Request::Boot).unwrap();

@@ -9,6 +9,7 @@
 //! reports what it has done by name ([`VirtioDevice::counters`]) for the VMM's `vm.counters`.
 
 pub mod block;
+mod drain;
 pub mod net;
 pub mod pci;
 pub mod rng;

@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::drain::{drain_queue, ChainServer};
 use super::worker_thread::{DeviceWorker, WorkerThread};
 use super::{
     lock_queue, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1_BIT,
@@ -253,57 +254,46 @@ impl RngWorker {
         }
         let queue = self.queue.clone();
         let mut q = lock_queue(&queue);
-        let mem = &self.mem;
-        let mut served = 0;
-        let mut error = None;
-        'batches: loop {
-            if let Err(e) = q.disable_notification(mem) {
-                error = Some(e);
-                break;
-            }
-            let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match q.iter(mem) {
-                Ok(iter) => iter.take(MAX_REQUESTS_PER_WAKEUP - served).collect(),
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            };
-            for chain in chains {
-                let head = chain.head_index();
-                served += 1;
-                if head >= q.size() {
-                    // Nothing can be returned for an index outside the ring.
-                    self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let len = fill_chain(chain, mem, &mut self.source, &self.counters);
-                if let Err(e) = q.add_used(mem, head, len) {
-                    error = Some(e);
-                    break 'batches;
-                }
-            }
-            if served >= MAX_REQUESTS_PER_WAKEUP {
-                // Yield so a reset is noticed; the next wakeup continues where this one ended.
-                let _ = self.notify.write(1);
-                break;
-            }
-            match q.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
+        let mut server = Filler {
+            mem: &self.mem,
+            source: &mut self.source,
+            counters: &self.counters,
+        };
+        let pass = drain_queue(&mut q, &self.mem, MAX_REQUESTS_PER_WAKEUP, &mut server);
+        if pass.more {
+            let _ = self.notify.write(1);
         }
-        if let Some(e) = error {
+        if let Some(e) = pass.error {
             tracing::warn!("virtio-rng: queue {} disabled until reset: {e}", self.index);
             self.broken = true;
         }
-        if served > 0 && q.needs_notification(mem).unwrap_or(true) {
+        if pass.taken > 0 && q.needs_notification(&self.mem).unwrap_or(true) {
             drop(q);
             self.interrupt.signal_used_queue(self.index);
         }
+    }
+}
+
+/// Serves a request: fills its buffers from the entropy source.
+struct Filler<'a> {
+    mem: &'a GuestMemoryMmap,
+    source: &'a mut File,
+    counters: &'a RngCounters,
+}
+
+impl ChainServer for Filler<'_> {
+    fn serve(
+        &mut self,
+        q: &mut Queue,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<(), virtio_queue::Error> {
+        let head = chain.head_index();
+        let len = fill_chain(chain, self.mem, self.source, self.counters);
+        q.add_used(self.mem, head, len)
+    }
+
+    fn bad_head(&mut self) {
+        self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
     }
 }
 

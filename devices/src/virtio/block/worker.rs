@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,6 +18,7 @@ use super::request::{self, ParseError, Request, RequestType, Segment};
 use super::uring::{InFlight, IoRing};
 use super::{BlkCounters, ID_BYTES};
 use crate::block::{BlockError, DiskImage};
+use crate::virtio::drain::{drain_queue, ChainServer};
 use crate::virtio::worker_thread::DeviceWorker;
 use crate::virtio::{lock_queue, ActivatedQueue, VirtioInterrupt};
 
@@ -165,87 +166,28 @@ impl BlkWorker {
         let disk = self.disk.clone();
         let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
         let mut ring = self.ring.take();
-        let mem = &self.mem;
-        let mut served = 0;
-        let mut used = 0;
-        let mut error = None;
-        'batches: loop {
-            if let Err(e) = q.disable_notification(mem) {
-                error = Some(e);
-                break;
-            }
-            let chains: Vec<DescriptorChain<&GuestMemoryMmap>> = match q.iter(mem) {
-                Ok(iter) => iter.take(MAX_REQUESTS_PER_WAKEUP - served).collect(),
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            };
-            for chain in chains {
-                let head = chain.head_index();
-                served += 1;
-                if head >= q.size() {
-                    // Nothing can be returned for an index outside the ring.
-                    BlkCounters::add(&self.counters.errors, 1);
-                    continue;
-                }
-                let parsed = request::parse(chain, mem);
-                let parsed = match (ring.as_mut(), parsed) {
-                    (Some(r), Ok(req)) => match self.submit(r, head, req, disk.as_mut()) {
-                        Ok(()) => continue,
-                        Err(req) => Ok(req),
-                    },
-                    (_, parsed) => parsed,
-                };
-                // Synchronous: after everything submitted before it has completed.
-                if let Some(r) = ring.as_mut() {
-                    if let Err(e) = self.drain(r, &mut q, disk.as_mut(), &mut used) {
-                        error = Some(e);
-                        break 'batches;
-                    }
-                }
-                let used_len = self.finish(parsed, disk.as_mut());
-                if let Err(e) = q.add_used(mem, head, used_len) {
-                    error = Some(e);
-                    break 'batches;
-                }
-                used += 1;
-            }
-            if let Some(r) = ring.as_mut() {
-                // The batch goes to the kernel; what already finished is completed now, the
-                // rest when the ring's eventfd wakes the worker.
-                r.submit();
-                let done = r.completed();
-                if let Err(e) = self.complete(done, &mut q, disk.as_mut(), &mut used) {
-                    error = Some(e);
-                    break;
-                }
-            }
-            if served >= MAX_REQUESTS_PER_WAKEUP {
-                // Yield so a reset is noticed; the next wakeup continues where this one ended.
-                let _ = self.notify.write(1);
-                break;
-            }
-            match q.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
-        if let (Some(r), Some(_)) = (ring.as_mut(), &error) {
+        let mut server = Server {
+            worker: self,
+            disk: disk.as_mut(),
+            ring: ring.as_mut(),
+            used: 0,
+        };
+        let mut pass = drain_queue(&mut q, &self.mem, MAX_REQUESTS_PER_WAKEUP, &mut server);
+        if let (Some(r), Some(_)) = (server.ring.as_deref_mut(), &pass.error) {
             // The queue is broken: the kernel must be done with guest memory all the same.
-            let _ = self.drain(r, &mut q, disk.as_mut(), &mut used);
+            let _ = self.drain(r, &mut q, server.disk, &mut server.used);
         }
+        let used = server.used;
         self.ring = ring;
         drop(disk);
-        if let Some(e) = error {
+        if pass.more {
+            let _ = self.notify.write(1);
+        }
+        if let Some(e) = pass.error.take() {
             tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", self.index);
             self.broken = true;
         }
-        if used > 0 && q.needs_notification(mem).unwrap_or(true) {
+        if used > 0 && q.needs_notification(&self.mem).unwrap_or(true) {
             drop(q);
             self.interrupt.signal_used_queue(self.index);
         }
@@ -614,6 +556,58 @@ impl BlkWorker {
         };
         BlkCounters::add(counter, 1);
         Completion::status(S_OK)
+    }
+}
+
+/// Serves one wakeup's requests for [`BlkWorker::process_queue`]: reads and writes the image
+/// takes as they are go on the ring, the rest are executed at once.
+struct Server<'a> {
+    worker: &'a BlkWorker,
+    disk: &'a mut dyn DiskImage,
+    ring: Option<&'a mut IoRing>,
+    /// Requests completed in the used ring.
+    used: usize,
+}
+
+impl ChainServer for Server<'_> {
+    fn serve(
+        &mut self,
+        q: &mut Queue,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<(), virtio_queue::Error> {
+        let head = chain.head_index();
+        let worker = self.worker;
+        let parsed = request::parse(chain, &worker.mem);
+        let parsed = match (self.ring.as_deref_mut(), parsed) {
+            (Some(r), Ok(req)) => match worker.submit(r, head, req, self.disk) {
+                Ok(()) => return Ok(()),
+                Err(req) => Ok(req),
+            },
+            (_, parsed) => parsed,
+        };
+        // Synchronous: after everything submitted before it has completed.
+        if let Some(r) = self.ring.as_deref_mut() {
+            worker.drain(r, q, self.disk, &mut self.used)?;
+        }
+        let used_len = worker.finish(parsed, self.disk);
+        q.add_used(&worker.mem, head, used_len)?;
+        self.used += 1;
+        Ok(())
+    }
+
+    fn bad_head(&mut self) {
+        BlkCounters::add(&self.worker.counters.errors, 1);
+    }
+
+    fn end_batch(&mut self, q: &mut Queue) -> Result<(), virtio_queue::Error> {
+        if let Some(r) = self.ring.as_deref_mut() {
+            // The batch goes to the kernel; what already finished is completed now, the rest
+            // when the ring's eventfd wakes the worker.
+            r.submit();
+            let done = r.completed();
+            self.worker.complete(done, q, self.disk, &mut self.used)?;
+        }
+        Ok(())
     }
 }
 

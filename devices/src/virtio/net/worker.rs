@@ -270,27 +270,19 @@ impl Worker {
         let queue = self.tx_queue.clone();
         let mut q = lock_queue(&queue);
         let fd = self.tap.as_raw_fd();
-        match tx::process(&mut q, &self.mem, &mut self.tx_iovs, fd, &self.counters) {
-            Ok(out) => {
-                let notify = out.used && q.needs_notification(&self.mem).unwrap_or(true);
-                drop(q);
-                if out.more {
-                    // Yield so a reset is noticed; the next wakeup continues.
-                    let _ = self.tx_notify.write(1);
-                }
-                if notify {
-                    self.interrupt.signal_used_queue(TX_QUEUE);
-                }
-            }
-            Err(e) => {
-                tracing::warn!("virtio-net: transmit queue disabled until reset: {e}");
-                self.tx_broken = true;
-                let used = q.needs_notification(&self.mem).unwrap_or(true);
-                drop(q);
-                if used {
-                    self.interrupt.signal_used_queue(TX_QUEUE);
-                }
-            }
+        let pass = tx::process(&mut q, &self.mem, &mut self.tx_iovs, fd, &self.counters);
+        if pass.more {
+            // Yield so a reset is noticed; the next wakeup continues.
+            let _ = self.tx_notify.write(1);
+        }
+        if let Some(e) = pass.error {
+            tracing::warn!("virtio-net: transmit queue disabled until reset: {e}");
+            self.tx_broken = true;
+        }
+        let notify = pass.taken > 0 && q.needs_notification(&self.mem).unwrap_or(true);
+        drop(q);
+        if notify {
+            self.interrupt.signal_used_queue(TX_QUEUE);
         }
     }
 
