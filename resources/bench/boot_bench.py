@@ -261,6 +261,7 @@ def main():
         del cfgs[FOUR_K]
     results = {name: [] for name in cfgs}
     failures = {name: 0 for name in cfgs}
+    ready_by_round = {name: {} for name in cfgs}
     state = State(args.state, {"configs": cfgs, "runs": args.runs, "memory": args.memory,
                                "seed": args.seed, "timeout": args.timeout})
 
@@ -280,6 +281,7 @@ def main():
               file=sys.stderr, flush=True)
         if rnd > 0:
             results[name].append(r)
+            ready_by_round[name][rnd] = r["ready_ms"]
 
     rng = random.Random(args.seed)
     for rnd in range(args.runs + 1):
@@ -332,6 +334,18 @@ def main():
     p, q = "podvisor bzImage", "qemu pc bzImage"
     print(f"  vs pc    ready {med(p, 'ready_ms') / med(q, 'ready_ms'):.2f}x  "
           f"exit {med(p, 'exit_ms') / med(q, 'exit_ms'):.2f}x")
+    # The same comparison round by round (both boots of a pair ran in the same round, so
+    # they saw the same state of the test host): the spread says how far to trust the above.
+    print("\nReady time, paired by round (median of the per-round ratios, their range, rounds "
+          "where podvisor was faster):")
+    for p, q in (("podvisor PVH", "qemu microvm PVH"), ("podvisor bzImage", "qemu microvm bzImage"),
+                 ("podvisor bzImage", "qemu pc bzImage"), ("podvisor PVH", FOUR_K)):
+        a, b = ready_by_round.get(p, {}), ready_by_round.get(q, {})
+        ratios = [a[k] / b[k] for k in a if k in b]
+        if ratios:
+            print(f"  {p} / {q}: {statistics.median(ratios):.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}), faster in "
+                  f"{sum(x < 1 for x in ratios)}/{len(ratios)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, "failures": failures}, f, indent=1)
