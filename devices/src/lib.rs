@@ -14,9 +14,9 @@ pub mod virtio;
 pub use bus::{Bus, BusDevice, BusError};
 
 /// Stack size of the VMM's threads (vCPUs, device workers, the VMM loop, console input,
-/// payload readers). Only pages a thread touches are resident, so the size is headroom; it is kept
-/// under 2 MiB because a 2 MiB stack mapping that happens to be 2 MiB-aligned gets a whole
-/// transparent huge page on its first touch where the host sets THP `enabled=always`
+/// payload readers). Only pages a thread touches are resident, so the size is headroom; it
+/// is kept under 2 MiB because a 2 MiB stack mapping that happens to be 2 MiB-aligned gets a
+/// whole transparent huge page on its first touch where the host sets THP `enabled=always`
 /// (measured: 2 MiB of one podvisor's 4.7 MiB overhead came from one such stack).
 pub const THREAD_STACK_SIZE: usize = 1 << 20;
 
