@@ -4,7 +4,7 @@
 //! They need hardware KVM. On a machine without it (PVM, or no /dev/kvm) this binary runs
 //! each scenario in its own session of the test host (`resources/testhost/run.sh`), which
 //! has real KVM: one scenario that brings the emulated test host down does not take the
-//! others with it, and such a scenario is run once more (only then).
+//! others with it, and such a scenario gets another session (only then; see `TESTHOST_TRIES`).
 
 mod api;
 mod boot;

@@ -115,11 +115,21 @@ impl TestRing {
         mem.write_obj(v, GuestAddress(at)).unwrap();
     }
 
-    /// Waits until the used index reaches `idx`.
+    /// Waits until the used index is exactly `idx`.
     pub fn wait_used(&self, mem: &GuestMemoryMmap, idx: u16) -> bool {
+        self.wait_used_until(mem, |used| used == idx)
+    }
+
+    /// Waits until the device has returned at least `n` chains (it may have returned more by
+    /// the time this looks: a worker in the middle of a batch does not wait for the poll).
+    pub fn wait_used_at_least(&self, mem: &GuestMemoryMmap, n: u16) -> bool {
+        self.wait_used_until(mem, |used| used >= n)
+    }
+
+    fn wait_used_until(&self, mem: &GuestMemoryMmap, done: impl Fn(u16) -> bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if self.used_idx(mem) == idx {
+            if done(self.used_idx(mem)) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));

@@ -120,7 +120,7 @@ fn pause_lets_the_batch_in_flight_finish_and_starts_nothing_new() {
         .collect();
     r.notify.write(1).unwrap();
     // Pause once the worker is inside the batch.
-    assert!(r.ring.wait_used(&r.mem, 1));
+    assert!(r.ring.wait_used_at_least(&r.mem, 1));
     r.blk.pause();
     let done = r.ring.used_idx(&r.mem);
     let p = pattern(DISK_SIZE);
