@@ -2,7 +2,7 @@
 # run.sh CMD [ARGS...] - run CMD inside a "test host": a QEMU (TCG) Linux VM
 # with real (nested, emulated) KVM that sees this machine's / via virtiofs.
 # Same cwd, same environment (+ PODVISOR_TESTHOST=1), output streamed, exit
-# code returned (125: the test host itself failed). See README.md.
+# code returned (125: the test host itself failed). See DEVELOPERS.md.
 #
 # Knobs: PODVISOR_TESTHOST_MEM (default 4G), PODVISOR_TESTHOST_CPUS (default 2),
 #        PODVISOR_TESTHOST_DEBUG=1 (show the L2 kernel log and virtiofsd log),
