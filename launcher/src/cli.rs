@@ -66,7 +66,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
     pub serial: String,
     /// A virtio-blk disk (repeat for several): path=FILE[,format=raw|qcow2][,readonly=on]
-    /// [,direct=on][,serial=ID].
+    /// [,direct=on][,serial=ID][,num_queues=N (default: one per vCPU)][,id=NAME].
     #[arg(long, value_name = "path=FILE[,...]")]
     pub disk: Vec<String>,
     /// A virtio-net interface (repeat for several) over a tap: [tap=NAME][,mac=MAC]

@@ -78,6 +78,11 @@ fn raw_disk_round_trip() -> Result<(), Failed> {
         .map_err(|e| e.to_string())?;
     let spec = format!("path={},format=raw", dir.arg("data.raw"));
     let mut vm = boot_to_shell(&disk_arg(&spec))?;
+    // One request queue per vCPU (the guest has two).
+    let queues = vm.shell_ok("ls /sys/block/vda/mq")?;
+    if queues.split_whitespace().count() != 2 {
+        return Err(vm.failure(&format!("/dev/vda has queues '{queues}', not 0 and 1")));
+    }
     let sha = guest_payload(&mut vm)?;
     guest_write_and_verify(&mut vm, "/dev/vda", 1, &sha)?;
     vm.poweroff()?;

@@ -64,7 +64,8 @@ impl Backends {
         let mut out: Vec<NamedDevice> = Vec::new();
         for (index, disk) in config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("_disk{index}"));
-            out.push((id, Box::new(open_blk(disk)?)));
+            let queues = disk.queues(config.cpus.boot_vcpus);
+            out.push((id, Box::new(open_blk(disk, queues)?)));
         }
         for (index, (tap, mac)) in self.taps.iter().enumerate() {
             let fail = |e: String| Error::Device(format!("net {index} (tap {}): {e}", tap.name()));
@@ -91,13 +92,13 @@ impl Backends {
     }
 }
 
-fn open_blk(disk: &DiskConfig) -> Result<VirtioBlk, Error> {
+fn open_blk(disk: &DiskConfig, queues: u16) -> Result<VirtioBlk, Error> {
     let options = DiskOptions {
         format: disk.format.as_deref().and_then(Format::from_name),
         read_only: disk.readonly,
         direct: disk.direct,
     };
     let image = open_disk(&disk.path, options).map_err(|e| Error::Device(e.to_string()))?;
-    VirtioBlk::new(image, disk.serial.clone())
+    VirtioBlk::with_queues(image, disk.serial.clone(), queues)
         .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))
 }

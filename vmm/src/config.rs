@@ -90,6 +90,9 @@ pub struct DiskConfig {
     /// The disk's ID as the guest reads it (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Request queues (1 to 64); one per vCPU when absent, as QEMU does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
 }
@@ -184,6 +187,8 @@ pub enum ConfigError {
     DiskFormat(PathBuf, String),
     #[error("disk {0}: serial '{1}' is longer than 20 bytes")]
     DiskSerial(PathBuf, String),
+    #[error("disk {0}: num_queues must be between 1 and {max}, got {1}", max = devices::virtio::block::MAX_QUEUES)]
+    DiskQueues(PathBuf, u16),
     #[error("{0} devices: at most {max} PCI devices fit the bus", max = MAX_PCI_DEVICES)]
     TooManyDevices(usize),
     #[error(
@@ -240,6 +245,11 @@ impl VmConfig {
             if let Some(serial) = &disk.serial {
                 if serial.len() > 20 {
                     return Err(ConfigError::DiskSerial(disk.path.clone(), serial.clone()));
+                }
+            }
+            if let Some(n) = disk.num_queues {
+                if !(1..=devices::virtio::block::MAX_QUEUES).contains(&n) {
+                    return Err(ConfigError::DiskQueues(disk.path.clone(), n));
                 }
             }
         }
@@ -320,7 +330,14 @@ fn parse_on_off(what: &str, key: &str, value: &str) -> Result<bool, ConfigError>
 }
 
 impl DiskConfig {
-    /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,direct=on][,serial=ID][,id=NAME]`.
+    /// The request queues the disk gets in a VM with `vcpus` vCPUs.
+    pub fn queues(&self, vcpus: u8) -> u16 {
+        self.num_queues
+            .unwrap_or_else(|| u16::from(vcpus).min(devices::virtio::block::MAX_QUEUES))
+    }
+
+    /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,direct=on][,serial=ID]
+    /// [,num_queues=N][,id=NAME]`.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let what = "--disk";
         let mut disk = DiskConfig::default();
@@ -328,7 +345,15 @@ impl DiskConfig {
         for (key, value) in parse_options(
             what,
             s,
-            &["path", "format", "readonly", "direct", "serial", "id"],
+            &[
+                "path",
+                "format",
+                "readonly",
+                "direct",
+                "serial",
+                "num_queues",
+                "id",
+            ],
         )? {
             match key {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
@@ -336,6 +361,13 @@ impl DiskConfig {
                 "readonly" => disk.readonly = parse_on_off(what, key, value)?,
                 "direct" => disk.direct = parse_on_off(what, key, value)?,
                 "serial" => disk.serial = Some(value.to_owned()),
+                "num_queues" => {
+                    disk.num_queues = Some(value.parse().map_err(|_| {
+                        ConfigError::Options(format!(
+                            "{what}: num_queues={value}: expected a number of queues"
+                        ))
+                    })?)
+                }
                 "id" => disk.id = Some(value.to_owned()),
                 _ => {
                     return Err(ConfigError::Options(format!(
@@ -418,7 +450,15 @@ mod tests {
         assert_eq!(d.format.as_deref(), Some("qcow2"));
         assert!(d.readonly && !d.direct);
         assert_eq!(d.serial.as_deref(), Some("x1"));
+        // Queues: one per vCPU unless given.
+        assert_eq!((d.num_queues, d.queues(1), d.queues(4)), (None, 1, 4));
+        let q = DiskConfig::parse("path=/a,num_queues=2").unwrap();
+        assert_eq!((q.num_queues, q.queues(8)), (Some(2), 2));
         for bad in [
+            "path=/a,num_queues=",
+            "path=/a,num_queues=two",
+            "path=/a,num_queues=-1",
+            "path=/a,num_queues=70000",
             "",
             "format=raw",
             "path=",
@@ -461,6 +501,15 @@ mod tests {
             ..Default::default()
         });
         assert!(matches!(c.validate(), Err(ConfigError::DiskSerial(..))));
+        for n in [0, 65] {
+            let mut c = config();
+            c.disks.push(DiskConfig {
+                path: "/d".into(),
+                num_queues: Some(n),
+                ..Default::default()
+            });
+            assert_eq!(c.validate(), Err(ConfigError::DiskQueues("/d".into(), n)));
+        }
         let mut c = config();
         c.net = vec![NetConfig {
             mac: Some("01:00:00:00:00:01".into()),

@@ -94,6 +94,9 @@ pub enum VirtioError {
         #[source]
         source: std::io::Error,
     },
+    /// A virtio-blk queue count out of range.
+    #[error("virtio-blk: {num_queues} queues asked for; 1 to {max} are possible")]
+    BlkQueues { num_queues: u16, max: u16 },
     /// A virtio-blk serial (GET_ID string) longer than the spec allows.
     #[error("virtio-blk serial '{serial}' is {len} bytes long, at most {max} are allowed")]
     BlkSerialTooLong {

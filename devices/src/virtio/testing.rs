@@ -138,11 +138,13 @@ impl TestRing {
     }
 }
 
-/// Counts `signal_used_queue` calls (all queues) and config changes.
+/// Counts `signal_used_queue` calls (all queues, and per queue) and config changes.
 #[derive(Default)]
 pub struct CountingInterrupt {
     pub used: AtomicU64,
     pub config: AtomicU64,
+    /// `signal_used_queue` calls by queue index.
+    pub by_queue: Mutex<std::collections::BTreeMap<u16, u64>>,
     lock: Mutex<()>,
     cond: Condvar,
 }
@@ -163,7 +165,13 @@ impl CountingInterrupt {
 }
 
 impl VirtioInterrupt for CountingInterrupt {
-    fn signal_used_queue(&self, _queue_index: u16) {
+    fn signal_used_queue(&self, queue_index: u16) {
+        *self
+            .by_queue
+            .lock()
+            .unwrap()
+            .entry(queue_index)
+            .or_default() += 1;
         let _g = self.lock.lock().unwrap();
         self.used.fetch_add(1, Ordering::SeqCst);
         self.cond.notify_all();

@@ -4,7 +4,8 @@ use std::mem::offset_of;
 
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
@@ -41,16 +42,19 @@ pub struct BlkConfig {
     pub capacity: u64,
     /// The image refuses writes.
     pub read_only: bool,
+    /// Request queues offered.
+    pub num_queues: u16,
     bytes: [u8; CONFIG_LEN],
 }
 
 impl BlkConfig {
-    /// The description of a disk of `size` bytes.
-    pub fn new(size: u64, read_only: bool) -> Self {
+    /// The description of a disk of `size` bytes with `num_queues` request queues.
+    pub fn new(size: u64, read_only: bool, num_queues: u16) -> Self {
         let capacity = size / SECTOR_SIZE;
         let mut config = BlkConfig {
             capacity,
             read_only,
+            num_queues,
             bytes: [0; CONFIG_LEN],
         };
         macro_rules! put {
@@ -63,7 +67,7 @@ impl BlkConfig {
         put!(blk_size, BLK_SIZE);
         put!(physical_block_exp, PHYSICAL_BLOCK_EXP);
         put!(min_io_size, 1u16 << PHYSICAL_BLOCK_EXP);
-        put!(num_queues, 1u16);
+        put!(num_queues, num_queues);
         put!(max_discard_sectors, MAX_DISCARD_SECTORS);
         put!(max_discard_seg, MAX_DISCARD_SEG);
         put!(discard_sector_alignment, BLK_SIZE / SECTOR_SIZE as u32);
@@ -77,9 +81,16 @@ impl BlkConfig {
         self.bytes[at..at + value.len()].copy_from_slice(value);
     }
 
-    /// The feature bits offered: RO for a read-only image, DISCARD and WRITE_ZEROES otherwise.
+    /// The feature bits offered: RO for a read-only image, DISCARD and WRITE_ZEROES otherwise;
+    /// MQ with more than one queue.
     pub fn features(&self) -> u64 {
-        let common = VIRTIO_F_VERSION_1_BIT
+        let mq = if self.num_queues > 1 {
+            bit(VIRTIO_BLK_F_MQ)
+        } else {
+            0
+        };
+        let common = mq
+            | VIRTIO_F_VERSION_1_BIT
             | VIRTIO_RING_F_EVENT_IDX_BIT
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
             | bit(VIRTIO_BLK_F_SEG_MAX)

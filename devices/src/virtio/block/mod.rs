@@ -1,5 +1,6 @@
-//! virtio-blk (block device, virtio 1.x section 5.2): one request queue served by an I/O worker
-//! thread against a [`DiskImage`] (raw or qcow2).
+//! virtio-blk (block device, virtio 1.x section 5.2): request queues (one per vCPU with
+//! VIRTIO_BLK_F_MQ, as QEMU gives them) served by one I/O worker thread against a
+//! [`DiskImage`] (raw or qcow2).
 //!
 //! - [`config`]: the feature bits offered and the device configuration space.
 //! - [`request`]: turning a descriptor chain (hostile guest input) into a checked [`Request`].
@@ -8,16 +9,20 @@
 //!
 //! # I/O
 //!
-//! The worker sleeps in epoll on the queue's notification eventfd, a kill eventfd and, with
-//! io_uring, the ring's completion eventfd. Each wakeup takes every available request (up to
-//! a bound, so a reset is noticed promptly). Reads and writes that the image can hand over as
-//! they are ([`DiskImage::passthrough`]: raw images, allocated data clusters of qcow2) go on
-//! an io_uring as `readv`/`writev` straight on guest memory, so up to the queue depth are in
-//! flight together, as with QEMU's `aio=io_uring`; they complete in any order (IN_ORDER is
-//! not offered), and each round of completions raises at most one interrupt, as EVENT_IDX
-//! allows. Every other request (flush, discard, write-zeroes, GET_ID, anything that changes
-//! qcow2 metadata) is served synchronously once everything submitted before it completed, so
-//! a flush makes durable every write the driver saw complete. Where io_uring is unavailable
+//! The worker sleeps in epoll on the queues' notification eventfds, a kill eventfd and, with
+//! io_uring, the ring's completion eventfd. Each wakeup takes every available request of the
+//! queues notified (up to a bound, so a reset is noticed promptly). With several queues the
+//! guest submits from each vCPU on a queue of its own and takes that queue's completion
+//! interrupt (its own MSI-X vector) on the same vCPU.
+//!
+//! Reads and writes that the image can hand over as they are ([`DiskImage::passthrough`]: raw
+//! images, allocated data clusters of qcow2) go on an io_uring as `readv`/`writev` straight on
+//! guest memory, so up to the queue depth are in flight together, as with QEMU's
+//! `aio=io_uring`; they complete in any order (IN_ORDER is not offered), and each round of
+//! completions raises at most one interrupt per queue, as EVENT_IDX allows. Every other
+//! request (flush, discard, write-zeroes, GET_ID, anything that changes qcow2 metadata) is
+//! served synchronously once everything submitted before it, on any queue, completed, so a
+//! flush makes durable every write the driver saw complete. Where io_uring is unavailable
 //! (or turned off, [`VirtioBlk::set_io_uring`]) every request is served synchronously, with
 //! one interrupt per batch.
 //!
@@ -46,7 +51,6 @@ mod worker;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,7 +59,6 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker_thread::WorkerThread;
@@ -65,10 +68,13 @@ use crate::block::DiskImage;
 pub use config::{BlkConfig, BLK_QUEUE_SIZE, SECTOR_SIZE};
 pub use request::{Request, RequestType};
 
-use worker::{BlkWorker, TOKEN_KILL, TOKEN_NOTIFY};
+use worker::BlkWorker;
 
 /// Length of the GET_ID string (virtio 1.x section 5.2.6).
 pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// The most request queues a device offers.
+pub const MAX_QUEUES: u16 = 64;
 
 /// What the device has done, for metrics.
 #[derive(Debug, Default)]
@@ -134,6 +140,8 @@ impl BlkCounters {
 pub struct VirtioBlk {
     disk: Arc<Mutex<Box<dyn DiskImage>>>,
     config: BlkConfig,
+    /// One entry per request queue.
+    queue_sizes: Vec<u16>,
     id: [u8; ID_BYTES],
     acked_features: u64,
     counters: Arc<BlkCounters>,
@@ -143,10 +151,26 @@ pub struct VirtioBlk {
 }
 
 impl VirtioBlk {
-    /// A device serving `disk`. `serial` is the GET_ID string (at most [`ID_BYTES`] bytes);
-    /// without one, the ID is derived from the identity (device and inode) of the image file,
-    /// so it stays the same across runs.
+    /// A device serving `disk` on one request queue. `serial` is the GET_ID string (at most
+    /// [`ID_BYTES`] bytes); without one, the ID is derived from the identity (device and
+    /// inode) of the image file, so it stays the same across runs.
     pub fn new(disk: Box<dyn DiskImage>, serial: Option<String>) -> Result<VirtioBlk, VirtioError> {
+        Self::with_queues(disk, serial, 1)
+    }
+
+    /// A device with `num_queues` request queues (1 to [`MAX_QUEUES`]; more than one offers
+    /// VIRTIO_BLK_F_MQ).
+    pub fn with_queues(
+        disk: Box<dyn DiskImage>,
+        serial: Option<String>,
+        num_queues: u16,
+    ) -> Result<VirtioBlk, VirtioError> {
+        if !(1..=MAX_QUEUES).contains(&num_queues) {
+            return Err(VirtioError::BlkQueues {
+                num_queues,
+                max: MAX_QUEUES,
+            });
+        }
         let id = match serial {
             Some(serial) => {
                 if serial.len() > ID_BYTES {
@@ -161,7 +185,8 @@ impl VirtioBlk {
             None => default_id(disk.path()),
         };
         Ok(VirtioBlk {
-            config: BlkConfig::new(disk.size(), disk.is_read_only()),
+            config: BlkConfig::new(disk.size(), disk.is_read_only(), num_queues),
+            queue_sizes: vec![BLK_QUEUE_SIZE; usize::from(num_queues)],
             disk: Arc::new(Mutex::new(disk)),
             id,
             acked_features: 0,
@@ -228,7 +253,7 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[BLK_QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
@@ -262,40 +287,27 @@ impl VirtioDevice for VirtioBlk {
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), VirtioError> {
         self.worker = None;
+        // The driver may use fewer queues than offered (Linux: at most one per vCPU).
         let got = queues.len();
-        let Some(queue) = queues.into_iter().next().filter(|_| got == 1) else {
+        if got == 0 || got > self.queue_sizes.len() {
             return Err(VirtioError::QueueCount {
                 device: "virtio-blk",
-                expected: 1,
+                expected: self.queue_sizes.len(),
                 got,
             });
-        };
+        }
         let io = |what| move |source| VirtioError::Io { what, source };
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio-blk kill eventfd"))?;
-        let epoll = Epoll::new().map_err(io("virtio-blk epoll"))?;
-        for (fd, token) in [
-            (queue.notify.as_raw_fd(), TOKEN_NOTIFY),
-            (kill.as_raw_fd(), TOKEN_KILL),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(io("virtio-blk epoll registration"))?;
-        }
         let worker = BlkWorker::new(
             mem,
             interrupt,
-            queue,
+            queues,
             kill.try_clone().map_err(io("virtio-blk kill eventfd"))?,
-            epoll,
             self.disk.clone(),
             self.config.execution(self.acked_features, self.id),
             self.counters.clone(),
             self.io_uring,
-        );
+        )?;
         self.worker = Some(WorkerThread::spawn("virtio-blk", kill, worker)?);
         Ok(())
     }

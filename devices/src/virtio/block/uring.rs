@@ -19,6 +19,8 @@ use super::request::Request;
 
 /// One request the kernel is working on.
 pub(super) struct InFlight {
+    /// Which of the worker's queues the request came from.
+    pub(super) queue: usize,
     pub(super) head: u16,
     pub(super) req: Request,
     /// Where in the file.
@@ -35,6 +37,8 @@ pub(super) struct IoRing {
     event: EventFd,
     /// Indexed by the `user_data` of the operation; `None` is a free slot.
     slots: Vec<Option<InFlight>>,
+    /// The free slots.
+    free: Vec<usize>,
     in_flight: usize,
 }
 
@@ -55,6 +59,7 @@ impl IoRing {
             ring,
             event,
             slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth).rev().collect(),
             in_flight: 0,
         })
     }
@@ -77,7 +82,7 @@ impl IoRing {
 
     /// Whether another request can be submitted.
     pub(super) fn has_room(&self) -> bool {
-        self.in_flight < self.slots.len()
+        !self.free.is_empty()
     }
 
     /// Queues a `readv` (`write == false`) or `writev` of `iovecs` at `offset` of `fd`. The
@@ -85,16 +90,18 @@ impl IoRing {
     /// completion is reaped (the worker holds the memory), and that `fd` stays open as long
     /// (the image is locked by the worker until every request is reaped). Returns the request
     /// back if there is no room.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn push(
         &mut self,
         fd: RawFd,
         write: bool,
         iovecs: Vec<libc::iovec>,
+        queue: usize,
         head: u16,
         req: Request,
         offset: u64,
     ) -> Result<(), Request> {
-        let Some(slot) = self.slots.iter().position(Option::is_none) else {
+        let Some(&slot) = self.free.last() else {
             return Err(req);
         };
         let Ok(count) = u32::try_from(iovecs.len()) else {
@@ -121,7 +128,9 @@ impl IoRing {
         if pushed.is_err() {
             return Err(req);
         }
+        self.free.pop();
         self.slots[slot] = Some(InFlight {
+            queue,
             head,
             req,
             offset,
@@ -145,6 +154,7 @@ impl IoRing {
         for cqe in self.ring.completion() {
             let slot = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
             if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
+                self.free.push(slot);
                 self.in_flight -= 1;
                 done.push((op, cqe.result()));
             }

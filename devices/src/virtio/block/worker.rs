@@ -1,7 +1,13 @@
-//! The I/O thread of a virtio-blk device: drains the request queue, executes each request
+//! The I/O thread of a virtio-blk device: drains the request queues, executes each request
 //! against the disk image (synchronously, or several at once on an io_uring, see `uring`) and
 //! completes it.
+//!
+//! One thread serves all of a device's queues with one ring: a request that must run alone
+//! (a flush, anything that changes qcow2 metadata) waits for every request in flight, on any
+//! queue, as it would with a single queue. Completions are put in their own queue's used ring,
+//! and each queue's driver is interrupted at most once per wakeup, on that queue's vector.
 
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -20,16 +26,21 @@ use super::{BlkCounters, ID_BYTES};
 use crate::block::{BlockError, DiskImage};
 use crate::virtio::drain::{drain_queue, ChainServer};
 use crate::virtio::worker_thread::DeviceWorker;
-use crate::virtio::{lock_queue, ActivatedQueue, VirtioInterrupt};
+use crate::virtio::{lock_queue, ActivatedQueue, VirtioError, VirtioInterrupt};
 
-pub(super) const TOKEN_NOTIFY: u64 = 0;
-pub(super) const TOKEN_KILL: u64 = 1;
+const TOKEN_KILL: u64 = 0;
 /// The io_uring completion eventfd.
-const TOKEN_RING: u64 = 2;
+const TOKEN_RING: u64 = 1;
+/// Queue `i` of the worker's list notifies with token `TOKEN_QUEUE + i`.
+const TOKEN_QUEUE: u64 = 2;
 
-/// Requests handled per wakeup before the worker yields (and re-arms itself), so a reset is
-/// noticed promptly whatever the driver queues.
+/// Requests handled per queue and wakeup before the worker yields (and re-arms itself), so a
+/// reset is noticed promptly whatever the driver queues.
 pub(super) const MAX_REQUESTS_PER_WAKEUP: usize = 256;
+
+/// The most requests in flight on the ring: a full queue's worth per queue, up to this. More
+/// go through the synchronous path.
+const MAX_RING_DEPTH: u32 = 4096;
 
 /// Most guest buffers one request may put on the ring (Linux's `IOV_MAX`); more go through
 /// the synchronous path, which splits them.
@@ -58,40 +69,69 @@ impl Completion {
     }
 }
 
-pub(super) struct BlkWorker {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn VirtioInterrupt>,
+/// A request the ring finished, its status written, waiting to go into its queue's used ring.
+struct Done {
+    queue: usize,
+    head: u16,
+    used_len: u32,
+}
+
+/// One of the device's queues, as the worker serves it.
+struct WorkerQueue {
+    /// The queue's index in the device (its interrupt vector follows from it).
     index: u16,
     queue: Arc<Mutex<Queue>>,
     notify: EventFd,
+    /// The driver corrupted the ring; nothing more is served from it until a reset.
+    broken: bool,
+    /// Chains put in the used ring since the driver was last considered for an interrupt.
+    used: usize,
+}
+
+pub(super) struct BlkWorker {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queues: Vec<WorkerQueue>,
     kill: EventFd,
     epoll: Epoll,
     disk: Arc<Mutex<Box<dyn DiskImage>>>,
     exec: Execution,
     counters: Arc<BlkCounters>,
-    /// The driver corrupted the ring; nothing more is served until a reset.
-    broken: bool,
     /// Reads and writes in flight together; `None` serves every request synchronously.
     ring: Option<IoRing>,
 }
 
 impl BlkWorker {
+    /// A worker for `queues` (the ones the driver enabled, at least one); `kill` ends its runs.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
-        queue: ActivatedQueue,
+        queues: Vec<ActivatedQueue>,
         kill: EventFd,
-        epoll: Epoll,
         disk: Arc<Mutex<Box<dyn DiskImage>>>,
         exec: Execution,
         counters: Arc<BlkCounters>,
         io_uring: bool,
-    ) -> Self {
+    ) -> Result<Self, VirtioError> {
+        let io = |what| move |source| VirtioError::Io { what, source };
+        let epoll = Epoll::new().map_err(io("virtio-blk epoll"))?;
+        let watch = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        watch(kill.as_raw_fd(), TOKEN_KILL).map_err(io("virtio-blk epoll registration"))?;
+        for (i, q) in queues.iter().enumerate() {
+            watch(q.notify.as_raw_fd(), TOKEN_QUEUE + i as u64)
+                .map_err(io("virtio-blk epoll registration"))?;
+        }
         let ring = if io_uring {
-            let ring = IoRing::new(u32::from(BLK_QUEUE_SIZE)).and_then(|ring| {
-                let event = EpollEvent::new(EventSet::IN, TOKEN_RING);
-                epoll.ctl(ControlOperation::Add, ring.event_fd(), event)?;
+            let depth = (u32::from(BLK_QUEUE_SIZE) * queues.len() as u32).min(MAX_RING_DEPTH);
+            let ring = IoRing::new(depth).and_then(|ring| {
+                watch(ring.event_fd(), TOKEN_RING)?;
                 Ok(ring)
             });
             match ring {
@@ -104,28 +144,38 @@ impl BlkWorker {
         } else {
             None
         };
-        BlkWorker {
+        let queues = queues
+            .into_iter()
+            .map(|q| WorkerQueue {
+                index: q.index,
+                queue: q.queue,
+                notify: q.notify,
+                broken: false,
+                used: 0,
+            })
+            .collect();
+        Ok(BlkWorker {
             mem,
             interrupt,
-            index: queue.index,
-            queue: queue.queue,
-            notify: queue.notify,
+            queues,
             kill,
             epoll,
             disk,
             exec,
             counters,
-            broken: false,
             ring,
-        }
+        })
     }
 }
 
 impl DeviceWorker for BlkWorker {
     fn run(mut self) -> Self {
         // Requests queued before activation, a snapshot or a resume are served right away.
-        self.process_queue();
-        let mut events = [EpollEvent::default(); 3];
+        for i in 0..self.queues.len() {
+            self.serve_queue(i);
+        }
+        self.interrupt_drivers();
+        let mut events = vec![EpollEvent::default(); TOKEN_QUEUE as usize + self.queues.len()];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -135,61 +185,120 @@ impl DeviceWorker for BlkWorker {
                     return self;
                 }
             };
-            if events[..n].iter().any(|e| e.data() == TOKEN_KILL) {
+            let events = &events[..n];
+            if events.iter().any(|e| e.data() == TOKEN_KILL) {
                 let _ = self.kill.read();
                 // Paused or reset: nothing may stay in flight.
                 self.finish_in_flight();
                 return self;
             }
-            if let Some(ring) = &self.ring {
-                ring.clear_event();
+            for e in events {
+                match e.data() {
+                    TOKEN_RING => self.complete_finished(),
+                    token => {
+                        let i = (token - TOKEN_QUEUE) as usize;
+                        // EAGAIN only means a concurrent read already consumed the count.
+                        let _ = self.queues[i].notify.read();
+                        self.serve_queue(i);
+                    }
+                }
             }
-            // EAGAIN only means a concurrent read already consumed the count.
-            let _ = self.notify.read();
-            self.process_queue();
+            self.interrupt_drivers();
         }
     }
 }
 
 impl BlkWorker {
-    /// Serves every available request (up to [`MAX_REQUESTS_PER_WAKEUP`]): synchronous ones at
-    /// once, the others put on the ring; completes what the ring finished and interrupts the
-    /// driver once for all of it, if it wants to be. Requests may stay in flight until the
-    /// ring's eventfd wakes the worker again (or a pause or reset drains them).
-    fn process_queue(&mut self) {
-        if self.broken {
-            self.finish_in_flight();
+    /// Serves every available request of queue `i` (up to [`MAX_REQUESTS_PER_WAKEUP`]):
+    /// synchronous ones at once, the others put on the ring; completes what the ring finished.
+    /// Requests may stay in flight until the ring's eventfd wakes the worker again (or a pause
+    /// or reset drains them).
+    fn serve_queue(&mut self, i: usize) {
+        if self.queues[i].broken {
             return;
         }
-        let queue = self.queue.clone();
+        let queue = self.queues[i].queue.clone();
         let mut q = lock_queue(&queue);
         let disk = self.disk.clone();
         let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
         let mut ring = self.ring.take();
         let mut server = Server {
             worker: self,
+            queue: i,
             disk: disk.as_mut(),
             ring: ring.as_mut(),
+            done: Vec::new(),
             used: 0,
         };
-        let mut pass = drain_queue(&mut q, &self.mem, MAX_REQUESTS_PER_WAKEUP, &mut server);
-        if let (Some(r), Some(_)) = (server.ring.as_deref_mut(), &pass.error) {
-            // The queue is broken: the kernel must be done with guest memory all the same.
-            let _ = self.drain(r, &mut q, server.disk, &mut server.used);
-        }
-        let used = server.used;
+        let pass = drain_queue(&mut q, &self.mem, MAX_REQUESTS_PER_WAKEUP, &mut server);
+        let (done, used) = (server.done, server.used);
         self.ring = ring;
         drop(disk);
+        drop(q);
+        let wq = &mut self.queues[i];
+        wq.used += used;
         if pass.more {
-            let _ = self.notify.write(1);
+            let _ = wq.notify.write(1);
         }
-        if let Some(e) = pass.error.take() {
-            tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", self.index);
-            self.broken = true;
+        if let Some(e) = pass.error {
+            tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", wq.index);
+            wq.broken = true;
         }
-        if used > 0 && q.needs_notification(&self.mem).unwrap_or(true) {
-            drop(q);
-            self.interrupt.signal_used_queue(self.index);
+        self.publish(done);
+    }
+
+    /// Completes what the ring finished, without waiting.
+    fn complete_finished(&mut self) {
+        let Some(ring) = &mut self.ring else {
+            return;
+        };
+        ring.clear_event();
+        let finished = ring.completed();
+        if finished.is_empty() {
+            return;
+        }
+        let disk = self.disk.clone();
+        let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+        let mut done = Vec::new();
+        self.complete(finished, disk.as_mut(), &mut done);
+        drop(disk);
+        self.publish(done);
+    }
+
+    /// Puts finished requests in their queues' used rings.
+    fn publish(&mut self, done: Vec<Done>) {
+        if done.is_empty() {
+            return;
+        }
+        for (i, wq) in self.queues.iter_mut().enumerate() {
+            let mut mine = done.iter().filter(|d| d.queue == i).peekable();
+            if wq.broken || mine.peek().is_none() {
+                continue;
+            }
+            let mut q = lock_queue(&wq.queue);
+            for d in mine {
+                if let Err(e) = q.add_used(&self.mem, d.head, d.used_len) {
+                    tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", wq.index);
+                    wq.broken = true;
+                    break;
+                }
+                wq.used += 1;
+            }
+        }
+    }
+
+    /// Interrupts the driver of each queue that got used buffers, if it wants to be.
+    fn interrupt_drivers(&mut self) {
+        for wq in &mut self.queues {
+            if std::mem::take(&mut wq.used) == 0 {
+                continue;
+            }
+            let wants = lock_queue(&wq.queue)
+                .needs_notification(&self.mem)
+                .unwrap_or(true);
+            if wants {
+                self.interrupt.signal_used_queue(wq.index);
+            }
         }
     }
 
@@ -198,6 +307,7 @@ impl BlkWorker {
     fn submit(
         &self,
         ring: &mut IoRing,
+        queue: usize,
         head: u16,
         req: Request,
         disk: &mut dyn DiskImage,
@@ -233,73 +343,52 @@ impl BlkWorker {
                 iov_len: s.len(),
             })
             .collect();
-        ring.push(fd, write, iovecs, head, req, file_offset)
+        ring.push(fd, write, iovecs, queue, head, req, file_offset)
     }
 
-    /// Waits for every request in flight, completes them and interrupts the driver if it
-    /// wants to be: the worker then has nothing in flight.
+    /// Waits for every request in flight, completes them and interrupts the drivers that want
+    /// it: the worker then has nothing in flight.
     fn finish_in_flight(&mut self) {
         let Some(mut ring) = self.ring.take() else {
             return;
         };
         if ring.in_flight() > 0 {
-            let queue = self.queue.clone();
-            let mut q = lock_queue(&queue);
             let disk = self.disk.clone();
             let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
-            let mut used = 0;
-            if let Err(e) = self.drain(&mut ring, &mut q, disk.as_mut(), &mut used) {
-                tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", self.index);
-                self.broken = true;
-            }
+            let mut done = Vec::new();
+            self.drain(&mut ring, disk.as_mut(), &mut done);
             drop(disk);
-            if used > 0 && q.needs_notification(&self.mem).unwrap_or(true) {
-                drop(q);
-                self.interrupt.signal_used_queue(self.index);
-            }
+            self.publish(done);
+            self.interrupt_drivers();
         }
         self.ring = Some(ring);
     }
 
-    /// Waits for every request in flight and completes each in the used ring.
-    fn drain(
-        &self,
-        ring: &mut IoRing,
-        q: &mut Queue,
-        disk: &mut dyn DiskImage,
-        used: &mut usize,
-    ) -> Result<(), virtio_queue::Error> {
-        let mut result = Ok(());
+    /// Waits for every request in flight and completes each (its status written; its used
+    /// ring entry added to `done`).
+    fn drain(&self, ring: &mut IoRing, disk: &mut dyn DiskImage, done: &mut Vec<Done>) {
         while ring.in_flight() > 0 {
-            let done = ring.reap();
-            let step = self.complete(done, q, disk, used);
-            if result.is_ok() {
-                result = step;
-            }
+            let finished = ring.reap();
+            self.complete(finished, disk, done);
         }
-        result
     }
 
-    /// Completes requests the ring finished in the used ring. Every status is written even
-    /// when the used ring cannot be updated (the first such error is returned).
+    /// Completes requests the ring finished: writes each status and adds its used ring entry
+    /// to `done`.
     fn complete(
         &self,
-        done: Vec<(InFlight, i32)>,
-        q: &mut Queue,
+        finished: Vec<(InFlight, i32)>,
         disk: &mut dyn DiskImage,
-        used: &mut usize,
-    ) -> Result<(), virtio_queue::Error> {
-        let mut error = None;
-        for (op, result) in done {
+        done: &mut Vec<Done>,
+    ) {
+        for (op, result) in finished {
             let used_len = self.complete_async(op.req, op.offset, result, disk);
-            if error.is_none() {
-                match q.add_used(&self.mem, op.head, used_len) {
-                    Ok(()) => *used += 1,
-                    Err(e) => error = Some(e),
-                }
-            }
+            done.push(Done {
+                queue: op.queue,
+                head: op.head,
+                used_len,
+            });
         }
-        error.map_or(Ok(()), Err)
     }
 
     /// Completes a request the ring finished with `result` (bytes or a negative errno); a
@@ -559,13 +648,17 @@ impl BlkWorker {
     }
 }
 
-/// Serves one wakeup's requests for [`BlkWorker::process_queue`]: reads and writes the image
-/// takes as they are go on the ring, the rest are executed at once.
+/// Serves one wakeup's requests of one queue for [`BlkWorker::serve_queue`]: reads and writes
+/// the image takes as they are go on the ring, the rest are executed at once.
 struct Server<'a> {
     worker: &'a BlkWorker,
+    /// The queue served, in the worker's list.
+    queue: usize,
     disk: &'a mut dyn DiskImage,
     ring: Option<&'a mut IoRing>,
-    /// Requests completed in the used ring.
+    /// Requests the ring finished (of any queue), for [`BlkWorker::publish`].
+    done: Vec<Done>,
+    /// Requests of this queue completed in its used ring.
     used: usize,
 }
 
@@ -579,15 +672,15 @@ impl ChainServer for Server<'_> {
         let worker = self.worker;
         let parsed = request::parse(chain, &worker.mem);
         let parsed = match (self.ring.as_deref_mut(), parsed) {
-            (Some(r), Ok(req)) => match worker.submit(r, head, req, self.disk) {
+            (Some(r), Ok(req)) => match worker.submit(r, self.queue, head, req, self.disk) {
                 Ok(()) => return Ok(()),
                 Err(req) => Ok(req),
             },
             (_, parsed) => parsed,
         };
-        // Synchronous: after everything submitted before it has completed.
+        // Synchronous: after everything submitted before it, on any queue, has completed.
         if let Some(r) = self.ring.as_deref_mut() {
-            worker.drain(r, q, self.disk, &mut self.used)?;
+            worker.drain(r, self.disk, &mut self.done);
         }
         let used_len = worker.finish(parsed, self.disk);
         q.add_used(&worker.mem, head, used_len)?;
@@ -599,13 +692,13 @@ impl ChainServer for Server<'_> {
         BlkCounters::add(&self.worker.counters.errors, 1);
     }
 
-    fn end_batch(&mut self, q: &mut Queue) -> Result<(), virtio_queue::Error> {
+    fn end_batch(&mut self, _q: &mut Queue) -> Result<(), virtio_queue::Error> {
         if let Some(r) = self.ring.as_deref_mut() {
             // The batch goes to the kernel; what already finished is completed now, the rest
             // when the ring's eventfd wakes the worker.
             r.submit();
-            let done = r.completed();
-            self.worker.complete(done, q, self.disk, &mut self.used)?;
+            let finished = r.completed();
+            self.worker.complete(finished, self.disk, &mut self.done);
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 mod hostile;
 mod inflight;
+mod multiqueue;
 mod pause;
 
 use std::path::{Path, PathBuf};
