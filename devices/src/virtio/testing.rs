@@ -1,6 +1,7 @@
 //! Test helpers: a split virtqueue laid out by hand in guest memory, as a driver would, and a
 //! recording interrupt.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -143,16 +144,20 @@ impl TestRing {
 pub struct CountingInterrupt {
     pub used: AtomicU64,
     pub config: AtomicU64,
-    /// `signal_used_queue` calls by queue index.
-    pub by_queue: Mutex<std::collections::BTreeMap<u16, u64>>,
-    lock: Mutex<()>,
+    /// `signal_used_queue` calls by queue index; its lock is also the one `cond` waits with.
+    by_queue: Mutex<BTreeMap<u16, u64>>,
     cond: Condvar,
 }
 
 impl CountingInterrupt {
+    /// `signal_used_queue` calls so far, by queue index.
+    pub fn by_queue(&self) -> BTreeMap<u16, u64> {
+        self.by_queue.lock().unwrap().clone()
+    }
+
     pub fn wait_used(&self, count: u64) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut guard = self.lock.lock().unwrap();
+        let mut guard = self.by_queue.lock().unwrap();
         while self.used.load(Ordering::SeqCst) < count {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -166,13 +171,8 @@ impl CountingInterrupt {
 
 impl VirtioInterrupt for CountingInterrupt {
     fn signal_used_queue(&self, queue_index: u16) {
-        *self
-            .by_queue
-            .lock()
-            .unwrap()
-            .entry(queue_index)
-            .or_default() += 1;
-        let _g = self.lock.lock().unwrap();
+        let mut by_queue = self.by_queue.lock().unwrap();
+        *by_queue.entry(queue_index).or_default() += 1;
         self.used.fetch_add(1, Ordering::SeqCst);
         self.cond.notify_all();
     }

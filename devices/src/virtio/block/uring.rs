@@ -27,7 +27,27 @@ pub(super) struct InFlight {
     pub(super) offset: u64,
     /// The guest buffers, read or written by the kernel until the completion arrives; kept
     /// here so the array outlives the operation.
-    _iovecs: Vec<libc::iovec>,
+    iovecs: Vec<libc::iovec>,
+}
+
+impl InFlight {
+    /// A read or write of `iovecs` at `offset` in the file, for request `req` (chain `head`
+    /// of worker queue `queue`).
+    pub(super) fn new(
+        queue: usize,
+        head: u16,
+        req: Request,
+        offset: u64,
+        iovecs: Vec<libc::iovec>,
+    ) -> Self {
+        InFlight {
+            queue,
+            head,
+            req,
+            offset,
+            iovecs,
+        }
+    }
 }
 
 /// An `io_uring` and the requests submitted on it.
@@ -37,9 +57,8 @@ pub(super) struct IoRing {
     event: EventFd,
     /// Indexed by the `user_data` of the operation; `None` is a free slot.
     slots: Vec<Option<InFlight>>,
-    /// The free slots.
+    /// The free slots; the others hold a request in flight.
     free: Vec<usize>,
-    in_flight: usize,
 }
 
 // SAFETY: the raw pointers in `InFlight::iovecs` point into guest memory, which is shared with
@@ -60,7 +79,6 @@ impl IoRing {
             event,
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
-            in_flight: 0,
         })
     }
 
@@ -77,7 +95,7 @@ impl IoRing {
 
     /// Requests in flight.
     pub(super) fn in_flight(&self) -> usize {
-        self.in_flight
+        self.slots.len() - self.free.len()
     }
 
     /// Whether another request can be submitted.
@@ -85,35 +103,26 @@ impl IoRing {
         !self.free.is_empty()
     }
 
-    /// Queues a `readv` (`write == false`) or `writev` of `iovecs` at `offset` of `fd`. The
-    /// caller guarantees that the iovecs describe guest memory that stays mapped until the
-    /// completion is reaped (the worker holds the memory), and that `fd` stays open as long
-    /// (the image is locked by the worker until every request is reaped). Returns the request
-    /// back if there is no room.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn push(
-        &mut self,
-        fd: RawFd,
-        write: bool,
-        iovecs: Vec<libc::iovec>,
-        queue: usize,
-        head: u16,
-        req: Request,
-        offset: u64,
-    ) -> Result<(), Request> {
+    /// Queues `op` as a `readv` (`write == false`) or `writev` of its iovecs at its offset of
+    /// `fd`. The caller guarantees that the iovecs describe guest memory that stays mapped
+    /// until the completion is reaped (the worker holds the memory), and that `fd` stays open
+    /// as long (the image is locked by the worker until every request is reaped). Returns the
+    /// request back if there is no room.
+    pub(super) fn push(&mut self, fd: RawFd, write: bool, op: InFlight) -> Result<(), Request> {
         let Some(&slot) = self.free.last() else {
-            return Err(req);
+            return Err(op.req);
         };
-        let Ok(count) = u32::try_from(iovecs.len()) else {
-            return Err(req);
+        let Ok(count) = u32::try_from(op.iovecs.len()) else {
+            return Err(op.req);
         };
+        let iovecs = op.iovecs.as_ptr();
         let entry = if write {
-            opcode::Writev::new(types::Fd(fd), iovecs.as_ptr(), count)
-                .offset(offset)
+            opcode::Writev::new(types::Fd(fd), iovecs, count)
+                .offset(op.offset)
                 .build()
         } else {
-            opcode::Readv::new(types::Fd(fd), iovecs.as_ptr(), count)
-                .offset(offset)
+            opcode::Readv::new(types::Fd(fd), iovecs, count)
+                .offset(op.offset)
                 .build()
         }
         .user_data(slot as u64);
@@ -121,22 +130,15 @@ impl IoRing {
             // Hand what is queued to the kernel, which frees the submission queue.
             let _ = self.ring.submit();
         }
-        // SAFETY: the entry points to `iovecs`, whose heap array is moved (not copied) into
-        // the slot below and stays there until the completion for `slot` is reaped; the
-        // guest memory and the file descriptor outlive the operation (see above).
+        // SAFETY: the entry points to `op.iovecs`, whose heap array is moved (not copied) with
+        // `op` into the slot below and stays there until the completion for `slot` is reaped;
+        // the guest memory and the file descriptor outlive the operation (see above).
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
-            return Err(req);
+            return Err(op.req);
         }
         self.free.pop();
-        self.slots[slot] = Some(InFlight {
-            queue,
-            head,
-            req,
-            offset,
-            _iovecs: iovecs,
-        });
-        self.in_flight += 1;
+        self.slots[slot] = Some(op);
         Ok(())
     }
 
@@ -155,7 +157,6 @@ impl IoRing {
             let slot = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
             if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
                 self.free.push(slot);
-                self.in_flight -= 1;
                 done.push((op, cqe.result()));
             }
         }
@@ -167,7 +168,7 @@ impl IoRing {
     pub(super) fn reap(&mut self) -> Vec<(InFlight, i32)> {
         loop {
             let done = self.completed();
-            if !done.is_empty() || self.in_flight == 0 {
+            if !done.is_empty() || self.in_flight() == 0 {
                 return done;
             }
             if let Err(e) = self.ring.submit_and_wait(1) {

@@ -343,7 +343,11 @@ impl BlkWorker {
                 iov_len: s.len(),
             })
             .collect();
-        ring.push(fd, write, iovecs, queue, head, req, file_offset)
+        ring.push(
+            fd,
+            write,
+            InFlight::new(queue, head, req, file_offset, iovecs),
+        )
     }
 
     /// Waits for every request in flight, completes them and interrupts the drivers that want

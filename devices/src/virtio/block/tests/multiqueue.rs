@@ -181,7 +181,7 @@ fn every_queue_is_served_into_its_own_used_ring_and_interrupt() {
                 assert_eq!(r.read(buf, 512), p[at..at + 512]);
             }
         }
-        let by_queue = r.irq.by_queue.lock().unwrap().clone();
+        let by_queue = r.irq.by_queue();
         assert_eq!(
             by_queue.keys().copied().collect::<Vec<_>>(),
             [0, 1, 2],
