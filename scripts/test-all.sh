@@ -5,8 +5,12 @@ set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
 pv_rust
-# qemu-img and qemu-io check the disk-image code against QEMU's own tools.
+# qemu-img and qemu-io check the disk-image code against QEMU's own tools; the test host
+# (no hardware KVM) runs on QEMU and virtiofsd, set up here once rather than in the first
+# end-to-end scenario's time.
+pv_qemu
 pv_need qemu-img:qemu-utils qemu-io:qemu-utils
+pv_hw_kvm || pv_say "test host virtiofsd: $(pv_virtiofsd)"
 pv_say "cargo fmt --check"
 cargo fmt --all -- --check
 pv_say "cargo clippy -D warnings"

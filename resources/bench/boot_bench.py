@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from runrecord import RunRecord
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GUEST = os.path.join(ROOT, "target", "guest")
 READY = b"podvisor-guest ready:"
@@ -184,52 +186,6 @@ def thp_settings():
                     for knob in ("enabled", "shmem_enabled"))
 
 
-class State:
-    """Finished runs, kept in a JSON-lines file (first line: the arguments they belong to) so
-    that a benchmark cut short can be resumed. Without a path nothing is kept."""
-
-    def __init__(self, path, params):
-        self.path = path
-        self.done = {}
-        if not path:
-            return
-        params = json.loads(json.dumps(params))  # as it reads back from the file
-        lines = []
-        try:
-            with open(path) as f:
-                text = [line for line in f if line.strip()]
-            for i, line in enumerate(text):
-                try:
-                    lines.append(json.loads(line))
-                except ValueError:
-                    if i + 1 < len(text):
-                        raise
-                    # The last line of a test host that froze mid-write: that run is redone.
-                    with open(path, "w") as f:
-                        f.writelines(text[:-1])
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as e:
-            sys.exit(f"boot_bench: cannot read state file {path}: {e}")
-        if not lines:
-            with open(path, "w") as f:
-                f.write(json.dumps({"params": params}) + "\n")
-            return
-        if lines[0].get("params") != params:
-            sys.exit(f"boot_bench: state file {path} belongs to a run with other arguments; "
-                     "remove it or pass the same arguments")
-        for e in lines[1:]:
-            self.done[(e["round"], e["name"])] = e
-
-    def record(self, rnd, name, entry):
-        if not self.path:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"round": rnd, "name": name, **entry}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--podvisor", default=os.path.join(ROOT, "target", "release", "podvisor"))
@@ -262,8 +218,9 @@ def main():
     results = {name: [] for name in cfgs}
     failures = {name: 0 for name in cfgs}
     ready_by_round = {name: {} for name in cfgs}
-    state = State(args.state, {"configs": cfgs, "runs": args.runs, "memory": args.memory,
-                               "seed": args.seed, "timeout": args.timeout})
+    state = RunRecord("boot_bench", args.state, {"configs": cfgs, "runs": args.runs,
+                                                 "memory": args.memory, "seed": args.seed,
+                                                 "timeout": args.timeout})
 
     def account(rnd, name, entry, resumed):
         label = ("warm-up" if rnd == 0 else f"run {rnd}") + (" (resumed)" if resumed else "")

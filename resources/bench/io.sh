@@ -3,16 +3,27 @@
 # in one test-host session. Arguments are passed to io_bench.py (--runs, --runtime,
 # --net-secs, --only disk|net, --json, ...). The test host gets 6 GiB (PODVISOR_TESTHOST_MEM)
 # because the benchmark disks live on a 2.5 GiB RAM disk inside it.
+#
+# Every finished boot is kept in a run record (target/bench/io-*.jsonl). When the record has
+# not grown for PODVISOR_BENCH_STALL_S seconds (default 480; one boot is given at most 300 s,
+# and a new test host first spends ~1-2 min writing the benchmark disks), or the test host
+# dies, a new one carries on from the record, up to 7 times.
+# PODVISOR_BENCH_STATE=FILE resumes an earlier record (same arguments).
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/../../scripts/common.sh"
+source "$(dirname -- "${BASH_SOURCE[0]}")/resume.sh"
 
 pv_rust
-pv_need qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils python3:python3 \
-    mkfs.ext4:e2fsprogs ip:iproute2 iperf3:iperf3 insmod:kmod
+pv_qemu
+pv_need python3:python3 mkfs.ext4:e2fsprogs ip:iproute2 iperf3:iperf3 insmod:kmod
 cargo build --release --quiet
 resources/guest/build.sh
+mkdir -p target/bench
+state="${PODVISOR_BENCH_STATE:-target/bench/io-$(date +%Y%m%d-%H%M%S).jsonl}"
+pv_say "run record: $state"
+bench=(python3 resources/bench/io_bench.py --state "$state" "$@")
 if pv_hw_kvm; then
-    exec python3 resources/bench/io_bench.py "$@"
+    exec "${bench[@]}"
 fi
 export PODVISOR_TESTHOST_MEM="${PODVISOR_TESTHOST_MEM:-6G}"
-exec resources/testhost/run.sh python3 resources/bench/io_bench.py "$@"
+pv_bench_resumable io "$state" "${PODVISOR_BENCH_STALL_S:-480}" "${bench[@]}"

@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from runrecord import RunRecord
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GUEST = os.path.join(ROOT, "target", "guest")
 MNT = "/run/podvisor-iobench"
@@ -267,8 +269,10 @@ def main():
     ap.add_argument("--net-secs", type=int, default=10, help="iperf3 -t")
     ap.add_argument("--ramdisk-mib", type=int, default=2560)
     ap.add_argument("--only", choices=["disk", "net"], help="run only these boots")
-    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--timeout", type=float, default=300, help="seconds before a boot counts as failed")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--state", help="append each finished boot here and skip the boots it already "
+                    "holds (resume after a frozen test host; same arguments only)")
     args = ap.parse_args()
 
     if os.geteuid() != 0:
@@ -290,23 +294,35 @@ def main():
         raw_runs = []
         overlay = os.path.join(MNT, "overlay.qcow2")
         backing = os.path.join(GUEST, "root.qcow2")
+        state = RunRecord("io_bench", args.state, {
+            "configs": [name for name, *_ in cfgs], "runs": args.runs, "warmup": args.warmup,
+            "memory": args.memory, "cpus": args.cpus, "ramp": args.ramp, "runtime": args.runtime,
+            "net_secs": args.net_secs, "timeout": args.timeout, "qemu": qver})
         for rnd in range(args.warmup + args.runs):
             label = "warm-up" if rnd < args.warmup else f"run {rnd - args.warmup + 1}"
             for name, kind, fmt, mk in cfgs:
                 vmm = name.split()[0]
-                if os.path.exists(overlay):
-                    os.unlink(overlay)
-                sh("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, overlay)
-                cmd = mk(overlay)
-                try:
-                    text, secs = run_vm(cmd, args.timeout)
-                    res = parse_disk(text, fmt) if kind == "disk" else parse_net(text)
-                except RuntimeError as e:
+                entry = state.done.get((rnd, name))
+                resumed = entry is not None
+                if not resumed:
+                    if os.path.exists(overlay):
+                        os.unlink(overlay)
+                    sh("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, overlay)
+                    try:
+                        text, secs = run_vm(mk(overlay), args.timeout)
+                        entry = {"result": parse_disk(text, fmt) if kind == "disk" else parse_net(text),
+                                 "secs": round(secs, 1)}
+                    except RuntimeError as e:
+                        entry = {"failed": str(e)}
+                    state.record(rnd, name, entry)
+                shown_label = label + (" (resumed)" if resumed else "")
+                if "failed" in entry:
                     failures[name] += 1
-                    print(f"[{label}] {name}: FAILED: {e}", file=sys.stderr, flush=True)
+                    print(f"[{shown_label}] {name}: FAILED: {entry['failed']}", file=sys.stderr, flush=True)
                     continue
+                res = entry["result"]
                 shown = ", ".join(f"{k} {v:.0f}" for k, v in res.items())
-                print(f"[{label}] {name} ({secs:.0f} s): {shown}", file=sys.stderr, flush=True)
+                print(f"[{shown_label}] {name} ({entry['secs']:.0f} s): {shown}", file=sys.stderr, flush=True)
                 raw_runs.append({"round": label, "config": name, "results": res})
                 if rnd >= args.warmup:
                     for k, v in res.items():
@@ -324,16 +340,21 @@ def main():
         vals = results.get(fig, {}).get(vmm, [])
         return statistics.median(vals) if vals else float("nan")
 
-    print(f"\nI/O benchmark: medians of {args.runs} runs after {args.warmup} warm-up round(s); "
-          f"{args.cpus} vCPUs, {args.memory} MiB; {qver}, aio={aio}")
-    print(f"{'figure':34} {'unit':>7} {'podvisor':>10} {'QEMU':>10} {'ratio':>7}  runs (podvisor | QEMU)")
+    print(f"\nI/O benchmark: medians of the rounds each figure has ({args.runs} planned, after "
+          f"{args.warmup} warm-up round(s); 'lost' = failed boots); {args.cpus} vCPUs, "
+          f"{args.memory} MiB; {qver}, aio={aio}")
+    print(f"{'figure':34} {'unit':>7} {'podvisor':>10} {'QEMU':>10} {'ratio':>7}  "
+          "rounds/lost (podvisor | QEMU): values")
     for key, label, unit in FIGURES:
         if key not in results:
             continue
         p, q = med(key, "podvisor"), med(key, "qemu")
+        kind = "net" if key.startswith("net") else key.split()[0]
+        counts = " | ".join(f"{len(results[key].get(vmm, []))}/{failures.get(f'{vmm} {kind}', 0)}"
+                            for vmm in ("podvisor", "qemu"))
         runs = " ".join(f"{v:.0f}" for v in results[key].get("podvisor", [])) + " | " + \
             " ".join(f"{v:.0f}" for v in results[key].get("qemu", []))
-        print(f"{label:34} {unit:>7} {p:10.0f} {q:10.0f} {p / q:6.2f}x  {runs}")
+        print(f"{label:34} {unit:>7} {p:10.0f} {q:10.0f} {p / q:6.2f}x  {counts}: {runs}")
     print("failed boots: " + ", ".join(f"{n} {c}" for n, c in failures.items()))
     if args.json:
         with open(args.json, "w") as f:

@@ -26,7 +26,8 @@ done
 # Boot the guest under QEMU TCG (q35: microvm has no HPET/PM timer and its TSC
 # calibration against the PIT fails, hanging the boot, when the host is busy).
 check_guest() {
-    pv_need qemu-system-x86_64:qemu-system-x86 timeout:coreutils
+    pv_qemu
+    pv_need timeout:coreutils
     local k out start
     for k in bzImage vmlinux; do
         start=${EPOCHREALTIME/./}

@@ -50,6 +50,75 @@ pv_need() {
         || pv_die "apt-get install ${missing[*]} failed"
 }
 
+# The QEMU the test host runs on and every benchmark measures against: the newest Debian
+# offers (docs/testhost-stability.md says why). On Debian 12 it comes from bookworm-backports,
+# which pv_qemu adds to apt's sources when the installed QEMU is older or missing.
+PV_QEMU_MAJOR=10
+PV_BACKPORTS_LIST=/etc/apt/sources.list.d/podvisor-bookworm-backports.sources
+
+# pv_qemu_major -> prints the major version of qemu-system-x86_64, or nothing.
+pv_qemu_major() {
+    qemu-system-x86_64 --version 2>/dev/null | sed -n '1s/^QEMU emulator version \([0-9]*\)\..*/\1/p'
+}
+
+# pv_qemu - make qemu-system-x86_64 (and qemu-img) QEMU >= PV_QEMU_MAJOR where Debian has it.
+pv_qemu() {
+    local have codename=""
+    have="$(pv_qemu_major)"
+    if [[ -n "$have" ]] && ((have >= PV_QEMU_MAJOR)); then return 0; fi
+    codename="$(. /etc/os-release 2>/dev/null && printf '%s' "${VERSION_CODENAME:-}")"
+    if [[ "$codename" == bookworm ]]; then
+        [[ "$(id -u)" == 0 ]] || pv_die "QEMU $PV_QEMU_MAJOR from bookworm-backports is needed; run as root"
+        if ! apt-cache policy 2>/dev/null | grep -q ' bookworm-backports/main '; then
+            pv_say "adding Debian's bookworm-backports suite to apt's sources ($PV_BACKPORTS_LIST)"
+            printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+                'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' >"$PV_BACKPORTS_LIST"
+            PV_APT_UPDATED=0
+        fi
+        pv_apt_update
+        pv_say "installing QEMU $PV_QEMU_MAJOR from bookworm-backports (qemu-system-x86, qemu-utils)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null \
+            || pv_die "apt-get install -t bookworm-backports qemu-system-x86 qemu-utils failed"
+    else
+        pv_need qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils
+    fi
+    have="$(pv_qemu_major)"
+    [[ -n "$have" ]] || pv_die "qemu-system-x86_64 does not run"
+    if ((have < PV_QEMU_MAJOR)); then
+        pv_say "warning: QEMU $have here; the test host and the benchmarks are measured with QEMU $PV_QEMU_MAJOR"
+    fi
+}
+
+# The Rust virtiofsd, built from crates.io when the system has no virtiofsd (QEMU 8 and newer
+# no longer ship the C one; Debian 12 has no package for the Rust one).
+PV_VIRTIOFSD_VERSION=1.14.0
+
+# pv_virtiofsd -> prints the path of a virtiofsd: the system's Rust one, QEMU's C one, or ours.
+pv_virtiofsd() {
+    local f ours="$PV_ROOT/target/testhost/virtiofsd-$PV_VIRTIOFSD_VERSION/bin/virtiofsd"
+    for f in /usr/libexec/virtiofsd /usr/lib/qemu/virtiofsd "$ours"; do
+        if [[ -x "$f" ]]; then
+            printf '%s\n' "$f"
+            return 0
+        fi
+    done
+    command -v cargo >/dev/null 2>&1 || pv_die "no virtiofsd on this machine and no cargo to build one"
+    pv_need cc:build-essential pkg-config:pkg-config /usr/include/seccomp.h:libseccomp-dev \
+        /usr/include/cap-ng.h:libcap-ng-dev
+    pv_lock
+    if [[ ! -x "$ours" ]]; then
+        pv_say "building virtiofsd $PV_VIRTIOFSD_VERSION from crates.io (once, ~3 min)"
+        # From /, so this repository's cargo configuration (its rustc wrapper) does not apply.
+        (cd / && CARGO_TARGET_DIR="$PV_ROOT/target/testhost/virtiofsd-build" cargo install --quiet \
+            --locked "virtiofsd@$PV_VIRTIOFSD_VERSION" --root "${ours%/bin/virtiofsd}" >&2) \
+            || pv_die "cargo install virtiofsd@$PV_VIRTIOFSD_VERSION failed"
+        rm -rf "$PV_ROOT/target/testhost/virtiofsd-build"
+    fi
+    flock -u "$PV_LOCK_FD"
+    printf '%s\n' "$ours"
+}
+
 # Keep a lock on the shared cache while building (several test hosts may start at once).
 pv_lock() {
     mkdir -p "$PV_CACHE"
@@ -174,8 +243,9 @@ pv_extract_vmlinux() {
     local clen=$((len - 4)) want
     [[ "$magic" == 1f8b* ]] && clen=$len
     want="$(pv_u32 "$img" $((start + len - 4)))"
+    # (tail stops with "Broken pipe" once head has what it needs: expected, not shown.)
     # shellcheck disable=SC2086 # $dec is a command line
-    tail -c +$((start + 1)) "$img" | head -c "$clen" | $dec >"$out.tmp" 2>/dev/null || true
+    tail -c +$((start + 1)) "$img" 2>/dev/null | head -c "$clen" | $dec >"$out.tmp" 2>/dev/null || true
     [[ "$(head -c 4 "$out.tmp" | od -An -t x1 | tr -d ' \n')" == 7f454c46 ]] \
         || { rm -f "$out.tmp"; pv_die "decompressing $img (${dec%% *}) did not give an ELF file"; }
     local got

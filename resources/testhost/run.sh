@@ -7,7 +7,8 @@
 # Knobs: PODVISOR_TESTHOST_MEM (default 4G), PODVISOR_TESTHOST_CPUS (default 2),
 #        PODVISOR_TESTHOST_DEBUG=1 (show the L2 kernel log and virtiofsd log),
 #        PODVISOR_TESTHOST_CACHE=always|auto|none (virtiofs cache mode),
-#        PODVISOR_TESTHOST_APPEND="..." (extra L2 kernel command line).
+#        PODVISOR_TESTHOST_APPEND="..." (extra L2 kernel command line),
+#        PODVISOR_TESTHOST_QEMU=PATH, PODVISOR_TESTHOST_VIRTIOFSD=PATH (another emulator/virtiofsd).
 set -euo pipefail
 PV_DIE_RC=125
 
@@ -65,15 +66,18 @@ if ! up_to_date; then
     flock -u "$PV_LOCK_FD"
 fi
 
-pv_need qemu-system-x86_64:qemu-system-x86 setpriv:util-linux
-VIRTIOFSD=""
-for f in /usr/libexec/virtiofsd /usr/lib/qemu/virtiofsd; do
-    [[ -x "$f" ]] && VIRTIOFSD="$f" && break
-done
-if [[ -z "$VIRTIOFSD" ]]; then
-    pv_need /usr/lib/qemu/virtiofsd:qemu-system-common
-    VIRTIOFSD=/usr/lib/qemu/virtiofsd
+pv_need setpriv:util-linux
+# PODVISOR_TESTHOST_QEMU / _VIRTIOFSD: another emulator or virtiofsd (resources/testhost/soak.sh
+# compares them); by default the system's QEMU, installed at the version pv_qemu chooses.
+QEMU="${PODVISOR_TESTHOST_QEMU:-}"
+if [[ -z "$QEMU" ]]; then
+    pv_qemu
+    QEMU=qemu-system-x86_64
 fi
+QEMU="$(command -v -- "$QEMU")" || pv_die "PODVISOR_TESTHOST_QEMU: no such program"
+VIRTIOFSD="${PODVISOR_TESTHOST_VIRTIOFSD:-}"
+if [[ -z "$VIRTIOFSD" ]]; then VIRTIOFSD="$(pv_virtiofsd)"; fi
+[[ -x "$VIRTIOFSD" ]] || pv_die "virtiofsd $VIRTIOFSD is not an executable"
 
 # ---- per-run directory (shared with the test host through /) ----------------
 base="${TMPDIR:-/tmp}"
@@ -156,10 +160,10 @@ EOF
 
 # ---- virtiofsd + QEMU --------------------------------------------------------
 sock="$RUN/vfs.sock"
-if [[ "$VIRTIOFSD" == /usr/libexec/virtiofsd ]]; then # Rust virtiofsd
-    vfsd_args=(--socket-path="$sock" --shared-dir / --sandbox chroot --cache "$CACHE" --announce-submounts --log-level error)
-else # QEMU's C virtiofsd
+if [[ "$VIRTIOFSD" == */lib/qemu/virtiofsd ]]; then # QEMU's C virtiofsd (QEMU 7 and older)
     vfsd_args=(--socket-path="$sock" -o source=/ -o sandbox=chroot -o cache="$CACHE" -o announce_submounts -o log_level=err)
+else # the Rust virtiofsd
+    vfsd_args=(--socket-path="$sock" --shared-dir / --sandbox chroot --cache "$CACHE" --announce-submounts --log-level error)
 fi
 # --pdeathsig: virtiofsd and QEMU go away with this script even if it is SIGKILLed.
 setpriv --pdeathsig TERM "$VIRTIOFSD" "${vfsd_args[@]}" </dev/null >"$RUN/virtiofsd.log" 2>&1 &
@@ -183,8 +187,11 @@ if [[ "$DEBUG" == 1 ]]; then append+=" loglevel=7 podvisor.debug"; else append+=
 ((tty)) && append+=" podvisor.tty=1"
 append+=" ${PODVISOR_TESTHOST_APPEND:-}"
 qemu_args=()
+# Firmware beside the emulator (an unpacked .deb keeps it in ../share/qemu).
+fw="$(cd -- "$(dirname -- "$QEMU")/../share/qemu" 2>/dev/null && pwd -P)" || fw=/usr/share/qemu
+[[ "$fw" == /usr/share/qemu ]] || qemu_args+=(-L "$fw")
 # qboot instead of SeaBIOS: the firmware part of the boot drops from ~0.4 s to ~0.
-if [[ -f /usr/share/qemu/qboot.rom ]]; then qemu_args+=(-bios /usr/share/qemu/qboot.rom); fi
+if [[ -f "$fw/qboot.rom" ]]; then qemu_args+=(-bios "$fw/qboot.rom"); fi
 # shellcheck disable=SC2054 # commas are QEMU option syntax
 qemu_args+=(
     -M q35,memory-backend=mem
@@ -201,11 +208,11 @@ if ((tty)); then
     # Ctrl-C etc. go to the command; Ctrl-A x kills the test host.
     # shellcheck disable=SC2054
     qemu_args+=(-chardev stdio,id=con,mux=on,signal=off -mon chardev=con)
-    setpriv --pdeathsig TERM qemu-system-x86_64 "${qemu_args[@]}" <&0 &
+    setpriv --pdeathsig TERM "$QEMU" "${qemu_args[@]}" <&0 &
 else
     # shellcheck disable=SC2054
     qemu_args+=(-chardev stdio,id=con -monitor none)
-    setpriv --pdeathsig TERM qemu-system-x86_64 "${qemu_args[@]}" </dev/null &
+    setpriv --pdeathsig TERM "$QEMU" "${qemu_args[@]}" </dev/null &
 fi
 qemu_pid=$!
 qemu_rc=0
