@@ -10,7 +10,10 @@ pv_rust
 # end-to-end scenario's time.
 pv_qemu
 pv_need qemu-img:qemu-utils qemu-io:qemu-utils
-pv_hw_kvm || pv_say "test host virtiofsd: $(pv_virtiofsd)"
+if ! pv_hw_kvm; then
+    vfsd="$(pv_virtiofsd)"
+    pv_say "test host: $(qemu-system-x86_64 --version | head -n1), virtiofsd $vfsd"
+fi
 pv_say "cargo fmt --check"
 cargo fmt --all -- --check
 pv_say "cargo clippy -D warnings"

@@ -8,7 +8,8 @@
 #        PODVISOR_TESTHOST_DEBUG=1 (show the L2 kernel log and virtiofsd log),
 #        PODVISOR_TESTHOST_CACHE=always|auto|none (virtiofs cache mode),
 #        PODVISOR_TESTHOST_APPEND="..." (extra L2 kernel command line),
-#        PODVISOR_TESTHOST_QEMU=PATH, PODVISOR_TESTHOST_VIRTIOFSD=PATH (another emulator/virtiofsd).
+#        PODVISOR_TESTHOST_QEMU=PATH, PODVISOR_TESTHOST_VIRTIOFSD=PATH (another emulator/virtiofsd),
+#        PODVISOR_TESTHOST_ACCEL (default tcg,thread=multi), PODVISOR_TESTHOST_CPU (default max).
 set -euo pipefail
 PV_DIE_RC=125
 
@@ -33,6 +34,8 @@ MEM="${PODVISOR_TESTHOST_MEM:-4G}"
 CPUS="${PODVISOR_TESTHOST_CPUS:-2}"
 DEBUG="${PODVISOR_TESTHOST_DEBUG:-0}"
 CACHE="${PODVISOR_TESTHOST_CACHE:-always}"
+ACCEL="${PODVISOR_TESTHOST_ACCEL:-tcg,thread=multi}"
+CPU_MODEL="${PODVISOR_TESTHOST_CPU:-max}"
 [[ "$MEM" =~ ^[0-9]+[MG]?$ ]] || pv_die "PODVISOR_TESTHOST_MEM must look like 4G or 2048M, not '$MEM'"
 [[ "$MEM" =~ [MG]$ ]] || MEM+=M # QEMU's -m default unit; the memory backend's is bytes
 [[ "$CPUS" =~ ^[1-9][0-9]*$ ]] || pv_die "PODVISOR_TESTHOST_CPUS must be a positive number, not '$CPUS'"
@@ -195,7 +198,7 @@ if [[ -f "$fw/qboot.rom" ]]; then qemu_args+=(-bios "$fw/qboot.rom"); fi
 # shellcheck disable=SC2054 # commas are QEMU option syntax
 qemu_args+=(
     -M q35,memory-backend=mem
-    -accel tcg,thread=multi -cpu max -smp "$CPUS" -m "$MEM"
+    -accel "$ACCEL" -cpu "$CPU_MODEL" -smp "$CPUS" -m "$MEM"
     -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
     -nodefaults -no-user-config -display none -no-reboot
     -chardev "socket,id=vfs,path=$sock"
