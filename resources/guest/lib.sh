@@ -108,7 +108,7 @@ pv_virtiofsd() {
         /usr/include/cap-ng.h:libcap-ng-dev
     pv_lock
     if [[ ! -x "$ours" ]]; then
-        pv_say "building virtiofsd $PV_VIRTIOFSD_VERSION from crates.io (once, ~3 min)"
+        pv_say "building virtiofsd $PV_VIRTIOFSD_VERSION from crates.io (once, ~2 min)"
         # From /, so this repository's cargo configuration (its rustc wrapper) does not apply.
         (cd / && CARGO_TARGET_DIR="$PV_ROOT/target/testhost/virtiofsd-build" cargo install --quiet \
             --locked "virtiofsd@$PV_VIRTIOFSD_VERSION" --root "${ours%/bin/virtiofsd}" >&2) \
