@@ -189,7 +189,8 @@ def main():
 
     record = load_record(args.record)
     logs = os.path.splitext(args.record)[0] + ".logs"
-    os.makedirs(logs, exist_ok=True)
+    if not args.report:
+        os.makedirs(logs, exist_ok=True)
     done = {(r["candidate"], r["session"]) for r in record}
     for i in range(1, 0 if args.report else args.sessions + 1):
         for name, cenv in cands:
