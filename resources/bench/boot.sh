@@ -17,11 +17,4 @@ pv_qemu
 pv_need python3:python3
 cargo build --release --quiet
 resources/guest/build.sh
-mkdir -p target/bench
-state="${PODVISOR_BENCH_STATE:-target/bench/boot-$(date +%Y%m%d-%H%M%S).jsonl}"
-pv_say "run record: $state"
-bench=(python3 resources/bench/boot_bench.py --state "$state" "$@")
-if pv_hw_kvm; then
-    exec "${bench[@]}"
-fi
-pv_bench_resumable boot "$state" "${PODVISOR_BENCH_STALL_S:-180}" "${bench[@]}"
+pv_bench_run boot 180 resources/bench/boot_bench.py "$@"

@@ -18,12 +18,5 @@ pv_qemu
 pv_need python3:python3 mkfs.ext4:e2fsprogs ip:iproute2 iperf3:iperf3 insmod:kmod
 cargo build --release --quiet
 resources/guest/build.sh
-mkdir -p target/bench
-state="${PODVISOR_BENCH_STATE:-target/bench/io-$(date +%Y%m%d-%H%M%S).jsonl}"
-pv_say "run record: $state"
-bench=(python3 resources/bench/io_bench.py --state "$state" "$@")
-if pv_hw_kvm; then
-    exec "${bench[@]}"
-fi
 export PODVISOR_TESTHOST_MEM="${PODVISOR_TESTHOST_MEM:-6G}"
-pv_bench_resumable io "$state" "${PODVISOR_BENCH_STALL_S:-480}" "${bench[@]}"
+pv_bench_run io 480 resources/bench/io_bench.py "$@"

@@ -1,19 +1,29 @@
 # shellcheck shell=bash
-# Sourced by the benchmark scripts: run a benchmark in test hosts until it finishes, resuming
-# from its run record when a test host freezes or dies.
+# Sourced by the benchmark scripts: run a benchmark until it finishes, in test hosts that are
+# replaced, resuming from the benchmark's run record, when one freezes or dies.
 
-# pv_bench_resumable NAME STATE STALL_S CMD... - run CMD (a benchmark that appends every
-# finished run to STATE and skips those STATE already holds) inside a test host. When STATE
-# has not grown for STALL_S seconds the test host is taken as frozen and stopped; a frozen or
-# dead (exit 125) test host is replaced by a new one that carries on, up to 8 test hosts.
-# Exits with the benchmark's status.
-pv_bench_resumable() {
-    local name="$1" state="$2" stall="$3" tries=8 attempt started pid stalled last rc why
+# pv_bench_run NAME STALL_S SCRIPT ARGS... - run `python3 SCRIPT --state STATE ARGS...`, where
+# SCRIPT appends every finished run to its run record STATE and skips those STATE already
+# holds. STATE is $PODVISOR_BENCH_STATE or a new target/bench/NAME-DATE.jsonl. With hardware
+# KVM the benchmark runs here; otherwise inside a test host: when STATE has not grown for
+# STALL_S seconds ($PODVISOR_BENCH_STALL_S overrides) the test host is taken as frozen and
+# stopped; a frozen or dead (exit 125) test host is replaced by a new one that carries on, up
+# to 8 test hosts. Exits with the benchmark's status.
+pv_bench_run() {
+    local name="$1" stall="${PODVISOR_BENCH_STALL_S:-$2}" script="$3" tries=8
+    local state attempt started pid stalled last rc why
     shift 3
     [[ "$stall" =~ ^[1-9][0-9]*$ ]] || pv_die "PODVISOR_BENCH_STALL_S must be a number of seconds, not '$stall'"
+    mkdir -p target/bench
+    state="${PODVISOR_BENCH_STATE:-target/bench/$name-$(date +%Y%m%d-%H%M%S).jsonl}"
+    pv_say "run record: $state"
+    local bench=(python3 "$script" --state "$state" "$@")
+    if pv_hw_kvm; then
+        exec "${bench[@]}"
+    fi
     for attempt in $(seq "$tries"); do
         started=$(date +%s)
-        resources/testhost/run.sh "$@" &
+        resources/testhost/run.sh "${bench[@]}" &
         pid=$!
         stalled=0
         while kill -0 "$pid" 2>/dev/null; do
@@ -40,5 +50,5 @@ pv_bench_resumable() {
         fi
     done
     pv_die "the test host froze or failed $tries times; the runs so far are in $state;" \
-        "resume with: PODVISOR_BENCH_STATE=$state $0 (same arguments)"
+        "resume with: PODVISOR_BENCH_STATE=$state $0$(printf ' %q' "$@")"
 }

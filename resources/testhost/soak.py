@@ -71,7 +71,7 @@ def qemu_version(env):
         out = subprocess.run([qemu, "--version"], stdout=subprocess.PIPE, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "?"
-    m = re.search(r"version (\S+)", out)
+    m = re.search(r"QEMU emulator version (\S+)", out)
     return m.group(1) if m else "?"
 
 
@@ -192,6 +192,7 @@ def main():
     if not args.report:
         os.makedirs(logs, exist_ok=True)
     done = {(r["candidate"], r["session"]) for r in record}
+    versions = {name: qemu_version(cenv) for name, cenv in cands} if not args.report else {}
     for i in range(1, 0 if args.report else args.sessions + 1):
         for name, cenv in cands:
             if (name, i) in done:
@@ -202,7 +203,7 @@ def main():
             cmd = [RUN_SH, *WORKLOADS[args.workload]]
             print(f"soak: {name} session {i}/{args.sessions} ...", file=sys.stderr, flush=True)
             outcome, secs, rc, text = run_session(cmd, env, args.stall, log_path)
-            entry = {"candidate": name, "session": i, "env": cenv, "qemu": qemu_version(cenv),
+            entry = {"candidate": name, "session": i, "env": cenv, "qemu": versions[name],
                      "workload": args.workload, "outcome": outcome, "rc": rc, "secs": round(secs, 1),
                      "failed_boots": failed_boots(text), "ended": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "load": os.getloadavg()[0]}
