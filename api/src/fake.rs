@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use vmm::config::{VmConfig, VmState};
+use vmm::config::VmConfig;
+use vmm::lifecycle::VmState;
 
 use crate::lifecycle::next_state;
 use crate::types::{

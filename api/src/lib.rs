@@ -42,4 +42,4 @@ pub use types::{
     ApiError, ApiRequest, ApiResponse, ErrorBody, ErrorStatus, VmCounters, VmInfo, VmmBackend,
     VmmPingResponse,
 };
-pub use vmm::config::VmState;
+pub use vmm::lifecycle::VmState;

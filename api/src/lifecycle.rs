@@ -1,167 +1,94 @@
-//! The state rules of Cloud Hypervisor's API, stricter: an action in the wrong state is a 409
-//! with the reason. One pure function, so the real VMM and the fake apply the same rules.
+//! The API's requests against the VMM's lifecycle table ([`vmm::lifecycle`]): the fake VMM
+//! checks its requests here, so it refuses exactly what the real VMM refuses, in the same words.
 
-use vmm::config::VmState;
+use vmm::lifecycle::{self, Action, Refusal, VmState};
 
-use crate::types::{ApiError, ApiRequest};
+use crate::types::{ApiError, ApiRequest, ErrorStatus};
 
-/// The VM's state after `request` succeeds, given the state now (`None`: no VM created).
-/// `Ok(None)` means no VM afterwards (`vm.delete`); requests that change nothing return the
-/// current state. Errors: 404 for a VM action with no VM, 409 for the wrong state.
+/// The lifecycle action of a request (`None` for `vmm.*`, which any state allows).
+pub fn action(request: &ApiRequest) -> Option<Action> {
+    Some(match request {
+        ApiRequest::VmmPing | ApiRequest::VmmShutdown => return None,
+        ApiRequest::VmCreate(_) => Action::Create,
+        ApiRequest::VmBoot => Action::Boot,
+        ApiRequest::VmDelete => Action::Delete,
+        ApiRequest::VmInfo => Action::Info,
+        ApiRequest::VmCounters => Action::Counters,
+        ApiRequest::VmPause => Action::Pause,
+        ApiRequest::VmResume => Action::Resume,
+        ApiRequest::VmShutdown => Action::Shutdown,
+        ApiRequest::VmReboot => Action::Reboot,
+        ApiRequest::VmPowerButton => Action::PowerButton,
+    })
+}
+
+/// The VM's state after `request` succeeds, given the state now (`None`: no VM created);
+/// `Ok(None)`: no VM afterwards. Errors: 404 for a VM action with no VM, 409 for the wrong
+/// state, as [`vmm::lifecycle::next_state`] decides.
 pub fn next_state(
     request: &ApiRequest,
     current: Option<VmState>,
 ) -> Result<Option<VmState>, ApiError> {
-    use VmState::*;
-    let action = name(request);
-    let need = |state: Option<VmState>| {
-        state.ok_or_else(|| ApiError::not_found(format!("{action}: no VM has been created")))
-    };
-    let state = match request {
-        ApiRequest::VmmPing | ApiRequest::VmmShutdown => return Ok(current),
-        // Deleting nothing is not an error, as in Cloud Hypervisor.
-        ApiRequest::VmDelete => return Ok(None),
-        ApiRequest::VmCreate(_) => {
-            return match current {
-                None => Ok(Some(Created)),
-                Some(state) => Err(ApiError::new(
-                    crate::types::ErrorStatus::Conflict,
-                    format!("{action}: a VM already exists (it is {state}); delete it first"),
-                )),
-            }
-        }
-        _ => need(current)?,
-    };
-    let wrong = |needs: &str| Err(ApiError::wrong_state(action, state, needs));
-    match (request, state) {
-        (ApiRequest::VmInfo | ApiRequest::VmCounters, _) => Ok(Some(state)),
-        (ApiRequest::VmBoot, Created | Shutdown) => Ok(Some(Running)),
-        (ApiRequest::VmBoot, _) => wrong("Created or Shutdown"),
-        (ApiRequest::VmPause, Running) => Ok(Some(Paused)),
-        (ApiRequest::VmPause, _) => wrong("Running"),
-        (ApiRequest::VmResume, Paused) => Ok(Some(Running)),
-        (ApiRequest::VmResume, _) => wrong("Paused"),
-        (ApiRequest::VmShutdown, Running | Paused) => Ok(Some(Shutdown)),
-        (ApiRequest::VmShutdown, _) => wrong("Running or Paused"),
-        (ApiRequest::VmReboot, Running) => Ok(Some(Running)),
-        (ApiRequest::VmReboot, _) => wrong("Running"),
-        (ApiRequest::VmPowerButton, Running) => Ok(Some(Running)),
-        (ApiRequest::VmPowerButton, _) => wrong("Running"),
-        (
-            ApiRequest::VmmPing
-            | ApiRequest::VmmShutdown
-            | ApiRequest::VmDelete
-            | ApiRequest::VmCreate(_),
-            _,
-        ) => Ok(current),
+    match action(request) {
+        None => Ok(current),
+        Some(action) => lifecycle::next_state(action, current).map_err(ApiError::from),
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let status = match refusal {
+            Refusal::NoVm { .. } => ErrorStatus::NotFound,
+            Refusal::Exists { .. } | Refusal::WrongState { .. } => ErrorStatus::Conflict,
+        };
+        ApiError::new(status, refusal.to_string())
     }
 }
 
 /// The endpoint name of a request, e.g. `vm.pause`.
 pub fn name(request: &ApiRequest) -> &'static str {
-    match request {
-        ApiRequest::VmmPing => "vmm.ping",
-        ApiRequest::VmmShutdown => "vmm.shutdown",
-        ApiRequest::VmCreate(_) => "vm.create",
-        ApiRequest::VmBoot => "vm.boot",
-        ApiRequest::VmDelete => "vm.delete",
-        ApiRequest::VmInfo => "vm.info",
-        ApiRequest::VmCounters => "vm.counters",
-        ApiRequest::VmPause => "vm.pause",
-        ApiRequest::VmResume => "vm.resume",
-        ApiRequest::VmShutdown => "vm.shutdown",
-        ApiRequest::VmReboot => "vm.reboot",
-        ApiRequest::VmPowerButton => "vm.power-button",
+    match (request, action(request)) {
+        (_, Some(action)) => action.name(),
+        (ApiRequest::VmmShutdown, None) => "vmm.shutdown",
+        (_, None) => "vmm.ping",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::ErrorStatus;
-    use VmState::*;
+    use crate::routes::ROUTES;
 
-    type Outcome = Result<Option<VmState>, u16>;
-
-    fn code(r: Result<Option<VmState>, ApiError>) -> Outcome {
-        r.map_err(|e| e.status.code())
+    #[test]
+    fn every_vm_route_is_a_lifecycle_action_of_the_same_name() {
+        for route in ROUTES {
+            let request = crate::parse_request(
+                route.method,
+                &format!("{}{}", crate::API_PREFIX, route.endpoint),
+                br#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":268435456}}"#,
+            );
+            let request = request.unwrap_or_else(|e| panic!("{}: {e}", route.endpoint));
+            assert_eq!(name(&request), route.endpoint);
+            assert_eq!(
+                action(&request).is_some(),
+                route.endpoint.starts_with("vm.")
+            );
+        }
     }
 
     #[test]
-    fn rules() {
-        use ApiRequest as R;
-        let all = [
-            None,
-            Some(Created),
-            Some(Running),
-            Some(Paused),
-            Some(Shutdown),
-        ];
-        // (request, [outcome for each of `all`])
-        let table: [(R, [Outcome; 5]); 8] = [
-            (
-                R::VmBoot,
-                [
-                    Err(404),
-                    Ok(Some(Running)),
-                    Err(409),
-                    Err(409),
-                    Ok(Some(Running)),
-                ],
-            ),
-            (
-                R::VmPause,
-                [Err(404), Err(409), Ok(Some(Paused)), Err(409), Err(409)],
-            ),
-            (
-                R::VmResume,
-                [Err(404), Err(409), Err(409), Ok(Some(Running)), Err(409)],
-            ),
-            (
-                R::VmShutdown,
-                [
-                    Err(404),
-                    Err(409),
-                    Ok(Some(Shutdown)),
-                    Ok(Some(Shutdown)),
-                    Err(409),
-                ],
-            ),
-            (
-                R::VmReboot,
-                [Err(404), Err(409), Ok(Some(Running)), Err(409), Err(409)],
-            ),
-            (
-                R::VmPowerButton,
-                [Err(404), Err(409), Ok(Some(Running)), Err(409), Err(409)],
-            ),
-            (
-                R::VmInfo,
-                [
-                    Err(404),
-                    Ok(Some(Created)),
-                    Ok(Some(Running)),
-                    Ok(Some(Paused)),
-                    Ok(Some(Shutdown)),
-                ],
-            ),
-            (
-                R::VmDelete,
-                [Ok(None), Ok(None), Ok(None), Ok(None), Ok(None)],
-            ),
-        ];
-        for (request, outcomes) in table {
-            for (state, outcome) in all.iter().zip(outcomes) {
-                assert_eq!(
-                    code(next_state(&request, *state)),
-                    outcome,
-                    "{request:?} in {state:?}"
-                );
-            }
-        }
-        assert_eq!(code(next_state(&R::VmmPing, None)), Ok(None));
-        let e = next_state(&R::VmPause, Some(Created)).unwrap_err();
+    fn refusals_carry_their_status() {
+        use VmState::*;
+        let e = next_state(&ApiRequest::VmPause, Some(Created)).unwrap_err();
         assert_eq!(e.status, ErrorStatus::Conflict);
         assert_eq!(e.message, "vm.pause: the VM is Created; it must be Running");
+        let e = next_state(&ApiRequest::VmInfo, None).unwrap_err();
+        assert_eq!(e.status, ErrorStatus::NotFound);
+        assert_eq!(next_state(&ApiRequest::VmmPing, None), Ok(None));
+        assert_eq!(
+            next_state(&ApiRequest::VmmShutdown, Some(Paused)),
+            Ok(Some(Paused))
+        );
+        assert_eq!(next_state(&ApiRequest::VmDelete, None), Ok(None));
     }
 }

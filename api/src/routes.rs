@@ -157,7 +157,7 @@ fn error_body(message: &str) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::types::{VmInfo, VmmPingResponse};
-    use vmm::config::VmState;
+    use vmm::lifecycle::VmState;
 
     const CONFIG: &str = r#"{
         "payload": {"kernel": "/k", "cmdline": "console=ttyS0"},
@@ -320,7 +320,10 @@ mod tests {
             serde_json::from_slice::<VmInfo>(&body.unwrap()).unwrap(),
             info
         );
-        let err = ApiError::wrong_state("vm.pause", VmState::Created, "Running");
+        let err = ApiError::from(
+            vmm::lifecycle::next_state(vmm::lifecycle::Action::Pause, Some(VmState::Created))
+                .unwrap_err(),
+        );
         let (code, body) = encode_response(&Err(err));
         assert_eq!(code, 409);
         let b: ErrorBody = serde_json::from_slice(&body.unwrap()).unwrap();

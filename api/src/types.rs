@@ -4,9 +4,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use vmm::config::{VmConfig, VmState};
+use vmm::config::VmConfig;
+use vmm::lifecycle::VmState;
 
-/// One API action, decoded from an HTTP request (see [`crate::parse_request`]).
+/// One API action, decoded from an HTTP request (see [`crate::parse_request`]). The states each
+/// `vm.*` action is allowed in, and the state after it, are [`vmm::lifecycle::RULES`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiRequest {
     /// `GET vmm.ping`: is the VMM alive? Answer [`ApiResponse::Ping`].
@@ -15,25 +17,26 @@ pub enum ApiRequest {
     /// [`ApiResponse::Empty`] first: the server writes the answer, the launcher then calls
     /// [`crate::ApiServer::shutdown`], which waits for answers in flight.
     VmmShutdown,
-    /// `PUT vm.create`: remember this (already validated) configuration. `Created`.
+    /// `PUT vm.create`: remember this (already validated) configuration. No VM → `Created`.
     VmCreate(Box<VmConfig>),
     /// `PUT vm.boot`: `Created` or `Shutdown` → `Running`.
     VmBoot,
-    /// `PUT vm.delete`: drop the VM (stopping it if it runs); no VM afterwards.
+    /// `PUT vm.delete`: drop the VM (stopping it if it runs); no VM afterwards. Any state.
     VmDelete,
-    /// `GET vm.info`: answer [`ApiResponse::Info`].
+    /// `GET vm.info`: answer [`ApiResponse::Info`]. Any state.
     VmInfo,
-    /// `GET vm.counters`: answer [`ApiResponse::Counters`].
+    /// `GET vm.counters`: answer [`ApiResponse::Counters`]. Any state.
     VmCounters,
     /// `PUT vm.pause`: `Running` → `Paused`.
     VmPause,
     /// `PUT vm.resume`: `Paused` → `Running`.
     VmResume,
-    /// `PUT vm.shutdown`: `Running`/`Paused` → `Shutdown`.
+    /// `PUT vm.shutdown`: `Running` or `Paused` → `Shutdown`.
     VmShutdown,
-    /// `PUT vm.reboot`: `Running`/`Paused` → `Running`, from a fresh boot.
+    /// `PUT vm.reboot`: `Running` → `Running`, from a fresh boot.
     VmReboot,
     /// `PUT vm.power-button`: press the ACPI power button (the guest decides what to do).
+    /// `Running` only.
     VmPowerButton,
 }
 
@@ -148,14 +151,6 @@ impl ApiError {
         Self::new(ErrorStatus::NotFound, message)
     }
 
-    /// The VM is in `state` and `action` needs another one.
-    pub fn wrong_state(action: &str, state: VmState, needs: &str) -> Self {
-        Self::new(
-            ErrorStatus::Conflict,
-            format!("{action}: the VM is {state}; it must be {needs}"),
-        )
-    }
-
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorStatus::Internal, message)
     }
@@ -177,9 +172,9 @@ pub struct ErrorBody {
 ///
 /// The server calls [`VmmBackend::handle`] from a small pool of blocking threads, possibly
 /// several at once: the backend serialises what must be serialised (a `Mutex` around its VM
-/// state is enough) and enforces the state rules, answering a request in the wrong state with
-/// [`ErrorStatus::Conflict`] and a reason (see [`ApiError::wrong_state`]), and a VM action
-/// with no VM created with [`ErrorStatus::NotFound`]. `handle` may block (a boot takes time),
+/// state is enough) and enforces the state rules of [`vmm::lifecycle`], answering a request in
+/// the wrong state with [`ErrorStatus::Conflict`] and a reason, and a VM action with no VM
+/// created with [`ErrorStatus::NotFound`] (`ApiError::from(Refusal)` does both). `handle` may block (a boot takes time),
 /// but should not wait on the guest indefinitely: other requests keep being served meanwhile,
 /// and a client waiting on a request that never ends waits forever.
 pub trait VmmBackend: Send + Sync + 'static {

@@ -94,3 +94,30 @@ fn spec_vm_config_fields_match_the_type() {
     let fields: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();
     assert_eq!(documented, fields);
 }
+
+/// Each `vm.*` operation states its row of the lifecycle table (`vmm::lifecycle::RULES`) and
+/// lists 404 / 409 exactly when that row can refuse with them.
+#[test]
+fn spec_states_the_lifecycle_table() {
+    use vmm::lifecycle::{Allowed, RULES};
+    let spec = spec();
+    for rule in RULES {
+        let path = format!("/{}", rule.name);
+        let item = spec["paths"][path.as_str()]
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{path} is documented"));
+        assert_eq!(item.len(), 1, "{path}: one method");
+        let operation = item.values().next().unwrap();
+        assert_eq!(
+            operation["description"].as_str(),
+            Some(rule.describe().as_str()),
+            "{path}'s description"
+        );
+        let responses = operation["responses"].as_mapping().expect("responses");
+        let has = |code: u64| responses.contains_key(Value::Number(code.into()));
+        let not_found = matches!(rule.allowed, Allowed::In(_) | Allowed::AnyVm);
+        let conflict = matches!(rule.allowed, Allowed::In(_) | Allowed::WithoutVm);
+        assert_eq!(has(404), not_found, "{path}: 404 listed");
+        assert_eq!(has(409), conflict, "{path}: 409 listed");
+    }
+}

@@ -40,12 +40,15 @@ WORKLOADS = {
 
 
 def parse_candidate(text):
-    """NAME:VAR=VALUE[,VAR=VALUE...] -> (name, {var: value})."""
+    """NAME:VAR=VALUE[,VAR=VALUE...] -> (name, {var: value}).
+
+    A value may hold commas (ACCEL=tcg,thread=single): a new item starts only at ",VAR=" with
+    VAR in capitals."""
     name, _, rest = text.partition(":")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ValueError(f"candidate name '{name}' must be letters, digits, '.', '_' or '-'")
     env = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?=[A-Z][A-Z0-9_]*=)", rest)):
         var, eq, value = item.partition("=")
         var = var if var.startswith("PODVISOR_TESTHOST_") else "PODVISOR_TESTHOST_" + var
         if not eq or not CANDIDATE_VAR.match(var):

@@ -155,23 +155,6 @@ pub struct VmConfig {
     pub console: Option<VirtioConsoleConfig>,
 }
 
-/// Where a VM is in its life, as the API's `vm.info` reports it (Cloud Hypervisor's `VmState`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum VmState {
-    /// Configured (`vm.create`), not booted yet.
-    Created,
-    Running,
-    Paused,
-    /// The guest was shut down (or powered off); `vm.boot` starts it again.
-    Shutdown,
-}
-
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self, f)
-    }
-}
-
 /// A configuration the VMM cannot run.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {

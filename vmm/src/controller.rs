@@ -1,6 +1,6 @@
-//! The VM's life under an API: create, boot, pause, resume, reboot, shut down, delete, with
-//! Cloud Hypervisor's state rules (stricter: a request in the wrong state is refused with the
-//! reason, never half done).
+//! The VM's life under an API: create, boot, pause, resume, reboot, shut down, delete, by the
+//! rules of [`crate::lifecycle`] (Cloud Hypervisor's, stricter: a request in the wrong state is
+//! refused with the reason, never half done).
 //!
 //! One thread owns the VM. Requests reach it through a channel (each with its own reply
 //! channel), and the thread also watches the running VM for the guest powering off, resetting
@@ -19,9 +19,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
 use crate::config::VmConfig;
-pub use crate::config::VmState;
 use crate::console::Console;
 use crate::events::EventMonitor;
+use crate::lifecycle::{self, Action, Refusal, VmState};
 use crate::vcpu::CpuTemplate;
 use crate::vm::{RunningVm, Vm, VmExit};
 use crate::{kvm, Error, RunOptions};
@@ -43,6 +43,17 @@ pub enum ControlError {
     Failed(String),
 }
 
+impl From<Refusal> for ControlError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::NoVm { .. } => ControlError::NoVm(refusal.to_string()),
+            Refusal::Exists { .. } | Refusal::WrongState { .. } => {
+                ControlError::WrongState(refusal.to_string())
+            }
+        }
+    }
+}
+
 /// What the API asks of the VM.
 #[derive(Debug)]
 pub enum Request {
@@ -58,6 +69,25 @@ pub enum Request {
     Counters,
     /// Stops the VM (if any) and ends the VM thread (`vmm.shutdown`).
     ShutdownVmm,
+}
+
+impl Request {
+    /// Its row in the lifecycle table (`None`: `vmm.shutdown`, allowed always).
+    pub fn action(&self) -> Option<Action> {
+        Some(match self {
+            Request::Create(_) => Action::Create,
+            Request::Boot => Action::Boot,
+            Request::Pause => Action::Pause,
+            Request::Resume => Action::Resume,
+            Request::Shutdown => Action::Shutdown,
+            Request::Reboot => Action::Reboot,
+            Request::PowerButton => Action::PowerButton,
+            Request::Delete => Action::Delete,
+            Request::Info => Action::Info,
+            Request::Counters => Action::Counters,
+            Request::ShutdownVmm => return None,
+        })
+    }
 }
 
 /// What a successful request returns.
@@ -140,7 +170,9 @@ impl Controller {
                     config: Box::new(VmConfig::clone(config)),
                     state: *state,
                 }),
-                None => Err(wrong(None, "get info")),
+                None => Err(lifecycle::next_state(Action::Info, None)
+                    .expect_err("vm.info needs a VM")
+                    .into()),
             };
         }
         let (tx, rx) = mpsc::channel();
@@ -175,13 +207,6 @@ struct VmOwner {
 
 const TOKEN_REQUEST: u64 = 0;
 const TOKEN_VM: u64 = 1;
-
-fn wrong(state: Option<VmState>, what: &str) -> ControlError {
-    match state {
-        None => ControlError::NoVm(format!("cannot {what}: no VM has been created")),
-        Some(s) => ControlError::WrongState(format!("cannot {what}: the VM is {s:?}")),
-    }
-}
 
 impl VmOwner {
     fn run(mut self) -> Result<Ended, Error> {
@@ -336,15 +361,15 @@ impl VmOwner {
         self.vm.as_ref().map(|v| v.state)
     }
 
+    /// Checks `request` against the lifecycle table, carries it out and moves the VM to the
+    /// state the table names.
     fn serve(&mut self, request: Request) -> Result<Reply, ControlError> {
-        let state = self.state();
-        match request {
+        let Some(action) = request.action() else {
+            return Err(misrouted());
+        };
+        let next = lifecycle::next_state(action, self.state())?;
+        let reply = match request {
             Request::Create(config) => {
-                if state.is_some() {
-                    return Err(ControlError::WrongState(
-                        "cannot create: a VM already exists (delete it first)".into(),
-                    ));
-                }
                 config
                     .validate()
                     .map_err(|e| ControlError::Invalid(e.to_string()))?;
@@ -363,93 +388,74 @@ impl VmOwner {
                     state: VmState::Created,
                 });
                 self.events.emit("vm", "created");
-                Ok(Reply::Done)
+                Reply::Done
             }
-            Request::Boot => match state {
-                Some(VmState::Created | VmState::Shutdown) => {
-                    self.events.emit("vm", "booting");
-                    self.boot_vm()?;
-                    self.events.emit("vm", "booted");
-                    Ok(Reply::Done)
-                }
-                s => Err(wrong(s, "boot")),
-            },
-            Request::Pause => match state {
-                Some(VmState::Running) => {
-                    self.events.emit("vm", "pausing");
-                    self.running()?.pause().map_err(failed)?;
-                    self.set_state(VmState::Paused);
-                    self.events.emit("vm", "paused");
-                    Ok(Reply::Done)
-                }
-                s => Err(wrong(s, "pause")),
-            },
-            Request::Resume => match state {
-                Some(VmState::Paused) => {
-                    self.events.emit("vm", "resuming");
-                    self.running()?.resume().map_err(failed)?;
-                    self.set_state(VmState::Running);
-                    self.events.emit("vm", "resumed");
-                    Ok(Reply::Done)
-                }
-                s => Err(wrong(s, "resume")),
-            },
-            Request::Shutdown => match state {
-                Some(VmState::Running | VmState::Paused) => {
-                    self.stop_vm();
-                    self.events.emit("vm", "shutdown");
-                    Ok(Reply::Done)
-                }
-                s => Err(wrong(s, "shut down")),
-            },
-            Request::Reboot => match state {
-                Some(VmState::Running) => {
-                    self.events.emit("vm", "rebooting");
-                    self.reboot_vm()?;
-                    self.events.emit("vm", "rebooted");
-                    Ok(Reply::Done)
-                }
-                s => Err(wrong(s, "reboot")),
-            },
-            Request::PowerButton => match state {
-                Some(VmState::Running) => {
-                    self.running()?.power_button().map_err(failed)?;
-                    Ok(Reply::Done)
-                }
-                s => Err(wrong(s, "press the power button")),
-            },
-            Request::Delete => {
-                // Deleting nothing is not an error, as in Cloud Hypervisor.
-                if state.is_none() {
-                    return Ok(Reply::Done);
-                }
+            Request::Boot => {
+                self.events.emit("vm", "booting");
+                self.boot_vm()?;
+                self.events.emit("vm", "booted");
+                Reply::Done
+            }
+            Request::Pause => {
+                self.events.emit("vm", "pausing");
+                self.running()?.pause().map_err(failed)?;
+                self.events.emit("vm", "paused");
+                Reply::Done
+            }
+            Request::Resume => {
+                self.events.emit("vm", "resuming");
+                self.running()?.resume().map_err(failed)?;
+                self.events.emit("vm", "resumed");
+                Reply::Done
+            }
+            Request::Shutdown => {
                 self.stop_vm();
-                self.vm = None;
-                self.events.emit("vm", "deleted");
-                Ok(Reply::Done)
+                self.events.emit("vm", "shutdown");
+                Reply::Done
+            }
+            Request::Reboot => {
+                self.events.emit("vm", "rebooting");
+                self.reboot_vm()?;
+                self.events.emit("vm", "rebooted");
+                Reply::Done
+            }
+            Request::PowerButton => {
+                self.running()?.power_button().map_err(failed)?;
+                Reply::Done
+            }
+            Request::Delete => {
+                if self.vm.is_some() {
+                    self.stop_vm();
+                    self.events.emit("vm", "deleted");
+                }
+                Reply::Done
             }
             Request::Info => {
-                let vm = self.vm.as_ref().ok_or_else(|| wrong(None, "get info"))?;
-                Ok(Reply::Info {
+                let vm = self.vm.as_ref().ok_or_else(|| failed_state("vm.info"))?;
+                Reply::Info {
                     config: Box::new(VmConfig::clone(&vm.config)),
                     state: vm.state,
-                })
+                }
             }
             Request::Counters => {
                 let vm = self
                     .vm
                     .as_ref()
-                    .ok_or_else(|| wrong(None, "get counters"))?;
-                Ok(Reply::Counters(
+                    .ok_or_else(|| failed_state("vm.counters"))?;
+                Reply::Counters(
                     vm.running
                         .as_ref()
                         .map(RunningVm::counters)
                         .unwrap_or_default(),
-                ))
+                )
             }
-            // The VM thread's loop takes this one before it gets here.
-            Request::ShutdownVmm => Err(ControlError::Failed("vmm.shutdown misrouted".into())),
+            Request::ShutdownVmm => return Err(misrouted()),
+        };
+        match next {
+            Some(state) => self.set_state(state),
+            None => self.vm = None,
         }
+        Ok(reply)
     }
 
     fn running(&self) -> Result<&RunningVm, ControlError> {
@@ -474,7 +480,7 @@ impl VmOwner {
             self.kvm = Some((kvm, template));
         }
         let (kvm, template) = self.kvm.as_ref().expect("opened above");
-        let owned = self.vm.as_mut().ok_or_else(|| wrong(None, "boot"))?;
+        let owned = self.vm.as_mut().ok_or_else(|| failed_state("vm.boot"))?;
         if owned.backends.is_none() {
             owned.backends = Some(Backends::open(&owned.config).map_err(failed)?);
         }
@@ -515,4 +521,16 @@ impl VmOwner {
 
 fn failed(e: Error) -> ControlError {
     ControlError::Failed(e.to_string())
+}
+
+/// The VM thread's loop takes vmm.shutdown before [`VmOwner::serve`] would.
+fn misrouted() -> ControlError {
+    ControlError::Failed("vmm.shutdown misrouted (a bug)".into())
+}
+
+/// The VM is not what the lifecycle table said it is (a bug, reported rather than panicked on).
+fn failed_state(action: &str) -> ControlError {
+    ControlError::Failed(format!(
+        "{action}: the VM is not in the state checked (a bug)"
+    ))
 }

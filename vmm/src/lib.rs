@@ -16,6 +16,7 @@ pub mod events;
 pub mod interrupts;
 pub mod kvm;
 pub mod layout;
+pub mod lifecycle;
 pub mod memory;
 pub mod payload;
 pub mod pci;

@@ -394,7 +394,8 @@ fn pause_parks_every_vcpu_and_resume_continues() {
 
 #[test]
 fn controller_follows_the_lifecycle_rules() {
-    use vmm::controller::{ControlError, Reply, Request, VmState};
+    use vmm::controller::{ControlError, Reply, Request};
+    use vmm::lifecycle::VmState;
     let g = TinyGuest::new("controller");
     // Print 'x' forever (the VMM ends it).
     let mut code = Asm::default().print("x");
@@ -490,7 +491,8 @@ fn controller_follows_the_lifecycle_rules() {
 
 #[test]
 fn controller_sees_the_guest_power_off() {
-    use vmm::controller::{Reply, Request, VmState};
+    use vmm::controller::{Reply, Request};
+    use vmm::lifecycle::VmState;
     let g = TinyGuest::new("controller-poweroff");
     let kernel = g.kernel(&Asm::default().print("bye").poweroff());
     let options = tiny_options();
