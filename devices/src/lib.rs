@@ -13,6 +13,12 @@ pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 
+/// Guest memory as every device and the VMM see it: the one place to switch in a dirty-page
+/// bitmap (for live migration) instead of `()`.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<()>;
+
 /// Stack size of the VMM's threads (vCPUs, device workers, the VMM loop, console input,
 /// payload readers). Only pages a thread touches are resident, so the size is headroom; it
 /// is kept under 2 MiB because a 2 MiB stack mapping that happens to be 2 MiB-aligned gets a

@@ -4,8 +4,9 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use devices::{GuestMemoryMmap, GuestRegionMmap};
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress};
 
 use crate::layout::{FOUR_GIB, MMIO_HOLE_START};
 

@@ -19,10 +19,11 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+use devices::{GuestMemoryMmap, GuestRegionMmap};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap, ReadVolatile, VolatileMemoryError, VolatileSlice,
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile,
+    VolatileMemoryError, VolatileSlice,
 };
 
 /// A payload file that linux-loader (or our own loaders) read into guest memory that was
@@ -377,7 +378,7 @@ mod tests {
 
     #[test]
     fn memory_without_a_file_falls_back_to_read() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut src = PayloadFile::with_sendfile(payload(b"hello"), &mem, true);
         mem.read_exact_volatile_from(GuestAddress(0x100), &mut src, 5)
             .unwrap();

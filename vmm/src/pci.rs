@@ -15,9 +15,9 @@ use devices::pci::{
 };
 use devices::virtio::{VirtioDevice, VirtioPciDevice};
 use devices::Bus;
+use devices::GuestMemoryMmap;
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupts::{GsiRouter, KvmMsiIrqs};

@@ -1,10 +1,11 @@
 //! The register state a vCPU starts a kernel with: segments and descriptor tables, boot page
 //! tables, control registers, MSRs, FPU and local APIC.
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::EntryPoint;
 use crate::layout::{

@@ -5,10 +5,8 @@
 //! through [`MsixVectors`], shared with the device's worker threads, whose hot path is one
 //! atomic load and [`MsiIrqs::trigger`] (an eventfd write when the VMM backs it with KVM irqfds).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -360,60 +358,71 @@ impl Persist for MsixTable {
     }
 }
 
-/// A recording [`MsiIrqs`] for tests: remembers routes and counts deliveries.
-#[derive(Default)]
-pub struct FakeMsiIrqs {
-    routes: Mutex<BTreeMap<u16, (MsiMessage, bool)>>,
-    fired: Mutex<BTreeMap<u16, u64>>,
-    cond: Condvar,
-}
+/// Test doubles, built only for the tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::BTreeMap;
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
 
-impl FakeMsiIrqs {
-    /// The last `update` for `vector`.
-    pub fn route(&self, vector: u16) -> Option<(MsiMessage, bool)> {
-        self.routes.lock().unwrap().get(&vector).copied()
+    use super::{MsiIrqs, MsiMessage};
+
+    /// A recording [`MsiIrqs`] for tests: remembers routes and counts deliveries.
+    #[derive(Default)]
+    pub struct FakeMsiIrqs {
+        routes: Mutex<BTreeMap<u16, (MsiMessage, bool)>>,
+        fired: Mutex<BTreeMap<u16, u64>>,
+        cond: Condvar,
     }
 
-    /// How many times `vector` was triggered.
-    pub fn count(&self, vector: u16) -> u64 {
-        self.fired
-            .lock()
-            .unwrap()
-            .get(&vector)
-            .copied()
-            .unwrap_or(0)
-    }
+    impl FakeMsiIrqs {
+        /// The last `update` for `vector`.
+        pub fn route(&self, vector: u16) -> Option<(MsiMessage, bool)> {
+            self.routes.lock().unwrap().get(&vector).copied()
+        }
 
-    /// Waits until `vector` has been triggered at least `count` times; false on timeout.
-    pub fn wait_for(&self, vector: u16, count: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut fired = self.fired.lock().unwrap();
-        loop {
-            if fired.get(&vector).copied().unwrap_or(0) >= count {
-                return true;
+        /// How many times `vector` was triggered.
+        pub fn count(&self, vector: u16) -> u64 {
+            self.fired
+                .lock()
+                .unwrap()
+                .get(&vector)
+                .copied()
+                .unwrap_or(0)
+        }
+
+        /// Waits until `vector` has been triggered at least `count` times; false on timeout.
+        pub fn wait_for(&self, vector: u16, count: u64, timeout: Duration) -> bool {
+            let deadline = Instant::now() + timeout;
+            let mut fired = self.fired.lock().unwrap();
+            loop {
+                if fired.get(&vector).copied().unwrap_or(0) >= count {
+                    return true;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return false;
+                }
+                fired = self.cond.wait_timeout(fired, left).unwrap().0;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            fired = self.cond.wait_timeout(fired, left).unwrap().0;
         }
     }
-}
 
-impl MsiIrqs for FakeMsiIrqs {
-    fn update(&self, vector: u16, msg: MsiMessage, masked: bool) {
-        self.routes.lock().unwrap().insert(vector, (msg, masked));
-    }
+    impl MsiIrqs for FakeMsiIrqs {
+        fn update(&self, vector: u16, msg: MsiMessage, masked: bool) {
+            self.routes.lock().unwrap().insert(vector, (msg, masked));
+        }
 
-    fn trigger(&self, vector: u16) {
-        *self.fired.lock().unwrap().entry(vector).or_default() += 1;
-        self.cond.notify_all();
+        fn trigger(&self, vector: u16) {
+            *self.fired.lock().unwrap().entry(vector).or_default() += 1;
+            self.cond.notify_all();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testing::FakeMsiIrqs;
     use super::*;
 
     fn table(n: u16) -> (MsixTable, Arc<FakeMsiIrqs>) {

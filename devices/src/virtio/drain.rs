@@ -3,8 +3,8 @@
 //! notifications back on, so that a chain made available in between is not missed (with
 //! VIRTIO_F_EVENT_IDX, `enable_notification` tells whether the driver added one).
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 /// One device's way of serving the chains of a queue, for [`drain_queue`].
 pub trait ChainServer {

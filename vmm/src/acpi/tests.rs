@@ -1,7 +1,7 @@
 //! Builds the tables into guest memory and parses them back.
 
 use super::*;
-use vm_memory::GuestMemoryMmap;
+use devices::GuestMemoryMmap;
 
 const FADT_FLAGS: usize = 112;
 const FADT_RESET_REG: usize = 116;
@@ -10,11 +10,11 @@ const FADT_X_DSDT: usize = 140;
 const FADT_SLEEP_CONTROL_REG: usize = 244;
 const FADT_SLEEP_STATUS_REG: usize = 256;
 
-fn memory(size: u64) -> GuestMemoryMmap<()> {
-    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
+fn memory(size: u64) -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
 }
 
-fn read(mem: &GuestMemoryMmap<()>, addr: u64, len: usize) -> Vec<u8> {
+fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     let mut bytes = vec![0; len];
     mem.read_slice(&mut bytes, GuestAddress(addr)).unwrap();
     bytes
@@ -37,7 +37,7 @@ fn sum(bytes: &[u8]) -> u8 {
 }
 
 /// Reads the whole table at `addr`, checking its signature and checksum.
-fn table(mem: &GuestMemoryMmap<()>, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
+fn table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
     let header = read(mem, addr, SDT_HEADER_LEN);
     assert_eq!(&header[0..4], signature, "table at {addr:#x}");
     let bytes = read(mem, addr, u32_at(&header, 4) as usize);

@@ -1,7 +1,8 @@
 //! Reading and writing guest memory slices: raw images with `preadv`/`pwritev`, qcow2 through
 //! the bounded host buffer.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::*;
 

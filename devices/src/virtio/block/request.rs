@@ -8,12 +8,13 @@
 //! exists, and is returned to the driver untouched when none does (or when the chain is cut
 //! short, so where the status byte lies is unknown).
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Bytes of the request header: type (le32), reserved (le32), sector (le64).
 pub const HEADER_LEN: usize = 16;

@@ -4,7 +4,8 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// At most this many segments per `readv`/`writev` (the kernel's UIO_MAXIOV).
 pub const MAX_IOVS: usize = 1024;

@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::iovec::{GuestIoVecs, PushError, MAX_IOVS};
 use super::{NetCounters, Tap, MAX_PACKET_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};

@@ -3,8 +3,8 @@
 
 use std::os::fd::RawFd;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::iovec::GuestIoVecs;
 use super::{NetCounters, MAX_PACKET_LEN, VNET_HDR_LEN};

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use crate::pci::msix::FakeMsiIrqs;
+use crate::pci::msix::testing::FakeMsiIrqs;
 use crate::virtio::testing::*;
 use crate::virtio::{
     status, Rng, VirtioInterrupt, VIRTIO_F_VERSION_1_BIT, VIRTIO_MSI_NO_VECTOR,
