@@ -9,9 +9,11 @@ pub mod block;
 pub mod bus;
 pub mod legacy;
 pub mod pci;
+pub mod persist;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use persist::{Persist, PersistError, SavedState};
 
 /// Guest memory as every device and the VMM see it: the one place to switch in a dirty-page
 /// bitmap (for live migration) instead of `()`.
@@ -25,15 +27,3 @@ pub type GuestRegionMmap = vm_memory::GuestRegionMmap<()>;
 /// whole transparent huge page on its first touch where the host sets THP `enabled=always`
 /// (measured: 2 MiB of one podvisor's 4.7 MiB overhead came from one such stack).
 pub const THREAD_STACK_SIZE: usize = 1 << 20;
-
-/// Saved state of a device: what a snapshot or a live migration carries for it.
-pub trait Persist {
-    /// The serialisable state.
-    type State: serde::Serialize + serde::de::DeserializeOwned;
-
-    /// Captures the device's guest-visible state.
-    fn save(&self) -> Self::State;
-
-    /// Puts the device back into a saved state.
-    fn restore(&mut self, state: &Self::State);
-}

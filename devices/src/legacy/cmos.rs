@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BusDevice, Persist};
+use crate::{BusDevice, Persist, PersistError};
 
 /// Offset of the index port (0x70) from the device's base.
 pub const INDEX_OFFSET: u64 = 0;
@@ -395,6 +395,7 @@ impl BusDevice for Cmos {
 }
 
 impl Persist for Cmos {
+    const NAME: &'static str = "CMOS";
     type State = CmosState;
 
     fn save(&self) -> CmosState {
@@ -405,13 +406,21 @@ impl Persist for Cmos {
         }
     }
 
-    fn restore(&mut self, state: &CmosState) {
-        let len = state.nvram.len().min(NVRAM_SIZE);
-        self.nvram = Self::power_on_nvram();
-        self.nvram[..len].copy_from_slice(&state.nvram[..len]);
+    fn restore(&mut self, state: &CmosState) -> Result<(), PersistError> {
+        if state.nvram.len() != NVRAM_SIZE {
+            return Err(PersistError::mismatch(
+                Self::NAME,
+                format!(
+                    "{} bytes of NVRAM saved, the device has {NVRAM_SIZE}",
+                    state.nvram.len()
+                ),
+            ));
+        }
+        self.nvram.copy_from_slice(&state.nvram);
         self.nvram[usize::from(REG_STATUS_A)] &= !STATUS_A_UIP;
         self.index = state.index & INDEX_MASK;
         self.time_offset = state.time_offset;
+        Ok(())
     }
 }
 
@@ -687,11 +696,13 @@ mod tests {
             assert_eq!(read_reg(&mut cmos, REG_CENTURY), 0x99);
         }
         let (mut cmos, _) = cmos_at(T0);
+        let nvram = cmos.save().nvram;
         cmos.restore(&CmosState {
             index: 0,
-            nvram: vec![],
+            nvram,
             time_offset: i64::MAX,
-        });
+        })
+        .unwrap();
         assert_eq!(clock_regs(&mut cmos)[6..], [0x99, 0x99]);
     }
 
@@ -710,7 +721,7 @@ mod tests {
         assert_eq!(decoded.nvram.len(), NVRAM_SIZE);
 
         let (mut other, other_now) = cmos_at(0);
-        other.restore(&decoded);
+        other.restore(&decoded).unwrap();
         assert_eq!(other.save(), state);
         now.store(T0 + 100, Ordering::SeqCst);
         other_now.store(T0 + 100, Ordering::SeqCst);
@@ -720,27 +731,33 @@ mod tests {
     }
 
     #[test]
-    fn restore_tolerates_odd_states() {
+    fn restore_refuses_a_wrong_nvram_and_tolerates_odd_values() {
         let (mut cmos, _) = cmos_at(T0);
+        let before = cmos.save();
         for nvram in [vec![], vec![0xff; 3], vec![0xff; 1000]] {
-            cmos.restore(&CmosState {
-                index: 0xff,
-                nvram,
-                time_offset: i64::MIN,
-            });
-            assert_eq!(cmos.save().index, 0x7f);
-            assert_eq!(cmos.save().nvram.len(), NVRAM_SIZE);
-            assert_eq!(read_reg(&mut cmos, REG_STATUS_A) & STATUS_A_UIP, 0);
-            clock_regs(&mut cmos);
+            let len = nvram.len();
+            let err = cmos
+                .restore(&CmosState {
+                    index: 0,
+                    nvram,
+                    time_offset: 0,
+                })
+                .unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("CMOS: {len} bytes of NVRAM saved, the device has {NVRAM_SIZE}")
+            );
+            assert_eq!(cmos.save(), before, "a refused state changes nothing");
         }
-        // A short state keeps the power-on status registers.
         cmos.restore(&CmosState {
-            index: 0,
-            nvram: vec![],
-            time_offset: 0,
-        });
-        assert_eq!(read_reg(&mut cmos, REG_STATUS_B), STATUS_B_DEFAULT);
-        assert_eq!(read_reg(&mut cmos, REG_SECONDS), 0x05);
+            index: 0xff,
+            nvram: vec![0xff; NVRAM_SIZE],
+            time_offset: i64::MIN,
+        })
+        .unwrap();
+        assert_eq!(cmos.save().index, 0x7f);
+        assert_eq!(read_reg(&mut cmos, REG_STATUS_A) & STATUS_A_UIP, 0);
+        clock_regs(&mut cmos);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{BusDevice, Persist};
+use crate::{BusDevice, Persist, PersistError};
 
 /// Event bit: the power button was pressed.
 pub const EVENT_POWER_BUTTON: u8 = 1 << 0;
@@ -78,6 +78,7 @@ pub struct GedState {
 }
 
 impl Persist for Ged {
+    const NAME: &'static str = "ACPI GED";
     type State = GedState;
 
     fn save(&self) -> GedState {
@@ -86,8 +87,9 @@ impl Persist for Ged {
         }
     }
 
-    fn restore(&mut self, state: &GedState) {
+    fn restore(&mut self, state: &GedState) -> Result<(), PersistError> {
         self.pending.store(state.pending, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -123,7 +125,7 @@ mod tests {
         ged.write(0, &[0xff]);
         ged.read(0, &mut wide);
         assert_eq!(wide, [EVENT_POWER_BUTTON, 0, 0, 0]);
-        ged.restore(&GedState { pending: 1 });
+        ged.restore(&GedState { pending: 1 }).unwrap();
         ged.read(0, &mut wide[..0]);
         assert_eq!(ged.save().pending, 1, "an empty read consumes nothing");
     }

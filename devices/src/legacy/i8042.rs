@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{BusDevice, Persist};
+use crate::{BusDevice, Persist, PersistError};
 
 /// Offset of the data port (0x60) from the device's base.
 pub const DATA_OFFSET: u64 = 0;
@@ -152,6 +152,7 @@ impl BusDevice for I8042 {
 }
 
 impl Persist for I8042 {
+    const NAME: &'static str = "i8042";
     type State = I8042State;
 
     fn save(&self) -> I8042State {
@@ -162,10 +163,11 @@ impl Persist for I8042 {
         }
     }
 
-    fn restore(&mut self, state: &I8042State) {
+    fn restore(&mut self, state: &I8042State) -> Result<(), PersistError> {
         self.command_byte = state.command_byte;
         self.output = state.output;
         self.pending_command = state.pending_command;
+        Ok(())
     }
 }
 
@@ -343,7 +345,7 @@ mod tests {
         assert_eq!(decoded, state);
 
         let (mut other, evt) = i8042();
-        other.restore(&decoded);
+        other.restore(&decoded).unwrap();
         assert_eq!(other.save(), state);
         assert_eq!(read(&mut other, COMMAND_OFFSET), STATUS_OBF);
         assert_eq!(read(&mut other, DATA_OFFSET), 0x55);

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{BusDevice, Persist};
+use crate::{BusDevice, Persist, PersistError};
 
 /// Offset of the sleep control register (FADT `SLEEP_CONTROL_REG`).
 pub const SLEEP_CONTROL_OFFSET: u64 = 0;
@@ -113,6 +113,7 @@ impl BusDevice for AcpiPowerControl {
 }
 
 impl Persist for AcpiPowerControl {
+    const NAME: &'static str = "ACPI power control";
     type State = AcpiPowerControlState;
 
     fn save(&self) -> AcpiPowerControlState {
@@ -121,8 +122,9 @@ impl Persist for AcpiPowerControl {
         }
     }
 
-    fn restore(&mut self, state: &AcpiPowerControlState) {
+    fn restore(&mut self, state: &AcpiPowerControlState) -> Result<(), PersistError> {
         self.sleep_status = state.sleep_status;
+        Ok(())
     }
 }
 
@@ -242,7 +244,7 @@ mod tests {
         assert_eq!(decoded, state);
 
         let (mut other, shutdown, _reset) = power();
-        other.restore(&decoded);
+        other.restore(&decoded).unwrap();
         assert_eq!(other.save(), state);
         assert_eq!(read(&mut other, SLEEP_STATUS_OFFSET), WAK_STS);
         // Restoring replays nothing.

@@ -9,7 +9,7 @@ use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{BusDevice, Persist};
+use crate::{BusDevice, Persist, PersistError};
 
 /// An interrupt line raised by writing to an eventfd (registered with KVM as an irqfd).
 #[derive(Clone)]
@@ -95,7 +95,10 @@ impl Serial {
         let pending = self.uart.state().in_buffer;
         let mut state = SerialSnapshot::from(SerialState::default());
         state.in_buffer = pending;
-        self.restore(&state);
+        // Cannot fail: the pending input came from this FIFO.
+        if let Err(e) = self.restore(&state) {
+            tracing::warn!("serial reset: {e}");
+        }
     }
 
     /// Becomes readable when the guest has emptied the receive FIFO.
@@ -141,15 +144,25 @@ impl From<SerialState> for SerialSnapshot {
 }
 
 impl Persist for Serial {
+    const NAME: &'static str = "serial";
     type State = SerialSnapshot;
 
     fn save(&self) -> SerialSnapshot {
         self.uart.state().into()
     }
 
-    fn restore(&mut self, state: &SerialSnapshot) {
-        let mut in_buffer = state.in_buffer.clone();
-        in_buffer.truncate(self.uart.fifo_capacity() + self.uart.state().in_buffer.len());
+    fn restore(&mut self, state: &SerialSnapshot) -> Result<(), PersistError> {
+        let capacity = self.uart.fifo_capacity() + self.uart.state().in_buffer.len();
+        if state.in_buffer.len() > capacity {
+            return Err(PersistError::mismatch(
+                Self::NAME,
+                format!(
+                    "{} input bytes saved, the FIFO holds {capacity}",
+                    state.in_buffer.len()
+                ),
+            ));
+        }
+        let in_buffer = state.in_buffer.clone();
         let s = SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -171,8 +184,11 @@ impl Persist for Serial {
         );
         let out = std::mem::replace(&mut self.uart, placeholder).into_writer();
         match vm_superio::Serial::from_state(&s, trigger.clone(), self.input_space.clone(), out) {
-            Ok(uart) => self.uart = uart,
-            Err(e) => tracing::warn!("serial restore failed: {e}"),
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(e) => Err(PersistError::mismatch(Self::NAME, format!("{e:?}"))),
         }
     }
 }
@@ -263,7 +279,7 @@ mod tests {
         let saved = s.save();
         let json = serde_json::to_string(&saved).unwrap();
         let (mut t, _irq2, _out2) = serial();
-        t.restore(&serde_json::from_str(&json).unwrap());
+        t.restore(&serde_json::from_str(&json).unwrap()).unwrap();
         assert_eq!(t.save(), saved);
         let mut b = [0];
         t.read(7, &mut b);

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::PciError;
+use crate::PersistError;
 
 /// Size of a function's configuration space as seen through ECAM.
 pub const CONFIG_SPACE_SIZE: usize = 4096;
@@ -369,9 +370,17 @@ impl PciConfiguration {
     }
 
     /// Restores saved register bytes; BAR positions count as already reported.
-    pub fn restore(&mut self, state: &PciConfigurationState) {
-        let n = state.bytes.len().min(CONFIG_SPACE_SIZE);
-        self.bytes[..n].copy_from_slice(&state.bytes[..n]);
+    pub fn restore(&mut self, state: &PciConfigurationState) -> Result<(), PersistError> {
+        if state.bytes.len() != CONFIG_SPACE_SIZE {
+            return Err(PersistError::mismatch(
+                "PCI configuration space",
+                format!(
+                    "{} bytes saved, it has {CONFIG_SPACE_SIZE}",
+                    state.bytes.len()
+                ),
+            ));
+        }
+        self.bytes.copy_from_slice(&state.bytes);
         for i in 0..NUM_BARS {
             if let Some(addr) = self.bar_address(i) {
                 if let Some(s) = self.bars[i].as_mut() {
@@ -379,6 +388,7 @@ impl PciConfiguration {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -556,7 +566,7 @@ mod tests {
         let state = c.save();
         let mut d = cfg();
         d.add_bar(0, 0x1000, PciBarKind::Memory32, false).unwrap();
-        d.restore(&state);
+        d.restore(&state).unwrap();
         assert_eq!(d.read_u32(4), 0x6);
         assert_eq!(d.bar_address(0), Some(0xc000_0000));
         assert_eq!(write32(&mut d, 0x10, 0xc000_0000), None);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Persist;
+use crate::{Persist, PersistError};
 
 /// PCI capability ID of MSI-X.
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
@@ -323,6 +323,7 @@ impl MsixTable {
 }
 
 impl Persist for MsixTable {
+    const NAME: &'static str = "MSI-X table";
     type State = MsixState;
 
     fn save(&self) -> MsixState {
@@ -339,15 +340,27 @@ impl Persist for MsixTable {
         }
     }
 
-    fn restore(&mut self, state: &MsixState) {
+    fn restore(&mut self, state: &MsixState) -> Result<(), PersistError> {
         let v = &self.vectors;
-        for (i, e) in self.entries.iter_mut().enumerate() {
-            *e = state.entries.get(i).copied().unwrap_or_default();
+        if state.entries.len() != self.entries.len() || state.pending.len() != v.pending.len() {
+            return Err(PersistError::mismatch(
+                Self::NAME,
+                format!(
+                    "{} entries ({} pending words) saved, the table has {} ({})",
+                    state.entries.len(),
+                    state.pending.len(),
+                    self.entries.len(),
+                    v.pending.len()
+                ),
+            ));
+        }
+        for (i, (e, saved)) in self.entries.iter_mut().zip(&state.entries).enumerate() {
+            *e = *saved;
             e.vector_control &= VECTOR_CONTROL_MASKED;
             v.entry_masked[i].store(e.masked(), Ordering::SeqCst);
         }
-        for (i, w) in v.pending.iter().enumerate() {
-            w.store(state.pending.get(i).copied().unwrap_or(0), Ordering::SeqCst);
+        for (w, saved) in v.pending.iter().zip(&state.pending) {
+            w.store(*saved, Ordering::SeqCst);
         }
         v.enabled.store(state.enabled, Ordering::SeqCst);
         v.function_masked
@@ -355,6 +368,7 @@ impl Persist for MsixTable {
         for index in 0..self.entries.len() {
             self.notify_update(index);
         }
+        Ok(())
     }
 }
 
@@ -560,7 +574,7 @@ mod tests {
         t.vectors().trigger(1);
         let state = t.save();
         let (mut u, irqs) = table(2);
-        u.restore(&state);
+        u.restore(&state).unwrap();
         assert_eq!(u.save(), state);
         assert_eq!(
             irqs.route(1).unwrap(),

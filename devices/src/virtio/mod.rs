@@ -20,7 +20,7 @@ mod worker_thread;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::GuestMemoryMmap;
+use crate::{GuestMemoryMmap, PersistError, SavedState};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -175,6 +175,14 @@ pub trait VirtioDevice: Send {
     /// paused. Fails only if the worker cannot be started again; the device then stays
     /// stopped until a reset.
     fn resume(&mut self) -> Result<(), VirtioError>;
+    /// The device's own state (features, identity; not the queues and registers, which the
+    /// transport saves) with its version, for a snapshot or a migration. Only while the device
+    /// is stopped (paused, or not active): [`PersistError::Running`] otherwise.
+    fn save_state(&self) -> Result<SavedState, PersistError>;
+    /// Puts back a state from [`VirtioDevice::save_state`] into a device built from the same
+    /// configuration and not active; the transport's restore then activates it. Refuses a
+    /// state that does not fit (another disk, another version).
+    fn restore_state(&mut self, saved: &SavedState) -> Result<(), PersistError>;
     /// What the device has done, by name (`read_bytes`, `rx_frames`...), for `vm.counters`.
     /// Counters only grow; they survive reset, pause and resume.
     fn counters(&self) -> BTreeMap<&'static str, u64> {
@@ -182,7 +190,53 @@ pub trait VirtioDevice: Send {
     }
 }
 
+/// `acked` if it is a subset of the device's `offered` features (a restored state must not
+/// turn on what this device does not offer).
+pub(crate) fn acked_subset(
+    device: &'static str,
+    acked: u64,
+    offered: u64,
+) -> Result<u64, PersistError> {
+    if acked & !offered != 0 {
+        return Err(PersistError::mismatch(
+            device,
+            format!(
+                "saved features {acked:#x} include {:#x}, which this device does not offer",
+                acked & !offered
+            ),
+        ));
+    }
+    Ok(acked)
+}
+
 /// Locks a queue, recovering it if a thread panicked while holding it.
 pub fn lock_queue(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
     queue.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod persist_tests {
+    use super::*;
+    use crate::persist::{restore_state, save_state};
+    use crate::Persist;
+
+    #[test]
+    fn a_restored_device_takes_only_features_it_offers() {
+        let file = std::fs::File::open("/dev/zero").unwrap();
+        let mut rng = Rng::with_source(file);
+        rng.ack_features(VIRTIO_F_VERSION_1_BIT);
+        let saved = save_state(&rng).unwrap();
+        let mut fresh = Rng::with_source(std::fs::File::open("/dev/zero").unwrap());
+        restore_state(&mut fresh, &saved).unwrap();
+        assert_eq!(fresh.acked_features(), VIRTIO_F_VERSION_1_BIT);
+        let err = fresh
+            .restore(&rng::RngState {
+                acked_features: VIRTIO_F_VERSION_1_BIT | 1 << 40,
+            })
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "virtio-rng: saved features 0x10100000000 include 0x10000000000, which this device does not offer"
+        );
+    }
 }

@@ -23,11 +23,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::drain::{drain_queue, ChainServer};
-use super::worker_thread::{DeviceWorker, WorkerThread};
+use super::worker_thread::{DeviceWorker, WorkerSlot, WorkerThread};
 use super::{
-    lock_queue, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1_BIT,
-    VIRTIO_RING_F_EVENT_IDX_BIT,
+    acked_subset, lock_queue, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
+    VIRTIO_F_VERSION_1_BIT, VIRTIO_RING_F_EVENT_IDX_BIT,
 };
+use crate::persist::{self, Persist, PersistError, SavedState};
 
 /// Size of the request queue.
 pub const RNG_QUEUE_SIZE: u16 = 256;
@@ -187,16 +188,20 @@ impl VirtioDevice for Rng {
     }
 
     fn pause(&mut self) {
-        if let Some(worker) = &mut self.worker {
-            worker.pause();
-        }
+        self.worker.pause_worker();
     }
 
     fn resume(&mut self) -> Result<(), VirtioError> {
-        match &mut self.worker {
-            Some(worker) => worker.resume(),
-            None => Ok(()),
-        }
+        self.worker.resume_worker()
+    }
+
+    fn save_state(&self) -> Result<SavedState, PersistError> {
+        self.worker.save_stopped(self)
+    }
+
+    fn restore_state(&mut self, saved: &SavedState) -> Result<(), PersistError> {
+        self.worker = None;
+        persist::restore_state(self, saved)
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {
@@ -206,6 +211,28 @@ impl VirtioDevice for Rng {
             ("requests", c.requests()),
             ("bad_requests", c.bad_requests()),
         ])
+    }
+}
+
+/// Saved state of an [`Rng`] (its queue is saved by the transport).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    pub acked_features: u64,
+}
+
+impl Persist for Rng {
+    const NAME: &'static str = "virtio-rng";
+    type State = RngState;
+
+    fn save(&self) -> RngState {
+        RngState {
+            acked_features: self.acked_features,
+        }
+    }
+
+    fn restore(&mut self, state: &RngState) -> Result<(), PersistError> {
+        self.acked_features = acked_subset(Self::NAME, state.acked_features, self.features())?;
+        Ok(())
     }
 }
 

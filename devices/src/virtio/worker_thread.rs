@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::VirtioError;
+use crate::persist::{self, Persist, PersistError, SavedState};
 
 /// What a device's worker thread runs.
 pub(crate) trait DeviceWorker: Send + 'static {
@@ -75,6 +76,11 @@ impl<W: DeviceWorker> WorkerThread<W> {
         Ok(())
     }
 
+    /// Whether the thread runs (not paused, not lost).
+    pub(crate) fn is_running(&self) -> bool {
+        matches!(self.state, State::Running(_))
+    }
+
     fn stop(&self, thread: JoinHandle<W>) -> Option<W> {
         // If the write fails the eventfd counter is saturated, which still wakes the worker.
         let _ = self.kill.write(1);
@@ -93,6 +99,41 @@ impl<W: DeviceWorker> Drop for WorkerThread<W> {
         if let State::Running(thread) = std::mem::replace(&mut self.state, State::Lost) {
             self.stop(thread);
         }
+    }
+}
+
+/// A device's worker slot: empty until the driver activates the device (and after a reset).
+/// Devices forward their `pause`, `resume` and state saving to it.
+pub(crate) trait WorkerSlot {
+    /// Pauses the worker, if there is one.
+    fn pause_worker(&mut self);
+    /// Resumes a paused worker, if there is one.
+    fn resume_worker(&mut self) -> Result<(), VirtioError>;
+    /// `device`'s saved state, refused while the worker runs: a paused worker has completed
+    /// its requests in flight and handed back the chains it held, so the state and the
+    /// queues' positions agree.
+    fn save_stopped<P: Persist>(&self, device: &P) -> Result<SavedState, PersistError>;
+}
+
+impl<W: DeviceWorker> WorkerSlot for Option<WorkerThread<W>> {
+    fn pause_worker(&mut self) {
+        if let Some(worker) = self {
+            worker.pause();
+        }
+    }
+
+    fn resume_worker(&mut self) -> Result<(), VirtioError> {
+        match self {
+            Some(worker) => worker.resume(),
+            None => Ok(()),
+        }
+    }
+
+    fn save_stopped<P: Persist>(&self, device: &P) -> Result<SavedState, PersistError> {
+        if self.as_ref().is_some_and(WorkerThread::is_running) {
+            return Err(PersistError::Running { device: P::NAME });
+        }
+        persist::save_state(device)
     }
 }
 

@@ -61,9 +61,10 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker_thread::WorkerThread;
-use super::{ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
+use super::worker_thread::{WorkerSlot, WorkerThread};
+use super::{acked_subset, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::block::DiskImage;
+use crate::persist::{self, Persist, PersistError, SavedState};
 
 pub use config::{BlkConfig, BLK_QUEUE_SIZE, SECTOR_SIZE};
 pub use request::{Request, RequestType};
@@ -227,6 +228,81 @@ impl VirtioBlk {
 
 /// `id` NUL-padded to [`ID_BYTES`] (a shorter ID is NUL-terminated, one of exactly 20 bytes is
 /// not, as the spec says).
+/// Saved state of a [`VirtioBlk`]: the features the driver accepted and the identity of the
+/// disk the guest saw, which a restore checks the new device against (the queues are saved by
+/// the transport; requests in flight were completed by the pause that came before the save).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlkState {
+    pub acked_features: u64,
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    pub read_only: bool,
+    pub num_queues: u16,
+    /// The GET_ID string, NUL-padded.
+    pub id: Vec<u8>,
+}
+
+impl Persist for VirtioBlk {
+    const NAME: &'static str = "virtio-blk";
+    type State = BlkState;
+
+    fn save(&self) -> BlkState {
+        BlkState {
+            acked_features: self.acked_features,
+            capacity: self.config.capacity,
+            read_only: self.config.read_only,
+            num_queues: self.config.num_queues,
+            id: self.id.to_vec(),
+        }
+    }
+
+    fn restore(&mut self, state: &BlkState) -> Result<(), PersistError> {
+        let disk = self
+            .disk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .path()
+            .display()
+            .to_string();
+        let differs = |what: String| PersistError::mismatch(Self::NAME, format!("{disk}: {what}"));
+        let c = &self.config;
+        if state.capacity != c.capacity {
+            return Err(differs(format!(
+                "{} sectors, the saved disk had {}",
+                c.capacity, state.capacity
+            )));
+        }
+        if state.read_only != c.read_only {
+            let mode = |ro| if ro { "read-only" } else { "writable" };
+            return Err(differs(format!(
+                "{}, the saved disk was {}",
+                mode(c.read_only),
+                mode(state.read_only)
+            )));
+        }
+        if state.num_queues != c.num_queues {
+            return Err(differs(format!(
+                "{} queues, the saved device had {}",
+                c.num_queues, state.num_queues
+            )));
+        }
+        if state.id[..] != self.id[..] {
+            let text = |id: &[u8]| {
+                String::from_utf8_lossy(id)
+                    .trim_end_matches('\0')
+                    .to_owned()
+            };
+            return Err(differs(format!(
+                "serial {:?}, the saved disk's was {:?}",
+                text(&self.id),
+                text(&state.id)
+            )));
+        }
+        self.acked_features = acked_subset(Self::NAME, state.acked_features, self.features())?;
+        Ok(())
+    }
+}
+
 fn pad_id(id: &[u8]) -> [u8; ID_BYTES] {
     let mut out = [0u8; ID_BYTES];
     let n = id.len().min(ID_BYTES);
@@ -318,16 +394,20 @@ impl VirtioDevice for VirtioBlk {
     }
 
     fn pause(&mut self) {
-        if let Some(worker) = &mut self.worker {
-            worker.pause();
-        }
+        self.worker.pause_worker();
     }
 
     fn resume(&mut self) -> Result<(), VirtioError> {
-        match &mut self.worker {
-            Some(worker) => worker.resume(),
-            None => Ok(()),
-        }
+        self.worker.resume_worker()
+    }
+
+    fn save_state(&self) -> Result<SavedState, PersistError> {
+        self.worker.save_stopped(self)
+    }
+
+    fn restore_state(&mut self, saved: &SavedState) -> Result<(), PersistError> {
+        self.worker = None;
+        persist::restore_state(self, saved)
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {

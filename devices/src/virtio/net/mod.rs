@@ -38,12 +38,12 @@ use vmm_sys_util::eventfd::EventFd;
 pub use mac::MacAddr;
 pub use tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
 
-use super::worker_thread::WorkerThread;
+use super::worker_thread::{WorkerSlot, WorkerThread};
 use super::{
     ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1_BIT,
     VIRTIO_RING_F_EVENT_IDX_BIT,
 };
-use crate::Persist;
+use crate::persist::{self, Persist, PersistError, SavedState};
 
 /// The virtio device ID of a network card.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -340,16 +340,20 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn pause(&mut self) {
-        if let Some(worker) = &mut self.worker {
-            worker.pause();
-        }
+        self.worker.pause_worker();
     }
 
     fn resume(&mut self) -> Result<(), VirtioError> {
-        match &mut self.worker {
-            Some(worker) => worker.resume(),
-            None => Ok(()),
-        }
+        self.worker.resume_worker()
+    }
+
+    fn save_state(&self) -> Result<SavedState, PersistError> {
+        self.worker.save_stopped(self)
+    }
+
+    fn restore_state(&mut self, saved: &SavedState) -> Result<(), PersistError> {
+        self.worker = None;
+        persist::restore_state(self, saved)
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {
@@ -368,6 +372,7 @@ impl VirtioDevice for VirtioNet {
 }
 
 impl Persist for VirtioNet {
+    const NAME: &'static str = "virtio-net";
     type State = State;
 
     fn save(&self) -> State {
@@ -377,9 +382,11 @@ impl Persist for VirtioNet {
         }
     }
 
-    fn restore(&mut self, state: &State) {
+    fn restore(&mut self, state: &State) -> Result<(), PersistError> {
+        let acked = super::acked_subset(Self::NAME, state.acked_features, self.avail_features)?;
         self.mac = state.mac;
-        self.acked_features = state.acked_features & self.avail_features;
+        self.acked_features = acked;
         self.apply_offloads();
+        Ok(())
     }
 }

@@ -274,7 +274,9 @@ fn save_and_restore_round_trip() {
     let json = serde_json::to_string(&net.save()).unwrap();
     let (dev, _peer2) = socket_pair();
     let mut other = VirtioNet::new(Tap::from_file(dev, "pair"), MacAddr::stable_for("x")).unwrap();
-    other.restore(&serde_json::from_str(&json).unwrap());
+    other
+        .restore(&serde_json::from_str(&json).unwrap())
+        .unwrap();
     assert_eq!(other.save(), net.save());
     assert_eq!(other.mac(), mac());
     assert_eq!(other.acked_features(), MRG | features::GUEST_CSUM);

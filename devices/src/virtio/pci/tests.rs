@@ -100,6 +100,23 @@ impl VirtioDevice for Dummy {
         self.seen.resumes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
+    fn save_state(&self) -> Result<crate::SavedState, crate::PersistError> {
+        let config = *self.seen.config.lock().unwrap();
+        Ok(crate::SavedState {
+            version: 1,
+            state: serde_json::json!(config),
+        })
+    }
+    fn restore_state(&mut self, saved: &crate::SavedState) -> Result<(), crate::PersistError> {
+        let config: [u8; 8] = serde_json::from_value(saved.state.clone()).map_err(|e| {
+            crate::PersistError::Format {
+                device: "dummy",
+                reason: e.to_string(),
+            }
+        })?;
+        *self.seen.config.lock().unwrap() = config;
+        Ok(())
+    }
 }
 
 fn dummy(queues: usize) -> (Box<dyn VirtioDevice>, Arc<Seen>) {
@@ -519,7 +536,7 @@ fn rng_survives_save_and_restore() {
     let irqs = Arc::new(FakeMsiIrqs::default());
     let mut dev =
         VirtioPciDevice::new(Box::new(Rng::new().unwrap()), d.mem.clone(), irqs.clone()).unwrap();
-    dev.restore(&state);
+    dev.restore(&state).unwrap();
     assert_eq!(dev.save(), state);
     assert_eq!(dev.bars()[0].addr, 0xc000_0000);
     assert_eq!(irqs.route(1).unwrap().0.data, 0x41, "MSI routes replayed");
@@ -644,14 +661,54 @@ fn blk_end_to_end_and_restore() {
     assert!(d.irqs.wait_for(1, 1, Duration::from_secs(5)));
     assert_eq!(std::fs::read(&path).unwrap()[1024..1536], [0x77; 512]);
 
-    let state = d.dev.save();
+    // A running device is not saved; a paused one is, with the device behind the transport.
+    assert_eq!(
+        d.dev.save_function().unwrap_err(),
+        crate::PersistError::Running {
+            device: "virtio-blk"
+        }
+    );
+    d.dev.pause();
+    let state = d.dev.save_function().unwrap();
+    assert_eq!(state.device.version, 1);
     drop(d.dev);
-    let disk = open_disk(&path, DiskOptions::default()).unwrap();
-    let blk = VirtioBlk::new(disk, Some("e2e".into())).unwrap();
-    let restored = blk.counters();
-    let irqs = Arc::new(FakeMsiIrqs::default());
-    let mut dev = VirtioPciDevice::new(Box::new(blk), d.mem.clone(), irqs.clone()).unwrap();
-    dev.restore(&state);
+    let build = |path: &std::path::Path, serial: &str| {
+        let disk = open_disk(path, DiskOptions::default()).unwrap();
+        let blk = VirtioBlk::new(disk, Some(serial.into())).unwrap();
+        let counters = blk.counters();
+        let irqs = Arc::new(FakeMsiIrqs::default());
+        let dev = VirtioPciDevice::new(Box::new(blk), d.mem.clone(), irqs).unwrap();
+        (dev, counters)
+    };
+    // Not the disk that was saved: refused with the reason.
+    let other = dir.path().join("other.raw");
+    std::fs::write(&other, vec![0u8; 128 * 1024]).unwrap();
+    let err = build(&other, "e2e").0.restore_function(&state).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "virtio-blk: {}: 256 sectors, the saved disk had 128",
+            other.display()
+        )
+    );
+    let err = build(&path, "nope").0.restore_function(&state).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("serial \"nope\", the saved disk's was \"e2e\""),
+        "{err}"
+    );
+    let mut newer = state.clone();
+    newer.device.version = 2;
+    assert!(matches!(
+        build(&path, "e2e").0.restore_function(&newer),
+        Err(crate::PersistError::Version { found: 2, .. })
+    ));
+    let (mut dev, restored) = build(&path, "e2e");
+    dev.restore_function(&state).unwrap();
+    assert_eq!(
+        dev.save_function().unwrap_err().to_string(),
+        "virtio-blk: still running; pause it before saving"
+    );
     // DISCARD is still negotiated after the restore (it is UNSUPP otherwise).
     header(&d.mem, 0x8100, VIRTIO_BLK_T_DISCARD, 0);
     let mut segment = [0u8; 16];
@@ -727,7 +784,7 @@ fn start_or_restore_while_paused_activates_on_resume() {
     let irqs = Arc::new(FakeMsiIrqs::default());
     let mut restored = VirtioPciDevice::new(dev, d.mem.clone(), irqs).unwrap();
     restored.pause();
-    restored.restore(&state);
+    restored.restore(&state).unwrap();
     assert!(seen.activations.lock().unwrap().is_empty());
     assert_eq!(restored.save(), state);
     restored.resume().unwrap();
