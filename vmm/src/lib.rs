@@ -8,10 +8,12 @@
 pub mod acpi;
 pub mod backends;
 pub mod boot;
+pub mod builder;
 pub mod config;
 pub mod console;
 pub mod controller;
 pub mod cpuid;
+pub mod device_manager;
 pub mod events;
 pub mod interrupts;
 pub mod kvm;
@@ -19,7 +21,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod memory;
 pub mod payload;
-pub mod pci;
+pub mod persist;
 pub mod regs;
 pub mod vcpu;
 pub mod vm;
@@ -66,6 +68,8 @@ pub enum Error {
     Interrupts(String),
     #[error("{0}")]
     Device(String),
+    #[error("cannot restore the VM: {0}")]
+    Restore(String),
 }
 
 /// Options of a VM run that are not part of the VM itself.

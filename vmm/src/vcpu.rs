@@ -36,6 +36,8 @@ pub enum VcpuError {
     BootTables(#[from] regs::SetupError),
     #[error("KVM accepted only {set} of {wanted} MSRs on vCPU {id}")]
     PartialMsrs { id: u8, set: usize, wanted: usize },
+    #[error("vCPU {id}: KVM refused the saved value of MSR {index:#x}")]
+    RestoreMsr { id: u8, index: u32 },
 }
 
 /// How the VM asked to end, as seen by a vCPU or a device.
@@ -185,14 +187,13 @@ impl Vcpu {
         move |source| VcpuError::Configure { id, what, source }
     }
 
-    /// Sets CPUID, MSRs, FPU, LAPIC and, when `entry` is given, the registers that start the
-    /// kernel (the boot vCPU; the others wait for INIT/SIPI in the in-kernel LAPIC).
+    /// Sets CPUID, the boot MSRs, FPU and LAPIC: the vCPU as it comes out of reset, for a
+    /// boot or before a saved state is put back.
     pub fn configure(
         &self,
         supported_cpuid: &CpuId,
         vcpus: u8,
         supported_msrs: &[u32],
-        entry: EntryPoint,
     ) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         cpuid::filter(&mut cpuid, self.id, vcpus);
@@ -214,16 +215,19 @@ impl Vcpu {
         let mut lapic = self.fd.get_lapic().map_err(self.cfg_err("LAPIC"))?;
         regs::set_lapic_lints(&mut lapic);
         self.fd.set_lapic(&lapic).map_err(self.cfg_err("LAPIC"))?;
+        Ok(())
+    }
 
-        if self.id == 0 {
-            let sregs = self.fd.get_sregs().map_err(self.cfg_err("segments"))?;
-            self.fd
-                .set_sregs(&regs::boot_sregs(sregs, entry))
-                .map_err(self.cfg_err("segments"))?;
-            self.fd
-                .set_regs(&regs::boot_regs(entry))
-                .map_err(self.cfg_err("registers"))?;
-        }
+    /// Sets the registers that start the kernel at `entry` (the boot vCPU only; the others wait
+    /// for INIT/SIPI in the in-kernel LAPIC).
+    pub fn set_boot_registers(&self, entry: EntryPoint) -> Result<(), VcpuError> {
+        let sregs = self.fd.get_sregs().map_err(self.cfg_err("segments"))?;
+        self.fd
+            .set_sregs(&regs::boot_sregs(sregs, entry))
+            .map_err(self.cfg_err("segments"))?;
+        self.fd
+            .set_regs(&regs::boot_regs(entry))
+            .map_err(self.cfg_err("registers"))?;
         Ok(())
     }
 
@@ -231,19 +235,7 @@ impl Vcpu {
     pub fn save(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         // MP state first: it may flush pending LAPIC events into the register state.
         let mp_state = self.fd.get_mp_state().map_err(self.cfg_err("MP state"))?;
-        let entries: Vec<_> = msr_indices
-            .iter()
-            .map(|&index| kvm_bindings::kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::PartialMsrs {
-            id: self.id,
-            set: 0,
-            wanted: entries.len(),
-        })?;
-        let n = self.fd.get_msrs(&mut msrs).map_err(self.cfg_err("MSRs"))?;
+        let msrs = self.read_msrs(msr_indices)?;
         Ok(VcpuState {
             id: self.id,
             regs: self.fd.get_regs().map_err(self.cfg_err("registers"))?,
@@ -253,11 +245,36 @@ impl Vcpu {
             xcrs: self.fd.get_xcrs().map_err(self.cfg_err("XCRs"))?,
             mp_state,
             events: self.fd.get_vcpu_events().map_err(self.cfg_err("events"))?,
-            msrs: msrs.as_slice()[..n]
-                .iter()
-                .map(|e| (e.index, e.data))
-                .collect(),
+            msrs,
         })
+    }
+
+    /// Reads the MSRs of `indices` that this vCPU has. KVM_GET_MSRS stops at the first MSR it
+    /// cannot read (the supported list names some that only exist with certain features), so
+    /// that one is left out and the read goes on after it.
+    fn read_msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
+        let mut out = Vec::with_capacity(indices.len());
+        let mut rest = indices;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(MSR_CHUNK)];
+            let entries: Vec<_> = chunk
+                .iter()
+                .map(|&index| kvm_bindings::kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::PartialMsrs {
+                id: self.id,
+                set: 0,
+                wanted: entries.len(),
+            })?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(self.cfg_err("MSRs"))?;
+            out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+            // Skip the MSR that stopped the read, if one did.
+            rest = &rest[(n + usize::from(n < chunk.len())).min(rest.len())..];
+        }
+        Ok(out)
     }
 
     /// Puts a saved state back (CPUID must already be set).
@@ -283,8 +300,19 @@ impl Vcpu {
                 ..Default::default()
             })
             .collect();
-        if let Ok(msrs) = Msrs::from_entries(&entries) {
-            self.fd.set_msrs(&msrs).map_err(self.cfg_err("MSRs"))?;
+        for chunk in entries.chunks(MSR_CHUNK) {
+            let msrs = Msrs::from_entries(chunk).map_err(|_| VcpuError::PartialMsrs {
+                id: self.id,
+                set: 0,
+                wanted: chunk.len(),
+            })?;
+            let set = self.fd.set_msrs(&msrs).map_err(self.cfg_err("MSRs"))?;
+            if set != chunk.len() {
+                return Err(VcpuError::RestoreMsr {
+                    id: self.id,
+                    index: chunk[set].index,
+                });
+            }
         }
         self.fd
             .set_lapic(&state.lapic)
@@ -297,32 +325,41 @@ impl Vcpu {
             .map_err(self.cfg_err("events"))?;
         Ok(())
     }
+}
 
-    /// Runs until the guest ends the VM, a fatal error, or a stop request; parks while the
-    /// VMM pauses the VM.
-    pub fn run(mut self, ctx: VcpuContext) -> Self {
-        loop {
-            ctx.control.park_while_paused();
-            if ctx.control.stopping() {
-                break;
-            }
-            match self.fd.run() {
-                Ok(exit) => {
-                    if !handle_exit(self.id, exit, &ctx) {
-                        break;
-                    }
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-                Err(e) => {
-                    ctx.events
-                        .fail(format!("vCPU {} failed to run: {e}", self.id));
+/// Runs `vcpu` until the guest ends the VM, a fatal error, or a stop request; parks while the
+/// VMM pauses the VM. The vCPU is locked only inside `KVM_RUN` and its exit handling, so a
+/// parked vCPU can be saved and restored by the VMM ([`Vcpu::save`], [`Vcpu::restore`]).
+pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext) {
+    let id = lock(&vcpu).id;
+    loop {
+        ctx.control.park_while_paused();
+        if ctx.control.stopping() {
+            break;
+        }
+        let mut guard = lock(&vcpu);
+        match guard.fd.run() {
+            Ok(exit) => {
+                if !handle_exit(id, exit, &ctx) {
                     break;
                 }
             }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                ctx.events.fail(format!("vCPU {id} failed to run: {e}"));
+                break;
+            }
         }
-        self
     }
 }
+
+/// Locks a vCPU, recovering it if its thread panicked.
+pub fn lock(vcpu: &Mutex<Vcpu>) -> std::sync::MutexGuard<'_, Vcpu> {
+    vcpu.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// MSRs per KVM_GET_MSRS / KVM_SET_MSRS call.
+const MSR_CHUNK: usize = 64;
 
 /// Routes one exit; returns false when this vCPU must stop.
 fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> bool {

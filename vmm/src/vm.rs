@@ -1,5 +1,5 @@
-//! A running VM: the KVM VM, its memory, devices and vCPU threads, from creation until the
-//! guest powers off, resets, or fails.
+//! A VM: the KVM VM, its memory, its devices and its vCPUs, built by [`crate::builder`], and
+//! then running on vCPU threads until the guest powers off, resets, or fails.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
@@ -7,30 +7,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::legacy::{AcpiPowerControl, Cmos, Ged, GedTrigger, I8042};
 use devices::GuestMemoryMmap;
-use devices::{Bus, BusDevice};
-use kvm_bindings::{
-    kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::acpi::{self, AcpiConfig};
 use crate::backends::Backends;
-use crate::boot::{self, EntryPoint};
 use crate::config::VmConfig;
 use crate::console::Console;
-use crate::interrupts::GsiRouter;
-use crate::layout::{irq, pio};
-use crate::pci::PciSegment;
-use crate::vcpu::{self, CpuTemplate, RunControl, Vcpu, VcpuContext, VmEvents};
-use crate::{memory, Error};
-
-/// TSS for KVM on Intel: three pages just below the BIOS area at the top of 4 GiB.
-const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+use crate::device_manager::DeviceManager;
+use crate::persist::{self, MachineState};
+use crate::vcpu::{self, CpuTemplate, Vcpu, VcpuContext};
+use crate::{builder, Error};
 
 /// How a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,20 +30,21 @@ pub enum VmExit {
     Reset,
 }
 
-/// A VM ready to run.
+/// A VM ready to run: built, and either booting a payload or restored from a saved state.
 pub struct Vm {
-    vcpus: Vec<Vcpu>,
-    ctx: VcpuContext,
-    ged: GedTrigger,
-    /// The PCI devices (and their worker threads); dropped before the VM and its memory.
-    pci: PciSegment,
-    fd: Arc<VmFd>,
+    pub(crate) vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    /// The MSRs a saved vCPU carries (those KVM supports).
+    pub(crate) msrs: Vec<u32>,
+    pub(crate) ctx: VcpuContext,
+    /// The devices (and their worker threads); dropped before the VM and its memory.
+    pub(crate) devices: DeviceManager,
+    pub(crate) fd: Arc<VmFd>,
     /// Kept mapped while KVM uses it; dropped after `fd` (fields drop in order).
-    memory: GuestMemoryMmap,
+    pub(crate) memory: GuestMemoryMmap,
 }
 
 impl Vm {
-    /// Creates the VM, loads the payload and configures every vCPU.
+    /// Builds the machine `config` describes and loads its payload: ready to boot.
     pub fn new(
         kvm: &Kvm,
         template: &CpuTemplate,
@@ -62,99 +52,32 @@ impl Vm {
         console: &Console,
         backends: &Backends,
     ) -> Result<Self, Error> {
-        let fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create VM", e))?);
-        let memory = memory::create_guest_memory(config.memory.size)?;
-        register_memory(&fd, &memory)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(|e| Error::Kvm("set TSS address", e))?;
-        fd.create_irq_chip()
-            .map_err(|e| Error::Kvm("create irqchip", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(|e| Error::Kvm("create PIT", e))?;
+        let vm = builder::build(kvm, template, config, console, backends)?;
+        builder::load_payload(&vm, config)?;
+        Ok(vm)
+    }
 
-        let events = Arc::new(VmEvents::new().map_err(Error::EventFd)?);
-        let pio_bus = legacy_devices(&events, console)?;
-        fd.register_irqfd(&console.irq, irq::COM1)
-            .map_err(|e| Error::Kvm("register COM1 irqfd", e))?;
-        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
-        fd.register_irqfd(&ged_irq, irq::GED)
-            .map_err(|e| Error::Kvm("register the GED irqfd", e))?;
-        let (ged, ged_trigger) = Ged::new(ged_irq);
-        pio_bus.insert(Arc::new(Mutex::new(ged)), pio::GED.0, pio::GED.1)?;
-        let mmio_bus = Arc::new(Bus::new());
-        let router = Arc::new(GsiRouter::new(fd.clone()));
-        let mut pci = PciSegment::new(
-            fd.clone(),
-            &pio_bus,
-            mmio_bus.clone(),
-            memory.clone(),
-            router,
-        )?;
-        for (name, device) in backends.virtio_devices(config)? {
-            pci.add_virtio(name, device)?;
-        }
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
 
-        tracing::debug!("VM, memory and legacy devices created");
-        let payload = &config.payload;
-        let kernel = boot::load_kernel(&memory, &payload.kernel)?;
-        tracing::debug!("kernel loaded: {:?}", kernel.entry);
-        let initramfs = payload
-            .initramfs
-            .as_deref()
-            .map(|p| boot::load_initramfs(&memory, p, &kernel, config.memory.size))
-            .transpose()?;
-        tracing::debug!("initramfs loaded");
-        boot::load_command_line(&memory, &payload.cmdline)?;
-        let rsdp = acpi::create_acpi_tables(
-            &memory,
-            &AcpiConfig {
-                vcpus: config.cpus.boot_vcpus,
-            },
-        )?;
-        match kernel.entry {
-            EntryPoint::Linux64 { .. } => boot::write_zero_page(
-                &memory,
-                &kernel,
-                payload.cmdline.len(),
-                initramfs,
-                config.memory.size,
-            )?,
-            EntryPoint::Pvh { .. } => {
-                boot::write_pvh_start_info(&memory, initramfs, rsdp, config.memory.size)?
-            }
+    /// Puts a saved machine back into this one, which must be built (not booted) from the same
+    /// configuration, with the saved guest memory already copied in: the KVM VM's interrupt
+    /// controllers, timer and clock, every vCPU, then every device.
+    pub fn restore(&self, state: &MachineState) -> Result<(), Error> {
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(Error::Restore(format!(
+                "{} vCPUs saved, this VM has {}",
+                state.vcpus.len(),
+                self.vcpus.len()
+            )));
         }
-        crate::regs::write_boot_tables(&memory, kernel.entry).map_err(vcpu::VcpuError::from)?;
-
-        let mut vcpus = Vec::new();
-        for id in 0..config.cpus.boot_vcpus {
-            let vcpu = Vcpu::new(&fd, id)?;
-            vcpu.configure(
-                &template.cpuid,
-                config.cpus.boot_vcpus,
-                &template.msrs,
-                kernel.entry,
-            )?;
-            vcpus.push(vcpu);
+        persist::restore_kvm(&self.fd, &state.kvm)?;
+        for (vcpu, saved) in self.vcpus.iter().zip(&state.vcpus) {
+            vcpu::lock(vcpu).restore(saved)?;
         }
-        tracing::debug!("{} vCPUs configured", vcpus.len());
-        let ctx = VcpuContext {
-            pio: Arc::new(pio_bus),
-            mmio: mmio_bus,
-            events,
-            control: Arc::new(RunControl::default()),
-        };
-        Ok(Vm {
-            vcpus,
-            ctx,
-            ged: ged_trigger,
-            pci,
-            fd,
-            memory,
-        })
+        self.devices.restore(&state.devices)
     }
 
     /// Runs every vCPU on its own thread until the guest powers off, resets, or a vCPU fails.
@@ -181,26 +104,27 @@ impl Vm {
         watch(&events.reset, TOKEN_RESET).map_err(Error::EventFd)?;
         watch(&events.failure, TOKEN_FAILURE).map_err(Error::EventFd)?;
 
-        let mut threads: Vec<JoinHandle<Vcpu>> = Vec::new();
-        for vcpu in self.vcpus {
-            let ctx = self.ctx.clone();
-            let name = format!("vcpu{}", vcpu.id());
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for vcpu in &self.vcpus {
+            let (vcpu, ctx) = (vcpu.clone(), self.ctx.clone());
+            let name = format!("vcpu{}", vcpu::lock(&vcpu).id());
             let handle = std::thread::Builder::new()
                 .name(name)
                 .stack_size(devices::THREAD_STACK_SIZE)
-                .spawn(move || vcpu.run(ctx))
+                .spawn(move || vcpu::run(vcpu, ctx))
                 .map_err(Error::Thread)?;
             threads.push(handle);
         }
         Ok(RunningVm {
             threads,
+            vcpus: self.vcpus,
+            msrs: self.msrs,
             epoll,
             ctx: self.ctx,
-            ged: self.ged,
             paused_clock: Mutex::new(None),
-            pci: self.pci,
+            devices: self.devices,
             fd: self.fd,
-            _memory: self.memory,
+            memory: self.memory,
         })
     }
 }
@@ -214,16 +138,18 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A VM whose vCPUs run on their own threads.
 pub struct RunningVm {
-    threads: Vec<JoinHandle<Vcpu>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Shared with their threads, which lock them only inside `KVM_RUN`.
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    msrs: Vec<u32>,
     epoll: Epoll,
     ctx: VcpuContext,
-    ged: GedTrigger,
     /// The guest's clock when it was paused (None while running).
     paused_clock: Mutex<Option<kvm_clock_data>>,
     /// Devices, then the VM, then its memory: fields drop in order.
-    pci: PciSegment,
+    devices: DeviceManager,
     fd: Arc<VmFd>,
-    _memory: GuestMemoryMmap,
+    memory: GuestMemoryMmap,
 }
 
 impl RunningVm {
@@ -278,7 +204,7 @@ impl RunningVm {
 
     /// Presses the ACPI power button.
     pub fn power_button(&self) -> Result<(), Error> {
-        self.ged.power_button().map_err(Error::EventFd)
+        self.devices.power_button()
     }
 
     /// Pauses the guest: every vCPU parked outside `KVM_RUN`, every device worker idle, the
@@ -292,14 +218,16 @@ impl RunningVm {
         control.request_pause();
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         // A kick that lands just before a thread enters KVM_RUN is lost: repeat until parked.
-        while !control.wait_parked(self.threads.len(), Duration::from_millis(1)) {
+        // Threads that ended (their vCPU stopped the VM) cannot park.
+        let live = || self.threads.iter().filter(|t| !t.is_finished()).count();
+        while !control.wait_parked(live(), Duration::from_millis(1)) {
             if Instant::now() > deadline {
                 control.resume();
                 return Err(Error::Guest("the vCPUs did not stop for the pause".into()));
             }
             self.kick_all();
         }
-        self.pci.pause_devices();
+        self.devices.pause();
         *clock = Some(
             self.fd
                 .get_clock()
@@ -318,7 +246,7 @@ impl RunningVm {
         self.fd
             .set_clock(&saved)
             .map_err(|e| Error::Kvm("restore the guest clock", e))?;
-        self.pci.resume_devices()?;
+        self.devices.resume()?;
         self.ctx.control.resume();
         Ok(())
     }
@@ -331,11 +259,35 @@ impl RunningVm {
             .is_some()
     }
 
+    /// Saves the whole machine but its memory ([`RunningVm::memory`]): the KVM VM's state,
+    /// every vCPU and every device. Only while paused.
+    pub fn save(&self) -> Result<MachineState, Error> {
+        let clock = self.paused_clock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(clock) = *clock else {
+            return Err(Error::Restore("pause the VM before saving it".into()));
+        };
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| vcpu::lock(v).save(&self.msrs))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MachineState {
+            kvm: persist::save_kvm(&self.fd, clock)?,
+            vcpus,
+            devices: self.devices.save()?,
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
     /// Per-device counters, by device name.
     pub fn counters(
         &self,
     ) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
-        self.pci.counters()
+        self.devices.counters()
     }
 
     fn kick_all(&self) {
@@ -363,47 +315,4 @@ impl RunningVm {
             let _ = t.join();
         }
     }
-}
-
-fn register_memory(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
-    for (slot, region) in memory.iter().enumerate() {
-        let region_def = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the region maps `memory_size` bytes at `userspace_addr` and stays mapped for
-        // as long as the VM exists: `Vm` owns both and drops the VM fd first.
-        unsafe { fd.set_user_memory_region(region_def) }
-            .map_err(|e| Error::Kvm("register guest memory", e))?;
-    }
-    Ok(())
-}
-
-/// Builds the port I/O bus with COM1, the i8042, the CMOS RTC and the ACPI power controls.
-fn legacy_devices(events: &VmEvents, console: &Console) -> Result<Bus, Error> {
-    let bus = Bus::new();
-    let dup = |e: &EventFd| e.try_clone().map_err(Error::EventFd);
-    type Placed = (Arc<Mutex<dyn BusDevice>>, (u64, u64));
-    let devices: [Placed; 4] = [
-        (console.serial.clone(), pio::COM1),
-        (
-            Arc::new(Mutex::new(I8042::new(dup(&events.reset)?))),
-            pio::I8042,
-        ),
-        (Arc::new(Mutex::new(Cmos::new())), pio::CMOS),
-        (
-            Arc::new(Mutex::new(AcpiPowerControl::new(
-                dup(&events.shutdown)?,
-                dup(&events.reset)?,
-            ))),
-            pio::ACPI_POWER,
-        ),
-    ];
-    for (device, (base, len)) in devices {
-        bus.insert(device, base, len)?;
-    }
-    Ok(bus)
 }

@@ -551,3 +551,165 @@ fn controller_follows_a_guest_that_keeps_rebooting() {
         .count();
     assert!(reboots >= 3, "only {reboots} reboots seen in 500 ms");
 }
+
+/// The guest of the save/restore test: prints `a`..`z` over and over, 600 letters with a
+/// short spin after each, counting them in EBX and in memory at 0x200000; then prints "ok" if
+/// both counts agree (or "bad"), and powers off.
+fn counting_guest() -> Asm {
+    const COUNT: u32 = 600;
+    let mut a = Asm::default();
+    a.0.extend([0x31, 0xdb]); // xor ebx, ebx
+    let top = a.0.len();
+    a.0.extend([0x89, 0xd8]); // mov eax, ebx
+    a.0.extend([0x31, 0xd2]); // xor edx, edx
+    a.0.extend([0xb9, 26, 0, 0, 0]); // mov ecx, 26
+    a.0.extend([0xf7, 0xf1]); // div ecx
+    a.0.extend([0x88, 0xd0]); // mov al, dl
+    a.0.extend([0x04, b'a']); // add al, 'a'
+    a = a.print_al();
+    a.0.extend([0xff, 0x05, 0x00, 0x00, 0x20, 0x00]); // inc dword [0x200000]
+    a.0.push(0x43); // inc ebx
+    a.0.extend([0xb9, 0xd0, 0x07, 0, 0]); // mov ecx, 2000
+    a.0.extend([0x49, 0x75, 0xfd]); // spin: dec ecx; jnz spin
+    a.0.extend([0x81, 0xfb]); // cmp ebx, COUNT
+    a.0.extend(COUNT.to_le_bytes());
+    let back = a.0.len() + 6 - top;
+    a.0.extend([0x0f, 0x85]); // jne top
+    a.0.extend((-(back as i32)).to_le_bytes());
+    a.0.extend([0x3b, 0x1d, 0x00, 0x00, 0x20, 0x00]); // cmp ebx, [0x200000]
+    let bad = Asm::default().print("\nbad\n").poweroff();
+    a.0.extend([0x74, bad.0.len() as u8]); // je ok
+    a.0.extend(bad.0);
+    a.print("\nok\n").poweroff()
+}
+
+/// What the counting guest prints from start to end.
+fn counting_guest_output() -> Vec<u8> {
+    let mut out: Vec<u8> = (0..600u32).map(|i| b'a' + (i % 26) as u8).collect();
+    out.extend(b"\nok\n");
+    out
+}
+
+#[test]
+fn a_paused_machine_saved_and_restored_into_a_fresh_one_finishes_its_work() {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    let g = TinyGuest::new("restore");
+    let kernel = g.kernel(&counting_guest());
+    let serial = g.dir.join("serial.out");
+    let mut config = config(&kernel, &serial, 2);
+    // A virtio function too, so the PCI segment has a device to save and restore.
+    config.rng = Some(RngConfig {
+        src: "/dev/urandom".into(),
+    });
+    let kvm = vmm::kvm::open_any().expect("/dev/kvm");
+    let template = CpuTemplate::from_kvm(&kvm).unwrap();
+    let console = Console::new(&config.serial).unwrap();
+    let backends = vmm::backends::Backends::open(&config).unwrap();
+    let running = Vm::new(&kvm, &template, &config, &console, &backends)
+        .unwrap()
+        .start()
+        .unwrap();
+    let printed = |path: &Path| std::fs::read(path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while printed(&serial).len() < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not print"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(running.save().is_err(), "a running VM is not saved");
+    running.pause().unwrap();
+    let state = running.save().unwrap();
+    assert_eq!(state.vcpus.len(), 2);
+    assert_eq!(state.devices.pci.functions.len(), 1);
+
+    // A fresh machine from the same configuration, COM1 now writing elsewhere.
+    let serial2 = g.dir.join("serial2.out");
+    let mut config2 = config.clone();
+    config2.serial = vmm::config::ConsoleConfig::File(serial2.clone());
+    let console2 = Console::new(&config2.serial).unwrap();
+    let backends2 = vmm::backends::Backends::open(&config2).unwrap();
+    let fresh = vmm::builder::build(&kvm, &template, &config2, &console2, &backends2).unwrap();
+    for region in running.memory().iter() {
+        let mut bytes = vec![0u8; region.len() as usize];
+        running
+            .memory()
+            .read_slice(&mut bytes, region.start_addr())
+            .unwrap();
+        fresh
+            .memory()
+            .write_slice(&bytes, region.start_addr())
+            .unwrap();
+    }
+    let before = printed(&serial);
+    running.stop();
+    assert!(before.len() < 600, "saved before the guest finished");
+    fresh.restore(&state).unwrap();
+    let exit = fresh.run().unwrap();
+    assert_eq!(exit, VmExit::Shutdown);
+    drop((console, console2));
+
+    let mut whole = before;
+    whole.extend(printed(&serial2));
+    let expected = counting_guest_output();
+    assert_eq!(
+        String::from_utf8_lossy(&whole),
+        String::from_utf8_lossy(&expected),
+        "the output of both machines is the guest's whole output, once"
+    );
+}
+
+#[test]
+fn a_restore_refuses_a_machine_of_another_shape() {
+    let g = TinyGuest::new("restore-shape");
+    let kernel = g.kernel(&Asm::default().print("x").halt_forever());
+    let serial = g.dir.join("serial.out");
+    let config = config(&kernel, &serial, 1);
+    let kvm = vmm::kvm::open_any().expect("/dev/kvm");
+    let template = CpuTemplate::from_kvm(&kvm).unwrap();
+    let console = Console::new(&config.serial).unwrap();
+    let backends = vmm::backends::Backends::open(&config).unwrap();
+    let running = Vm::new(&kvm, &template, &config, &console, &backends)
+        .unwrap()
+        .start()
+        .unwrap();
+    running.pause().unwrap();
+    let state = running.save().unwrap();
+    running.stop();
+    // Two vCPUs where one was saved; an rng device where there was none.
+    let two = vmm::builder::build(
+        &kvm,
+        &template,
+        &vmm::VmConfig {
+            cpus: CpusConfig::new(2),
+            ..config.clone()
+        },
+        &console,
+        &backends,
+    )
+    .unwrap();
+    let err = two.restore(&state).unwrap_err().to_string();
+    assert_eq!(err, "cannot restore the VM: 1 vCPUs saved, this VM has 2");
+    drop(two); // its COM1 interrupt is the console's, which the next VM takes
+    let rng_config = vmm::VmConfig {
+        rng: Some(RngConfig {
+            src: "/dev/urandom".into(),
+        }),
+        ..config.clone()
+    };
+    let with_rng = vmm::builder::build(
+        &kvm,
+        &template,
+        &rng_config,
+        &console,
+        &vmm::backends::Backends::open(&rng_config).unwrap(),
+    )
+    .unwrap();
+    let err = with_rng.restore(&state).unwrap_err().to_string();
+    assert!(
+        err.starts_with("PCI: the saved machine has devices []"),
+        "{err}"
+    );
+}

@@ -158,7 +158,7 @@ pub struct Cmos {
 }
 
 /// Saved state of a [`Cmos`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct CmosState {
     /// Selected register.
     pub index: u8,

@@ -62,7 +62,7 @@ pub struct I8042 {
 }
 
 /// Saved state of an [`I8042`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct I8042State {
     /// The controller command byte.
     pub command_byte: u8,

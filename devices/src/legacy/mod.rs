@@ -7,8 +7,8 @@ pub mod i8042;
 pub mod power;
 pub mod serial;
 
-pub use cmos::Cmos;
-pub use ged::{Ged, GedTrigger};
-pub use i8042::I8042;
-pub use power::AcpiPowerControl;
-pub use serial::Serial;
+pub use cmos::{Cmos, CmosState};
+pub use ged::{Ged, GedState, GedTrigger};
+pub use i8042::{I8042State, I8042};
+pub use power::{AcpiPowerControl, AcpiPowerControlState};
+pub use serial::{Serial, SerialSnapshot};

@@ -39,7 +39,7 @@ pub struct AcpiPowerControl {
 }
 
 /// Saved state of an [`AcpiPowerControl`].
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct AcpiPowerControlState {
     /// The sleep status register.
     pub sleep_status: u8,

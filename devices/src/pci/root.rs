@@ -4,9 +4,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::config::{PciConfiguration, PciHeader, CONFIG_SPACE_SIZE};
+use serde::{Deserialize, Serialize};
+
+use super::config::{PciConfiguration, PciConfigurationState, PciHeader, CONFIG_SPACE_SIZE};
 use super::{lock_device, BarReprogram, PciBar, PciDevice, PciError};
-use crate::BusDevice;
+use crate::{BusDevice, Persist, PersistError};
 
 /// Port of CONFIG_ADDRESS; CONFIG_DATA follows at 0xcfc.
 pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
@@ -76,7 +78,33 @@ impl PciDevice for HostBridge {
 /// Bus 0 of the PCI hierarchy.
 pub struct PciRoot {
     devices: [Option<Arc<Mutex<dyn PciDevice>>>; SLOTS],
+    /// Device 0, also in `devices`, kept typed for saving.
+    host_bridge: Arc<Mutex<HostBridge>>,
     on_bar_reprogram: Option<BarReprogramHandler>,
+}
+
+/// Saved state of the root bus: its host bridge's configuration space (the functions on the
+/// bus save their own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciRootState {
+    pub host_bridge: PciConfigurationState,
+}
+
+impl Persist for PciRoot {
+    const NAME: &'static str = "PCI host bridge";
+    type State = PciRootState;
+
+    fn save(&self) -> PciRootState {
+        let bridge = self.host_bridge.lock().unwrap_or_else(|e| e.into_inner());
+        PciRootState {
+            host_bridge: bridge.config.save(),
+        }
+    }
+
+    fn restore(&mut self, state: &PciRootState) -> Result<(), PersistError> {
+        let mut bridge = self.host_bridge.lock().unwrap_or_else(|e| e.into_inner());
+        bridge.config.restore(&state.host_bridge)
+    }
 }
 
 impl Default for PciRoot {
@@ -89,9 +117,11 @@ impl PciRoot {
     /// A root bus holding only the host bridge (device 0).
     pub fn new() -> Self {
         let mut devices: [Option<Arc<Mutex<dyn PciDevice>>>; SLOTS] = Default::default();
-        devices[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
+        let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
+        devices[0] = Some(host_bridge.clone());
         PciRoot {
             devices,
+            host_bridge,
             on_bar_reprogram: None,
         }
     }
@@ -220,6 +250,28 @@ impl PciConfigIo {
             ((a >> 8) & 0x7) as u8,
             (a & 0xfc) as u16,
         ))
+    }
+}
+
+/// Saved state of [`PciConfigIo`]: the CONFIG_ADDRESS latch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciConfigIoState {
+    pub address: u32,
+}
+
+impl Persist for PciConfigIo {
+    const NAME: &'static str = "PCI CONFIG_ADDRESS";
+    type State = PciConfigIoState;
+
+    fn save(&self) -> PciConfigIoState {
+        PciConfigIoState {
+            address: self.address,
+        }
+    }
+
+    fn restore(&mut self, state: &PciConfigIoState) -> Result<(), PersistError> {
+        self.address = state.address;
+        Ok(())
     }
 }
 

@@ -21,6 +21,7 @@
 mod common;
 mod interrupt;
 mod persist;
+pub use persist::VirtioFunctionState;
 #[cfg(test)]
 mod tests;
 

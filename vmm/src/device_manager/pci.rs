@@ -9,14 +9,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use devices::pci::root::{PciConfigIoState, PciRootState};
 use devices::pci::{
     BarReprogram, PciBarRegion, PciConfigIo, PciConfigMmio, PciDevice, PciRoot, PCI_CONFIG_IO_LEN,
     PCI_CONFIG_IO_PORT,
 };
+use devices::virtio::pci::VirtioFunctionState;
 use devices::virtio::{VirtioDevice, VirtioPciDevice};
-use devices::Bus;
 use devices::GuestMemoryMmap;
+use devices::{Bus, Persist};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -42,6 +45,7 @@ pub struct PciSegment {
     mem: GuestMemoryMmap,
     router: Arc<GsiRouter>,
     root: Arc<Mutex<PciRoot>>,
+    config_io: Arc<Mutex<PciConfigIo>>,
     bars: AddressAllocator,
     functions: Arc<Mutex<HashMap<u8, VirtioFunction>>>,
 }
@@ -60,11 +64,8 @@ impl PciSegment {
         router: Arc<GsiRouter>,
     ) -> Result<Self, Error> {
         let root = Arc::new(Mutex::new(PciRoot::new()));
-        pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-            PCI_CONFIG_IO_PORT,
-            PCI_CONFIG_IO_LEN,
-        )?;
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(root.clone())));
+        pio.insert(config_io.clone(), PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_LEN)?;
         mmio.insert(
             Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
             PCI_MMCONFIG.0,
@@ -90,6 +91,7 @@ impl PciSegment {
             mem,
             router,
             root,
+            config_io,
             bars,
             functions,
         })
@@ -175,6 +177,104 @@ impl PciSegment {
                 (f.name.clone(), counters)
             })
             .collect()
+    }
+}
+
+/// Saved state of the PCI segment: the CONFIG_ADDRESS latch, the host bridge, and every
+/// virtio function by device number (transport and device).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciSegmentState {
+    pub config_io: PciConfigIoState,
+    pub root: PciRootState,
+    pub functions: Vec<PciFunctionState>,
+}
+
+/// One virtio function's saved state, with where it sits and what it is called.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciFunctionState {
+    pub slot: u8,
+    pub name: String,
+    pub function: VirtioFunctionState,
+}
+
+impl PciSegment {
+    /// Saves the root and every function, in device-number order. The functions must be
+    /// paused ([`PciSegment::pause_devices`]).
+    pub fn save(&self) -> Result<PciSegmentState, Error> {
+        let functions = lock(&self.functions);
+        let mut slots: Vec<u8> = functions.keys().copied().collect();
+        slots.sort_unstable();
+        let mut saved = Vec::new();
+        for slot in slots {
+            let f = &functions[&slot];
+            let function = lock(&f.device)
+                .save_function()
+                .map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
+            saved.push(PciFunctionState {
+                slot,
+                name: f.name.clone(),
+                function,
+            });
+        }
+        Ok(PciSegmentState {
+            config_io: lock(&self.config_io).save(),
+            root: lock(&self.root).save(),
+            functions: saved,
+        })
+    }
+
+    /// Restores a state saved by [`PciSegment::save`] into a segment built from the same
+    /// configuration: the same functions at the same device numbers. A BAR the guest had moved
+    /// is mapped (with its queue notifications) where the guest left it.
+    pub fn restore(&self, state: &PciSegmentState) -> Result<(), Error> {
+        let mut functions = lock(&self.functions);
+        let mut here: Vec<(u8, &str)> = functions
+            .iter()
+            .map(|(s, f)| (*s, f.name.as_str()))
+            .collect();
+        here.sort_unstable();
+        let saved: Vec<(u8, &str)> = state
+            .functions
+            .iter()
+            .map(|f| (f.slot, f.name.as_str()))
+            .collect();
+        if here != saved {
+            return Err(Error::Device(format!(
+                "PCI: the saved machine has devices {saved:?}, this one {here:?}"
+            )));
+        }
+        lock(&self.config_io)
+            .restore(&state.config_io)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        lock(&self.root)
+            .restore(&state.root)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        for saved in &state.functions {
+            let Some(f) = functions.get_mut(&saved.slot) else {
+                continue;
+            };
+            let bars = {
+                let mut device = lock(&f.device);
+                device
+                    .restore_function(&saved.function)
+                    .map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
+                device.bars()
+            };
+            for bar in bars {
+                let old = f.mapped.get(&bar.index).copied().flatten();
+                if old != Some(bar.addr) {
+                    let mv = BarReprogram {
+                        bar: bar.index,
+                        old: old.unwrap_or(bar.addr),
+                        new: bar.addr,
+                        size: bar.size,
+                        kind: bar.kind,
+                    };
+                    move_bar(&self.vm, &self.mmio, f, mv);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,130 @@
+//! Building a VM from its configuration, in two steps: [`build`] makes the virtual hardware
+//! (KVM VM, guest memory, interrupt controllers and timer, every device, the vCPUs in their
+//! reset state) and boots nothing; then either [`load_payload`] loads the kernel and sets the
+//! boot registers (a boot or a reboot), or [`Vm::restore`] puts a saved machine back.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::acpi::{self, AcpiConfig};
+use crate::backends::Backends;
+use crate::boot::{self, EntryPoint};
+use crate::config::VmConfig;
+use crate::console::Console;
+use crate::device_manager::DeviceManager;
+use crate::vcpu::{self, CpuTemplate, RunControl, Vcpu, VcpuContext, VmEvents};
+use crate::vm::Vm;
+use crate::{memory, Error};
+use devices::GuestMemoryMmap;
+
+/// TSS for KVM on Intel: three pages just below the BIOS area at the top of 4 GiB.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Builds the machine `config` describes, without a payload: the vCPUs are in their reset
+/// state and guest memory is empty.
+pub fn build(
+    kvm: &Kvm,
+    template: &CpuTemplate,
+    config: &VmConfig,
+    console: &Console,
+    backends: &Backends,
+) -> Result<Vm, Error> {
+    let fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create VM", e))?);
+    let memory = memory::create_guest_memory(config.memory.size)?;
+    register_memory(&fd, &memory)?;
+    fd.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(|e| Error::Kvm("set TSS address", e))?;
+    fd.create_irq_chip()
+        .map_err(|e| Error::Kvm("create irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit)
+        .map_err(|e| Error::Kvm("create PIT", e))?;
+
+    let events = Arc::new(VmEvents::new().map_err(Error::EventFd)?);
+    let devices = DeviceManager::new(&fd, &memory, &events, console, backends, config)?;
+    tracing::debug!("VM, memory and devices created");
+
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus.boot_vcpus {
+        let vcpu = Vcpu::new(&fd, id)?;
+        vcpu.configure(&template.cpuid, config.cpus.boot_vcpus, &template.msrs)?;
+        vcpus.push(Arc::new(std::sync::Mutex::new(vcpu)));
+    }
+    tracing::debug!("{} vCPUs created", vcpus.len());
+    let ctx = VcpuContext {
+        pio: devices.pio().clone(),
+        mmio: devices.mmio().clone(),
+        events,
+        control: Arc::new(RunControl::default()),
+    };
+    Ok(Vm {
+        vcpus,
+        msrs: template.msrs.clone(),
+        ctx,
+        devices,
+        fd,
+        memory,
+    })
+}
+
+/// Loads the kernel, initramfs and command line, writes the ACPI tables and the boot
+/// parameters, and points the boot vCPU at the kernel's entry.
+pub fn load_payload(vm: &Vm, config: &VmConfig) -> Result<(), Error> {
+    let memory = &vm.memory;
+    let payload = &config.payload;
+    let kernel = boot::load_kernel(memory, &payload.kernel)?;
+    tracing::debug!("kernel loaded: {:?}", kernel.entry);
+    let initramfs = payload
+        .initramfs
+        .as_deref()
+        .map(|p| boot::load_initramfs(memory, p, &kernel, config.memory.size))
+        .transpose()?;
+    tracing::debug!("initramfs loaded");
+    boot::load_command_line(memory, &payload.cmdline)?;
+    let rsdp = acpi::create_acpi_tables(
+        memory,
+        &AcpiConfig {
+            vcpus: config.cpus.boot_vcpus,
+        },
+    )?;
+    match kernel.entry {
+        EntryPoint::Linux64 { .. } => boot::write_zero_page(
+            memory,
+            &kernel,
+            payload.cmdline.len(),
+            initramfs,
+            config.memory.size,
+        )?,
+        EntryPoint::Pvh { .. } => {
+            boot::write_pvh_start_info(memory, initramfs, rsdp, config.memory.size)?
+        }
+    }
+    crate::regs::write_boot_tables(memory, kernel.entry).map_err(vcpu::VcpuError::from)?;
+    if let Some(boot_vcpu) = vm.vcpus.first() {
+        vcpu::lock(boot_vcpu).set_boot_registers(kernel.entry)?;
+    }
+    Ok(())
+}
+
+fn register_memory(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
+    for (slot, region) in memory.iter().enumerate() {
+        let region_def = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region maps `memory_size` bytes at `userspace_addr` and stays mapped for
+        // as long as the VM exists: `Vm` owns both and drops the VM fd first.
+        unsafe { fd.set_user_memory_region(region_def) }
+            .map_err(|e| Error::Kvm("register guest memory", e))?;
+    }
+    Ok(())
+}
