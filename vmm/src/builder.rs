@@ -9,15 +9,16 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::acpi::{self, AcpiConfig};
 use crate::backends::Backends;
+use crate::boot::acpi::{self, AcpiConfig};
 use crate::boot::{self, EntryPoint};
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::device_manager::DeviceManager;
-use crate::vcpu::{self, CpuTemplate, RunControl, Vcpu, VcpuContext, VmEvents};
 use crate::vm::Vm;
-use crate::{memory, Error};
+use crate::vstate::memory;
+use crate::vstate::vcpu::{self, CpuTemplate, RunControl, Vcpu, VcpuContext, VmEvents};
+use crate::Error;
 use devices::GuestMemoryMmap;
 
 /// TSS for KVM on Intel: three pages just below the BIOS area at the top of 4 GiB.
@@ -105,7 +106,7 @@ pub fn load_payload(vm: &Vm, config: &VmConfig) -> Result<(), Error> {
             boot::write_pvh_start_info(memory, initramfs, rsdp, config.memory.size)?
         }
     }
-    crate::regs::write_boot_tables(memory, kernel.entry).map_err(vcpu::VcpuError::from)?;
+    crate::vstate::regs::write_boot_tables(memory, kernel.entry).map_err(vcpu::VcpuError::from)?;
     if let Some(boot_vcpu) = vm.vcpus.first() {
         vcpu::lock(boot_vcpu).set_boot_registers(kernel.entry)?;
     }

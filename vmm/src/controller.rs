@@ -22,9 +22,10 @@ use crate::config::VmConfig;
 use crate::console::Console;
 use crate::events::EventMonitor;
 use crate::lifecycle::{self, Action, Refusal, VmState};
-use crate::vcpu::CpuTemplate;
 use crate::vm::{RunningVm, Vm, VmExit};
-use crate::{kvm, Error, RunOptions};
+use crate::vstate::kvm;
+use crate::vstate::vcpu::CpuTemplate;
+use crate::{Error, RunOptions};
 
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -4,27 +4,31 @@
 //! [`config::VmConfig`], boots it, pauses and resumes it, runs it until the guest powers off,
 //! and builds it anew in the same process each time the guest reboots, as a physical machine
 //! would restart.
+//!
+//! Where things are:
+//! - the VM's life: [`lifecycle`] (states and the rules of every request), [`controller`] (the
+//!   thread that owns the VM), [`events`] (what it reports);
+//! - the machine: [`builder`] builds it from a configuration (then boots a payload or restores
+//!   a saved state), [`vm`] runs it, [`persist`] is its saved state;
+//! - [`vstate`]: the KVM parts — `/dev/kvm`, guest memory, vCPUs, CPUID, registers, MSI routes;
+//! - [`device_manager`]: every device by type, the buses, PCI, and the devices' saved state;
+//! - [`boot`]: loading kernels and initramfs, boot parameters, ACPI tables;
+//! - [`config`] (what a VM is made of), [`backends`] (the host files and taps it uses),
+//!   [`console`] (COM1's input and output), [`layout`] (the guest's memory and port map).
 
-pub mod acpi;
 pub mod backends;
 pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod console;
 pub mod controller;
-pub mod cpuid;
 pub mod device_manager;
 pub mod events;
-pub mod interrupts;
-pub mod kvm;
 pub mod layout;
 pub mod lifecycle;
-pub mod memory;
-pub mod payload;
 pub mod persist;
-pub mod regs;
-pub mod vcpu;
 pub mod vm;
+pub mod vstate;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -39,17 +43,17 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    KvmOpen(#[from] kvm::KvmError),
+    KvmOpen(#[from] vstate::kvm::KvmError),
     #[error("KVM failed to {0}: {1}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
     #[error(transparent)]
-    Memory(#[from] memory::MemoryError),
+    Memory(#[from] vstate::memory::MemoryError),
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     #[error("cannot build ACPI tables: {0}")]
-    Acpi(#[from] acpi::AcpiError),
+    Acpi(#[from] boot::acpi::AcpiError),
     #[error(transparent)]
-    Vcpu(#[from] vcpu::VcpuError),
+    Vcpu(#[from] vstate::vcpu::VcpuError),
     #[error(transparent)]
     Console(#[from] console::ConsoleError),
     #[error("cannot place a device: {0}")]

@@ -9,7 +9,7 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
 use crate::device_manager::DevicesState;
-use crate::vcpu::VcpuState;
+use crate::vstate::vcpu::VcpuState;
 use crate::Error;
 
 /// Everything a paused machine is, but its memory: what a snapshot or a migration carries

@@ -18,7 +18,7 @@ use crate::config::VmConfig;
 use crate::console::Console;
 use crate::device_manager::DeviceManager;
 use crate::persist::{self, MachineState};
-use crate::vcpu::{self, CpuTemplate, Vcpu, VcpuContext};
+use crate::vstate::vcpu::{self, CpuTemplate, Vcpu, VcpuContext};
 use crate::{builder, Error};
 
 /// How a VM ended.

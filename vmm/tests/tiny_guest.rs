@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use vmm::config::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig};
 use vmm::controller::Controller;
-use vmm::vcpu::CpuTemplate;
+use vmm::vstate::vcpu::CpuTemplate;
 use vmm::{Console, Vm, VmExit};
 
 /// Where the guest code is loaded and entered (32-bit protected mode, paging off).
@@ -175,7 +175,7 @@ impl TinyGuest {
         let _ = std::fs::remove_file(&serial);
         let mut config = config(&kernel, &serial, vcpus);
         adjust(&mut config);
-        let kvm = vmm::kvm::open_any().expect("/dev/kvm");
+        let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
         let template = CpuTemplate::from_kvm(&kvm).unwrap();
         let console = Console::new(&config.serial).unwrap();
         let backends = vmm::backends::Backends::open(&config).unwrap();
@@ -364,7 +364,7 @@ fn pause_parks_every_vcpu_and_resume_continues() {
     let kernel = g.kernel(&code);
     let serial = g.dir.join("serial.out");
     let config = config(&kernel, &serial, 2);
-    let kvm = vmm::kvm::open_any().expect("/dev/kvm");
+    let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
     let template = CpuTemplate::from_kvm(&kvm).unwrap();
     let console = Console::new(&config.serial).unwrap();
     let backends = vmm::backends::Backends::open(&config).unwrap();
@@ -602,7 +602,7 @@ fn a_paused_machine_saved_and_restored_into_a_fresh_one_finishes_its_work() {
     config.rng = Some(RngConfig {
         src: "/dev/urandom".into(),
     });
-    let kvm = vmm::kvm::open_any().expect("/dev/kvm");
+    let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
     let template = CpuTemplate::from_kvm(&kvm).unwrap();
     let console = Console::new(&config.serial).unwrap();
     let backends = vmm::backends::Backends::open(&config).unwrap();
@@ -667,7 +667,7 @@ fn a_restore_refuses_a_machine_of_another_shape() {
     let kernel = g.kernel(&Asm::default().print("x").halt_forever());
     let serial = g.dir.join("serial.out");
     let config = config(&kernel, &serial, 1);
-    let kvm = vmm::kvm::open_any().expect("/dev/kvm");
+    let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
     let template = CpuTemplate::from_kvm(&kvm).unwrap();
     let console = Console::new(&config.serial).unwrap();
     let backends = vmm::backends::Backends::open(&config).unwrap();

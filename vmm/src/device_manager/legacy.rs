@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::Console;
 use crate::layout::{irq, pio};
-use crate::vcpu::VmEvents;
+use crate::vstate::vcpu::VmEvents;
 use crate::Error;
 
 /// The legacy devices besides COM1, which the console owns.

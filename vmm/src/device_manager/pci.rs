@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::interrupts::{GsiRouter, KvmMsiIrqs};
 use crate::layout::{PCI_BAR_WINDOW, PCI_MMCONFIG};
+use crate::vstate::interrupts::{GsiRouter, KvmMsiIrqs};
 use crate::Error;
 
 /// A virtio function on the bus, as the VMM tracks it.

@@ -2,6 +2,9 @@
 //! protocol structures that tell the kernel where everything is: the zero page for a bzImage,
 //! `hvm_start_info` for a PVH ELF vmlinux. Both carry the same e820 memory map.
 
+pub mod acpi;
+pub mod payload;
+
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -19,9 +22,9 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader, KernelLoaderResult};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
+use crate::boot::payload::PayloadFile;
 use crate::layout::{self, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START};
-use crate::memory::{low_ram_end, ram_ranges};
-use crate::payload::PayloadFile;
+use crate::vstate::memory::{low_ram_end, ram_ranges};
 
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::EntryPoint;
-use crate::{cpuid, regs};
+use crate::vstate::{cpuid, regs};
 
 /// Failures to create, configure or run a vCPU.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 //!   in the memfd's write path and the VMM never takes a page fault per 4 KiB. Measured in the
 //!   emulated test host, the default guest's vmlinux (45 MB to load) takes ~190 ms this way
 //!   and 400-700 ms with read(2) into the mapping. Pages written this way are never huge.
-//! - With transparent huge pages (see [`crate::memory::shmem_huge_pages`]), copies through the
+//! - With transparent huge pages (see [`crate::vstate::memory::shmem_huge_pages`]), copies through the
 //!   mapping, so that each fault brings in a whole 2 MiB page that the guest later maps with
 //!   one nested page-table entry. Segments of 8 MiB or more are split between a few threads,
 //!   and pages that are all zeroes in the file are skipped, since fresh guest RAM already is
@@ -37,7 +37,7 @@ pub struct PayloadFile<'m> {
 
 impl<'m> PayloadFile<'m> {
     pub fn new(file: File, mem: &'m GuestMemoryMmap) -> Self {
-        Self::with_sendfile(file, mem, !crate::memory::shmem_huge_pages())
+        Self::with_sendfile(file, mem, !crate::vstate::memory::shmem_huge_pages())
     }
 
     fn with_sendfile(file: File, mem: &'m GuestMemoryMmap, sendfile: bool) -> Self {
@@ -266,7 +266,7 @@ impl ReadVolatile for PayloadFile<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::create_guest_memory;
+    use crate::vstate::memory::create_guest_memory;
     use std::io::Write;
     use vm_memory::{Bytes, GuestAddress};
 
