@@ -8,13 +8,14 @@
 //! [`EventMonitor`].
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::Kvm;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
@@ -145,11 +146,13 @@ impl Controller {
             vm: None,
             requests: rx,
             wake: wake.clone(),
+            watched: None,
+            ended: None,
         };
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .stack_size(devices::THREAD_STACK_SIZE)
-            .spawn(move || owner.run())
+            .spawn(move || run(owner))
             .map_err(Error::Thread)?;
         Ok((
             Controller {
@@ -204,119 +207,150 @@ struct VmOwner {
     vm: Option<OwnedVm>,
     requests: Receiver<Envelope>,
     wake: Arc<EventFd>,
+    /// What the event manager watches of the running VM, and which boot it is from.
+    watched: Option<(OwnedFd, u64)>,
+    /// Set when the VM thread must end, with why.
+    ended: Option<Result<Ended, Error>>,
 }
 
-const TOKEN_REQUEST: u64 = 0;
-const TOKEN_VM: u64 = 1;
+const TOKEN_REQUEST: u32 = 0;
+const TOKEN_VM: u32 = 1;
 
-impl VmOwner {
-    fn run(mut self) -> Result<Ended, Error> {
-        let epoll = Epoll::new().map_err(Error::EventFd)?;
-        epoll
-            .ctl(
-                ControlOperation::Add,
-                self.wake.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_REQUEST),
-            )
-            .map_err(Error::EventFd)?;
-        // The watched VM: its exit fd and its boot generation. A rebooted VM's new fd may
-        // reuse the old number, and closing the old one dropped it from the epoll set, so
-        // the generation, not the number, says whether to register again.
-        let mut watched: Option<(RawFd, u64)> = None;
-        let mut ready = [EpollEvent::default(); 2];
-        loop {
-            // Watch the running VM's exit events (its epoll fd is readable when one is due).
-            let vm_fd = self
-                .vm
-                .as_ref()
-                .and_then(|v| v.running.as_ref())
-                .map(|r| (r.exit_fd(), self.generation));
-            if vm_fd != watched {
-                if let Some((fd, _)) = watched.take() {
-                    // Fails harmlessly when the fd was closed (and so left the set) already.
-                    let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                }
-                if let Some((fd, generation)) = vm_fd {
-                    epoll
-                        .ctl(
-                            ControlOperation::Add,
-                            fd,
-                            EpollEvent::new(EventSet::IN, TOKEN_VM),
-                        )
-                        .map_err(Error::EventFd)?;
-                    watched = Some((fd, generation));
+/// The VM thread: an `event-manager` loop with the [`VmOwner`] as its one subscriber. The
+/// timeout lets a SIGTERM (power button) flag be noticed.
+fn run(owner: VmOwner) -> Result<Ended, Error> {
+    let mut manager = EventManager::<VmOwner>::new()
+        .map_err(|e| Error::EventFd(std::io::Error::other(format!("{e:?}"))))?;
+    let id = manager.add_subscriber(owner);
+    let lost = || Error::Guest("the VM thread lost its state (a bug)".into());
+    loop {
+        let owner = manager.subscriber_mut(id).map_err(|_| lost())?;
+        if let Some(ended) = owner.ended.take() {
+            return ended;
+        }
+        if owner
+            .options
+            .power_button
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            if let Some(r) = owner.vm.as_ref().and_then(|v| v.running.as_ref()) {
+                r.power_button()?;
+            }
+        }
+        manager
+            .run_with_timeout(200)
+            .map_err(|e| Error::EventFd(std::io::Error::other(format!("{e:?}"))))?;
+    }
+}
+
+impl MutEventSubscriber for VmOwner {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&*self.wake, TOKEN_REQUEST, EventSet::IN)) {
+            self.ended = Some(Err(Error::EventFd(std::io::Error::other(format!(
+                "watch the request eventfd: {e:?}"
+            )))));
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.ended.is_some() {
+            return;
+        }
+        match events.data() {
+            TOKEN_VM => {
+                let ended = self.check_vm();
+                self.publish();
+                match ended {
+                    Ok(None) => {}
+                    Ok(Some(ended)) => self.ended = Some(Ok(ended)),
+                    Err(e) => self.ended = Some(Err(e)),
                 }
             }
-            // The timeout lets a SIGTERM (power button) flag be noticed.
-            let n = match epoll.wait(200, &mut ready) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::EventFd(e)),
-            };
-            for event in &ready[..n] {
-                match event.data() {
-                    TOKEN_VM => {
-                        let ended = self.check_vm();
-                        self.publish();
-                        if let Some(ended) = ended? {
-                            return Ok(ended);
-                        }
-                    }
-                    _ => {
-                        let _ = self.wake.read();
-                        loop {
-                            match self.requests.try_recv() {
-                                Ok((Request::ShutdownVmm, reply)) => {
-                                    if self.vm.is_some() {
-                                        self.stop_vm();
-                                        self.events.emit("vm", "shutdown");
-                                    }
-                                    self.events.emit("vmm", "shutdown");
-                                    self.vm = None;
-                                    self.publish();
-                                    let _ = reply.send(Ok(Reply::Done));
-                                    return Ok(Ended {
-                                        guest_shutdown: false,
-                                    });
-                                }
-                                Ok((request, reply)) => {
-                                    let result = self.serve(request);
-                                    self.publish();
-                                    let _ = reply.send(result);
-                                }
-                                Err(mpsc::TryRecvError::Empty) => break,
-                                // Every controller handle is gone: nobody can reach the VM.
-                                Err(mpsc::TryRecvError::Disconnected) => {
-                                    self.stop_vm();
-                                    return Ok(Ended {
-                                        guest_shutdown: false,
-                                    });
-                                }
-                            }
-                        }
-                        if self.exit_on_shutdown
-                            && self
-                                .vm
-                                .as_ref()
-                                .is_some_and(|v| v.state == VmState::Shutdown)
-                        {
-                            return Ok(Ended {
-                                guest_shutdown: true,
-                            });
-                        }
-                    }
-                }
-            }
-            if self
-                .options
-                .power_button
-                .swap(false, std::sync::atomic::Ordering::AcqRel)
-            {
-                if let Some(r) = self.vm.as_ref().and_then(|v| v.running.as_ref()) {
-                    r.power_button()?;
+            _ => {
+                let _ = self.wake.read();
+                if let Some(ended) = self.serve_requests() {
+                    self.ended = Some(Ok(ended));
                 }
             }
         }
+        if let Err(e) = self.watch_vm(ops) {
+            self.ended = Some(Err(e));
+        }
+    }
+}
+
+impl VmOwner {
+    /// Serves every request waiting; `Some` when the VM thread must end.
+    fn serve_requests(&mut self) -> Option<Ended> {
+        loop {
+            match self.requests.try_recv() {
+                Ok((Request::ShutdownVmm, reply)) => {
+                    if self.vm.is_some() {
+                        self.stop_vm();
+                        self.events.emit("vm", "shutdown");
+                    }
+                    self.events.emit("vmm", "shutdown");
+                    self.vm = None;
+                    self.publish();
+                    let _ = reply.send(Ok(Reply::Done));
+                    return Some(Ended {
+                        guest_shutdown: false,
+                    });
+                }
+                Ok((request, reply)) => {
+                    let result = self.serve(request);
+                    self.publish();
+                    let _ = reply.send(result);
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                // Every controller handle is gone: nobody can reach the VM.
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.stop_vm();
+                    return Some(Ended {
+                        guest_shutdown: false,
+                    });
+                }
+            }
+        }
+        let shut_down = self
+            .vm
+            .as_ref()
+            .is_some_and(|v| v.state == VmState::Shutdown);
+        (self.exit_on_shutdown && shut_down).then_some(Ended {
+            guest_shutdown: true,
+        })
+    }
+
+    /// Watches the running VM's exit events (its epoll fd is readable when one is due). The
+    /// event manager watches a duplicate the owner closes itself, after taking it out of the
+    /// set: the VM's own fd closes with the VM, and a closed fd cannot be taken out.
+    fn watch_vm(&mut self, ops: &mut EventOps) -> Result<(), Error> {
+        let now = self
+            .vm
+            .as_ref()
+            .and_then(|v| v.running.as_ref())
+            .map(|r| (r.exit_fd(), self.generation));
+        if now.map(|(_, g)| g) == self.watched.as_ref().map(|(_, g)| *g) {
+            return Ok(());
+        }
+        if let Some((fd, _)) = self.watched.take() {
+            let _ = ops.remove(Events::new(&fd, EventSet::IN));
+        }
+        if let Some((fd, generation)) = now {
+            // SAFETY: `fd` is the running VM's open epoll fd; F_DUPFD_CLOEXEC only duplicates it.
+            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(Error::EventFd(std::io::Error::last_os_error()));
+            }
+            // SAFETY: `dup` was just created and nothing else owns it.
+            let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+            ops.add(Events::with_data(&dup, TOKEN_VM, EventSet::IN))
+                .map_err(|e| {
+                    Error::EventFd(std::io::Error::other(format!("watch the VM: {e:?}")))
+                })?;
+            self.watched = Some((dup, generation));
+        }
+        Ok(())
     }
 
     /// The running VM reported an exit: a power-off ends it, a reset reboots it.

@@ -87,7 +87,7 @@ pub enum VirtioError {
         expected: usize,
         got: usize,
     },
-    /// Creating or cloning an eventfd, an epoll instance or the entropy source.
+    /// Creating or cloning an eventfd or the entropy source.
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

@@ -1,8 +1,8 @@
 //! virtio-rng (entropy device, virtio 1.x section 5.4): one queue of device-writable buffers
 //! that the device fills with random bytes from the host.
 //!
-//! The queue is served by a worker thread started on activation; it sleeps in epoll on the
-//! queue's notification eventfd and a kill eventfd, and is stopped and joined on reset and drop.
+//! The queue is served by a worker thread started on activation; it waits in an `event-manager`
+//! loop on the queue's notification eventfd and a kill eventfd, and is stopped and joined on reset and drop.
 //! Pause stops the thread the same way but keeps the worker (memory, interrupt, queue, broken
 //! flag), and resume runs it again on a new thread.
 //! Work per wakeup is bounded (bytes per request, requests per wakeup), so a hostile driver
@@ -11,15 +11,15 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::GuestMemoryMmap;
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::Bytes;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::drain::{drain_queue, ChainServer};
@@ -37,8 +37,8 @@ pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 /// Requests handled per wakeup before the worker yields (and re-arms itself).
 const MAX_REQUESTS_PER_WAKEUP: usize = 1024;
 
-const TOKEN_NOTIFY: u64 = 0;
-const TOKEN_KILL: u64 = 1;
+const TOKEN_NOTIFY: u32 = 0;
+const TOKEN_KILL: u32 = 1;
 
 /// What the device has done, for metrics.
 #[derive(Debug, Default)]
@@ -150,19 +150,6 @@ impl VirtioDevice for Rng {
         };
         let io = |what| move |source| VirtioError::Io { what, source };
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(io("virtio-rng kill eventfd"))?;
-        let epoll = Epoll::new().map_err(io("virtio-rng epoll"))?;
-        for (fd, token) in [
-            (queue.notify.as_raw_fd(), TOKEN_NOTIFY),
-            (kill.as_raw_fd(), TOKEN_KILL),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(io("virtio-rng epoll registration"))?;
-        }
         let worker = RngWorker {
             mem,
             interrupt,
@@ -170,7 +157,7 @@ impl VirtioDevice for Rng {
             queue: queue.queue,
             notify: queue.notify,
             kill: kill.try_clone().map_err(io("virtio-rng kill eventfd"))?,
-            epoll,
+            finished: false,
             source: self
                 .source
                 .try_clone()
@@ -243,35 +230,46 @@ struct RngWorker {
     queue: Arc<Mutex<Queue>>,
     notify: EventFd,
     kill: EventFd,
-    epoll: Epoll,
+    /// The kill eventfd fired.
+    finished: bool,
     source: File,
     counters: Arc<RngCounters>,
     /// The driver corrupted the ring; nothing more is served until a reset.
     broken: bool,
 }
 
-impl DeviceWorker for RngWorker {
-    fn run(mut self) -> Self {
+impl MutEventSubscriber for RngWorker {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, token) in [(&self.notify, TOKEN_NOTIFY), (&self.kill, TOKEN_KILL)] {
+            if let Err(e) = ops.add(Events::with_data(fd, token, EventSet::IN)) {
+                tracing::error!("virtio-rng: cannot watch its eventfds: {e:?}");
+                self.finished = true;
+                return;
+            }
+        }
         // Buffers queued before activation, a snapshot or a resume are served right away.
         self.process_queue();
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-rng: epoll_wait: {e}");
-                    return self;
-                }
-            };
-            if events[..n].iter().any(|e| e.data() == TOKEN_KILL) {
-                let _ = self.kill.read();
-                return self;
-            }
-            // EAGAIN only means a concurrent read already consumed the count.
-            let _ = self.notify.read();
-            self.process_queue();
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() == TOKEN_KILL {
+            let _ = self.kill.read();
+            self.finished = true;
+            return;
         }
+        // EAGAIN only means a concurrent read already consumed the count.
+        let _ = self.notify.read();
+        self.process_queue();
+    }
+}
+
+impl DeviceWorker for RngWorker {
+    fn finished(&self) -> bool {
+        self.finished
+    }
+
+    fn hand_back(&mut self) {
+        self.finished = false;
     }
 }
 

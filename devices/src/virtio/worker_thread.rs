@@ -2,25 +2,66 @@
 //! state: that is how devices pause and resume.
 //!
 //! A worker ([`DeviceWorker`]) owns everything its thread touches: guest memory, the interrupt,
-//! the queue handles and notification eventfds, its epoll set and any state carried between
-//! wakeups. Its thread runs until the kill eventfd fires and then hands the worker back, so
-//! [`WorkerThread::pause`] keeps it and [`WorkerThread::resume`] runs it on a new thread, where
-//! it left off. Dropping a [`WorkerThread`] stops the thread and drops the worker (a reset).
+//! the queue handles and notification eventfds, and any state carried between wakeups. It is
+//! an `event-manager` subscriber: each run of its thread makes an `EventManager`, adds the
+//! worker (whose `init` registers its file descriptors and serves what was queued while no
+//! thread ran), and dispatches events to it until its kill eventfd fires; the thread then hands
+//! the worker back, so [`WorkerThread::pause`] keeps it and [`WorkerThread::resume`] runs it on
+//! a new thread, where it left off. Dropping a [`WorkerThread`] stops the thread and drops the
+//! worker (a reset).
 
 use std::thread::JoinHandle;
 
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::VirtioError;
 use crate::persist::{self, Persist, PersistError, SavedState};
 
-/// What a device's worker thread runs.
-pub(crate) trait DeviceWorker: Send + 'static {
-    /// Serves the device until its kill eventfd is signalled (or a fatal error) and returns
-    /// the worker, with nothing in flight: every request taken from a queue is either in the
-    /// used ring or back in the available ring. The first thing a run does is serve what the
-    /// driver queued while no thread ran.
-    fn run(self) -> Self;
+/// What a device's worker thread runs: an event subscriber that knows when to stop.
+///
+/// `init` registers the worker's file descriptors (its kill eventfd among them) and serves
+/// what the driver queued while no thread ran; `process` serves one ready descriptor, and on
+/// the kill eventfd reads it and marks the worker [`DeviceWorker::finished`].
+pub(crate) trait DeviceWorker: MutEventSubscriber + Send + 'static {
+    /// The kill eventfd fired (or a fatal error): the run ends after this wakeup.
+    fn finished(&self) -> bool;
+    /// Called once per wakeup, after its events were processed (e.g. to raise one interrupt
+    /// for a whole batch).
+    fn end_of_wakeup(&mut self) {}
+    /// Readies the worker to be handed back with nothing in flight: every request taken from
+    /// a queue is in the used ring or back in the available ring; clears the finished mark.
+    fn hand_back(&mut self);
+}
+
+/// Runs `worker` until it is finished, and hands it back.
+fn run<W: DeviceWorker>(name: &'static str, worker: W) -> W {
+    let mut manager = match EventManager::<W>::new_with_capacity(8) {
+        Ok(manager) => manager,
+        Err(e) => {
+            tracing::error!("{name}: cannot create its event manager: {e:?}");
+            return worker;
+        }
+    };
+    let id = manager.add_subscriber(worker);
+    loop {
+        match manager.subscriber_mut(id) {
+            Ok(worker) if !worker.finished() => {}
+            _ => break,
+        }
+        if let Err(e) = manager.run() {
+            tracing::error!("{name}: event loop: {e:?}");
+            break;
+        }
+        if let Ok(worker) = manager.subscriber_mut(id) {
+            worker.end_of_wakeup();
+        }
+    }
+    let mut worker = manager
+        .remove_subscriber(id)
+        .expect("the worker was added to this manager");
+    worker.hand_back();
+    worker
 }
 
 enum State<W> {
@@ -33,7 +74,7 @@ enum State<W> {
 /// A device worker on its thread, or parked between a pause and a resume.
 pub(crate) struct WorkerThread<W: DeviceWorker> {
     name: &'static str,
-    /// Wakes the thread to return; the worker holds a clone in its epoll set and reads it
+    /// Wakes the thread to return; the worker watches a clone and reads it
     /// before returning.
     kill: EventFd,
     state: State<W>,
@@ -141,7 +182,7 @@ fn start<W: DeviceWorker>(name: &'static str, worker: W) -> Result<JoinHandle<W>
     std::thread::Builder::new()
         .name(name.into())
         .stack_size(crate::THREAD_STACK_SIZE)
-        .spawn(move || worker.run())
+        .spawn(move || run(name, worker))
         .map_err(|source| VirtioError::SpawnWorker {
             device: name,
             source,

@@ -9,8 +9,9 @@
 //!
 //! # I/O
 //!
-//! The worker sleeps in epoll on the queues' notification eventfds, a kill eventfd and, with
-//! io_uring, the ring's completion eventfd. Each wakeup takes every available request of the
+//! The worker is an `event-manager` subscriber on the queues' notification eventfds, a kill
+//! eventfd and, with io_uring, the ring's completion eventfd (the ring's completions arrive as
+//! one more event, so they fit the same loop). Each wakeup takes every available request of the
 //! queues notified (up to a bound, so a reset is noticed promptly). With several queues the
 //! guest submits from each vCPU on a queue of its own and takes that queue's completion
 //! interrupt (its own MSI-X vector) on the same vCPU.

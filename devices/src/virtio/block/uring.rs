@@ -53,7 +53,7 @@ impl InFlight {
 /// An `io_uring` and the requests submitted on it.
 pub(super) struct IoRing {
     ring: IoUring,
-    /// Signalled by the kernel for every completion: the worker sleeps on it in epoll.
+    /// Signalled by the kernel for every completion: the worker watches it in its event loop.
     event: EventFd,
     /// Indexed by the `user_data` of the operation; `None` is a free slot.
     slots: Vec<Option<InFlight>>,

@@ -12,12 +12,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use crate::GuestMemoryMmap;
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::config::{Execution, BLK_QUEUE_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
@@ -29,11 +30,11 @@ use crate::virtio::drain::{drain_queue, ChainServer};
 use crate::virtio::worker_thread::DeviceWorker;
 use crate::virtio::{lock_queue, ActivatedQueue, VirtioError, VirtioInterrupt};
 
-const TOKEN_KILL: u64 = 0;
+const TOKEN_KILL: u32 = 0;
 /// The io_uring completion eventfd.
-const TOKEN_RING: u64 = 1;
+const TOKEN_RING: u32 = 1;
 /// Queue `i` of the worker's list notifies with token `TOKEN_QUEUE + i`.
-const TOKEN_QUEUE: u64 = 2;
+const TOKEN_QUEUE: u32 = 2;
 
 /// Requests handled per queue and wakeup before the worker yields (and re-arms itself), so a
 /// reset is noticed promptly whatever the driver queues.
@@ -94,7 +95,8 @@ pub(super) struct BlkWorker {
     interrupt: Arc<dyn VirtioInterrupt>,
     queues: Vec<WorkerQueue>,
     kill: EventFd,
-    epoll: Epoll,
+    /// The kill eventfd fired (or the worker could not watch its eventfds).
+    finished: bool,
     disk: Arc<Mutex<Box<dyn DiskImage>>>,
     exec: Execution,
     counters: Arc<BlkCounters>,
@@ -115,27 +117,9 @@ impl BlkWorker {
         counters: Arc<BlkCounters>,
         io_uring: bool,
     ) -> Result<Self, VirtioError> {
-        let io = |what| move |source| VirtioError::Io { what, source };
-        let epoll = Epoll::new().map_err(io("virtio-blk epoll"))?;
-        let watch = |fd: RawFd, token: u64| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        watch(kill.as_raw_fd(), TOKEN_KILL).map_err(io("virtio-blk epoll registration"))?;
-        for (i, q) in queues.iter().enumerate() {
-            watch(q.notify.as_raw_fd(), TOKEN_QUEUE + i as u64)
-                .map_err(io("virtio-blk epoll registration"))?;
-        }
         let ring = if io_uring {
             let depth = (u32::from(BLK_QUEUE_SIZE) * queues.len() as u32).min(MAX_RING_DEPTH);
-            let ring = IoRing::new(depth).and_then(|ring| {
-                watch(ring.event_fd(), TOKEN_RING)?;
-                Ok(ring)
-            });
-            match ring {
+            match IoRing::new(depth) {
                 Ok(ring) => Some(ring),
                 Err(e) => {
                     tracing::info!("virtio-blk: io_uring unavailable ({e}): synchronous I/O");
@@ -160,7 +144,7 @@ impl BlkWorker {
             interrupt,
             queues,
             kill,
-            epoll,
+            finished: false,
             disk,
             exec,
             counters,
@@ -169,43 +153,64 @@ impl BlkWorker {
     }
 }
 
-impl DeviceWorker for BlkWorker {
-    fn run(mut self) -> Self {
+impl MutEventSubscriber for BlkWorker {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut watch =
+            |fd: RawFd, token: u32| ops.add(Events::with_data_raw(fd, token, EventSet::IN));
+        let mut result = watch(self.kill.as_raw_fd(), TOKEN_KILL);
+        for (i, q) in self.queues.iter().enumerate() {
+            result = result.and_then(|()| watch(q.notify.as_raw_fd(), TOKEN_QUEUE + i as u32));
+        }
+        if let Some(ring) = &self.ring {
+            result = result.and_then(|()| watch(ring.event_fd(), TOKEN_RING));
+        }
+        if let Err(e) = result {
+            tracing::error!("virtio-blk: cannot watch its eventfds: {e:?}");
+            self.finished = true;
+            return;
+        }
         // Requests queued before activation, a snapshot or a resume are served right away.
         for i in 0..self.queues.len() {
             self.serve_queue(i);
         }
         self.interrupt_drivers();
-        let mut events = vec![EpollEvent::default(); TOKEN_QUEUE as usize + self.queues.len()];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-blk: epoll_wait: {e}");
-                    return self;
-                }
-            };
-            let events = &events[..n];
-            if events.iter().any(|e| e.data() == TOKEN_KILL) {
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_KILL => {
                 let _ = self.kill.read();
-                // Paused or reset: nothing may stay in flight.
-                self.finish_in_flight();
-                return self;
+                self.finished = true;
             }
-            for e in events {
-                match e.data() {
-                    TOKEN_RING => self.complete_finished(),
-                    token => {
-                        let i = (token - TOKEN_QUEUE) as usize;
-                        // EAGAIN only means a concurrent read already consumed the count.
-                        let _ = self.queues[i].notify.read();
-                        self.serve_queue(i);
-                    }
+            // A pause or reset came in this wakeup: serve nothing more.
+            _ if self.finished => {}
+            TOKEN_RING => self.complete_finished(),
+            token => {
+                let i = (token - TOKEN_QUEUE) as usize;
+                if let Some(wq) = self.queues.get(i) {
+                    // EAGAIN only means a concurrent read already consumed the count.
+                    let _ = wq.notify.read();
+                    self.serve_queue(i);
                 }
             }
-            self.interrupt_drivers();
         }
+    }
+}
+
+impl DeviceWorker for BlkWorker {
+    fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// One interrupt per queue for everything a wakeup completed.
+    fn end_of_wakeup(&mut self) {
+        self.interrupt_drivers();
+    }
+
+    fn hand_back(&mut self) {
+        // Paused or reset: nothing may stay in flight.
+        self.finish_in_flight();
+        self.finished = false;
     }
 }
 

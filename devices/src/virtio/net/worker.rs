@@ -1,4 +1,5 @@
-//! The device's worker thread: epoll on the tap, the two queue notifiers and a kill eventfd.
+//! The device's worker: an event subscriber on the tap, the two queue notifiers and a kill
+//! eventfd (see [`crate::virtio::worker_thread`] for the thread that runs it).
 //!
 //! The tap is watched (level-triggered EPOLLIN) only while the guest has receive buffers; when
 //! they run out the worker stops watching it, enables receive-queue notifications and waits for
@@ -6,15 +7,16 @@
 //! the kernel). Work per wakeup is bounded so a reset is always noticed.
 //!
 //! On kill (reset or pause) the worker gives the receive chains it holds back to the ring and
-//! returns itself; a resume runs it again, with its epoll set, flags and any frame waiting in
-//! the bounce buffer.
+//! returns itself; a resume runs it again, with its flags (the tap watched or not) and any
+//! frame waiting in the bounce buffer.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use crate::GuestMemoryMmap;
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::iovec::GuestIoVecs;
@@ -23,10 +25,10 @@ use super::{tx, NetCounters, Tap, RX_QUEUE, TX_QUEUE};
 use crate::virtio::worker_thread::DeviceWorker;
 use crate::virtio::{lock_queue, ActivatedQueue, VirtioError, VirtioInterrupt};
 
-const TOKEN_RX: u64 = 0;
-const TOKEN_TX: u64 = 1;
-const TOKEN_TAP: u64 = 2;
-const TOKEN_KILL: u64 = 3;
+const TOKEN_RX: u32 = 0;
+const TOKEN_TX: u32 = 1;
+const TOKEN_TAP: u32 = 2;
+const TOKEN_KILL: u32 = 3;
 
 /// What the device hands its worker on activation.
 pub struct WorkerParts {
@@ -51,11 +53,14 @@ pub struct Worker {
     tap: Arc<Tap>,
     kill: EventFd,
     counters: Arc<NetCounters>,
-    epoll: Epoll,
     rx: RxState,
     tx_iovs: GuestIoVecs,
-    /// The tap is in the epoll set.
+    /// The tap should be watched (the guest has receive buffers and nothing broke).
+    tap_wanted: bool,
+    /// The tap is in the event manager's set.
     tap_watched: bool,
+    /// The kill eventfd fired (or the worker could not watch its eventfds).
+    finished: bool,
     /// The receive side waits for the driver to add buffers.
     rx_stalled: bool,
     /// A queue's ring is corrupt; it is not served until a reset.
@@ -66,29 +71,9 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker for `parts`, with its epoll set (the tap watched).
-    pub fn new(parts: WorkerParts) -> Result<Worker, VirtioError> {
-        let io = |what| move |source| VirtioError::Io { what, source };
-        let epoll = Epoll::new().map_err(io("virtio-net epoll"))?;
-        for (fd, token) in [
-            (parts.rx.notify.as_raw_fd(), TOKEN_RX),
-            (parts.tx.notify.as_raw_fd(), TOKEN_TX),
-            (parts.kill.as_raw_fd(), TOKEN_KILL),
-            (parts.tap.as_raw_fd(), TOKEN_TAP),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(io("virtio-net epoll registration"))?;
-        }
-        Ok(Worker::with_epoll(parts, epoll))
-    }
-
-    fn with_epoll(p: WorkerParts, epoll: Epoll) -> Self {
-        Worker {
+    /// A worker for `parts` (the tap to be watched).
+    pub fn new(p: WorkerParts) -> Result<Worker, VirtioError> {
+        Ok(Worker {
             rx: RxState::new(p.mem.clone(), p.mrg_rxbuf),
             tx_iovs: GuestIoVecs::new(p.mem.clone()),
             mem: p.mem,
@@ -100,87 +85,98 @@ impl Worker {
             tap: p.tap,
             kill: p.kill,
             counters: p.counters,
-            epoll,
-            tap_watched: true,
+            tap_wanted: true,
+            tap_watched: false,
+            finished: false,
             rx_stalled: false,
             rx_broken: false,
             tx_broken: false,
             tap_failed: false,
-        }
+        })
     }
 }
 
-impl DeviceWorker for Worker {
-    fn run(mut self) -> Self {
+impl MutEventSubscriber for Worker {
+    fn init(&mut self, ops: &mut EventOps) {
+        // A new run has a new event manager: nothing is watched yet.
+        self.tap_watched = false;
+        for (fd, token) in [
+            (self.rx_notify.as_raw_fd(), TOKEN_RX),
+            (self.tx_notify.as_raw_fd(), TOKEN_TX),
+            (self.kill.as_raw_fd(), TOKEN_KILL),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                tracing::error!("virtio-net: cannot watch its eventfds: {e:?}");
+                self.finished = true;
+                return;
+            }
+        }
         // Buffers queued before activation, a restore or a resume are served right away.
         self.process_tx();
         self.unstall_rx();
         self.process_rx();
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-net: epoll_wait: {e}");
-                    break;
-                }
-            };
-            let (mut rx, mut tx, mut kicked) = (false, false, false);
-            for e in &events[..n] {
-                match e.data() {
-                    TOKEN_KILL => {
-                        let _ = self.kill.read();
-                        self.give_back_rx_chains();
-                        return self;
-                    }
-                    TOKEN_TX => {
-                        // EAGAIN only means a concurrent read consumed the count.
-                        let _ = self.tx_notify.read();
-                        tx = true;
-                    }
-                    TOKEN_RX => {
-                        let _ = self.rx_notify.read();
-                        kicked = true;
-                    }
-                    _ => rx = true,
-                }
+        self.sync_tap_watch(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_KILL => {
+                let _ = self.kill.read();
+                self.finished = true;
+                return;
             }
-            if tx {
+            // A pause or reset came in this wakeup: serve nothing more.
+            _ if self.finished => return,
+            TOKEN_TX => {
+                // EAGAIN only means a concurrent read consumed the count.
+                let _ = self.tx_notify.read();
                 self.process_tx();
             }
-            if kicked {
+            TOKEN_RX => {
+                let _ = self.rx_notify.read();
                 if self.rx_stalled {
                     self.unstall_rx();
                 }
-                rx = true;
-            }
-            if rx {
                 self.process_rx();
             }
+            _ => self.process_rx(),
         }
+        self.sync_tap_watch(ops);
+    }
+}
+
+impl DeviceWorker for Worker {
+    fn finished(&self) -> bool {
+        self.finished
+    }
+
+    fn hand_back(&mut self) {
         self.give_back_rx_chains();
-        self
+        self.finished = false;
     }
 }
 
 impl Worker {
+    /// Whether the tap should wake the worker; applied by [`Worker::sync_tap_watch`].
     fn watch_tap(&mut self, watch: bool) {
-        if watch == self.tap_watched {
+        self.tap_wanted = watch;
+    }
+
+    /// Adds the tap to the event manager's set, or removes it, as [`Worker::watch_tap`] last
+    /// asked.
+    fn sync_tap_watch(&mut self, ops: &mut EventOps) {
+        if self.tap_wanted == self.tap_watched {
             return;
         }
-        let op = if watch {
-            ControlOperation::Add
+        let events = Events::with_data_raw(self.tap.as_raw_fd(), TOKEN_TAP, EventSet::IN);
+        let result = if self.tap_wanted {
+            ops.add(events)
         } else {
-            ControlOperation::Delete
+            ops.remove(events)
         };
-        let fd = self.tap.as_raw_fd();
-        match self
-            .epoll
-            .ctl(op, fd, EpollEvent::new(EventSet::IN, TOKEN_TAP))
-        {
-            Ok(()) => self.tap_watched = watch,
-            Err(e) => tracing::error!("virtio-net: epoll_ctl on the tap: {e}"),
+        match result {
+            Ok(()) => self.tap_watched = self.tap_wanted,
+            Err(e) => tracing::error!("virtio-net: watching the tap: {e:?}"),
         }
     }
 
