@@ -139,7 +139,12 @@ async fn accept_loop(
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
+    // Title-case header names and an empty reason phrase (`HTTP/1.1 200 \r\n`, valid HTTP):
+    // Cloud Hypervisor's own client (ch-remote, its api_client crate) reads the status code
+    // as everything after `HTTP/1.1 ` up to the line end, and finds the body only through an
+    // exact-case `Content-Length`.
     http.timer(TokioTimer::new())
+        .title_case_headers(true)
         .header_read_timeout(options.header_read_timeout)
         .half_close(true)
         .max_buf_size(64 << 10);
@@ -270,6 +275,9 @@ fn respond(result: &Result<crate::types::ApiResponse, ApiError>) -> Response<Ful
     let mut response = Response::new(Full::new(body.map(Bytes::from).unwrap_or_default()));
     *response.status_mut() =
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(b""));
     if has_body {
         response
             .headers_mut()

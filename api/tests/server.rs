@@ -483,3 +483,105 @@ fn client_cannot_reach() {
     assert!(text.starts_with("cannot reach podvisor at "), "{text}");
     assert!(text.contains("api.sock"), "{text}");
 }
+
+/// One request as Cloud Hypervisor's client (ch-remote, its `api_client` crate) sends it, and
+/// the answer read by its rules: the status code is everything after `HTTP/1.1 ` up to the end
+/// of the line, trimmed, and must parse as a number; a body exists only if an exact-case
+/// `Content-Length: ` header says so. Returns the code and the body.
+fn ch_style_call(
+    s: &mut UnixStream,
+    method: &str,
+    endpoint: &str,
+    body: Option<&str>,
+) -> Result<(u16, Option<String>), String> {
+    let mut request =
+        format!("{method} /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n");
+    if let Some(body) = body {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or_default());
+    s.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut got = String::new();
+    let mut buf = [0u8; 256];
+    let (head_end, length) = loop {
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("connection closed after {got:?}"));
+        }
+        got.push_str(std::str::from_utf8(&buf[..n]).map_err(|e| e.to_string())?);
+        if let Some(end) = got.find("\r\n\r\n") {
+            let length = match got.find("Content-Length: ") {
+                Some(at) => {
+                    let value = &got[at + 16..at + got[at..].find('\r').unwrap()];
+                    Some(value.trim().parse::<usize>().map_err(|e| e.to_string())?)
+                }
+                None => None,
+            };
+            break (end + 4, length);
+        }
+    };
+    if let Some(length) = length {
+        while got.len() < head_end + length {
+            let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("body cut short".into());
+            }
+            got.push_str(std::str::from_utf8(&buf[..n]).map_err(|e| e.to_string())?);
+        }
+    }
+    let at = got.find("HTTP/1.1").ok_or("no HTTP/1.1 status line")?;
+    let code = &got[at + "HTTP/1.1 ".len()..at + got[at..].find('\r').unwrap()];
+    let code: u16 = code
+        .trim()
+        .parse()
+        .map_err(|e| format!("status code {code:?}: {e}"))?;
+    Ok((code, length.map(|_| got[head_end..].to_owned())))
+}
+
+#[test]
+fn cloud_hypervisors_client_reads_every_endpoint() {
+    let dir = TempDir::new("ch-client");
+    let server = start(&dir, Arc::new(FakeVmm::new()));
+    let mut s = UnixStream::connect(dir.sock()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut call = |method: &str, endpoint: &str, body: Option<&str>| {
+        ch_style_call(&mut s, method, endpoint, body)
+            .unwrap_or_else(|e| panic!("{method} {endpoint}: {e}"))
+    };
+    let (code, body) = call("GET", "vmm.ping", None);
+    assert_eq!(code, 200);
+    let ping: serde_json::Value = serde_json::from_str(&body.unwrap()).unwrap();
+    assert!(ping["version"].is_string());
+    // A refusal carries its reason in the body.
+    let (code, body) = call("PUT", "vm.boot", None);
+    assert_eq!(code, 404);
+    assert!(body.unwrap().contains("no VM has been created"));
+    let steps: &[(&str, &str, Option<&str>, u16)] = &[
+        ("PUT", "vm.create", Some(CONFIG), 204),
+        ("PUT", "vm.boot", None, 204),
+        ("GET", "vm.info", None, 200),
+        ("GET", "vm.counters", None, 200),
+        ("PUT", "vm.pause", None, 204),
+        ("PUT", "vm.pause", None, 409),
+        ("PUT", "vm.resume", None, 204),
+        ("PUT", "vm.reboot", None, 204),
+        ("PUT", "vm.power-button", None, 204),
+        ("PUT", "vm.shutdown", None, 204),
+        ("PUT", "vm.delete", None, 204),
+        ("PUT", "vmm.shutdown", None, 204),
+    ];
+    let mut reached = std::collections::BTreeSet::from(["vmm.ping"]);
+    for &(method, endpoint, body, expected) in steps {
+        let (code, answer) = call(method, endpoint, body);
+        assert_eq!(code, expected, "{method} {endpoint}: {answer:?}");
+        if endpoint == "vm.info" {
+            let info: serde_json::Value = serde_json::from_str(&answer.unwrap()).unwrap();
+            assert_eq!(info["state"], "Running");
+        }
+        reached.insert(endpoint);
+    }
+    let served: std::collections::BTreeSet<&str> = api::ROUTES.iter().map(|r| r.endpoint).collect();
+    assert_eq!(reached, served, "every endpoint is driven");
+    server.shutdown();
+}
