@@ -102,8 +102,18 @@ impl VmmBackend for FakeVmm {
         if request == ApiRequest::VmmShutdown {
             self.shutdown.store(true, Ordering::SeqCst);
         }
+        // A restore takes the snapshot's configuration (and refuses a snapshot that is not one).
+        let restored = match &request {
+            ApiRequest::VmRestore { dir } => Some(
+                vmm::snapshot::read(dir)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?
+                    .config,
+            ),
+            _ => None,
+        };
         *vm = match (request, next, vm.take()) {
             (ApiRequest::VmCreate(config), Some(state), _) => Some((*config, state)),
+            (ApiRequest::VmRestore { .. }, Some(state), _) => restored.map(|c| (c, state)),
             (_, Some(state), Some((config, _))) => Some((config, state)),
             _ => None,
         };

@@ -19,6 +19,8 @@ pub fn action(request: &ApiRequest) -> Option<Action> {
         ApiRequest::VmShutdown => Action::Shutdown,
         ApiRequest::VmReboot => Action::Reboot,
         ApiRequest::VmPowerButton => Action::PowerButton,
+        ApiRequest::VmSnapshot { .. } => Action::Snapshot,
+        ApiRequest::VmRestore { .. } => Action::Restore,
     })
 }
 
@@ -62,10 +64,15 @@ mod tests {
     #[test]
     fn every_vm_route_is_a_lifecycle_action_of_the_same_name() {
         for route in ROUTES {
+            let body: &[u8] = match route.endpoint {
+                "vm.snapshot" => br#"{"destination_url":"file:///s"}"#,
+                "vm.restore" => br#"{"source_url":"file:///s"}"#,
+                _ => br#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":268435456}}"#,
+            };
             let request = crate::parse_request(
                 route.method,
                 &format!("{}{}", crate::API_PREFIX, route.endpoint),
-                br#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":268435456}}"#,
+                body,
             );
             let request = request.unwrap_or_else(|e| panic!("{}: {e}", route.endpoint));
             assert_eq!(name(&request), route.endpoint);

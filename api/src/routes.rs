@@ -4,7 +4,9 @@
 
 use vmm::config::VmConfig;
 
-use crate::types::{ApiError, ApiRequest, ApiResponse, ErrorBody, ErrorStatus};
+use crate::types::{
+    ApiError, ApiRequest, ApiResponse, ErrorBody, ErrorStatus, RestoreConfig, VmSnapshotConfig,
+};
 
 /// Every endpoint lives under this path.
 pub const API_PREFIX: &str = "/api/v1/";
@@ -39,6 +41,8 @@ pub const ROUTES: &[Route] = &[
     route("vm.shutdown", "PUT"),
     route("vm.reboot", "PUT"),
     route("vm.power-button", "PUT"),
+    route("vm.snapshot", "PUT"),
+    route("vm.restore", "PUT"),
 ];
 
 /// Decodes one request. Bodies of endpoints that take none are ignored, as Cloud Hypervisor
@@ -80,6 +84,18 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         "vm.shutdown" => ApiRequest::VmShutdown,
         "vm.reboot" => ApiRequest::VmReboot,
         "vm.power-button" => ApiRequest::VmPowerButton,
+        "vm.snapshot" => {
+            let body: VmSnapshotConfig = parse_body("vm.snapshot", "VmSnapshotConfig", body)?;
+            ApiRequest::VmSnapshot {
+                dir: dir_from_url(&body.destination_url)?,
+            }
+        }
+        "vm.restore" => {
+            let body: RestoreConfig = parse_body("vm.restore", "RestoreConfig", body)?;
+            ApiRequest::VmRestore {
+                dir: dir_from_url(&body.source_url)?,
+            }
+        }
         other => {
             return Err(ApiError::internal(format!(
                 "route {other} has no request (a bug)"
@@ -103,6 +119,23 @@ pub fn too_large(len: u64) -> ApiError {
         ErrorStatus::PayloadTooLarge,
         format!("request body is {len} bytes or more; the limit is {MAX_BODY_BYTES}"),
     )
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(
+    endpoint: &str,
+    what: &str,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(format!(
+            "{endpoint} needs a {what} JSON body"
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
+}
+
+fn dir_from_url(url: &str) -> Result<std::path::PathBuf, ApiError> {
+    vmm::snapshot::dir_from_url(url).map_err(ApiError::bad_request)
 }
 
 fn parse_vm_config(body: &[u8]) -> Result<VmConfig, ApiError> {
@@ -213,7 +246,49 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(status(p("GET", "vm.create", CONFIG)), 405);
-        assert_eq!(ROUTES.len(), count + 1);
+        assert_eq!(
+            p(
+                "PUT",
+                "vm.snapshot",
+                r#"{"destination_url":"file:///tmp/s"}"#
+            ),
+            Ok(ApiRequest::VmSnapshot {
+                dir: "/tmp/s".into()
+            })
+        );
+        assert_eq!(
+            p(
+                "PUT",
+                "vm.restore",
+                r#"{"source_url":"file:///tmp/s","prefault":true}"#
+            ),
+            Ok(ApiRequest::VmRestore {
+                dir: "/tmp/s".into()
+            })
+        );
+        for (endpoint, body, needle) in [
+            ("vm.snapshot", "", "needs a VmSnapshotConfig"),
+            (
+                "vm.snapshot",
+                r#"{"destination_url":"tcp:1:2"}"#,
+                "not a file:// URL",
+            ),
+            (
+                "vm.snapshot",
+                r#"{"destination_url":"file://rel"}"#,
+                "absolute",
+            ),
+            ("vm.restore", r#"{"source":"file:///x"}"#, "unknown field"),
+        ] {
+            let e = p("PUT", endpoint, body).unwrap_err();
+            assert_eq!(e.status, ErrorStatus::BadRequest, "{endpoint} {body}");
+            assert!(
+                e.message.contains(needle),
+                "{endpoint} {body}: {}",
+                e.message
+            );
+        }
+        assert_eq!(ROUTES.len(), count + 3);
     }
 
     #[test]
@@ -227,7 +302,7 @@ mod tests {
             "/api/v2/vm.info",
             "/api/v1//vm.info",
             "api/v1/vm.info",
-            "/api/v1/vm.snapshot",
+            "/api/v1/vm.snapshots",
             "/api/v1/vmm.info",
             "/api/v1/VM.INFO",
         ] {

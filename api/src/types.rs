@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use vmm::config::VmConfig;
@@ -38,6 +39,29 @@ pub enum ApiRequest {
     /// `PUT vm.power-button`: press the ACPI power button (the guest decides what to do).
     /// `Running` only.
     VmPowerButton,
+    /// `PUT vm.snapshot {"destination_url":"file:///DIR"}`: write the paused VM into DIR
+    /// (absent or empty). `Paused` only; the VM stays paused.
+    VmSnapshot { dir: PathBuf },
+    /// `PUT vm.restore {"source_url":"file:///DIR"}`: bring back the VM snapshotted in DIR,
+    /// paused. No VM → `Paused`.
+    VmRestore { dir: PathBuf },
+}
+
+/// `vm.snapshot`'s body (Cloud Hypervisor's `VmSnapshotConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotConfig {
+    pub destination_url: String,
+}
+
+/// `vm.restore`'s body (Cloud Hypervisor's `RestoreConfig`). Memory is always copied in whole
+/// before the VM runs, so `prefault` changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    pub source_url: String,
+    #[serde(default)]
+    pub prefault: bool,
 }
 
 /// Per-device counters: device id → counter name → value (Cloud Hypervisor's `VmCounters`).

@@ -564,11 +564,30 @@ fn cloud_hypervisors_client_reads_every_endpoint() {
         ("GET", "vm.counters", None, 200),
         ("PUT", "vm.pause", None, 204),
         ("PUT", "vm.pause", None, 409),
+        (
+            "PUT",
+            "vm.snapshot",
+            Some(r#"{"destination_url":"file:///nonexistent/s"}"#),
+            204,
+        ),
         ("PUT", "vm.resume", None, 204),
+        (
+            "PUT",
+            "vm.snapshot",
+            Some(r#"{"destination_url":"file:///nonexistent/s"}"#),
+            409,
+        ),
         ("PUT", "vm.reboot", None, 204),
         ("PUT", "vm.power-button", None, 204),
         ("PUT", "vm.shutdown", None, 204),
         ("PUT", "vm.delete", None, 204),
+        // Not a snapshot: refused, with the reason.
+        (
+            "PUT",
+            "vm.restore",
+            Some(r#"{"source_url":"file:///nonexistent/s"}"#),
+            400,
+        ),
         ("PUT", "vmm.shutdown", None, 204),
     ];
     let mut reached = std::collections::BTreeSet::from(["vmm.ping"]);

@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a Linux kernel and run the VM until the guest powers off (a guest reboot restarts it).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start an empty VMM that serves the API (a pod's entrypoint): `vm.create`, `vm.boot`, ...
     Serve(ServeArgs),
     /// Send one request to a running podvisor's API socket and print the JSON answer.
@@ -48,8 +48,14 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Kernel to boot: a bzImage, or an ELF vmlinux with a PVH entry point.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// Instead of booting, bring back the VM a snapshot directory holds (`vm.snapshot`) and
+    /// run it on from where it was saved; the VM's flags come from the snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "disk", "net", "rng",
+    ])]
+    pub restore: Option<PathBuf>,
     /// Initramfs (cpio archive, optionally compressed).
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
@@ -107,7 +113,7 @@ impl RunArgs {
         let size = parse_size(&self.memory).map_err(|e| format!("--memory: {e}"))?;
         Ok(VmConfig {
             payload: PayloadConfig {
-                kernel: self.kernel.clone(),
+                kernel: self.kernel.clone().unwrap_or_default(),
                 initramfs: self.initramfs.clone(),
                 cmdline: self.cmdline.clone(),
             },
@@ -147,9 +153,22 @@ mod tests {
 
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).unwrap().command {
-            Command::Run(a) => a,
+            Command::Run(a) => *a,
             other => panic!("not a run command: {other:?}"),
         }
+    }
+
+    #[test]
+    fn restore_takes_the_vm_from_the_snapshot() {
+        let a = run_args(&["run", "--restore", "/s", "--api-socket", "/a.sock"]);
+        assert_eq!(a.restore, Some(PathBuf::from("/s")));
+        assert_eq!(a.kernel, None);
+        for flag in [["--kernel", "/k"], ["--cpus", "2"], ["--disk", "path=/d"]] {
+            let e = parse(&["run", "--restore", "/s", flag[0], flag[1]]).unwrap_err();
+            assert!(e.to_string().contains("cannot be used with"), "{flag:?}: {e}");
+        }
+        let e = parse(&["run"]).unwrap_err();
+        assert!(e.to_string().contains("--kernel"), "{e}");
     }
 
     #[test]

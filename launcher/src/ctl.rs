@@ -41,6 +41,16 @@ pub enum CtlAction {
     PowerButton,
     /// Delete the VM (vm.delete).
     Delete,
+    /// Write a snapshot of the paused VM into DIR, absent or empty (vm.snapshot).
+    Snapshot {
+        #[arg(value_name = "DIR|file:///DIR")]
+        destination: String,
+    },
+    /// Bring back, paused, the VM snapshotted in DIR (vm.restore); `resume` continues it.
+    Restore {
+        #[arg(value_name = "DIR|file:///DIR")]
+        source: String,
+    },
     /// End the podvisor process (vmm.shutdown).
     ShutdownVmm,
 }
@@ -60,6 +70,8 @@ impl CtlAction {
             CtlAction::Reboot => ("PUT", "vm.reboot"),
             CtlAction::PowerButton => ("PUT", "vm.power-button"),
             CtlAction::Delete => ("PUT", "vm.delete"),
+            CtlAction::Snapshot { .. } => ("PUT", "vm.snapshot"),
+            CtlAction::Restore { .. } => ("PUT", "vm.restore"),
             CtlAction::ShutdownVmm => ("PUT", "vmm.shutdown"),
         }
     }
@@ -71,6 +83,16 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
     let (method, endpoint) = args.action.route();
     let body = match &args.action {
         CtlAction::Create { file } => Some(read_config(file)?),
+        CtlAction::Snapshot { destination } => Some(
+            serde_json::json!({ "destination_url": file_url(destination)? })
+                .to_string()
+                .into_bytes(),
+        ),
+        CtlAction::Restore { source } => Some(
+            serde_json::json!({ "source_url": file_url(source)? })
+                .to_string()
+                .into_bytes(),
+        ),
         _ => None,
     };
     let mut client = api::Client::connect(&args.api_socket).map_err(|e| e.to_string())?;
@@ -92,6 +114,15 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
         writeln!(out, "{text}").map_err(|e| format!("cannot write the answer: {e}"))?;
     }
     Ok(())
+}
+
+/// `file:///DIR` for a directory given as a path (made absolute) or already as a URL.
+fn file_url(dir: &str) -> Result<String, String> {
+    if dir.contains("://") {
+        return Ok(dir.to_owned());
+    }
+    let path = std::path::absolute(dir).map_err(|e| format!("{dir}: {e}"))?;
+    Ok(format!("file://{}", path.display()))
 }
 
 fn read_config(file: &Path) -> Result<Vec<u8>, String> {

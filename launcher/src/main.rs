@@ -18,7 +18,14 @@ fn main() -> ExitCode {
             let code = if e.use_stderr() { 2 } else { 0 };
             if e.use_stderr() {
                 let text = e.to_string();
-                let first = text.lines().next().unwrap_or("invalid arguments");
+                let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+                let mut first = lines.next().unwrap_or("invalid arguments").to_owned();
+                // "the following required arguments were not provided:" names them below.
+                if first.ends_with(':') {
+                    if let Some(next) = lines.next() {
+                        first = format!("{first} {next}");
+                    }
+                }
                 eprintln!(
                     "podvisor: error: {} (see 'podvisor --help')",
                     first.trim_start_matches("error: ")
@@ -43,7 +50,7 @@ fn main() -> ExitCode {
         logger.with_max_level(tracing::Level::WARN).init();
     }
     let result = match cli.command {
-        cli::Command::Run(args) => run(args),
+        cli::Command::Run(args) => run(*args),
         cli::Command::Serve(args) => serve(args),
         cli::Command::Ctl(args) => ctl::run(&args, &mut std::io::stdout().lock()),
     };
@@ -57,6 +64,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: cli::RunArgs) -> Result<(), String> {
+    if let Some(dir) = &args.restore {
+        return run_restored(&args, dir);
+    }
     let config = args.to_config()?;
     config.validate().map_err(|e| e.to_string())?;
     let events = event_monitor(args.event_monitor.as_deref())?;
@@ -70,6 +80,24 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
     let started = controller
         .handle(Request::Create(Box::new(config)))
         .and_then(|_| controller.handle(Request::Boot));
+    if let Err(e) = started {
+        let _ = controller.handle(Request::ShutdownVmm);
+        let _ = thread.join();
+        return Err(e.to_string());
+    }
+    vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)
+}
+
+/// `run --restore DIR`: the snapshot's VM, restored and resumed at once.
+fn run_restored(args: &cli::RunArgs, dir: &std::path::Path) -> Result<(), String> {
+    let events = event_monitor(args.event_monitor.as_deref())?;
+    let options = run_options(args.pvm_guest)?;
+    let (controller, thread) =
+        Controller::start(options, events, true).map_err(|e| e.to_string())?;
+    let dir = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let started = controller
+        .handle(Request::Restore(dir))
+        .and_then(|_| controller.handle(Request::Resume));
     if let Err(e) = started {
         let _ = controller.handle(Request::ShutdownVmm);
         let _ = thread.join();

@@ -77,6 +77,8 @@ impl VmmBackend for VmmService {
             ApiRequest::VmShutdown => self.done(Request::Shutdown),
             ApiRequest::VmReboot => self.done(Request::Reboot),
             ApiRequest::VmPowerButton => self.done(Request::PowerButton),
+            ApiRequest::VmSnapshot { dir } => self.done(Request::Snapshot(dir)),
+            ApiRequest::VmRestore { dir } => self.done(Request::Restore(dir)),
             ApiRequest::VmInfo => match self.call(Request::Info)? {
                 Reply::Info { config, state } => Ok(ApiResponse::Info(VmInfo {
                     memory_actual_size: Some(config.memory.size),

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
@@ -19,10 +20,12 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::backends::Backends;
+use crate::builder;
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::events::EventMonitor;
 use crate::lifecycle::{self, Action, Refusal, VmState};
+use crate::snapshot::{self, SnapshotError};
 use crate::vm::{RunningVm, Vm, VmExit};
 use crate::vstate::kvm;
 use crate::vstate::vcpu::CpuTemplate;
@@ -69,6 +72,10 @@ pub enum Request {
     Delete,
     Info,
     Counters,
+    /// Writes a snapshot of the paused VM into this directory (`vm.snapshot`).
+    Snapshot(PathBuf),
+    /// Brings back, paused, the VM snapshotted in this directory (`vm.restore`).
+    Restore(PathBuf),
     /// Stops the VM (if any) and ends the VM thread (`vmm.shutdown`).
     ShutdownVmm,
 }
@@ -87,6 +94,8 @@ impl Request {
             Request::Delete => Action::Delete,
             Request::Info => Action::Info,
             Request::Counters => Action::Counters,
+            Request::Snapshot(_) => Action::Snapshot,
+            Request::Restore(_) => Action::Restore,
             Request::ShutdownVmm => return None,
         })
     }
@@ -484,6 +493,29 @@ impl VmOwner {
                         .unwrap_or_default(),
                 )
             }
+            Request::Snapshot(dir) => {
+                self.events.emit("vm", "snapshotting");
+                let vm = self
+                    .vm
+                    .as_ref()
+                    .ok_or_else(|| failed_state("vm.snapshot"))?;
+                let running = self.running()?;
+                let state = running.save().map_err(failed)?;
+                snapshot::write(&dir, &vm.config, &state, running.memory()).map_err(
+                    |e| match e {
+                        SnapshotError::Destination { .. } => ControlError::Invalid(e.to_string()),
+                        _ => ControlError::Failed(e.to_string()),
+                    },
+                )?;
+                self.events.emit("vm", "snapshotted");
+                Reply::Done
+            }
+            Request::Restore(dir) => {
+                self.events.emit("vm", "restoring");
+                self.restore_vm(&dir)?;
+                self.events.emit("vm", "restored");
+                Reply::Done
+            }
             Request::ShutdownVmm => return Err(misrouted()),
         };
         match next {
@@ -525,6 +557,53 @@ impl VmOwner {
         self.generation += 1;
         owned.state = VmState::Running;
         Ok(())
+    }
+
+    /// Builds the VM a snapshot describes and restores it, paused. Everything about the
+    /// snapshot that does not fit (a corrupt section, another CPU, a missing disk) is the
+    /// request's fault (400), and leaves no VM.
+    fn restore_vm(&mut self, dir: &Path) -> Result<(), ControlError> {
+        let invalid = |e: Error| ControlError::Invalid(e.to_string());
+        let snap = snapshot::read(dir).map_err(|e| invalid(e.into()))?;
+        let config = snap.config.clone();
+        config
+            .validate()
+            .map_err(|e| ControlError::Invalid(format!("the snapshot's configuration: {e}")))?;
+        let console =
+            Console::new(&config.serial).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let backends = Backends::open(&config).map_err(invalid)?;
+        let (kvm, template) = self.kvm()?;
+        let vm = builder::build(kvm, template, &config, &console, &backends).map_err(failed)?;
+        snap.load_memory(vm.memory())
+            .map_err(|e| invalid(e.into()))?;
+        let running = vm.start_restored(&snap.machine).map_err(invalid)?;
+        if console.wants_stdin {
+            console
+                .spawn_input(std::io::stdin())
+                .map_err(|e| ControlError::Failed(format!("console input: {e}")))?;
+        }
+        self.generation += 1;
+        self.vm = Some(OwnedVm {
+            config: Arc::new(config),
+            console,
+            backends: Some(backends),
+            running: Some(running),
+            state: VmState::Paused,
+        });
+        Ok(())
+    }
+
+    /// KVM and the host's CPU template, opened once.
+    fn kvm(&mut self) -> Result<&(Kvm, CpuTemplate), ControlError> {
+        if self.kvm.is_none() {
+            let kvm = kvm::open(self.options.pvm_guest).map_err(|e| failed(e.into()))?;
+            let template = CpuTemplate::from_kvm(&kvm)
+                .map_err(|e| failed(Error::Kvm("read supported CPUID/MSRs", e)))?;
+            self.kvm = Some((kvm, template));
+        }
+        self.kvm
+            .as_ref()
+            .ok_or_else(|| ControlError::Failed("KVM is not open (a bug)".into()))
     }
 
     /// Stops the running VM, if any; the VM is then Shutdown.

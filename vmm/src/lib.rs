@@ -27,6 +27,7 @@ pub mod events;
 pub mod layout;
 pub mod lifecycle;
 pub mod persist;
+pub mod snapshot;
 pub mod vm;
 pub mod vstate;
 
@@ -74,6 +75,8 @@ pub enum Error {
     Device(String),
     #[error("cannot restore the VM: {0}")]
     Restore(String),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
 }
 
 /// Options of a VM run that are not part of the VM itself.

@@ -14,6 +14,8 @@
 //! | vm.power-button  | Running                      | unchanged         |
 //! | vm.info          | any VM                       | unchanged         |
 //! | vm.counters      | any VM                       | unchanged         |
+//! | vm.snapshot      | Paused                       | unchanged         |
+//! | vm.restore       | no VM                        | Paused            |
 //! | vm.delete        | always (no VM: nothing to do)| no VM             |
 //!
 //! A VM action with no VM is refused as [`Refusal::NoVm`] (HTTP 404), one in the wrong state as
@@ -51,6 +53,8 @@ pub enum Action {
     PowerButton,
     Info,
     Counters,
+    Snapshot,
+    Restore,
     Delete,
 }
 
@@ -132,57 +136,20 @@ const fn rule(action: Action, name: &'static str, allowed: Allowed, after: After
 use VmState::{Created, Paused, Running, Shutdown};
 
 /// The lifecycle rules, one row per action (the table in this module's docs).
+#[rustfmt::skip]
 pub const RULES: &[Rule] = &[
-    rule(
-        Action::Create,
-        "vm.create",
-        Allowed::WithoutVm,
-        After::Is(Created),
-    ),
-    rule(
-        Action::Boot,
-        "vm.boot",
-        Allowed::In(&[Created, Shutdown]),
-        After::Is(Running),
-    ),
-    rule(
-        Action::Pause,
-        "vm.pause",
-        Allowed::In(&[Running]),
-        After::Is(Paused),
-    ),
-    rule(
-        Action::Resume,
-        "vm.resume",
-        Allowed::In(&[Paused]),
-        After::Is(Running),
-    ),
-    rule(
-        Action::Shutdown,
-        "vm.shutdown",
-        Allowed::In(&[Running, Paused]),
-        After::Is(Shutdown),
-    ),
-    rule(
-        Action::Reboot,
-        "vm.reboot",
-        Allowed::In(&[Running]),
-        After::Is(Running),
-    ),
-    rule(
-        Action::PowerButton,
-        "vm.power-button",
-        Allowed::In(&[Running]),
-        After::Unchanged,
-    ),
-    rule(Action::Info, "vm.info", Allowed::AnyVm, After::Unchanged),
-    rule(
-        Action::Counters,
-        "vm.counters",
-        Allowed::AnyVm,
-        After::Unchanged,
-    ),
-    rule(Action::Delete, "vm.delete", Allowed::Always, After::NoVm),
+    rule(Action::Create,      "vm.create",       Allowed::WithoutVm,                  After::Is(Created)),
+    rule(Action::Boot,        "vm.boot",         Allowed::In(&[Created, Shutdown]),   After::Is(Running)),
+    rule(Action::Pause,       "vm.pause",        Allowed::In(&[Running]),             After::Is(Paused)),
+    rule(Action::Resume,      "vm.resume",       Allowed::In(&[Paused]),              After::Is(Running)),
+    rule(Action::Shutdown,    "vm.shutdown",     Allowed::In(&[Running, Paused]),     After::Is(Shutdown)),
+    rule(Action::Reboot,      "vm.reboot",       Allowed::In(&[Running]),             After::Is(Running)),
+    rule(Action::PowerButton, "vm.power-button", Allowed::In(&[Running]),             After::Unchanged),
+    rule(Action::Info,        "vm.info",         Allowed::AnyVm,                      After::Unchanged),
+    rule(Action::Counters,    "vm.counters",     Allowed::AnyVm,                      After::Unchanged),
+    rule(Action::Snapshot,    "vm.snapshot",     Allowed::In(&[Paused]),              After::Unchanged),
+    rule(Action::Restore,     "vm.restore",      Allowed::WithoutVm,                  After::Is(Paused)),
+    rule(Action::Delete,      "vm.delete",       Allowed::Always,                     After::NoVm),
 ];
 
 /// Why an action is refused; the message names the action, the state and what it needs.
@@ -276,6 +243,8 @@ mod tests {
             (Action::PowerButton, "xx=xx"),
             (Action::Info, "x===="),
             (Action::Counters, "x===="),
+            (Action::Snapshot, "xxx=x"),
+            (Action::Restore, "Pxxxx"),
             (Action::Delete, "=----"),
         ];
         assert_eq!(expected.len(), RULES.len());

@@ -80,6 +80,21 @@ impl Vm {
         self.devices.restore(&state.devices)
     }
 
+    /// Restores `state` (see [`Vm::restore`]) with the devices paused, and starts the vCPU
+    /// threads parked: the VM is paused where it was saved, its clock stopped at the saved
+    /// time; [`RunningVm::resume`] continues it.
+    pub fn start_restored(self, state: &MachineState) -> Result<RunningVm, Error> {
+        self.devices.pause();
+        self.restore(state)?;
+        self.ctx.control.request_pause();
+        let running = self.start()?;
+        *running
+            .paused_clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(state.kvm.clock);
+        Ok(running)
+    }
+
     /// Runs every vCPU on its own thread until the guest powers off, resets, or a vCPU fails.
     pub fn run(self) -> Result<VmExit, Error> {
         let running = self.start()?;

@@ -713,3 +713,157 @@ fn a_restore_refuses_a_machine_of_another_shape() {
         "{err}"
     );
 }
+
+#[test]
+fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
+    use std::os::unix::fs::MetadataExt;
+    use vmm::controller::{ControlError, Reply, Request};
+    use vmm::lifecycle::VmState;
+
+    let g = TinyGuest::new("snapshot");
+    let kernel = g.kernel(&counting_guest());
+    let serial = g.dir.join("serial.out");
+    let mut cfg = config(&kernel, &serial, 2);
+    cfg.rng = Some(RngConfig {
+        src: "/dev/urandom".into(),
+    });
+    let snap = g.dir.join("snap");
+    let state = |ctl: &Controller| match ctl.handle(Request::Info) {
+        Ok(Reply::Info { state, .. }) => Some(state),
+        _ => None,
+    };
+    {
+        let (ctl, thread, _) = g.controller_with_events();
+        ctl.handle(Request::Create(Box::new(cfg.clone()))).unwrap();
+        ctl.handle(Request::Boot).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::fs::metadata(&serial).map_or(0, |m| m.len()) < 100 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest does not print"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(matches!(
+            ctl.handle(Request::Snapshot(snap.clone())),
+            Err(ControlError::WrongState(_))
+        ));
+        ctl.handle(Request::Pause).unwrap();
+        ctl.handle(Request::Snapshot(snap.clone())).unwrap();
+        assert_eq!(state(&ctl), Some(VmState::Paused), "still paused");
+        match ctl.handle(Request::Snapshot(snap.clone())) {
+            Err(ControlError::Invalid(m)) => assert!(m.contains("not empty"), "{m}"),
+            other => panic!("snapshot into a full directory: {other:?}"),
+        }
+        ctl.handle(Request::ShutdownVmm).unwrap();
+        thread.join().unwrap().unwrap();
+    }
+    let printed_before = std::fs::read(&serial).unwrap().len();
+    assert!(printed_before < 600, "saved before the guest finished");
+    let memory = std::fs::metadata(snap.join("memory.bin")).unwrap();
+    assert_eq!(memory.len(), 64 << 20);
+    assert!(
+        memory.blocks() * 512 < 4 << 20,
+        "zero pages are holes: {} bytes allocated",
+        memory.blocks() * 512
+    );
+
+    // Damaged copies are refused, naming the section, and leave no VM.
+    let damaged = |name: &str, damage: &dyn Fn(&Path)| {
+        let copy = g.dir.join(name);
+        std::fs::create_dir_all(&copy).unwrap();
+        for f in ["snapshot.json", "config.json", "machine.json", "memory.bin"] {
+            std::fs::copy(snap.join(f), copy.join(f)).unwrap();
+        }
+        damage(&copy);
+        let (ctl, thread, _) = g.controller_with_events();
+        let err = match ctl.handle(Request::Restore(copy)) {
+            Err(ControlError::Invalid(m)) => m,
+            other => panic!("{name}: restored anyway: {other:?}"),
+        };
+        assert_eq!(state(&ctl), None, "{name}: no VM after a refused restore");
+        ctl.handle(Request::ShutdownVmm).unwrap();
+        thread.join().unwrap().unwrap();
+        err
+    };
+    let flip = |path: &Path, at: u64| {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at as usize] ^= 0x20;
+        std::fs::write(path, bytes).unwrap();
+    };
+    let err = damaged("corrupt-machine", &|d| flip(&d.join("machine.json"), 100));
+    assert!(err.contains("machine.json: checksum mismatch"), "{err}");
+    let err = damaged("truncated-memory", &|d| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("memory.bin"))
+            .unwrap();
+        f.set_len(32 << 20).unwrap();
+    });
+    assert!(
+        err.contains("memory.bin: 33554432 bytes, the manifest says 67108864"),
+        "{err}"
+    );
+    // The guest's code is at 1 MiB: one flipped byte there.
+    let err = damaged("corrupt-memory", &|d| {
+        flip(&d.join("memory.bin"), 0x10_0010)
+    });
+    assert!(
+        err.contains("memory.bin: chunk at 0x0: checksum mismatch"),
+        "{err}"
+    );
+    let err = damaged("future", &|d| {
+        let path = d.join("snapshot.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("\"version\": 1", "\"version\": 2")).unwrap();
+    });
+    assert!(
+        err.contains("format version 2, this podvisor reads version 1"),
+        "{err}"
+    );
+    let err = damaged("no-manifest", &|d| {
+        std::fs::remove_file(d.join("snapshot.json")).unwrap()
+    });
+    assert!(err.contains("snapshot.json: cannot read it"), "{err}");
+
+    // Another VMM brings it back paused; resumed, the guest finishes its count.
+    let (ctl, thread, events) = g.controller_with_events();
+    ctl.handle(Request::Restore(snap.clone())).unwrap();
+    assert_eq!(state(&ctl), Some(VmState::Paused));
+    assert!(
+        matches!(
+            ctl.handle(Request::Restore(snap.clone())),
+            Err(ControlError::WrongState(_))
+        ),
+        "one VM"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(
+        std::fs::read(&serial).unwrap().len(),
+        printed_before,
+        "a restored VM stays paused"
+    );
+    ctl.handle(Request::Resume).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while state(&ctl) != Some(VmState::Shutdown) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restored guest does not finish: {:?}, {} bytes printed",
+            state(&ctl),
+            std::fs::read(&serial).unwrap().len(),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    ctl.handle(Request::ShutdownVmm).unwrap();
+    thread.join().unwrap().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&std::fs::read(&serial).unwrap()),
+        String::from_utf8_lossy(&counting_guest_output()),
+        "the guest's whole output, once"
+    );
+    let events = std::fs::read_to_string(events).unwrap();
+    assert!(
+        events.contains("\"restoring\"") && events.contains("\"restored\""),
+        "{events}"
+    );
+}

@@ -117,6 +117,72 @@ fn ensure_topology_levels(cpuid: &mut CpuId, apic_id: u32, count: u32, core_bits
     }
 }
 
+/// The feature words a guest relies on: (leaf, subleaf, register name).
+const FEATURE_WORDS: &[(u32, u32, &str)] = &[
+    (LEAF_FEATURES, 0, "ecx"),
+    (LEAF_FEATURES, 0, "edx"),
+    (0x7, 0, "ebx"),
+    (0x7, 0, "ecx"),
+    (0x7, 0, "edx"),
+    (0xd, 1, "eax"),
+    (LEAF_EXT_FEATURES, 0, "ecx"),
+    (LEAF_EXT_FEATURES, 0, "edx"),
+];
+
+fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
+    entries.iter().find(|e| {
+        e.function == function
+            && (e.index == index || index == 0 && e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+    })
+}
+
+fn register(e: &kvm_cpuid_entry2, name: &str) -> u32 {
+    match name {
+        "eax" => e.eax,
+        "ebx" => e.ebx,
+        "ecx" => e.ecx,
+        _ => e.edx,
+    }
+}
+
+/// Why a guest that saw CPUID `saved` cannot run on a vCPU that offers `here`: another CPU
+/// vendor, or feature bits `here` lacks (each as "leaf 0x7 ebx bits 0x..."). None: it can.
+pub fn incompatible(saved: &[kvm_cpuid_entry2], here: &[kvm_cpuid_entry2]) -> Option<String> {
+    let vendor = |entries: &[kvm_cpuid_entry2]| find(entries, 0, 0).map(|e| (e.ebx, e.edx, e.ecx));
+    if vendor(saved) != vendor(here) {
+        let name = |v: Option<(u32, u32, u32)>| {
+            v.map(|(b, d, c)| {
+                [b, d, c]
+                    .iter()
+                    .flat_map(|r| r.to_le_bytes())
+                    .map(char::from)
+                    .collect::<String>()
+            })
+            .unwrap_or_else(|| "?".into())
+        };
+        return Some(format!(
+            "the snapshot's CPU is {}, this host's {}",
+            name(vendor(saved)),
+            name(vendor(here))
+        ));
+    }
+    let missing: Vec<String> = FEATURE_WORDS
+        .iter()
+        .filter_map(|&(leaf, sub, reg)| {
+            let want = find(saved, leaf, sub).map_or(0, |e| register(e, reg));
+            let have = find(here, leaf, sub).map_or(0, |e| register(e, reg));
+            let lacking = want & !have;
+            (lacking != 0).then(|| format!("leaf {leaf:#x}.{sub} {reg} bits {lacking:#x}"))
+        })
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the snapshot's CPU has features this host lacks: {}",
+            missing.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

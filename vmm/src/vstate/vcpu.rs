@@ -6,8 +6,9 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use devices::Bus;
 use kvm_bindings::{
-    kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,8 @@ pub enum VcpuError {
     PartialMsrs { id: u8, set: usize, wanted: usize },
     #[error("vCPU {id}: KVM refused the saved value of MSR {index:#x}")]
     RestoreMsr { id: u8, index: u32 },
+    #[error("vCPU {id}: {reason}")]
+    Incompatible { id: u8, reason: String },
 }
 
 /// How the VM asked to end, as seen by a vCPU or a device.
@@ -161,6 +164,8 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     pub events: kvm_vcpu_events,
     pub msrs: Vec<(u32, u64)>,
+    /// What the guest saw of CPUID (a restore refuses a host that lacks any of it).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 /// A KVM vCPU.
@@ -246,6 +251,12 @@ impl Vcpu {
             mp_state,
             events: self.fd.get_vcpu_events().map_err(self.cfg_err("events"))?,
             msrs,
+            cpuid: self
+                .fd
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(self.cfg_err("CPUID"))?
+                .as_slice()
+                .to_vec(),
         })
     }
 
@@ -277,8 +288,24 @@ impl Vcpu {
         Ok(out)
     }
 
-    /// Puts a saved state back (CPUID must already be set).
+    /// Puts a saved state back into a vCPU configured ([`Vcpu::configure`]) but never run:
+    /// first the CPUID the guest saw, if this host offers all of it.
     pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let here = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.cfg_err("CPUID"))?;
+        if let Some(reason) = cpuid::incompatible(&state.cpuid, here.as_slice()) {
+            return Err(VcpuError::Incompatible {
+                id: self.id,
+                reason,
+            });
+        }
+        let saved = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Incompatible {
+            id: self.id,
+            reason: format!("{} CPUID entries saved, too many", state.cpuid.len()),
+        })?;
+        self.fd.set_cpuid2(&saved).map_err(self.cfg_err("CPUID"))?;
         self.fd
             .set_sregs(&state.sregs)
             .map_err(self.cfg_err("segments"))?;
