@@ -165,7 +165,10 @@ mod tests {
         assert_eq!(a.kernel, None);
         for flag in [["--kernel", "/k"], ["--cpus", "2"], ["--disk", "path=/d"]] {
             let e = parse(&["run", "--restore", "/s", flag[0], flag[1]]).unwrap_err();
-            assert!(e.to_string().contains("cannot be used with"), "{flag:?}: {e}");
+            assert!(
+                e.to_string().contains("cannot be used with"),
+                "{flag:?}: {e}"
+            );
         }
         let e = parse(&["run"]).unwrap_err();
         assert!(e.to_string().contains("--kernel"), "{e}");

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Failed, Trial};
 
-use crate::harness::{guest, hang_tolerant, host, podvisor, Scratch, Vm};
+use crate::harness::{guest, hang_tolerant, host, host_ok, podvisor, Scratch, Vm};
 
 /// `podvisor ctl --api-socket SOCKET ARGS...`: exit code and output.
 fn ctl(socket: &str, args: &[&str]) -> Result<(i32, String), Failed> {
@@ -255,6 +255,121 @@ fn run_with_api_socket() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The first `count N` line the console prints from now on, and its N.
+fn next_count(vm: &mut Vm) -> Result<u64, Failed> {
+    let line = vm.expect("count ")?;
+    line.trim_start_matches("count ")
+        .trim()
+        .parse()
+        .map_err(|_| vm.failure(&format!("not a count line: '{line}'")))
+}
+
+/// A VM with a disk, a network interface and a counter running in its shell is paused and
+/// snapshotted by `podvisor serve`, which then ends; `podvisor run --restore` in a new process
+/// continues it: the counter goes on from where it stopped, the guest's clock did not jump,
+/// the disk holds what was written before and takes new writes, and the network answers.
+fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
+    const HOST_IP: &str = "192.168.250.1";
+    const GUEST_IP: &str = "192.168.250.2";
+    let dir = Scratch::new("snapshot");
+    let socket = dir.arg("api.sock");
+    let disk = dir.arg("disk.raw");
+    host_ok("qemu-img", &["create", "-q", "-f", "raw", &disk, "16M"])?;
+    // The snapshot goes to the test host's own tmpfs: 256 MiB over virtiofs would be slow.
+    let snapshot = format!("/dev/shm/podvisor-e2e-snapshot-{}", std::process::id());
+    let _ = std::fs::remove_dir_all(&snapshot);
+    let tap = format!("pvs{}", std::process::id() % 100_000);
+    let config = serde_json::json!({
+        "payload": {
+            "kernel": guest("bzImage"),
+            "initramfs": guest("initramfs.cpio.gz"),
+            "cmdline": "console=ttyS0 quiet",
+        },
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 256u64 << 20},
+        "disks": [{"path": disk}],
+        "net": [{"tap": tap, "ip": HOST_IP, "mask": "255.255.255.0"}],
+        "rng": {"src": "/dev/urandom"},
+        "serial": {"mode": "Tty"},
+        "console": {"mode": "Off"},
+    });
+    let config_file = dir.path("vm.json");
+    std::fs::write(&config_file, config.to_string())?;
+
+    let mut vm = Vm::spawn("serve", &["--api-socket", &socket]);
+    wait_for_socket(&mut vm, &socket)?;
+    ctl_ok(&socket, &["create", config_file.to_str().unwrap()])?;
+    ctl_ok(&socket, &["boot"])?;
+    vm.expect("podvisor-guest ready:")?;
+    vm.wait_for_shell()?;
+    vm.shell_ok(&format!(
+        "ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 && ping -c 1 -W 10 {HOST_IP}"
+    ))?;
+    vm.shell_ok("printf snap-data-42 | dd of=/dev/vda bs=4096 seek=1 conv=sync,fsync 2>/dev/null")?;
+    let up_before = guest_uptime(&mut vm)?;
+    vm.shell_ok("(i=0; while :; do i=$((i+1)); echo \"count $i\"; sleep 0.3; done) & echo $! > /tmp/counter")?;
+    let first = next_count(&mut vm)?;
+    let seen = next_count(&mut vm)?;
+    if seen != first + 1 {
+        return Err(vm.failure(&format!("the counter went {first}, {seen}")));
+    }
+    ctl_ok(&socket, &["pause"])?;
+    let (rc, out) = ctl(&socket, &["restore", &snapshot])?;
+    if rc == 0 || !out.contains("409") {
+        return Err(format!("vm.restore beside a VM: rc {rc}, {out}").into());
+    }
+    ctl_ok(&socket, &["snapshot", &snapshot])?;
+    let (rc, out) = ctl(&socket, &["snapshot", &snapshot])?;
+    if rc == 0 || !out.contains("400") || !out.contains("not empty") {
+        return Err(format!("a second snapshot into the same directory: rc {rc}, {out}").into());
+    }
+    ctl_ok(&socket, &["shutdown-vmm"])?;
+    let status = vm.wait()?;
+    if status.code() != Some(0) {
+        return Err(vm.failure(&format!("podvisor serve exited with {status}")));
+    }
+
+    // A new process: the VM, running on.
+    let mut vm = Vm::spawn("run", &["--restore", &snapshot]);
+    let next = next_count(&mut vm)?;
+    if next <= seen || next > seen + 5 {
+        return Err(vm.failure(&format!(
+            "after the restore the counter printed {next}; before the snapshot it was at {seen}"
+        )));
+    }
+    let after = next_count(&mut vm)?;
+    if after != next + 1 {
+        return Err(vm.failure(&format!("the restored counter went {next}, {after}")));
+    }
+    vm.shell_ok("kill $(cat /tmp/counter)")?;
+    let up_after = guest_uptime(&mut vm)?;
+    if up_after < up_before || up_after - up_before > 120.0 {
+        return Err(vm.failure(&format!(
+            "the guest's uptime went from {up_before:.1} s to {up_after:.1} s across the snapshot"
+        )));
+    }
+    let data = vm.shell_ok(
+        "echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=4096 skip=1 count=1 2>/dev/null | head -c 12",
+    )?;
+    if !data.contains("snap-data-42") {
+        return Err(vm.failure(&format!("the disk reads '{data}' after the restore")));
+    }
+    vm.shell_ok(
+        "printf after-restore | dd of=/dev/vda bs=4096 seek=2 conv=sync,fsync 2>/dev/null",
+    )?;
+    // The tap is new (its MAC too): the guest's neighbour entry takes a few probes to renew.
+    vm.shell_ok(&format!(
+        "for i in 1 2 3 4 5 6; do ping -c 1 -W 5 {HOST_IP} && break; done"
+    ))?;
+    vm.poweroff()?;
+    let _ = std::fs::remove_dir_all(&snapshot);
+    let image = std::fs::read(&disk)?;
+    if !image[8192..].starts_with(b"after-restore") {
+        return Err("the restored guest's write is not in the disk image".into());
+    }
+    Ok(())
+}
+
 /// The API scenarios.
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -263,6 +378,9 @@ pub fn trials() -> Vec<Trial> {
         }),
         Trial::test("api_run_with_api_socket", || {
             hang_tolerant(run_with_api_socket)
+        }),
+        Trial::test("api_snapshot_and_restore_in_a_new_process", || {
+            hang_tolerant(snapshot_and_restore_in_a_new_process)
         }),
     ]
 }
