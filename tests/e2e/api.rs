@@ -72,16 +72,21 @@ fn guest_uptime(vm: &mut Vm) -> Result<f64, Failed> {
         .ok_or_else(|| vm.failure(&format!("no uptime in '{out}'")))
 }
 
+/// The default guest as a `VmConfig` payload: bzImage, initramfs, a quiet console.
+fn default_guest() -> serde_json::Value {
+    serde_json::json!({
+        "kernel": guest("bzImage"),
+        "initramfs": guest("initramfs.cpio.gz"),
+        "cmdline": "console=ttyS0 quiet",
+    })
+}
+
 fn served_vm_lifecycle() -> Result<(), Failed> {
     let dir = Scratch::new("api");
     let socket = dir.arg("api.sock");
     let events = dir.path("events.jsonl");
     let config = serde_json::json!({
-        "payload": {
-            "kernel": guest("bzImage"),
-            "initramfs": guest("initramfs.cpio.gz"),
-            "cmdline": "console=ttyS0 quiet",
-        },
+        "payload": default_guest(),
         "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
         "memory": {"size": 512u64 << 20},
         "rng": {"src": "/dev/urandom"},
@@ -280,11 +285,7 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     let _ = std::fs::remove_dir_all(&snapshot);
     let tap = format!("pvs{}", std::process::id() % 100_000);
     let config = serde_json::json!({
-        "payload": {
-            "kernel": guest("bzImage"),
-            "initramfs": guest("initramfs.cpio.gz"),
-            "cmdline": "console=ttyS0 quiet",
-        },
+        "payload": default_guest(),
         "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
         "memory": {"size": 256u64 << 20},
         "disks": [{"path": disk}],

@@ -583,6 +583,18 @@ fn counting_guest() -> Asm {
     a.print("\nok\n").poweroff()
 }
 
+/// The counting guest's configuration, 2 vCPUs, COM1 into `serial.out`, with a virtio-rng
+/// so the PCI segment has a function to save and restore; and the serial file.
+fn counting_config(g: &TinyGuest) -> (VmConfig, PathBuf) {
+    let kernel = g.kernel(&counting_guest());
+    let serial = g.dir.join("serial.out");
+    let mut config = config(&kernel, &serial, 2);
+    config.rng = Some(RngConfig {
+        src: "/dev/urandom".into(),
+    });
+    (config, serial)
+}
+
 /// What the counting guest prints from start to end.
 fn counting_guest_output() -> Vec<u8> {
     let mut out: Vec<u8> = (0..600u32).map(|i| b'a' + (i % 26) as u8).collect();
@@ -595,13 +607,7 @@ fn a_paused_machine_saved_and_restored_into_a_fresh_one_finishes_its_work() {
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
     let g = TinyGuest::new("restore");
-    let kernel = g.kernel(&counting_guest());
-    let serial = g.dir.join("serial.out");
-    let mut config = config(&kernel, &serial, 2);
-    // A virtio function too, so the PCI segment has a device to save and restore.
-    config.rng = Some(RngConfig {
-        src: "/dev/urandom".into(),
-    });
+    let (config, serial) = counting_config(&g);
     let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
     let template = CpuTemplate::from_kvm(&kvm).unwrap();
     let console = Console::new(&config.serial).unwrap();
@@ -721,12 +727,7 @@ fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
     use vmm::lifecycle::VmState;
 
     let g = TinyGuest::new("snapshot");
-    let kernel = g.kernel(&counting_guest());
-    let serial = g.dir.join("serial.out");
-    let mut cfg = config(&kernel, &serial, 2);
-    cfg.rng = Some(RngConfig {
-        src: "/dev/urandom".into(),
-    });
+    let (cfg, serial) = counting_config(&g);
     let snap = g.dir.join("snap");
     let state = |ctl: &Controller| match ctl.handle(Request::Info) {
         Ok(Reply::Info { state, .. }) => Some(state),
