@@ -65,43 +65,32 @@ fn main() -> ExitCode {
 
 fn run(args: cli::RunArgs) -> Result<(), String> {
     if let Some(dir) = &args.restore {
-        return run_restored(&args, dir);
+        // The snapshot's VM, restored and resumed at once.
+        let dir = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        return run_vm(&args, [Request::Restore(dir), Request::Resume]);
     }
     let config = args.to_config()?;
     config.validate().map_err(|e| e.to_string())?;
-    let events = event_monitor(args.event_monitor.as_deref())?;
     // The console's stdin pump starts with the VM; the terminal goes raw first.
     let _raw = (config.serial == vmm::config::ConsoleConfig::Tty)
         .then(terminal::RawMode::enable_on_stdin)
         .flatten();
-    let options = run_options(args.pvm_guest)?;
-    let (controller, thread) =
-        Controller::start(options, events, true).map_err(|e| e.to_string())?;
-    let started = controller
-        .handle(Request::Create(Box::new(config)))
-        .and_then(|_| controller.handle(Request::Boot));
-    if let Err(e) = started {
-        let _ = controller.handle(Request::ShutdownVmm);
-        let _ = thread.join();
-        return Err(e.to_string());
-    }
-    vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)
+    run_vm(&args, [Request::Create(Box::new(config)), Request::Boot])
 }
 
-/// `run --restore DIR`: the snapshot's VM, restored and resumed at once.
-fn run_restored(args: &cli::RunArgs, dir: &std::path::Path) -> Result<(), String> {
+/// Starts the VM thread for `podvisor run`, sends it `start` (ending it at the first
+/// failure) and serves until the VM ends.
+fn run_vm(args: &cli::RunArgs, start: [Request; 2]) -> Result<(), String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
     let options = run_options(args.pvm_guest)?;
     let (controller, thread) =
         Controller::start(options, events, true).map_err(|e| e.to_string())?;
-    let dir = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let started = controller
-        .handle(Request::Restore(dir))
-        .and_then(|_| controller.handle(Request::Resume));
-    if let Err(e) = started {
-        let _ = controller.handle(Request::ShutdownVmm);
-        let _ = thread.join();
-        return Err(e.to_string());
+    for request in start {
+        if let Err(e) = controller.handle(request) {
+            let _ = controller.handle(Request::ShutdownVmm);
+            let _ = thread.join();
+            return Err(e.to_string());
+        }
     }
     vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)
 }
