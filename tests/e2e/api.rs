@@ -260,10 +260,11 @@ fn run_with_api_socket() -> Result<(), Failed> {
     Ok(())
 }
 
-/// The first `count N` line the console prints from now on, and its N.
+/// The first `count:N` line the console prints from now on, and its N (a pattern that ends
+/// with a colon makes `expect` wait for the whole line).
 fn next_count(vm: &mut Vm) -> Result<u64, Failed> {
-    let line = vm.expect("count ")?;
-    line.trim_start_matches("count ")
+    let line = vm.expect("count:")?;
+    line.trim_start_matches("count:")
         .trim()
         .parse()
         .map_err(|_| vm.failure(&format!("not a count line: '{line}'")))
@@ -308,7 +309,9 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     ))?;
     vm.shell_ok("printf snap-data-42 | dd of=/dev/vda bs=4096 seek=1 conv=sync,fsync 2>/dev/null")?;
     let up_before = guest_uptime(&mut vm)?;
-    vm.shell_ok("(i=0; while :; do i=$((i+1)); echo \"count $i\"; sleep 0.3; done) & echo $! > /tmp/counter")?;
+    vm.shell_ok(
+        "(i=0; while :; do i=$((i+1)); echo count:$i; sleep 0.3; done) & echo $! > /tmp/counter",
+    )?;
     let first = next_count(&mut vm)?;
     let seen = next_count(&mut vm)?;
     if seen != first + 1 {

@@ -36,6 +36,10 @@ impl Backends {
             let fail = |e: NetError| Error::Device(format!("net {index}: {e}"));
             let tap = Tap::open(net.tap.as_deref()).map_err(fail)?;
             if let Some(ip) = net.ip {
+                // podvisor owns the host side: a stable MAC too, so a VM restored from a
+                // snapshot (or rebooted) finds the host where its neighbour table says.
+                let host_mac = MacAddr::stable_for(&format!("host/{}", tap.name()));
+                tap.set_host_mac(host_mac.bytes()).map_err(fail)?;
                 let mask = net.mask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
                 tap.set_ip(ip, mask).map_err(fail)?;
             }

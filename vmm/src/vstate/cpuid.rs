@@ -129,6 +129,11 @@ const FEATURE_WORDS: &[(u32, u32, &str)] = &[
     (LEAF_EXT_FEATURES, 0, "edx"),
 ];
 
+/// Bits KVM sets from the guest's control registers as it runs (OSXSAVE mirrors CR4.OSXSAVE,
+/// OSPKE mirrors CR4.PKE): a saved vCPU has them, a fresh one does not.
+const DYNAMIC_BITS: &[(u32, u32, &str, u32)] =
+    &[(LEAF_FEATURES, 0, "ecx", 1 << 27), (0x7, 0, "ecx", 1 << 4)];
+
 fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> Option<&kvm_cpuid_entry2> {
     entries.iter().find(|e| {
         e.function == function
@@ -169,7 +174,11 @@ pub fn incompatible(saved: &[kvm_cpuid_entry2], here: &[kvm_cpuid_entry2]) -> Op
     let missing: Vec<String> = FEATURE_WORDS
         .iter()
         .filter_map(|&(leaf, sub, reg)| {
-            let want = find(saved, leaf, sub).map_or(0, |e| register(e, reg));
+            let dynamic = DYNAMIC_BITS
+                .iter()
+                .filter(|d| (d.0, d.1, d.2) == (leaf, sub, reg))
+                .fold(0, |m, d| m | d.3);
+            let want = find(saved, leaf, sub).map_or(0, |e| register(e, reg)) & !dynamic;
             let have = find(here, leaf, sub).map_or(0, |e| register(e, reg));
             let lacking = want & !have;
             (lacking != 0).then(|| format!("leaf {leaf:#x}.{sub} {reg} bits {lacking:#x}"))
@@ -269,5 +278,44 @@ mod tests {
         assert_eq!(core_id_bits(2), 1);
         assert_eq!(core_id_bits(5), 3);
         assert_eq!(core_id_bits(254), 8);
+    }
+
+    #[test]
+    fn a_guest_runs_on_a_host_with_all_it_saw() {
+        let with = |f: u32, i: u32, ecx: u32, ebx: u32| kvm_cpuid_entry2 {
+            function: f,
+            index: i,
+            ecx,
+            ebx,
+            ..Default::default()
+        };
+        let amd = with(
+            0,
+            0,
+            u32::from_le_bytes(*b"cAMD"),
+            u32::from_le_bytes(*b"Auth"),
+        );
+        let host = [amd, with(1, 0, 0b0110, 0), with(7, 0, 0, 0xff)];
+        // A subset, and OSXSAVE/OSPKE that KVM set from CR4: fine.
+        let saved = [
+            amd,
+            with(1, 0, 0b0100 | 1 << 27, 0),
+            with(7, 0, 1 << 4, 0x0f),
+        ];
+        assert_eq!(incompatible(&saved, &host), None);
+        let more = [amd, with(1, 0, 0b1100, 0), with(7, 0, 0, 0x1ff)];
+        assert_eq!(
+            incompatible(&more, &host).unwrap(),
+            "the snapshot's CPU has features this host lacks: leaf 0x1.0 ecx bits 0x8, \
+             leaf 0x7.0 ebx bits 0x100"
+        );
+        let intel = with(
+            0,
+            0,
+            u32::from_le_bytes(*b"ntel"),
+            u32::from_le_bytes(*b"Genu"),
+        );
+        let reason = incompatible(&[intel], &host).unwrap();
+        assert!(reason.starts_with("the snapshot's CPU is Genu"), "{reason}");
     }
 }

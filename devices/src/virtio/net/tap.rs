@@ -32,6 +32,7 @@ const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCSIFADDR: libc::c_ulong = 0x8916;
 const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
 const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
+const SIOCSIFHWADDR: libc::c_ulong = 0x8924;
 
 /// TUNSETOFFLOAD flags: what the kernel may hand the device (the guest must accept it).
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -249,6 +250,14 @@ impl Tap {
         let flags = ifr.flags() | IFF_UP | IFF_RUNNING;
         ifr.set_flags(flags);
         self.if_ioctl(SIOCSIFFLAGS, &mut ifr, "bringing the interface up")
+    }
+
+    /// Sets the host side's MAC address (a tap allows it while up).
+    pub fn set_host_mac(&self, mac: [u8; 6]) -> Result<(), NetError> {
+        let mut ifr = IfReq::named(&self.name);
+        ifr.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+        ifr.data[2..8].copy_from_slice(&mac);
+        self.if_ioctl(SIOCSIFHWADDR, &mut ifr, "setting the MAC address")
     }
 
     /// The host side's MAC address (the address guest frames to the host are sent to).

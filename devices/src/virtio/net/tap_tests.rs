@@ -279,3 +279,11 @@ fn a_frame_arriving_while_paused_is_delivered_after_resume() {
     assert!(c["rx_frames"] >= 2, "ARP request and datagram: {c:?}");
     assert_eq!(c["rx_drops"], 0);
 }
+
+#[test]
+fn the_host_side_mac_can_be_set() {
+    let (tap, _, _) = test_tap("mac", 7);
+    let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+    tap.set_host_mac(mac).unwrap();
+    assert_eq!(tap.host_mac().unwrap(), mac);
+}
