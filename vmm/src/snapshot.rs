@@ -432,6 +432,17 @@ impl Snapshot {
         buf: &mut [u8],
     ) -> Result<(), SnapshotError> {
         let at = |reason: String| self.bad_memory(format!("chunk at {:#x}: {reason}", chunk.gpa));
+        // The whole chunk must fall inside this VM's memory (one region: chunks never span two).
+        let last = chunk
+            .len
+            .checked_sub(1)
+            .and_then(|n| chunk.gpa.checked_add(n));
+        if !last.is_some_and(|last| {
+            memory.address_in_range(GuestAddress(chunk.gpa))
+                && memory.address_in_range(GuestAddress(last))
+        }) {
+            return Err(at("does not fit this VM's memory".into()));
+        }
         let mut crc = crc32fast::Hasher::new();
         let mut done = 0u64;
         while done < chunk.len {
@@ -448,11 +459,6 @@ impl Snapshot {
             } else {
                 // A hole: the new VM's memory is zero there already.
                 piece.fill(0);
-                if !memory.address_in_range(gpa)
-                    || !memory.address_in_range(GuestAddress(gpa.0 + n as u64 - 1))
-                {
-                    return Err(at("does not fit this VM's memory".into()));
-                }
             }
             crc.update(piece);
             done += n as u64;
