@@ -219,6 +219,46 @@ fn config(kernel: &Path, serial: &Path, vcpus: u8) -> VmConfig {
     }
 }
 
+/// A VM booted from a configuration outside any controller, with what it is built from (the
+/// console and backends must outlive it; tests build more machines from the same parts).
+struct Booted {
+    kvm: kvm_ioctls::Kvm,
+    template: CpuTemplate,
+    console: Console,
+    backends: vmm::backends::Backends,
+    running: vmm::RunningVm,
+}
+
+fn boot(config: &VmConfig) -> Booted {
+    let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
+    let template = CpuTemplate::from_kvm(&kvm).unwrap();
+    let console = Console::new(&config.serial).unwrap();
+    let backends = vmm::backends::Backends::open(config).unwrap();
+    let running = Vm::new(&kvm, &template, config, &console, &backends)
+        .unwrap()
+        .start()
+        .unwrap();
+    Booted {
+        kvm,
+        template,
+        console,
+        backends,
+        running,
+    }
+}
+
+/// Waits (20 s at most) until the guest has printed `bytes` bytes into `serial`.
+fn wait_printed(serial: &Path, bytes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::metadata(serial).map_or(0, |m| m.len()) < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest does not print"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn serial_output_and_acpi_poweroff() {
     let g = TinyGuest::new("hello");
@@ -364,12 +404,13 @@ fn pause_parks_every_vcpu_and_resume_continues() {
     let kernel = g.kernel(&code);
     let serial = g.dir.join("serial.out");
     let config = config(&kernel, &serial, 2);
-    let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
-    let template = CpuTemplate::from_kvm(&kvm).unwrap();
-    let console = Console::new(&config.serial).unwrap();
-    let backends = vmm::backends::Backends::open(&config).unwrap();
-    let vm = Vm::new(&kvm, &template, &config, &console, &backends).unwrap();
-    let running = vm.start().unwrap();
+    // Console and backends stay alive as long as the VM, as before.
+    let Booted {
+        console: _console,
+        backends: _backends,
+        running,
+        ..
+    } = boot(&config);
     let size = || std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0);
     let grows = || {
         let before = size();
@@ -608,23 +649,15 @@ fn a_paused_machine_saved_and_restored_into_a_fresh_one_finishes_its_work() {
 
     let g = TinyGuest::new("restore");
     let (config, serial) = counting_config(&g);
-    let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
-    let template = CpuTemplate::from_kvm(&kvm).unwrap();
-    let console = Console::new(&config.serial).unwrap();
-    let backends = vmm::backends::Backends::open(&config).unwrap();
-    let running = Vm::new(&kvm, &template, &config, &console, &backends)
-        .unwrap()
-        .start()
-        .unwrap();
+    let Booted {
+        kvm,
+        template,
+        console,
+        backends: _backends,
+        running,
+    } = boot(&config);
     let printed = |path: &Path| std::fs::read(path).unwrap_or_default();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while printed(&serial).len() < 100 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the guest does not print"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_printed(&serial, 100);
     assert!(running.save().is_err(), "a running VM is not saved");
     running.pause().unwrap();
     let state = running.save().unwrap();
@@ -673,14 +706,13 @@ fn a_restore_refuses_a_machine_of_another_shape() {
     let kernel = g.kernel(&Asm::default().print("x").halt_forever());
     let serial = g.dir.join("serial.out");
     let config = config(&kernel, &serial, 1);
-    let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
-    let template = CpuTemplate::from_kvm(&kvm).unwrap();
-    let console = Console::new(&config.serial).unwrap();
-    let backends = vmm::backends::Backends::open(&config).unwrap();
-    let running = Vm::new(&kvm, &template, &config, &console, &backends)
-        .unwrap()
-        .start()
-        .unwrap();
+    let Booted {
+        kvm,
+        template,
+        console,
+        backends,
+        running,
+    } = boot(&config);
     running.pause().unwrap();
     let state = running.save().unwrap();
     running.stop();
@@ -737,14 +769,7 @@ fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
         let (ctl, thread, _) = g.controller_with_events();
         ctl.handle(Request::Create(Box::new(cfg.clone()))).unwrap();
         ctl.handle(Request::Boot).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::fs::metadata(&serial).map_or(0, |m| m.len()) < 100 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the guest does not print"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_printed(&serial, 100);
         assert!(matches!(
             ctl.handle(Request::Snapshot(snap.clone())),
             Err(ControlError::WrongState(_))
