@@ -139,13 +139,7 @@ fn dir_from_url(url: &str) -> Result<std::path::PathBuf, ApiError> {
 }
 
 fn parse_vm_config(body: &[u8]) -> Result<VmConfig, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(
-            "vm.create needs a VmConfig JSON body",
-        ));
-    }
-    let config: VmConfig = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid VmConfig: {e}")))?;
+    let config: VmConfig = parse_body("vm.create", "VmConfig", body)?;
     config
         .validate()
         .map_err(|e| ApiError::bad_request(format!("invalid VmConfig: {e}")))?;

@@ -83,16 +83,8 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
     let (method, endpoint) = args.action.route();
     let body = match &args.action {
         CtlAction::Create { file } => Some(read_config(file)?),
-        CtlAction::Snapshot { destination } => Some(
-            serde_json::json!({ "destination_url": file_url(destination)? })
-                .to_string()
-                .into_bytes(),
-        ),
-        CtlAction::Restore { source } => Some(
-            serde_json::json!({ "source_url": file_url(source)? })
-                .to_string()
-                .into_bytes(),
-        ),
+        CtlAction::Snapshot { destination } => Some(url_body("destination_url", destination)?),
+        CtlAction::Restore { source } => Some(url_body("source_url", source)?),
         _ => None,
     };
     let mut client = api::Client::connect(&args.api_socket).map_err(|e| e.to_string())?;
@@ -116,13 +108,16 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
     Ok(())
 }
 
-/// `file:///DIR` for a directory given as a path (made absolute) or already as a URL.
-fn file_url(dir: &str) -> Result<String, String> {
-    if dir.contains("://") {
-        return Ok(dir.to_owned());
-    }
-    let path = std::path::absolute(dir).map_err(|e| format!("{dir}: {e}"))?;
-    Ok(format!("file://{}", path.display()))
+/// `{"KEY": "file:///DIR"}` for a directory given as a path (made absolute) or already as a
+/// URL: the body of `vm.snapshot` and `vm.restore`.
+fn url_body(key: &str, dir: &str) -> Result<Vec<u8>, String> {
+    let url = if dir.contains("://") {
+        dir.to_owned()
+    } else {
+        let path = std::path::absolute(dir).map_err(|e| format!("{dir}: {e}"))?;
+        format!("file://{}", path.display())
+    };
+    Ok(serde_json::json!({ key: url }).to_string().into_bytes())
 }
 
 fn read_config(file: &Path) -> Result<Vec<u8>, String> {

@@ -8,7 +8,7 @@
 //! [`EventMonitor`].
 
 use std::collections::BTreeMap;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, RwLock};
@@ -183,9 +183,10 @@ impl Controller {
                     config: Box::new(VmConfig::clone(config)),
                     state: *state,
                 }),
-                None => Err(lifecycle::next_state(Action::Info, None)
-                    .expect_err("vm.info needs a VM")
-                    .into()),
+                None => Err(Refusal::NoVm {
+                    action: Action::Info.name(),
+                }
+                .into()),
             };
         }
         let (tx, rx) = mpsc::channel();
@@ -228,8 +229,8 @@ const TOKEN_VM: u32 = 1;
 /// The VM thread: an `event-manager` loop with the [`VmOwner`] as its one subscriber. The
 /// timeout lets a SIGTERM (power button) flag be noticed.
 fn run(owner: VmOwner) -> Result<Ended, Error> {
-    let mut manager = EventManager::<VmOwner>::new()
-        .map_err(|e| Error::EventFd(std::io::Error::other(format!("{e:?}"))))?;
+    let mut manager =
+        EventManager::<VmOwner>::new().map_err(|e| event_loop_error(e, "create the event loop"))?;
     let id = manager.add_subscriber(owner);
     let lost = || Error::Guest("the VM thread lost its state (a bug)".into());
     loop {
@@ -248,16 +249,14 @@ fn run(owner: VmOwner) -> Result<Ended, Error> {
         }
         manager
             .run_with_timeout(200)
-            .map_err(|e| Error::EventFd(std::io::Error::other(format!("{e:?}"))))?;
+            .map_err(|e| event_loop_error(e, "wait for events"))?;
     }
 }
 
 impl MutEventSubscriber for VmOwner {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(&*self.wake, TOKEN_REQUEST, EventSet::IN)) {
-            self.ended = Some(Err(Error::EventFd(std::io::Error::other(format!(
-                "watch the request eventfd: {e:?}"
-            )))));
+            self.ended = Some(Err(event_loop_error(e, "watch the request eventfd")));
         }
     }
 
@@ -346,17 +345,13 @@ impl VmOwner {
             let _ = ops.remove(Events::new(&fd, EventSet::IN));
         }
         if let Some((fd, generation)) = now {
-            // SAFETY: `fd` is the running VM's open epoll fd; F_DUPFD_CLOEXEC only duplicates it.
-            let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-            if dup < 0 {
-                return Err(Error::EventFd(std::io::Error::last_os_error()));
-            }
-            // SAFETY: `dup` was just created and nothing else owns it.
-            let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+            // SAFETY: `fd` is the running VM's epoll fd, open while the VM (owned by `self`)
+            // lives; it is only borrowed here to duplicate it.
+            let dup = unsafe { BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .map_err(Error::EventFd)?;
             ops.add(Events::with_data(&dup, TOKEN_VM, EventSet::IN))
-                .map_err(|e| {
-                    Error::EventFd(std::io::Error::other(format!("watch the VM: {e:?}")))
-                })?;
+                .map_err(|e| event_loop_error(e, "watch the VM"))?;
             self.watched = Some((dup, generation));
         }
         Ok(())
@@ -419,11 +414,7 @@ impl VmOwner {
                     .map_err(|e| ControlError::Invalid(e.to_string()))?;
                 let console = Console::new(&config.serial)
                     .map_err(|e| ControlError::Invalid(e.to_string()))?;
-                if console.wants_stdin {
-                    console
-                        .spawn_input(std::io::stdin())
-                        .map_err(|e| ControlError::Failed(format!("console input: {e}")))?;
-                }
+                start_console_input(&console)?;
                 self.vm = Some(OwnedVm {
                     config: Arc::from(config),
                     console,
@@ -540,13 +531,7 @@ impl VmOwner {
 
     /// Builds and starts the VM from its configuration.
     fn boot_vm(&mut self) -> Result<(), ControlError> {
-        if self.kvm.is_none() {
-            let kvm = kvm::open(self.options.pvm_guest).map_err(|e| failed(e.into()))?;
-            let template = CpuTemplate::from_kvm(&kvm)
-                .map_err(|e| failed(Error::Kvm("read supported CPUID/MSRs", e)))?;
-            self.kvm = Some((kvm, template));
-        }
-        let (kvm, template) = self.kvm.as_ref().expect("opened above");
+        let (kvm, template) = open_kvm(&mut self.kvm, self.options.pvm_guest)?;
         let owned = self.vm.as_mut().ok_or_else(|| failed_state("vm.boot"))?;
         if owned.backends.is_none() {
             owned.backends = Some(Backends::open(&owned.config).map_err(failed)?);
@@ -572,16 +557,12 @@ impl VmOwner {
         let console =
             Console::new(&config.serial).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let backends = Backends::open(&config).map_err(invalid)?;
-        let (kvm, template) = self.kvm()?;
+        let (kvm, template) = open_kvm(&mut self.kvm, self.options.pvm_guest)?;
         let vm = builder::build(kvm, template, &config, &console, &backends).map_err(failed)?;
         snap.load_memory(vm.memory())
             .map_err(|e| invalid(e.into()))?;
         let running = vm.start_restored(&snap.machine).map_err(invalid)?;
-        if console.wants_stdin {
-            console
-                .spawn_input(std::io::stdin())
-                .map_err(|e| ControlError::Failed(format!("console input: {e}")))?;
-        }
+        start_console_input(&console)?;
         self.generation += 1;
         self.vm = Some(OwnedVm {
             config: Arc::new(config),
@@ -591,19 +572,6 @@ impl VmOwner {
             state: VmState::Paused,
         });
         Ok(())
-    }
-
-    /// KVM and the host's CPU template, opened once.
-    fn kvm(&mut self) -> Result<&(Kvm, CpuTemplate), ControlError> {
-        if self.kvm.is_none() {
-            let kvm = kvm::open(self.options.pvm_guest).map_err(|e| failed(e.into()))?;
-            let template = CpuTemplate::from_kvm(&kvm)
-                .map_err(|e| failed(Error::Kvm("read supported CPUID/MSRs", e)))?;
-            self.kvm = Some((kvm, template));
-        }
-        self.kvm
-            .as_ref()
-            .ok_or_else(|| ControlError::Failed("KVM is not open (a bug)".into()))
     }
 
     /// Stops the running VM, if any; the VM is then Shutdown.
@@ -631,6 +599,37 @@ impl VmOwner {
         }
         self.boot_vm()
     }
+}
+
+/// KVM and the host's CPU template, opened on first use and kept in `slot` (a field of its
+/// own, so the caller can borrow the VM beside it).
+fn open_kvm(
+    slot: &mut Option<(Kvm, CpuTemplate)>,
+    pvm_guest: bool,
+) -> Result<&(Kvm, CpuTemplate), ControlError> {
+    if slot.is_none() {
+        let kvm = kvm::open(pvm_guest).map_err(|e| failed(e.into()))?;
+        let template = CpuTemplate::from_kvm(&kvm)
+            .map_err(|e| failed(Error::Kvm("read supported CPUID/MSRs", e)))?;
+        *slot = Some((kvm, template));
+    }
+    slot.as_ref()
+        .ok_or_else(|| ControlError::Failed("KVM is not open (a bug)".into()))
+}
+
+/// Starts feeding stdin to COM1 when the console reads the terminal.
+fn start_console_input(console: &Console) -> Result<(), ControlError> {
+    if console.wants_stdin {
+        console
+            .spawn_input(std::io::stdin())
+            .map_err(|e| ControlError::Failed(format!("console input: {e}")))?;
+    }
+    Ok(())
+}
+
+/// An event-manager failure as the VM thread reports it.
+fn event_loop_error(e: event_manager::Error, what: &str) -> Error {
+    Error::EventFd(std::io::Error::other(format!("{what}: {e:?}")))
 }
 
 fn failed(e: Error) -> ControlError {

@@ -75,6 +75,8 @@ pub enum Error {
     Device(String),
     #[error("cannot restore the VM: {0}")]
     Restore(String),
+    #[error("cannot save the VM: {0}")]
+    Save(String),
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
 }

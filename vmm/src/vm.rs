@@ -279,7 +279,7 @@ impl RunningVm {
     pub fn save(&self) -> Result<MachineState, Error> {
         let clock = self.paused_clock.lock().unwrap_or_else(|e| e.into_inner());
         let Some(clock) = *clock else {
-            return Err(Error::Restore("pause the VM before saving it".into()));
+            return Err(Error::Save("it is running; pause it first".into()));
         };
         let vcpus = self
             .vcpus

@@ -251,12 +251,23 @@ impl Vcpu {
             mp_state,
             events: self.fd.get_vcpu_events().map_err(self.cfg_err("events"))?,
             msrs,
-            cpuid: self
-                .fd
-                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                .map_err(self.cfg_err("CPUID"))?
-                .as_slice()
-                .to_vec(),
+            cpuid: self.cpuid()?.as_slice().to_vec(),
+        })
+    }
+
+    /// The CPUID this vCPU has now (as set, with the bits KVM keeps in step with its state).
+    fn cpuid(&self) -> Result<CpuId, VcpuError> {
+        self.fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.cfg_err("CPUID"))
+    }
+
+    /// `entries` as one KVM_GET_MSRS / KVM_SET_MSRS list.
+    fn msr_list(&self, entries: &[kvm_bindings::kvm_msr_entry]) -> Result<Msrs, VcpuError> {
+        Msrs::from_entries(entries).map_err(|_| VcpuError::PartialMsrs {
+            id: self.id,
+            set: 0,
+            wanted: entries.len(),
         })
     }
 
@@ -275,11 +286,7 @@ impl Vcpu {
                     ..Default::default()
                 })
                 .collect();
-            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::PartialMsrs {
-                id: self.id,
-                set: 0,
-                wanted: entries.len(),
-            })?;
+            let mut msrs = self.msr_list(&entries)?;
             let n = self.fd.get_msrs(&mut msrs).map_err(self.cfg_err("MSRs"))?;
             out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
             // Skip the MSR that stopped the read, if one did.
@@ -291,11 +298,7 @@ impl Vcpu {
     /// Puts a saved state back into a vCPU configured ([`Vcpu::configure`]) but never run:
     /// first the CPUID the guest saw, if this host offers all of it.
     pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
-        let here = self
-            .fd
-            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(self.cfg_err("CPUID"))?;
-        if let Some(reason) = cpuid::incompatible(&state.cpuid, here.as_slice()) {
+        if let Some(reason) = cpuid::incompatible(&state.cpuid, self.cpuid()?.as_slice()) {
             return Err(VcpuError::Incompatible {
                 id: self.id,
                 reason,
@@ -328,11 +331,7 @@ impl Vcpu {
             })
             .collect();
         for chunk in entries.chunks(MSR_CHUNK) {
-            let msrs = Msrs::from_entries(chunk).map_err(|_| VcpuError::PartialMsrs {
-                id: self.id,
-                set: 0,
-                wanted: chunk.len(),
-            })?;
+            let msrs = self.msr_list(chunk)?;
             let set = self.fd.set_msrs(&msrs).map_err(self.cfg_err("MSRs"))?;
             if set != chunk.len() {
                 return Err(VcpuError::RestoreMsr {
