@@ -38,8 +38,9 @@ fn scenarios() -> Vec<Trial> {
 }
 
 /// Test-host sessions a scenario gets when the test host itself fails (its kernel panics or
-/// locks up, exit 125) or its session times out: the emulated host does both now and then,
-/// podvisor's own failures are never tried again.
+/// locks up, exit 125), its session times out, or it froze the scenario's guest twice in a row
+/// with every vCPU inside `KVM_RUN` (`harness::SESSION_SUSPECT`): the emulated host does all
+/// of these now and then; podvisor's own failures are never tried again.
 const TESTHOST_TRIES: usize = 3;
 
 /// Runs scenario `name` of this binary in a fresh test-host session.
@@ -76,7 +77,8 @@ fn in_testhost(name: &str) -> Result<(), Failed> {
             }
             return Ok(());
         }
-        let retry = matches!(out.status.code(), Some(TESTHOST_FAILED | SESSION_TIMED_OUT));
+        let retry = matches!(out.status.code(), Some(TESTHOST_FAILED | SESSION_TIMED_OUT))
+            || text.contains(harness::SESSION_SUSPECT);
         if !retry || attempt == TESTHOST_TRIES {
             let prior: String = earlier
                 .iter()
