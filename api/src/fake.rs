@@ -81,6 +81,12 @@ impl VmmBackend for FakeVmm {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut vm = self.lock();
         let next = next_state(&request, vm.as_ref().map(|(_, s)| *s))?;
+        if let ApiRequest::VmReceiveMigration { .. } = request {
+            // No source to take a VM's configuration from.
+            return Err(ApiError::bad_request(
+                "vm.receive-migration: the fake VMM cannot receive a VM",
+            ));
+        }
         let response = match &request {
             ApiRequest::VmmPing => ApiResponse::Ping(VmmPingResponse::current()),
             ApiRequest::VmInfo | ApiRequest::VmCounters => {

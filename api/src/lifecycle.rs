@@ -21,6 +21,8 @@ pub fn action(request: &ApiRequest) -> Option<Action> {
         ApiRequest::VmPowerButton => Action::PowerButton,
         ApiRequest::VmSnapshot { .. } => Action::Snapshot,
         ApiRequest::VmRestore { .. } => Action::Restore,
+        ApiRequest::VmSendMigration { .. } => Action::SendMigration,
+        ApiRequest::VmReceiveMigration { .. } => Action::ReceiveMigration,
     })
 }
 
@@ -67,6 +69,8 @@ mod tests {
             let body: &[u8] = match route.endpoint {
                 "vm.snapshot" => br#"{"destination_url":"file:///s"}"#,
                 "vm.restore" => br#"{"source_url":"file:///s"}"#,
+                "vm.send-migration" => br#"{"destination_url":"unix:/m.sock"}"#,
+                "vm.receive-migration" => br#"{"receiver_url":"tcp:0.0.0.0:6000"}"#,
                 _ => br#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":268435456}}"#,
             };
             let request = crate::parse_request(

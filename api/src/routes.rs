@@ -3,9 +3,11 @@
 //! unit tests and the fuzz target all call these functions.
 
 use vmm::config::VmConfig;
+use vmm::migration::{Endpoint, SendOptions};
 
 use crate::types::{
-    ApiError, ApiRequest, ApiResponse, ErrorBody, ErrorStatus, RestoreConfig, VmSnapshotConfig,
+    ApiError, ApiRequest, ApiResponse, ErrorBody, ErrorStatus, RestoreConfig,
+    VmReceiveMigrationData, VmSendMigrationData, VmSnapshotConfig,
 };
 
 /// Every endpoint lives under this path.
@@ -43,6 +45,8 @@ pub const ROUTES: &[Route] = &[
     route("vm.power-button", "PUT"),
     route("vm.snapshot", "PUT"),
     route("vm.restore", "PUT"),
+    route("vm.send-migration", "PUT"),
+    route("vm.receive-migration", "PUT"),
 ];
 
 /// Decodes one request. Bodies of endpoints that take none are ignored, as Cloud Hypervisor
@@ -96,6 +100,34 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
                 dir: dir_from_url(&body.source_url)?,
             }
         }
+        "vm.send-migration" => {
+            let body: VmSendMigrationData =
+                parse_body("vm.send-migration", "VmSendMigrationData", body)?;
+            if body.local {
+                return Err(ApiError::bad_request(
+                    "vm.send-migration: local (memory handed over on one host) is not \
+                     supported yet; leave it false to send memory over the socket",
+                ));
+            }
+            let defaults = SendOptions::default();
+            ApiRequest::VmSendMigration {
+                endpoint: migration_endpoint(&body.destination_url)?,
+                options: SendOptions {
+                    downtime_limit_ms: body.downtime_limit_ms.unwrap_or(defaults.downtime_limit_ms),
+                    bandwidth_limit: body.bandwidth_limit,
+                    completion_timeout_s: body
+                        .completion_timeout_s
+                        .unwrap_or(defaults.completion_timeout_s),
+                },
+            }
+        }
+        "vm.receive-migration" => {
+            let body: VmReceiveMigrationData =
+                parse_body("vm.receive-migration", "VmReceiveMigrationData", body)?;
+            ApiRequest::VmReceiveMigration {
+                endpoint: migration_endpoint(&body.receiver_url)?,
+            }
+        }
         other => {
             return Err(ApiError::internal(format!(
                 "route {other} has no request (a bug)"
@@ -132,6 +164,10 @@ fn parse_body<T: serde::de::DeserializeOwned>(
         )));
     }
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
+}
+
+fn migration_endpoint(url: &str) -> Result<Endpoint, ApiError> {
+    Endpoint::parse(url).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 fn dir_from_url(url: &str) -> Result<std::path::PathBuf, ApiError> {
@@ -273,6 +309,22 @@ mod tests {
                 "absolute",
             ),
             ("vm.restore", r#"{"source":"file:///x"}"#, "unknown field"),
+            ("vm.send-migration", "", "needs a VmSendMigrationData"),
+            (
+                "vm.send-migration",
+                r#"{"destination_url":"file:///x"}"#,
+                "neither unix:/PATH nor tcp:HOST:PORT",
+            ),
+            (
+                "vm.send-migration",
+                r#"{"destination_url":"unix:/m","local":true}"#,
+                "not supported yet",
+            ),
+            (
+                "vm.receive-migration",
+                r#"{"receiver_url":"tcp:nohost"}"#,
+                "tcp:HOST:PORT",
+            ),
         ] {
             let e = p("PUT", endpoint, body).unwrap_err();
             assert_eq!(e.status, ErrorStatus::BadRequest, "{endpoint} {body}");
@@ -282,7 +334,31 @@ mod tests {
                 e.message
             );
         }
-        assert_eq!(ROUTES.len(), count + 3);
+        assert_eq!(
+            p(
+                "PUT",
+                "vm.send-migration",
+                r#"{"destination_url":"tcp:10.0.0.2:6000","downtime_limit_ms":50}"#
+            ),
+            Ok(ApiRequest::VmSendMigration {
+                endpoint: Endpoint::Tcp("10.0.0.2:6000".into()),
+                options: SendOptions {
+                    downtime_limit_ms: 50,
+                    ..SendOptions::default()
+                },
+            })
+        );
+        assert_eq!(
+            p(
+                "PUT",
+                "vm.receive-migration",
+                r#"{"receiver_url":"unix:/run/m.sock"}"#
+            ),
+            Ok(ApiRequest::VmReceiveMigration {
+                endpoint: Endpoint::Unix("/run/m.sock".into()),
+            })
+        );
+        assert_eq!(ROUTES.len(), count + 5);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use vmm::config::VmConfig;
 use vmm::lifecycle::VmState;
+use vmm::migration::{Endpoint, SendOptions};
 
 /// One API action, decoded from an HTTP request (see [`crate::parse_request`]). The states each
 /// `vm.*` action is allowed in, and the state after it, are [`vmm::lifecycle::RULES`].
@@ -45,6 +46,44 @@ pub enum ApiRequest {
     /// `PUT vm.restore {"source_url":"file:///DIR"}`: bring back the VM snapshotted in DIR,
     /// paused. No VM → `Paused`.
     VmRestore { dir: PathBuf },
+    /// `PUT vm.send-migration {"destination_url":"unix:/PATH"|"tcp:HOST:PORT", ...}`: live-migrate
+    /// the running VM to a podvisor waiting in `vm.receive-migration`; answers when the guest
+    /// runs there. `Running` → no VM (on failure the VM runs on here, unchanged).
+    VmSendMigration {
+        endpoint: Endpoint,
+        options: SendOptions,
+    },
+    /// `PUT vm.receive-migration {"receiver_url":...}`: wait for a source and take its VM;
+    /// answers when the guest runs here. No VM → `Running`.
+    VmReceiveMigration { endpoint: Endpoint },
+}
+
+/// `vm.send-migration`'s body: Cloud Hypervisor's `VmSendMigrationData` and, optional, the
+/// limits KubeVirt's migration policies set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSendMigrationData {
+    pub destination_url: String,
+    /// Cloud Hypervisor's same-host migration by handing over guest memory; not supported
+    /// yet (refused with 400 when true).
+    #[serde(default)]
+    pub local: bool,
+    /// The longest pause of the guest for the last pass, in ms (default 300).
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+    /// At most this many bytes per second on the wire (default: no limit).
+    #[serde(default)]
+    pub bandwidth_limit: Option<u64>,
+    /// Give up when memory has not converged after this many seconds (default 600).
+    #[serde(default)]
+    pub completion_timeout_s: Option<u64>,
+}
+
+/// `vm.receive-migration`'s body (Cloud Hypervisor's `VmReceiveMigrationData`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmReceiveMigrationData {
+    pub receiver_url: String,
 }
 
 /// `vm.snapshot`'s body (Cloud Hypervisor's `VmSnapshotConfig`).

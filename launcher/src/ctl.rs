@@ -51,6 +51,28 @@ pub enum CtlAction {
         #[arg(value_name = "DIR|file:///DIR")]
         source: String,
     },
+    /// Live-migrate the running VM to a podvisor waiting in receive-migration
+    /// (vm.send-migration); returns once the guest runs there.
+    SendMigration {
+        #[arg(value_name = "unix:/PATH|tcp:HOST:PORT")]
+        destination: String,
+        /// The longest pause of the guest for the last pass, in ms (default 300).
+        #[arg(long, value_name = "MS")]
+        downtime_limit_ms: Option<u64>,
+        /// At most this many bytes per second (default: no limit).
+        #[arg(long, value_name = "BYTES")]
+        bandwidth_limit: Option<u64>,
+        /// Give up, the VM running on here, when memory has not converged after this long
+        /// (default 600).
+        #[arg(long, value_name = "SECONDS")]
+        completion_timeout_s: Option<u64>,
+    },
+    /// Wait for a source's send-migration and run its VM here (vm.receive-migration);
+    /// returns once the guest runs here.
+    ReceiveMigration {
+        #[arg(value_name = "unix:/PATH|tcp:HOST:PORT")]
+        receiver: String,
+    },
     /// End the podvisor process (vmm.shutdown).
     ShutdownVmm,
 }
@@ -72,6 +94,8 @@ impl CtlAction {
             CtlAction::Delete => ("PUT", "vm.delete"),
             CtlAction::Snapshot { .. } => ("PUT", "vm.snapshot"),
             CtlAction::Restore { .. } => ("PUT", "vm.restore"),
+            CtlAction::SendMigration { .. } => ("PUT", "vm.send-migration"),
+            CtlAction::ReceiveMigration { .. } => ("PUT", "vm.receive-migration"),
             CtlAction::ShutdownVmm => ("PUT", "vmm.shutdown"),
         }
     }
@@ -85,9 +109,40 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
         CtlAction::Create { file } => Some(read_config(file)?),
         CtlAction::Snapshot { destination } => Some(url_body("destination_url", destination)?),
         CtlAction::Restore { source } => Some(url_body("source_url", source)?),
+        CtlAction::SendMigration {
+            destination,
+            downtime_limit_ms,
+            bandwidth_limit,
+            completion_timeout_s,
+        } => {
+            let mut body = serde_json::json!({ "destination_url": destination });
+            for (key, value) in [
+                ("downtime_limit_ms", downtime_limit_ms),
+                ("bandwidth_limit", bandwidth_limit),
+                ("completion_timeout_s", completion_timeout_s),
+            ] {
+                if let Some(v) = value {
+                    body[key] = (*v).into();
+                }
+            }
+            Some(body.to_string().into_bytes())
+        }
+        CtlAction::ReceiveMigration { receiver } => Some(
+            serde_json::json!({ "receiver_url": receiver })
+                .to_string()
+                .into_bytes(),
+        ),
         _ => None,
     };
     let mut client = api::Client::connect(&args.api_socket).map_err(|e| e.to_string())?;
+    if matches!(
+        args.action,
+        CtlAction::SendMigration { .. } | CtlAction::ReceiveMigration { .. }
+    ) {
+        // A migration answers when it is over: waiting for the source (up to 600 s), then
+        // as long as the copy takes (up to its completion timeout).
+        client.set_timeout(std::time::Duration::from_secs(3600));
+    }
     let reply = client
         .request(method, endpoint, body.as_deref())
         .map_err(|e| e.to_string())?;

@@ -79,6 +79,12 @@ impl VmmBackend for VmmService {
             ApiRequest::VmPowerButton => self.done(Request::PowerButton),
             ApiRequest::VmSnapshot { dir } => self.done(Request::Snapshot(dir)),
             ApiRequest::VmRestore { dir } => self.done(Request::Restore(dir)),
+            ApiRequest::VmSendMigration { endpoint, options } => {
+                self.done(Request::SendMigration(endpoint, options))
+            }
+            ApiRequest::VmReceiveMigration { endpoint } => {
+                self.done(Request::ReceiveMigration(endpoint))
+            }
             ApiRequest::VmInfo => match self.call(Request::Info)? {
                 Reply::Info { config, state } => Ok(ApiResponse::Info(VmInfo {
                     memory_actual_size: Some(config.memory.size),

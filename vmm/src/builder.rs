@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -33,9 +35,23 @@ pub fn build(
     console: &Console,
     backends: &Backends,
 ) -> Result<Vm, Error> {
-    let fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create VM", e))?);
     let memory = memory::create_guest_memory(config.memory.size)?;
-    register_memory(&fd, &memory)?;
+    build_on(kvm, template, config, console, backends, memory)
+}
+
+/// Like [`build`], on guest memory made (and filled) beforehand, e.g. by a migration that
+/// received the memory before the machine state: `memory` must be [`memory::create_guest_memory`]'s
+/// for `config`.
+pub fn build_on(
+    kvm: &Kvm,
+    template: &CpuTemplate,
+    config: &VmConfig,
+    console: &Console,
+    backends: &Backends,
+    memory: GuestMemoryMmap,
+) -> Result<Vm, Error> {
+    let fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("create VM", e))?);
+    register_memory(&fd, &memory, false)?;
     fd.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(|e| Error::Kvm("set TSS address", e))?;
     fd.create_irq_chip()
@@ -113,14 +129,25 @@ pub fn load_payload(vm: &Vm, config: &VmConfig) -> Result<(), Error> {
     Ok(())
 }
 
-fn register_memory(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
+/// Gives KVM the guest's memory, one slot per region (slot N is region N), logging the pages
+/// the guest writes when `log_dirty` (for live migration; [`dirty_log`] reads the log). Called
+/// again on the same memory, it turns the logging on or off.
+pub(crate) fn register_memory(
+    fd: &VmFd,
+    memory: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(), Error> {
     for (slot, region) in memory.iter().enumerate() {
         let region_def = kvm_userspace_memory_region {
             slot: slot as u32,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
-            flags: 0,
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the region maps `memory_size` bytes at `userspace_addr` and stays mapped for
         // as long as the VM exists: `Vm` owns both and drops the VM fd first.
@@ -128,4 +155,24 @@ fn register_memory(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<(), Error> {
             .map_err(|e| Error::Kvm("register guest memory", e))?;
     }
     Ok(())
+}
+
+/// The pages written since the last call (or since logging began), per region of `memory`
+/// (one bit per 4 KiB page, in `u64` words): by the guest's vCPUs (KVM's log of each slot)
+/// and by the VMM's devices (the memory's own bitmaps). Reading clears both.
+pub(crate) fn dirty_log(fd: &VmFd, memory: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, Error> {
+    memory
+        .iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            let mut bits = fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|e| Error::Kvm("read the dirty-page log", e))?;
+            let devices = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for (word, dev) in bits.iter_mut().zip(devices) {
+                *word |= dev;
+            }
+            Ok(bits)
+        })
+        .collect()
 }

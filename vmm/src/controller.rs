@@ -25,6 +25,7 @@ use crate::config::VmConfig;
 use crate::console::Console;
 use crate::events::EventMonitor;
 use crate::lifecycle::{self, Action, Refusal, VmState};
+use crate::migration::{self, Endpoint, MigrationError, SendOptions};
 use crate::snapshot::{self, SnapshotError};
 use crate::vm::{RunningVm, Vm, VmExit};
 use crate::vstate::kvm;
@@ -76,6 +77,11 @@ pub enum Request {
     Snapshot(PathBuf),
     /// Brings back, paused, the VM snapshotted in this directory (`vm.restore`).
     Restore(PathBuf),
+    /// Live-migrates the running VM to a podvisor receiving at this endpoint
+    /// (`vm.send-migration`); answers once the guest runs there.
+    SendMigration(Endpoint, SendOptions),
+    /// Waits at this endpoint for a source and takes its VM (`vm.receive-migration`).
+    ReceiveMigration(Endpoint),
     /// Stops the VM (if any) and ends the VM thread (`vmm.shutdown`).
     ShutdownVmm,
 }
@@ -96,6 +102,8 @@ impl Request {
             Request::Counters => Action::Counters,
             Request::Snapshot(_) => Action::Snapshot,
             Request::Restore(_) => Action::Restore,
+            Request::SendMigration(..) => Action::SendMigration,
+            Request::ReceiveMigration(_) => Action::ReceiveMigration,
             Request::ShutdownVmm => return None,
         })
     }
@@ -157,6 +165,7 @@ impl Controller {
             wake: wake.clone(),
             watched: None,
             ended: None,
+            migrated_away: false,
         };
         let thread = std::thread::Builder::new()
             .name("vmm".into())
@@ -221,6 +230,8 @@ struct VmOwner {
     watched: Option<(OwnedFd, u64)>,
     /// Set when the VM thread must end, with why.
     ended: Option<Result<Ended, Error>>,
+    /// The VM left for another host (`vm.send-migration`).
+    migrated_away: bool,
 }
 
 const TOKEN_REQUEST: u32 = 0;
@@ -324,7 +335,9 @@ impl VmOwner {
             .vm
             .as_ref()
             .is_some_and(|v| v.state == VmState::Shutdown);
-        (self.exit_on_shutdown && shut_down).then_some(Ended {
+        // A VM that migrated away ends `podvisor run` as a power-off does.
+        let migrated = std::mem::take(&mut self.migrated_away);
+        (self.exit_on_shutdown && (shut_down || migrated)).then_some(Ended {
             guest_shutdown: true,
         })
     }
@@ -507,6 +520,14 @@ impl VmOwner {
                 self.events.emit("vm", "restored");
                 Reply::Done
             }
+            Request::SendMigration(endpoint, options) => {
+                self.send_migration(&endpoint, &options)?;
+                Reply::Done
+            }
+            Request::ReceiveMigration(endpoint) => {
+                self.receive_migration(&endpoint)?;
+                Reply::Done
+            }
             Request::ShutdownVmm => return Err(misrouted()),
         };
         match next {
@@ -574,6 +595,73 @@ impl VmOwner {
         Ok(())
     }
 
+    /// Live-migrates the running VM; on success it is stopped here (the guest runs at the
+    /// destination) and `podvisor run` ends as after a power-off.
+    fn send_migration(
+        &mut self,
+        endpoint: &Endpoint,
+        options: &SendOptions,
+    ) -> Result<(), ControlError> {
+        let vm = self
+            .vm
+            .as_ref()
+            .ok_or_else(|| failed_state("vm.send-migration"))?;
+        let running = self.running()?;
+        self.events.emit("vm", "migration-started");
+        let events = &self.events;
+        let mut report = |p: &migration::Progress| {
+            tracing::info!(
+                "migration round {}: {} MiB sent, {} MiB dirty, {} ms expected downtime",
+                p.round,
+                p.bytes_sent >> 20,
+                p.bytes_left >> 20,
+                p.expected_downtime_ms
+            );
+            events.emit("vm", "migration-round");
+        };
+        match migration::send::send(running, &vm.config, endpoint, options, &mut report) {
+            Ok(done) => {
+                tracing::info!(
+                    "migrated: {} rounds, {} MiB sent, guest paused {} ms",
+                    done.round,
+                    done.bytes_sent >> 20,
+                    done.downtime_ms.unwrap_or(0)
+                );
+                self.stop_vm();
+                self.migrated_away = true;
+                self.events.emit("vm", "migration-completed");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!("migration failed, the guest runs on here: {e}");
+                self.events.emit("vm", "migration-failed");
+                Err(migration_error(e))
+            }
+        }
+    }
+
+    /// Waits for a source at `endpoint` and runs the VM it sends.
+    fn receive_migration(&mut self, endpoint: &Endpoint) -> Result<(), ControlError> {
+        let listener = endpoint.listen().map_err(migration_error)?;
+        let (kvm, template) = open_kvm(&mut self.kvm, self.options.pvm_guest)?;
+        self.events.emit("vm", "migration-receiving");
+        let received = migration::receive::receive(&listener, kvm, template).map_err(|e| {
+            self.events.emit("vm", "migration-failed");
+            migration_error(e)
+        })?;
+        start_console_input(&received.console)?;
+        self.generation += 1;
+        self.vm = Some(OwnedVm {
+            config: Arc::new(received.config),
+            console: received.console,
+            backends: Some(received.backends),
+            running: Some(received.running),
+            state: VmState::Running,
+        });
+        self.events.emit("vm", "migration-completed");
+        Ok(())
+    }
+
     /// Stops the running VM, if any; the VM is then Shutdown.
     fn stop_vm(&mut self) {
         if let Some(owned) = self.vm.as_mut() {
@@ -634,6 +722,15 @@ fn event_loop_error(e: event_manager::Error, what: &str) -> Error {
 
 fn failed(e: Error) -> ControlError {
     ControlError::Failed(e.to_string())
+}
+
+/// A migration failure as the API answers it: the request's fault (a bad URL, nobody
+/// listening, a port in use) is 400, the rest 500.
+fn migration_error(e: MigrationError) -> ControlError {
+    match e {
+        MigrationError::Invalid(_) => ControlError::Invalid(e.to_string()),
+        _ => ControlError::Failed(e.to_string()),
+    }
 }
 
 /// The VM thread's loop takes vmm.shutdown before [`VmOwner::serve`] would.

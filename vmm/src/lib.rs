@@ -26,6 +26,7 @@ pub mod device_manager;
 pub mod events;
 pub mod layout;
 pub mod lifecycle;
+pub mod migration;
 pub mod persist;
 pub mod snapshot;
 pub mod vm;

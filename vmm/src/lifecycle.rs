@@ -16,6 +16,8 @@
 //! | vm.counters      | any VM                       | unchanged         |
 //! | vm.snapshot      | Paused                       | unchanged         |
 //! | vm.restore       | no VM                        | Paused            |
+//! | vm.send-migration    | Running                  | no VM             |
+//! | vm.receive-migration | no VM                    | Running           |
 //! | vm.delete        | always (no VM: nothing to do)| no VM             |
 //!
 //! A VM action with no VM is refused as [`Refusal::NoVm`] (HTTP 404), one in the wrong state as
@@ -55,6 +57,8 @@ pub enum Action {
     Counters,
     Snapshot,
     Restore,
+    SendMigration,
+    ReceiveMigration,
     Delete,
 }
 
@@ -149,6 +153,8 @@ pub const RULES: &[Rule] = &[
     rule(Action::Counters,    "vm.counters",     Allowed::AnyVm,                      After::Unchanged),
     rule(Action::Snapshot,    "vm.snapshot",     Allowed::In(&[Paused]),              After::Unchanged),
     rule(Action::Restore,     "vm.restore",      Allowed::WithoutVm,                  After::Is(Paused)),
+    rule(Action::SendMigration, "vm.send-migration", Allowed::In(&[Running]),        After::NoVm),
+    rule(Action::ReceiveMigration, "vm.receive-migration", Allowed::WithoutVm,       After::Is(Running)),
     rule(Action::Delete,      "vm.delete",       Allowed::Always,                     After::NoVm),
 ];
 
@@ -245,6 +251,8 @@ mod tests {
             (Action::Counters, "x===="),
             (Action::Snapshot, "xxx=x"),
             (Action::Restore, "Pxxxx"),
+            (Action::SendMigration, "xx-xx"),
+            (Action::ReceiveMigration, "Rxxxx"),
             (Action::Delete, "=----"),
         ];
         assert_eq!(expected.len(), RULES.len());

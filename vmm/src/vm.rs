@@ -298,6 +298,28 @@ impl RunningVm {
         &self.memory
     }
 
+    /// Starts logging the pages written to guest memory, by the guest and by devices; what
+    /// was logged before is forgotten.
+    pub fn start_dirty_log(&self) -> Result<(), Error> {
+        builder::register_memory(&self.fd, &self.memory, true)?;
+        builder::dirty_log(&self.fd, &self.memory).map(|_| ())
+    }
+
+    /// The pages written since the last call, per memory region (see [`builder::dirty_log`]).
+    pub fn dirty_pages(&self) -> Result<Vec<Vec<u64>>, Error> {
+        builder::dirty_log(&self.fd, &self.memory)
+    }
+
+    /// Stops logging written pages.
+    pub fn stop_dirty_log(&self) -> Result<(), Error> {
+        builder::register_memory(&self.fd, &self.memory, false)
+    }
+
+    /// Makes every disk durable on the host (while paused), for another VMM to open next.
+    pub fn flush_disks(&self) -> Result<(), Error> {
+        self.devices.flush()
+    }
+
     /// Per-device counters, by device name.
     pub fn counters(
         &self,

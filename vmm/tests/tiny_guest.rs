@@ -152,7 +152,12 @@ impl TinyGuest {
     /// Starts a controller for tiny guests that records its events in a file; returns the
     /// controller, its thread and the events file.
     fn controller_with_events(&self) -> (Controller, ControllerThread, PathBuf) {
-        let path = self.dir.join("events");
+        self.controller_with_events_in("events")
+    }
+
+    /// Like [`TinyGuest::controller_with_events`], its events in file `name`.
+    fn controller_with_events_in(&self, name: &str) -> (Controller, ControllerThread, PathBuf) {
+        let path = self.dir.join(name);
         let events = vmm::events::EventMonitor::new(std::fs::File::create(&path).unwrap());
         let (ctl, thread) = Controller::start(tiny_options(), events, false).unwrap();
         (ctl, thread, path)
@@ -597,7 +602,11 @@ fn controller_follows_a_guest_that_keeps_rebooting() {
 /// short spin after each, counting them in EBX and in memory at 0x200000; then prints "ok" if
 /// both counts agree (or "bad"), and powers off.
 fn counting_guest() -> Asm {
-    const COUNT: u32 = 600;
+    counting_guest_of(600)
+}
+
+/// [`counting_guest`] printing `count` letters.
+fn counting_guest_of(count: u32) -> Asm {
     let mut a = Asm::default();
     a.0.extend([0x31, 0xdb]); // xor ebx, ebx
     let top = a.0.len();
@@ -612,8 +621,8 @@ fn counting_guest() -> Asm {
     a.0.push(0x43); // inc ebx
     a.0.extend([0xb9, 0xd0, 0x07, 0, 0]); // mov ecx, 2000
     a.0.extend([0x49, 0x75, 0xfd]); // spin: dec ecx; jnz spin
-    a.0.extend([0x81, 0xfb]); // cmp ebx, COUNT
-    a.0.extend(COUNT.to_le_bytes());
+    a.0.extend([0x81, 0xfb]); // cmp ebx, count
+    a.0.extend(count.to_le_bytes());
     let back = a.0.len() + 6 - top;
     a.0.extend([0x0f, 0x85]); // jne top
     a.0.extend((-(back as i32)).to_le_bytes());
@@ -638,7 +647,11 @@ fn counting_config(g: &TinyGuest) -> (VmConfig, PathBuf) {
 
 /// What the counting guest prints from start to end.
 fn counting_guest_output() -> Vec<u8> {
-    let mut out: Vec<u8> = (0..600u32).map(|i| b'a' + (i % 26) as u8).collect();
+    counting_guest_output_of(600)
+}
+
+fn counting_guest_output_of(count: u32) -> Vec<u8> {
+    let mut out: Vec<u8> = (0..count).map(|i| b'a' + (i % 26) as u8).collect();
     out.extend(b"\nok\n");
     out
 }
@@ -892,4 +905,162 @@ fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
         events.contains("\"restoring\"") && events.contains("\"restored\""),
         "{events}"
     );
+}
+
+/// A destination that breaks off at `cut`: 0 closes at once, 1 after HELLO, 2 in the middle
+/// of the memory, 3 answers the machine state with an error, 4 closes instead of confirming
+/// that the guest runs.
+fn broken_destination(socket: PathBuf, cut: u32) -> std::thread::JoinHandle<()> {
+    use vmm::migration::protocol::{self, Kind};
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = std::fs::remove_file(&socket);
+        if cut == 0 {
+            return;
+        }
+        let mut frames = 0;
+        while let Ok(frame) = protocol::read_frame(&mut s) {
+            frames += 1;
+            match frame.kind {
+                Kind::Hello if cut == 1 => return,
+                Kind::Hello | Kind::Config => {
+                    protocol::write_frame(&mut s, Kind::Ack, &[]).unwrap()
+                }
+                Kind::Memory if cut == 2 && frames > 3 => return,
+                Kind::State if cut == 3 => {
+                    protocol::write_frame(&mut s, Kind::Error, b"injected failure").unwrap();
+                    return;
+                }
+                Kind::State => protocol::write_frame(&mut s, Kind::Ack, &[]).unwrap(),
+                Kind::Complete => return,
+                _ => {}
+            }
+        }
+    })
+}
+
+#[test]
+fn live_migration_moves_a_busy_guest_and_any_failure_leaves_it_running_at_the_source() {
+    use vmm::controller::{ControlError, Reply, Request};
+    use vmm::lifecycle::VmState;
+    use vmm::migration::{Endpoint, SendOptions};
+
+    // ~8 s on PVM: the faults take ~2 s, the migration comes before the end.
+    const COUNT: u32 = 2_500;
+    let g = TinyGuest::new("migrate");
+    let kernel = g.kernel(&counting_guest_of(COUNT));
+    let serial = g.dir.join("serial.out");
+    let mut cfg = config(&kernel, &serial, 2);
+    cfg.rng = Some(RngConfig {
+        src: "/dev/urandom".into(),
+    });
+    let state = |ctl: &Controller| match ctl.handle(Request::Info) {
+        Ok(Reply::Info { state, .. }) => Some(state),
+        _ => None,
+    };
+    let printed = || std::fs::metadata(&serial).map_or(0, |m| m.len());
+    let (source, source_thread, events) = g.controller_with_events();
+    source
+        .handle(Request::Create(Box::new(cfg.clone())))
+        .unwrap();
+    source.handle(Request::Boot).unwrap();
+    wait_printed(&serial, 100);
+
+    // Every broken destination: the migration fails with a reason, the guest runs on at the
+    // source (it keeps printing) and the next attempt is possible.
+    let options = SendOptions {
+        downtime_limit_ms: 50,
+        ..SendOptions::default()
+    };
+    for cut in 0..5 {
+        let socket = g.dir.join(format!("broken-{cut}.sock"));
+        let fake = broken_destination(socket.clone(), cut);
+        let err = match source.handle(Request::SendMigration(
+            Endpoint::Unix(socket),
+            options.clone(),
+        )) {
+            Err(ControlError::Failed(m)) => m,
+            other => panic!("cut {cut}: migrated to a broken destination: {other:?}"),
+        };
+        fake.join().unwrap();
+        if cut == 3 {
+            assert!(err.contains("injected failure"), "{err}");
+        }
+        assert_eq!(state(&source), Some(VmState::Running), "cut {cut}: {err}");
+        let now = printed();
+        wait_printed(&serial, now + 20);
+    }
+    match source.handle(Request::SendMigration(
+        Endpoint::Unix(g.dir.join("nobody.sock")),
+        options.clone(),
+    )) {
+        Err(ControlError::Invalid(m)) => assert!(m.contains("cannot connect"), "{m}"),
+        other => panic!("nobody listening: {other:?}"),
+    }
+
+    let source_events = std::fs::read_to_string(&events).unwrap();
+    for event in ["migration-started", "migration-failed"] {
+        assert!(source_events.contains(event), "{event}: {source_events}");
+    }
+
+    // A real destination takes the guest while it runs; it finishes its count there, its
+    // memory (counted beside a register) consistent, its output whole and once.
+    let (dest, dest_thread, dest_events) = g.controller_with_events_in("dest-events");
+    let socket = g.dir.join("dest.sock");
+    let receiving = {
+        let dest = dest.clone();
+        let endpoint = Endpoint::Unix(socket.clone());
+        std::thread::spawn(move || dest.handle(Request::ReceiveMigration(endpoint)))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination does not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let before = printed();
+    source
+        .handle(Request::SendMigration(
+            Endpoint::Unix(socket.clone()),
+            options,
+        ))
+        .unwrap();
+    receiving.join().unwrap().unwrap();
+    assert_eq!(
+        state(&source),
+        None,
+        "the source has no VM after the migration"
+    );
+    assert!(!socket.exists(), "the destination's socket is gone");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while state(&dest) != Some(VmState::Shutdown) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the migrated guest does not finish: {:?}, {} bytes printed",
+            state(&dest),
+            printed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        before < u64::from(COUNT),
+        "migrated before the guest finished ({before} letters printed)"
+    );
+    for (ctl, thread) in [(source, source_thread), (dest, dest_thread)] {
+        ctl.handle(Request::ShutdownVmm).unwrap();
+        thread.join().unwrap().unwrap();
+    }
+    let output = std::fs::read(&serial).unwrap();
+    assert!(
+        output == counting_guest_output_of(COUNT),
+        "the guest's whole output, once, ending in ok: ...{}",
+        String::from_utf8_lossy(&output[output.len().saturating_sub(40)..])
+    );
+    let events = std::fs::read_to_string(dest_events).unwrap();
+    for event in ["migration-receiving", "migration-completed"] {
+        assert!(events.contains(event), "{event}: {events}");
+    }
 }

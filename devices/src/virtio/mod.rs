@@ -183,6 +183,12 @@ pub trait VirtioDevice: Send {
     /// configuration and not active; the transport's restore then activates it. Refuses a
     /// state that does not fit (another disk, another version).
     fn restore_state(&mut self, saved: &SavedState) -> Result<(), PersistError>;
+    /// Makes everything the guest saw written durable in the backend (a disk's data and
+    /// metadata), for a switch-over to another host that opens the same backend next. Called
+    /// while paused; devices without a durable backend have nothing to do.
+    fn flush(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
     /// What the device has done, by name (`read_bytes`, `rx_frames`...), for `vm.counters`.
     /// Counters only grow; they survive reset, pause and resume.
     fn counters(&self) -> BTreeMap<&'static str, u64> {

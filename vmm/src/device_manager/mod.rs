@@ -99,6 +99,12 @@ impl DeviceManager {
         self.pci.pause_devices();
     }
 
+    /// Makes every disk durable on the host (while paused): what another VMM opening the same
+    /// files next must find.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.pci.flush_devices()
+    }
+
     /// Restarts what [`DeviceManager::pause`] stopped.
     pub fn resume(&self) -> Result<(), Error> {
         self.pci.resume_devices()

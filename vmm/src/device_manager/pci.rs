@@ -154,6 +154,16 @@ impl PciSegment {
         }
     }
 
+    /// Flushes every device's backend (see `VirtioDevice::flush`); while paused.
+    pub fn flush_devices(&self) -> Result<(), Error> {
+        for f in lock(&self.functions).values() {
+            lock(&f.device)
+                .flush()
+                .map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
+        }
+        Ok(())
+    }
+
     /// Restarts the workers [`PciSegment::pause_devices`] stopped.
     pub fn resume_devices(&self) -> Result<(), Error> {
         for f in lock(&self.functions).values() {

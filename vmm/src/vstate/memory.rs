@@ -5,6 +5,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use devices::{GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress};
 
@@ -94,7 +95,7 @@ fn memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
 /// faults while it boots. The kernel grants them for a memfd only when
 /// `/sys/kernel/mm/transparent_hugepage/shmem_enabled` is `advise`, `within_size`, `always` or
 /// `force`; otherwise this is a no-op and [`shmem_huge_pages`] says so.
-fn advise_huge_pages(mapping: &MmapRegion) {
+fn advise_huge_pages(mapping: &MmapRegion<AtomicBitmap>) {
     // SAFETY: the range is exactly one mapping this process owns; MADV_HUGEPAGE changes only
     // how the kernel backs it, never its contents.
     let rc = unsafe { libc::madvise(mapping.as_ptr().cast(), mapping.size(), libc::MADV_HUGEPAGE) };
@@ -136,7 +137,7 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let mut offset = 0;
     for (addr, len) in ram_ranges(size) {
         let file_offset = FileOffset::new(file.try_clone().map_err(MemoryError::Memfd)?, offset);
-        let mapping = MmapRegion::build(
+        let mapping = MmapRegion::<AtomicBitmap>::build(
             Some(file_offset),
             len as usize,
             libc::PROT_READ | libc::PROT_WRITE,

@@ -1,7 +1,8 @@
 //! Reading and writing guest memory slices: raw images with `preadv`/`pwritev`, qcow2 through
 //! the bounded host buffer.
 
-use crate::GuestMemoryMmap;
+/// The disk layer takes plain slices (no dirty bitmap; the virtio-blk worker marks pages).
+type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::*;

@@ -7,7 +7,8 @@ use std::fs;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::GuestMemoryMmap;
+/// The disk layer takes plain slices (no dirty bitmap; the virtio-blk worker marks pages).
+type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::*;

@@ -406,6 +406,14 @@ impl VirtioDevice for VirtioBlk {
         self.worker.save_stopped(self)
     }
 
+    fn flush(&mut self) -> Result<(), VirtioError> {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.flush().map_err(|e| VirtioError::Io {
+            what: "virtio-blk: flush the disk",
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
     fn restore_state(&mut self, saved: &SavedState) -> Result<(), PersistError> {
         self.worker = None;
         persist::restore_state(self, saved)

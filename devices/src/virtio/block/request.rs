@@ -46,7 +46,7 @@ impl RequestType {
     }
 
     /// Whether the device writes the data buffers (rather than reads them).
-    fn device_writes(self) -> bool {
+    pub fn device_writes(self) -> bool {
         matches!(self, RequestType::In | RequestType::GetId)
     }
 }

@@ -411,6 +411,7 @@ impl BlkWorker {
         disk: &mut dyn DiskImage,
     ) -> u32 {
         let status = req.status;
+        mark_data_dirty(&self.mem, &req);
         let done = match u64::try_from(result) {
             Ok(n) if n == req.data_len => {
                 let c = &self.counters;
@@ -455,7 +456,11 @@ impl BlkWorker {
     /// Executes a parsed (or unparsable) request and completes it; returns the used length.
     fn finish(&self, parsed: Result<Request, ParseError>, disk: &mut dyn DiskImage) -> u32 {
         let (status_addr, done) = match parsed {
-            Ok(req) => (req.status, self.execute(&req, disk)),
+            Ok(req) => {
+                let done = self.execute(&req, disk);
+                mark_data_dirty(&self.mem, &req);
+                (req.status, done)
+            }
             Err(ParseError::Malformed { status, reason }) => {
                 tracing::debug!("virtio-blk: malformed request: {reason}");
                 (status, Completion::status(S_IOERR))
@@ -724,14 +729,30 @@ fn byte_offset(sector: u64, sectors: u64, capacity: u64) -> Option<u64> {
 }
 
 /// The guest memory behind `data`, or `None` if any byte of it is not guest memory.
+///
+/// The slices carry no dirty bitmap (the disk layer takes plain ones): what a read writes into
+/// them is marked with [`mark_data_dirty`] when the request completes.
 fn guest_slices<'m>(mem: &'m GuestMemoryMmap, data: &[Segment]) -> Option<Vec<VolatileSlice<'m>>> {
     let mut slices = Vec::with_capacity(data.len());
     for seg in data {
         for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
-            slices.push(slice.ok()?);
+            let slice = slice.ok()?;
+            // SAFETY: the pointer and length are those of a slice of guest memory that `mem`
+            // keeps mapped for 'm; the new slice covers exactly the same bytes.
+            slices.push(unsafe { VolatileSlice::new(slice.ptr_guard_mut().as_ptr(), slice.len()) });
         }
     }
     Some(slices)
+}
+
+/// Marks the data buffers of a request that wrote into guest memory (IN, GET_ID) dirty, once
+/// it has completed (see [`crate::mark_dirty`]).
+fn mark_data_dirty(mem: &GuestMemoryMmap, req: &Request) {
+    if req.kind.device_writes() {
+        for seg in &req.data {
+            crate::mark_dirty(mem, seg.addr, seg.len as usize);
+        }
+    }
 }
 
 fn disk_error(e: BlockError) -> Completion {

@@ -58,6 +58,14 @@ impl GuestIoVecs {
         self.addrs.truncate(len);
     }
 
+    /// Marks the first `n` segments dirty in guest memory's bitmap (after a `readv` into them;
+    /// see [`crate::mark_dirty`]).
+    pub fn mark_front_dirty(&self, n: usize) {
+        for (iov, addr) in self.iovs.iter().zip(&self.addrs).take(n) {
+            crate::mark_dirty(&self.mem, *addr, iov.iov_len);
+        }
+    }
+
     /// Drops the first `n` segments.
     pub fn drain_front(&mut self, n: usize) {
         self.iovs.drain(..n);

@@ -169,6 +169,7 @@ impl RxState {
             self.cap -= c.cap;
             q.add_used(&self.mem, c.head, n as u32)?;
         }
+        self.iovs.mark_front_dirty(segs);
         self.iovs.drain_front(segs);
         NetCounters::add(&counters.rx_packets, 1);
         NetCounters::add(&counters.rx_bytes, (len - VNET_HDR_LEN) as u64);

@@ -416,7 +416,9 @@ fn receive_without_mrg_rxbuf_uses_one_chain_per_frame() {
     let c = h.net.counters();
     assert_eq!((c.rx_packets(), c.rx_bytes(), c.rx_dropped()), (2, 1100, 1));
 
-    // A chain that can hold the largest frame is read into directly.
+    // A chain that can hold the largest frame is read into directly (and its pages are
+    // marked dirty for live migration).
+    let _ = crate::take_dirty_pages(&h.mem);
     let head = h.post_rx(&[(BUF_BASE, 12), (BUF_BASE + 0x1000, MAX_FRAME_LEN as u32)]);
     h.kick_rx();
     let large = packet(MAX_PACKET_LEN, 7);
@@ -427,6 +429,10 @@ fn receive_without_mrg_rxbuf_uses_one_chain_per_frame() {
     assert_eq!((id, len as usize), (u32::from(head), MAX_PACKET_LEN));
     assert_eq!(num_buffers(&h, BUF_BASE), 1);
     assert!(h.read(BUF_BASE + 0x1000, MAX_FRAME_LEN) == large[12..]);
+    let dirty = crate::take_dirty_pages(&h.mem);
+    for page in (BUF_BASE + 0x1000..BUF_BASE + 0x1000 + MAX_FRAME_LEN as u64).step_by(4096) {
+        assert!(dirty.contains(&page), "{page:#x} not marked dirty");
+    }
 }
 
 #[test]

@@ -282,6 +282,11 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Flushes the device's backend (see [`VirtioDevice::flush`]).
+    pub fn flush(&mut self) -> Result<(), VirtioError> {
+        self.device.flush()
+    }
+
     /// Continues a paused device where it stopped, or activates it if the driver or a restore
     /// started it while paused. Does nothing unless paused. On failure the device stops, is
     /// marked DEVICE_NEEDS_RESET and the driver is told (as for a failed activation).

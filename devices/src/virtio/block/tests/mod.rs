@@ -219,6 +219,14 @@ fn raw_read_write_round_trip() {
     let (status, got) = r.read_sectors(3, 2048);
     assert_eq!(status, S_OK);
     assert_eq!(got, pattern(DISK_SIZE)[3 * 512..3 * 512 + 2048]);
+    // What a read wrote into guest memory is marked dirty (live migration sends it again).
+    let _ = crate::take_dirty_pages(&r.mem);
+    let (status, _) = r.request(VIRTIO_BLK_T_IN, 0, &[(DATA + 0x5_0000, 8192, W)]);
+    assert_eq!(status, S_OK);
+    let dirty = crate::take_dirty_pages(&r.mem);
+    for page in [DATA + 0x5_0000, DATA + 0x5_1000] {
+        assert!(dirty.contains(&page), "{page:#x} not in {dirty:x?}");
+    }
 
     // A write split over two descriptors lands in the file at sector 8.
     let data: Vec<u8> = (0..4096u32).map(|i| (i * 31 % 251) as u8).collect();
@@ -255,10 +263,10 @@ fn raw_read_write_round_trip() {
     assert_eq!(back, data);
 
     let c = r.blk.counters();
-    assert_eq!((c.read_ops(), c.read_bytes()), (2, 2048 + 4096));
+    assert_eq!((c.read_ops(), c.read_bytes()), (3, 2048 + 8192 + 4096));
     assert_eq!((c.write_ops(), c.write_bytes()), (1, 4096));
     assert_eq!(c.errors(), 0);
-    assert!(r.irq.wait_used(3));
+    assert!(r.irq.wait_used(4));
 }
 
 fn qemu_img(args: &[&str]) {

@@ -1,0 +1,300 @@
+//! Live migration: the running VM's memory, then its machine state, sent over a Unix or TCP
+//! socket to another podvisor that builds the same VM and continues it.
+//!
+//! The source ([`send`]) copies memory while the guest runs (pre-copy): a first pass of every
+//! page that is not zero, then rounds of the pages written meanwhile (KVM's dirty log for the
+//! vCPUs, the memory's bitmaps for the devices), until what is left would cross within the
+//! downtime limit at the rate measured so far. It then pauses the guest, flushes its disks,
+//! sends the last pages and the machine state, and ends its VM only once the destination says
+//! the guest runs there. Until then the source owns the VM: any failure (the destination's
+//! error, a broken, stalled or corrupt stream, no convergence in time) resumes the guest on
+//! the source as it was.
+//!
+//! The destination ([`receive`]) listens, checks the stream's version, creates the guest's
+//! memory from the configuration and fills it, and builds the machine only when the state
+//! arrives (the source's disks are flushed by then, so it opens them as they are); it runs
+//! nothing until the whole state has arrived and has been restored, and discards everything
+//! on any failure.
+//!
+//! The stream's format is in [`protocol`].
+
+pub mod protocol;
+pub mod receive;
+pub mod send;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why a migration failed, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The URL or options are not usable (HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The connection broke, stalled or could not be made.
+    #[error("migration connection: {0}")]
+    Connection(#[source] std::io::Error),
+    /// The stream is not what the protocol says (corrupt, truncated, another version).
+    #[error("migration stream: {0}")]
+    Protocol(String),
+    /// The other side refused or failed, with its reason.
+    #[error("the other side: {0}")]
+    Peer(String),
+    /// This side failed to save, build or restore the VM.
+    #[error("{0}")]
+    Vm(String),
+    /// The guest wrote memory faster than it could be sent, for longer than allowed.
+    #[error("{0}")]
+    NoConvergence(String),
+}
+
+/// How long one read or write on the migration connection may block: longer means the peer
+/// or the network stalled.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a migration goes or comes from: Cloud Hypervisor's `unix:/PATH` and `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Endpoint, MigrationError> {
+        if let Some(path) = url.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if !path.starts_with('/') {
+                return Err(MigrationError::Invalid(format!(
+                    "'{url}': the socket path must be absolute (unix:/PATH)"
+                )));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = url.strip_prefix("tcp:") {
+            let addr = addr.strip_prefix("//").unwrap_or(addr);
+            let port_ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(MigrationError::Invalid(format!(
+                    "'{url}': expected tcp:HOST:PORT"
+                )));
+            }
+            return Ok(Endpoint::Tcp(addr.to_owned()));
+        }
+        Err(MigrationError::Invalid(format!(
+            "'{url}' is neither unix:/PATH nor tcp:HOST:PORT"
+        )))
+    }
+
+    /// Connects to a listening destination.
+    pub fn connect(&self) -> Result<Stream, MigrationError> {
+        let stream = match self {
+            Endpoint::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(|e| {
+                MigrationError::Invalid(format!("cannot connect to {}: {e}", path.display()))
+            })?),
+            Endpoint::Tcp(addr) => {
+                let s = TcpStream::connect(addr).map_err(|e| {
+                    MigrationError::Invalid(format!("cannot connect to {addr}: {e}"))
+                })?;
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
+        };
+        stream.set_timeouts(IO_TIMEOUT)?;
+        Ok(stream)
+    }
+
+    /// Listens for the source (a Unix socket path must not exist yet).
+    pub fn listen(&self) -> Result<Listener, MigrationError> {
+        match self {
+            Endpoint::Unix(path) => UnixListener::bind(path)
+                .map(|l| Listener::Unix(l, path.clone()))
+                .map_err(|e| {
+                    MigrationError::Invalid(format!("cannot listen on {}: {e}", path.display()))
+                }),
+            Endpoint::Tcp(addr) => TcpListener::bind(addr)
+                .map(Listener::Tcp)
+                .map_err(|e| MigrationError::Invalid(format!("cannot listen on {addr}: {e}"))),
+        }
+    }
+}
+
+/// A listening destination; a Unix socket's file goes away with it.
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Waits up to `wait` for the source to connect.
+    pub fn accept(&self, wait: Duration) -> Result<Stream, MigrationError> {
+        let deadline = std::time::Instant::now() + wait;
+        let nonblocking = match self {
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        };
+        nonblocking.map_err(MigrationError::Connection)?;
+        loop {
+            let accepted = match self {
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                    let _ = s.set_nodelay(true);
+                    Stream::Tcp(s)
+                }),
+            };
+            match accepted {
+                Ok(stream) => {
+                    stream.set_blocking()?;
+                    stream.set_timeouts(IO_TIMEOUT)?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        return Err(MigrationError::Connection(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no source connected within {} s", wait.as_secs()),
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(MigrationError::Connection(e)),
+            }
+        }
+    }
+}
+
+/// How long a destination waits for its source to connect.
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The migration connection.
+pub enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn set_blocking(&self) -> Result<(), MigrationError> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(false),
+            Stream::Tcp(s) => s.set_nonblocking(false),
+        }
+        .map_err(MigrationError::Connection)
+    }
+
+    fn set_timeouts(&self, timeout: Duration) -> Result<(), MigrationError> {
+        let t = Some(timeout);
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
+            Stream::Tcp(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
+        }
+        .map_err(MigrationError::Connection)
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// What the source's operator can set per migration (KubeVirt's migration policy).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendOptions {
+    /// The longest the guest may be paused for the last pass (default 300 ms, QEMU's).
+    pub downtime_limit_ms: u64,
+    /// At most this many bytes per second on the wire (None: as fast as it goes).
+    pub bandwidth_limit: Option<u64>,
+    /// Give up (and keep running here) when the memory has not converged after this long.
+    pub completion_timeout_s: u64,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            downtime_limit_ms: 300,
+            bandwidth_limit: None,
+            completion_timeout_s: 600,
+        }
+    }
+}
+
+/// How the last migration went on the source, for `vm.info` and the events.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Rounds done (the first pass is round 1).
+    pub round: u32,
+    /// Guest-memory bytes sent so far (zero pages not counted).
+    pub bytes_sent: u64,
+    /// Bytes the last dirty-page count left to send.
+    pub bytes_left: u64,
+    /// Pages the guest wrote per second in the last round.
+    pub dirty_pages_per_s: u64,
+    /// What the pause for the last pass is expected to take, at the measured rate.
+    pub expected_downtime_ms: u64,
+    /// How long the guest was paused (once done).
+    pub downtime_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            Endpoint::parse("unix:/run/m.sock").unwrap(),
+            Endpoint::Unix("/run/m.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("tcp:127.0.0.1:6000").unwrap(),
+            Endpoint::Tcp("127.0.0.1:6000".into())
+        );
+        assert_eq!(
+            Endpoint::parse("tcp:[::1]:6000").unwrap(),
+            Endpoint::Tcp("[::1]:6000".into())
+        );
+        for bad in [
+            "unix:rel.sock",
+            "tcp:host",
+            "tcp::80",
+            "file:///x",
+            "tcp:h:99999",
+        ] {
+            assert!(
+                matches!(Endpoint::parse(bad), Err(MigrationError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The source side of a live migration (see the module docs of [`super`]).
+
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::protocol::{self, Complete, Hello, Kind, MemoryFrame};
+use super::{Endpoint, MigrationError, Progress, SendOptions, Stream};
+use crate::config::VmConfig;
+use crate::vm::RunningVm;
+
+const PAGE: usize = 4096;
+/// Pages read from guest memory at a time.
+const RUN_PAGES: usize = 256;
+
+fn vm_failed(what: &str) -> impl FnOnce(crate::Error) -> MigrationError + '_ {
+    move |e| MigrationError::Vm(format!("{what}: {e}"))
+}
+
+/// Migrates the running guest of `vm` (built from `config`) to the destination at `endpoint`.
+/// `report` hears of every round. On success the guest is paused here and runs at the
+/// destination: the caller ends this VM. On failure the guest runs here as before.
+pub fn send(
+    vm: &RunningVm,
+    config: &VmConfig,
+    endpoint: &Endpoint,
+    options: &SendOptions,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<Progress, MigrationError> {
+    let mut stream = endpoint.connect()?;
+    protocol::write_json(
+        &mut stream,
+        Kind::Hello,
+        &Hello {
+            format: protocol::FORMAT.into(),
+            version: protocol::VERSION,
+        },
+    )?;
+    protocol::read_ack(&mut stream, "HELLO")?;
+    protocol::write_json(&mut stream, Kind::Config, config)?;
+    protocol::read_ack(&mut stream, "the configuration")?;
+    vm.start_dirty_log()
+        .map_err(vm_failed("start logging dirty pages"))?;
+    let mut sender = Sender {
+        vm,
+        stream,
+        frame: MemoryFrame::default(),
+        buf: vec![0u8; RUN_PAGES * PAGE],
+        options,
+        started: Instant::now(),
+        progress: Progress::default(),
+    };
+    let result = sender.migrate(report);
+    let _ = vm.stop_dirty_log();
+    if result.is_err() && vm.is_paused() {
+        // The last pass failed: the guest continues here, as if nothing happened.
+        if let Err(e) = vm.resume() {
+            tracing::error!("migration failed and the guest could not be resumed: {e}");
+        }
+    }
+    result
+}
+
+struct Sender<'a> {
+    vm: &'a RunningVm,
+    stream: Stream,
+    frame: MemoryFrame,
+    buf: Vec<u8>,
+    options: &'a SendOptions,
+    started: Instant,
+    progress: Progress,
+}
+
+impl Sender<'_> {
+    fn migrate(&mut self, report: &mut dyn FnMut(&Progress)) -> Result<Progress, MigrationError> {
+        // Round 1: all of memory but its zero pages (the destination's are zero already).
+        let round_start = Instant::now();
+        let before = self.progress.bytes_sent;
+        let regions: Vec<(u64, u64)> = self
+            .vm
+            .memory()
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        for (start, len) in regions {
+            let mut at = 0;
+            while at < len {
+                let n = ((len - at) as usize).min(RUN_PAGES * PAGE);
+                self.send_run(start + at, n, true)?;
+                at += n as u64;
+            }
+        }
+        self.flush_frame()?;
+        let mut rate = rate_of(self.progress.bytes_sent - before, round_start.elapsed());
+        self.progress.round = 1;
+        report(&self.progress);
+        // Dirty rounds until the rest fits the downtime limit.
+        loop {
+            let round_start = Instant::now();
+            let dirty = self
+                .vm
+                .dirty_pages()
+                .map_err(vm_failed("read the dirty-page log"))?;
+            let pages = count(&dirty);
+            let left = pages * PAGE as u64;
+            self.progress.bytes_left = left;
+            self.progress.expected_downtime_ms = left * 1000 / rate;
+            if self.progress.expected_downtime_ms <= self.options.downtime_limit_ms {
+                // What was just read goes in the last pass, with what the guest writes until
+                // it is paused.
+                return self.switch_over(dirty, report);
+            }
+            let limit = Duration::from_secs(self.options.completion_timeout_s);
+            if self.started.elapsed() > limit {
+                return Err(MigrationError::NoConvergence(format!(
+                    "memory did not converge within {} s: {} MiB still dirty after {} rounds, \
+                     {} ms expected downtime against a limit of {} ms",
+                    self.options.completion_timeout_s,
+                    left >> 20,
+                    self.progress.round,
+                    self.progress.expected_downtime_ms,
+                    self.options.downtime_limit_ms
+                )));
+            }
+            let before = self.progress.bytes_sent;
+            self.send_dirty(&dirty)?;
+            let took = round_start.elapsed();
+            rate = rate_of(self.progress.bytes_sent - before, took);
+            self.progress.round += 1;
+            self.progress.dirty_pages_per_s = pages * 1000 / (took.as_millis() as u64).max(1);
+            report(&self.progress);
+        }
+    }
+
+    /// Pauses the guest, sends what it wrote last and its state, and waits until the
+    /// destination runs it.
+    fn switch_over(
+        &mut self,
+        mut dirty: Vec<Vec<u64>>,
+        report: &mut dyn FnMut(&Progress),
+    ) -> Result<Progress, MigrationError> {
+        let paused_at = Instant::now();
+        self.vm.pause().map_err(vm_failed("pause the guest"))?;
+        self.vm
+            .flush_disks()
+            .map_err(vm_failed("flush the disks"))?;
+        let last = self
+            .vm
+            .dirty_pages()
+            .map_err(vm_failed("read the dirty-page log"))?;
+        for (words, more) in dirty.iter_mut().zip(last) {
+            for (w, m) in words.iter_mut().zip(more) {
+                *w |= m;
+            }
+        }
+        self.send_dirty(&dirty)?;
+        let state = self.vm.save().map_err(vm_failed("save the machine"))?;
+        protocol::write_json(&mut self.stream, Kind::State, &state)?;
+        protocol::read_ack(&mut self.stream, "the machine state")?;
+        protocol::write_json(&mut self.stream, Kind::Complete, &Complete { resume: true })?;
+        protocol::read_ack(&mut self.stream, "COMPLETE")?;
+        self.progress.round += 1;
+        self.progress.bytes_left = 0;
+        self.progress.downtime_ms = Some(paused_at.elapsed().as_millis() as u64);
+        report(&self.progress);
+        Ok(self.progress.clone())
+    }
+
+    /// Sends the pages set in `dirty` (per region, one bit per page), zero pages as zeros.
+    fn send_dirty(&mut self, dirty: &[Vec<u64>]) -> Result<(), MigrationError> {
+        let starts: Vec<u64> = self.vm.memory().iter().map(|r| r.start_addr().0).collect();
+        for (start, words) in starts.into_iter().zip(dirty) {
+            let mut page = 0usize;
+            let total = words.len() * 64;
+            while page < total {
+                if !bit(words, page) {
+                    page += 1;
+                    continue;
+                }
+                let mut end = page + 1;
+                while end < total && end - page < RUN_PAGES && bit(words, end) {
+                    end += 1;
+                }
+                self.send_run(start + (page * PAGE) as u64, (end - page) * PAGE, false)?;
+                page = end;
+            }
+        }
+        self.flush_frame()
+    }
+
+    /// Reads `len` bytes of guest memory at `gpa` and adds them page by page to the frame:
+    /// zero pages are skipped (`skip_zeros`, the first pass) or sent as zeros.
+    fn send_run(&mut self, gpa: u64, len: usize, skip_zeros: bool) -> Result<(), MigrationError> {
+        let buf = &mut self.buf[..len];
+        self.vm
+            .memory()
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| MigrationError::Vm(format!("read guest memory at {gpa:#x}: {e}")))?;
+        for (i, page) in buf.chunks(PAGE).enumerate() {
+            let at = gpa + (i * PAGE) as u64;
+            if page.iter().all(|&b| b == 0) {
+                if !skip_zeros {
+                    self.frame.add_zeros(at, page.len() as u32);
+                }
+            } else {
+                self.frame.add_data(at, page);
+                self.progress.bytes_sent += page.len() as u64;
+            }
+        }
+        if self.frame.is_full() {
+            self.flush_frame()?;
+        }
+        Ok(())
+    }
+
+    fn flush_frame(&mut self) -> Result<(), MigrationError> {
+        if self.frame.is_empty() {
+            return Ok(());
+        }
+        let payload = self.frame.take();
+        protocol::write_frame(&mut self.stream, Kind::Memory, &payload)?;
+        if let Some(limit) = self.options.bandwidth_limit.filter(|&l| l > 0) {
+            // Stay under the limit on average since the start.
+            let due = Duration::from_secs_f64(self.progress.bytes_sent as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bit(words: &[u64], page: usize) -> bool {
+    words[page / 64] & (1 << (page % 64)) != 0
+}
+
+fn count(dirty: &[Vec<u64>]) -> u64 {
+    dirty
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+/// Bytes per second (at least 1 MiB/s, so that a tiny first pass does not make every later
+/// estimate huge).
+fn rate_of(bytes: u64, took: Duration) -> u64 {
+    let ms = (took.as_millis() as u64).max(1);
+    (bytes * 1000 / ms).max(1 << 20)
+}
