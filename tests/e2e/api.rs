@@ -374,6 +374,176 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A network namespace of its own (another pod), deleted when dropped.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: String) -> Result<NetNs, Failed> {
+        let _ = host("ip", &["netns", "del", &name]);
+        host_ok("ip", &["netns", "add", &name])?;
+        Ok(NetNs(name))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = host("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// A VM with a disk, a network interface, a counter and a loop that keeps rewriting 8 MiB of
+/// its memory (with the checksum of each complete pass) is live-migrated by `podvisor serve`
+/// to another `podvisor serve` in another network namespace (a second pod with its own tap of
+/// the same name) over a Unix socket, while it runs: the counter goes on, the memory matches
+/// its checksum, the clock did not jump, the disk holds what was written and takes new
+/// writes, the network answers on the destination's side, and the source has no VM left.
+fn live_migration_to_another_pod() -> Result<(), Failed> {
+    const HOST_IP: &str = "192.168.251.1";
+    const GUEST_IP: &str = "192.168.251.2";
+    let dir = Scratch::new("migrate");
+    let (source_socket, dest_socket) = (dir.arg("source.sock"), dir.arg("dest.sock"));
+    let migration = format!("unix:{}", dir.arg("migration.sock"));
+    let disk = dir.arg("disk.raw");
+    host_ok("qemu-img", &["create", "-q", "-f", "raw", &disk, "16M"])?;
+    let netns = NetNs::new(format!("pvm{}", std::process::id() % 100_000))?;
+    let tap = format!("pvm{}", std::process::id() % 100_000);
+    let config = serde_json::json!({
+        "payload": default_guest(),
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 256u64 << 20},
+        "disks": [{"path": disk}],
+        "net": [{"tap": tap, "ip": HOST_IP, "mask": "255.255.255.0"}],
+        "rng": {"src": "/dev/urandom"},
+        "serial": {"mode": "Tty"},
+        "console": {"mode": "Off"},
+    });
+    let config_file = dir.path("vm.json");
+    std::fs::write(&config_file, config.to_string())?;
+
+    let mut source = Vm::spawn("serve", &["--api-socket", &source_socket]);
+    wait_for_socket(&mut source, &source_socket)?;
+    ctl_ok(&source_socket, &["create", config_file.to_str().unwrap()])?;
+    ctl_ok(&source_socket, &["boot"])?;
+    source.expect("podvisor-guest ready:")?;
+    source.wait_for_shell()?;
+    source.shell_ok(&format!(
+        "ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 && ping -c 1 -W 10 {HOST_IP}"
+    ))?;
+    source.shell_ok(
+        "printf migrate-data-42 | dd of=/dev/vda bs=4096 seek=1 conv=sync,fsync 2>/dev/null",
+    )?;
+    let up_before = guest_uptime(&mut source)?;
+    source.shell_ok(
+        "(while [ ! -e /tmp/stop ]; do dd if=/dev/urandom of=/tmp/blob bs=1M count=8 \
+           conv=notrunc 2>/dev/null; md5sum /tmp/blob > /tmp/sum; done; touch /tmp/stopped) \
+           >/dev/null 2>&1 &",
+    )?;
+    source.shell_ok(
+        "(i=0; while :; do i=$((i+1)); echo count:$i; sleep 0.3; done) & echo $! > /tmp/counter",
+    )?;
+    let seen = next_count(&mut source)?;
+    let (rc, out) = ctl(&source_socket, &["send-migration", "tcp:nohost"])?;
+    if rc == 0 || !out.contains("400") {
+        return Err(format!("a bad destination URL: rc {rc}, {out}").into());
+    }
+
+    let mut dest = Vm::spawn_in_netns(&netns.0, "serve", &["--api-socket", &dest_socket]);
+    wait_for_socket(&mut dest, &dest_socket)?;
+    let receiver = std::process::Command::new(podvisor())
+        .args([
+            "ctl",
+            "--api-socket",
+            &dest_socket,
+            "receive-migration",
+            &migration,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let listening = Instant::now() + Duration::from_secs(30);
+    while !dir.path("migration.sock").exists() {
+        if Instant::now() > listening {
+            return Err("the destination does not listen".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ctl_ok(
+        &source_socket,
+        &[
+            "send-migration",
+            &migration,
+            "--completion-timeout-s",
+            "150",
+        ],
+    )?;
+    let received = receiver.wait_with_output()?;
+    if !received.status.success() {
+        return Err(format!(
+            "receive-migration: {}",
+            String::from_utf8_lossy(&received.stderr)
+        )
+        .into());
+    }
+    if state(&dest_socket)? != "Running" {
+        return Err("the destination's VM is not Running".into());
+    }
+    let (rc, out) = ctl(&source_socket, &["info"])?;
+    if rc == 0 || !out.contains("404") {
+        return Err(format!("the source still has a VM: {out}").into());
+    }
+
+    // The guest, on at the destination.
+    let next = next_count(&mut dest)?;
+    if next <= seen || next > seen + 30 {
+        return Err(dest.failure(&format!(
+            "after the migration the counter printed {next}; before it was at {seen}"
+        )));
+    }
+    let after = next_count(&mut dest)?;
+    if after != next + 1 {
+        return Err(dest.failure(&format!("the migrated counter went {next}, {after}")));
+    }
+    dest.shell_ok("kill $(cat /tmp/counter)")?;
+    let sum = dest.shell_ok(
+        "touch /tmp/stop; while [ ! -e /tmp/stopped ]; do sleep 0.2; done; md5sum -c /tmp/sum",
+    )?;
+    if !sum.contains("OK") {
+        return Err(dest.failure(&format!("the rewritten memory fails its checksum: {sum}")));
+    }
+    let up_after = guest_uptime(&mut dest)?;
+    if up_after < up_before || up_after - up_before > 120.0 {
+        return Err(dest.failure(&format!(
+            "the guest's uptime went from {up_before:.1} s to {up_after:.1} s across the migration"
+        )));
+    }
+    let data = dest.shell_ok(
+        "echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=4096 skip=1 count=1 2>/dev/null | head -c 15",
+    )?;
+    if !data.contains("migrate-data-42") {
+        return Err(dest.failure(&format!("the disk reads '{data}' after the migration")));
+    }
+    dest.shell_ok(
+        "printf after-migration | dd of=/dev/vda bs=4096 seek=2 conv=sync,fsync 2>/dev/null",
+    )?;
+    // The destination's tap is another (its MAC too): the neighbour entry takes a few probes.
+    dest.shell_ok(&format!(
+        "for i in 1 2 3 4 5 6; do ping -c 1 -W 5 {HOST_IP} && break; done"
+    ))?;
+    ctl_ok(&dest_socket, &["shutdown-vmm"])?;
+    ctl_ok(&source_socket, &["shutdown-vmm"])?;
+    for (name, vm) in [("destination", &mut dest), ("source", &mut source)] {
+        let status = vm.wait()?;
+        if status.code() != Some(0) {
+            return Err(vm.failure(&format!("the {name}'s podvisor serve exited with {status}")));
+        }
+    }
+    let image = std::fs::read(&disk)?;
+    if !image[8192..].starts_with(b"after-migration") {
+        return Err("the migrated guest's write is not in the disk image".into());
+    }
+    Ok(())
+}
+
 /// The API scenarios.
 pub fn trials() -> Vec<Trial> {
     vec![
@@ -385,6 +555,9 @@ pub fn trials() -> Vec<Trial> {
         }),
         Trial::test("api_snapshot_and_restore_in_a_new_process", || {
             hang_tolerant(snapshot_and_restore_in_a_new_process)
+        }),
+        Trial::test("api_live_migration_to_another_pod", || {
+            hang_tolerant(live_migration_to_another_pod)
         }),
     ]
 }

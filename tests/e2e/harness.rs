@@ -62,9 +62,21 @@ impl Vm {
 
     /// Starts `podvisor SUBCOMMAND ARGS...` (`run` or `serve`) with its console captured.
     pub fn spawn(subcommand: &str, args: &[&str]) -> Vm {
-        let mut child = Command::new(podvisor())
-            .arg(subcommand)
-            .args(args)
+        let mut cmd = Command::new(podvisor());
+        cmd.arg(subcommand).args(args);
+        Vm::spawn_command(cmd)
+    }
+
+    /// Like [`Vm::spawn`], inside network namespace `netns` (as another pod would be).
+    pub fn spawn_in_netns(netns: &str, subcommand: &str, args: &[&str]) -> Vm {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, podvisor(), subcommand])
+            .args(args);
+        Vm::spawn_command(cmd)
+    }
+
+    fn spawn_command(mut cmd: Command) -> Vm {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

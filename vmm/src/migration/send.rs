@@ -10,6 +10,8 @@ use crate::config::VmConfig;
 use crate::vm::RunningVm;
 
 const PAGE: usize = 4096;
+/// Compared with (a `memcmp`) to find the pages not worth sending.
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 /// Pages read from guest memory at a time.
 const RUN_PAGES: usize = 256;
 
@@ -49,6 +51,7 @@ pub fn send(
         options,
         started: Instant::now(),
         progress: Progress::default(),
+        processed: 0,
     };
     let result = sender.migrate(report);
     let _ = vm.stop_dirty_log();
@@ -69,13 +72,15 @@ struct Sender<'a> {
     options: &'a SendOptions,
     started: Instant,
     progress: Progress,
+    /// Guest-memory bytes read and sent (as data or as zeros) so far: what the rate that
+    /// predicts the last pass's length counts.
+    processed: u64,
 }
 
 impl Sender<'_> {
     fn migrate(&mut self, report: &mut dyn FnMut(&Progress)) -> Result<Progress, MigrationError> {
         // Round 1: all of memory but its zero pages (the destination's are zero already).
         let round_start = Instant::now();
-        let before = self.progress.bytes_sent;
         let regions: Vec<(u64, u64)> = self
             .vm
             .memory()
@@ -91,7 +96,7 @@ impl Sender<'_> {
             }
         }
         self.flush_frame()?;
-        let mut rate = rate_of(self.progress.bytes_sent - before, round_start.elapsed());
+        let mut rate = rate_of(self.processed, round_start.elapsed());
         self.progress.round = 1;
         report(&self.progress);
         // Dirty rounds until the rest fits the downtime limit.
@@ -113,19 +118,22 @@ impl Sender<'_> {
             let limit = Duration::from_secs(self.options.completion_timeout_s);
             if self.started.elapsed() > limit {
                 return Err(MigrationError::NoConvergence(format!(
-                    "memory did not converge within {} s: {} MiB still dirty after {} rounds, \
-                     {} ms expected downtime against a limit of {} ms",
+                    "memory did not converge within {} s: {} MiB still dirty after {} rounds \
+                     ({} pages written per second, {} MiB/s sent), {} ms expected downtime \
+                     against a limit of {} ms",
                     self.options.completion_timeout_s,
                     left >> 20,
                     self.progress.round,
+                    self.progress.dirty_pages_per_s,
+                    rate >> 20,
                     self.progress.expected_downtime_ms,
                     self.options.downtime_limit_ms
                 )));
             }
-            let before = self.progress.bytes_sent;
+            let before = self.processed;
             self.send_dirty(&dirty)?;
             let took = round_start.elapsed();
-            rate = rate_of(self.progress.bytes_sent - before, took);
+            rate = rate_of(self.processed - before, took);
             self.progress.round += 1;
             self.progress.dirty_pages_per_s = pages * 1000 / (took.as_millis() as u64).max(1);
             report(&self.progress);
@@ -198,7 +206,7 @@ impl Sender<'_> {
             .map_err(|e| MigrationError::Vm(format!("read guest memory at {gpa:#x}: {e}")))?;
         for (i, page) in buf.chunks(PAGE).enumerate() {
             let at = gpa + (i * PAGE) as u64;
-            if page.iter().all(|&b| b == 0) {
+            if page == &ZERO_PAGE[..page.len()] {
                 if !skip_zeros {
                     self.frame.add_zeros(at, page.len() as u32);
                 }
@@ -207,6 +215,7 @@ impl Sender<'_> {
                 self.progress.bytes_sent += page.len() as u64;
             }
         }
+        self.processed += len as u64;
         if self.frame.is_full() {
             self.flush_frame()?;
         }
