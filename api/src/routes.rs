@@ -118,6 +118,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
                     completion_timeout_s: body
                         .completion_timeout_s
                         .unwrap_or(defaults.completion_timeout_s),
+                    auto_converge: body.auto_converge,
                 },
             }
         }

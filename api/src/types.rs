@@ -77,6 +77,9 @@ pub struct VmSendMigrationData {
     /// Give up when memory has not converged after this many seconds (default 600).
     #[serde(default)]
     pub completion_timeout_s: Option<u64>,
+    /// Slow the guest down while it writes memory faster than it can be sent.
+    #[serde(default)]
+    pub auto_converge: bool,
 }
 
 /// `vm.receive-migration`'s body (Cloud Hypervisor's `VmReceiveMigrationData`).

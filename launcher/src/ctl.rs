@@ -66,6 +66,9 @@ pub enum CtlAction {
         /// (default 600).
         #[arg(long, value_name = "SECONDS")]
         completion_timeout_s: Option<u64>,
+        /// Slow the guest down while it writes memory faster than it can be sent.
+        #[arg(long)]
+        auto_converge: bool,
     },
     /// Wait for a source's send-migration and run its VM here (vm.receive-migration);
     /// returns once the guest runs here.
@@ -114,8 +117,12 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
             downtime_limit_ms,
             bandwidth_limit,
             completion_timeout_s,
+            auto_converge,
         } => {
             let mut body = serde_json::json!({ "destination_url": destination });
+            if *auto_converge {
+                body["auto_converge"] = true.into();
+            }
             for (key, value) in [
                 ("downtime_limit_ms", downtime_limit_ms),
                 ("bandwidth_limit", bandwidth_limit),

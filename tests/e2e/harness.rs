@@ -524,6 +524,18 @@ impl Vm {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
+    /// Everything printed so far (after draining what is pending).
+    pub fn printed(&mut self) -> &str {
+        self.output_len();
+        &self.text
+    }
+
+    /// Marks everything printed so far as read: the next `expect` waits for new output.
+    pub fn skip_output(&mut self) {
+        self.output_len();
+        self.consumed = self.text.len();
+    }
+
     /// How much console output has arrived so far (after draining what is pending).
     pub fn output_len(&mut self) -> usize {
         while let Ok(chunk) = self.output.try_recv() {

@@ -137,6 +137,7 @@ impl Vm {
             epoll,
             ctx: self.ctx,
             paused_clock: Mutex::new(None),
+            throttler: Mutex::new(None),
             devices: self.devices,
             fd: self.fd,
             memory: self.memory,
@@ -161,6 +162,8 @@ pub struct RunningVm {
     ctx: VcpuContext,
     /// The guest's clock when it was paused (None while running).
     paused_clock: Mutex<Option<kvm_clock_data>>,
+    /// The thread that kicks throttled vCPUs out of `KVM_RUN` (see [`RunningVm::set_throttle`]).
+    throttler: Mutex<Option<JoinHandle<()>>>,
     /// Devices, then the VM, then its memory: fields drop in order.
     devices: DeviceManager,
     fd: Arc<VmFd>,
@@ -315,6 +318,43 @@ impl RunningVm {
         builder::register_memory(&self.fd, &self.memory, false)
     }
 
+    /// Slows the guest: every vCPU sleeps `percent` (0-99) of its time, kicked out of
+    /// `KVM_RUN` every [`vcpu::THROTTLE_SLICE`] by a thread of its own (live migration's
+    /// auto-converge). 0 ends the throttling.
+    pub fn set_throttle(&self, percent: u32) -> Result<(), Error> {
+        let control = &self.ctx.control;
+        control.set_throttle(percent);
+        let mut throttler = self.throttler.lock().unwrap_or_else(|e| e.into_inner());
+        if percent == 0 {
+            if let Some(t) = throttler.take() {
+                let _ = t.join();
+            }
+            return Ok(());
+        }
+        if throttler.is_none() {
+            let control = control.clone();
+            let vcpus: Vec<libc::pthread_t> =
+                self.threads.iter().map(|t| t.as_pthread_t()).collect();
+            let t = std::thread::Builder::new()
+                .name("throttle".into())
+                .stack_size(devices::THREAD_STACK_SIZE)
+                .spawn(move || {
+                    while control.throttle() > 0 && !control.stopping() {
+                        for &thread in &vcpus {
+                            // SAFETY: the vCPU threads are joined only after this thread
+                            // (`stop` and `set_throttle(0)` join it first), so each handle
+                            // is valid; the kick signal has a no-op handler installed.
+                            unsafe { libc::pthread_kill(thread, vcpu::kick_signal()) };
+                        }
+                        std::thread::sleep(vcpu::THROTTLE_SLICE);
+                    }
+                })
+                .map_err(Error::Thread)?;
+            *throttler = Some(t);
+        }
+        Ok(())
+    }
+
     /// Makes every disk durable on the host (while paused), for another VMM to open next.
     pub fn flush_disks(&self) -> Result<(), Error> {
         self.devices.flush()
@@ -340,6 +380,7 @@ impl RunningVm {
     /// Stops every vCPU thread (kicking each out of `KVM_RUN` until it has returned) and
     /// tears the VM down.
     pub fn stop(self) {
+        let _ = self.set_throttle(0);
         self.ctx.control.request_stop();
         for t in &self.threads {
             while !t.is_finished() {

@@ -1064,3 +1064,31 @@ fn live_migration_moves_a_busy_guest_and_any_failure_leaves_it_running_at_the_so
         assert!(events.contains(event), "{event}: {events}");
     }
 }
+
+#[test]
+fn a_throttled_guest_runs_slower_and_recovers() {
+    let g = TinyGuest::new("throttle");
+    let kernel = g.kernel(&counting_guest_of(1_000_000));
+    let serial = g.dir.join("serial.out");
+    let booted = boot(&config(&kernel, &serial, 1));
+    let vm = &booted.running;
+    wait_printed(&serial, 10);
+    let printed = || std::fs::metadata(&serial).map_or(0, |m| m.len());
+    let rate = || {
+        let start = printed();
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        printed() - start
+    };
+    let free = rate();
+    vm.set_throttle(90).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let throttled = rate();
+    vm.set_throttle(0).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let again = rate();
+    assert!(
+        throttled * 3 < free && throttled * 3 < again,
+        "letters per 0.8 s: {free} free, {throttled} at 90% throttle, {again} after"
+    );
+    booted.running.stop();
+}

@@ -237,6 +237,9 @@ pub struct SendOptions {
     pub bandwidth_limit: Option<u64>,
     /// Give up (and keep running here) when the memory has not converged after this long.
     pub completion_timeout_s: u64,
+    /// Slow the guest's vCPUs down, more every round, while it writes memory faster than
+    /// it can be sent (QEMU's and KubeVirt's auto-converge).
+    pub auto_converge: bool,
 }
 
 impl Default for SendOptions {
@@ -245,6 +248,7 @@ impl Default for SendOptions {
             downtime_limit_ms: 300,
             bandwidth_limit: None,
             completion_timeout_s: 600,
+            auto_converge: false,
         }
     }
 }
@@ -264,6 +268,8 @@ pub struct Progress {
     pub expected_downtime_ms: u64,
     /// How long the guest was paused (once done).
     pub downtime_ms: Option<u64>,
+    /// How much auto-converge slows the vCPUs (percent of their time asleep).
+    pub throttle_percent: u32,
 }
 
 #[cfg(test)]

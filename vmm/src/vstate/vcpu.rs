@@ -1,7 +1,7 @@
 //! One vCPU: its KVM file descriptor, its boot configuration, its saved state, and the thread
 //! that runs it and routes its exits to the buses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use devices::Bus;
@@ -84,6 +84,9 @@ impl VmEvents {
 pub struct RunControl {
     stop: AtomicBool,
     pause: AtomicBool,
+    /// The share of time (percent) every vCPU sleeps outside `KVM_RUN`: live migration's
+    /// auto-converge slows a guest that writes memory faster than it can be sent.
+    throttle: AtomicU32,
     /// How many vCPU threads are parked.
     parked: Mutex<usize>,
     changed: Condvar,
@@ -117,6 +120,31 @@ impl RunControl {
         self.stop.load(Ordering::Acquire)
     }
 
+    /// Makes every vCPU sleep `percent` (0 to 99) of its time; it must be kicked out of
+    /// `KVM_RUN` every [`THROTTLE_SLICE`] for that to happen (see `RunningVm::set_throttle`).
+    pub fn set_throttle(&self, percent: u32) {
+        self.throttle.store(percent.min(99), Ordering::Release);
+    }
+
+    pub fn throttle(&self) -> u32 {
+        self.throttle.load(Ordering::Acquire)
+    }
+
+    /// Called by a vCPU thread between runs: once it has run its share of a slice, sleeps
+    /// the throttled rest of it.
+    fn sleep_if_throttled(&self, slice_start: &mut std::time::Instant) {
+        let percent = self.throttle();
+        if percent == 0 {
+            *slice_start = std::time::Instant::now();
+            return;
+        }
+        let run = THROTTLE_SLICE * (100 - percent) / 100;
+        if slice_start.elapsed() >= run {
+            std::thread::sleep(THROTTLE_SLICE * percent / 100);
+            *slice_start = std::time::Instant::now();
+        }
+    }
+
     /// Waits up to `timeout` until `count` vCPUs are parked; returns whether they are.
     pub fn wait_parked(&self, count: usize, timeout: std::time::Duration) -> bool {
         let guard = self.lock();
@@ -142,6 +170,9 @@ impl RunControl {
         self.changed.notify_all();
     }
 }
+
+/// The period of vCPU throttling: a throttled vCPU runs its share of each slice, then sleeps.
+pub const THROTTLE_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What a running vCPU reaches: the buses, the VM's end events and the VMM's run control.
 #[derive(Clone)]
@@ -358,8 +389,10 @@ impl Vcpu {
 /// parked vCPU can be saved and restored by the VMM ([`Vcpu::save`], [`Vcpu::restore`]).
 pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext) {
     let id = lock(&vcpu).id;
+    let mut slice_start = std::time::Instant::now();
     loop {
         ctx.control.park_while_paused();
+        ctx.control.sleep_if_throttled(&mut slice_start);
         if ctx.control.stopping() {
             break;
         }
