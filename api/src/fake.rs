@@ -98,6 +98,7 @@ impl VmmBackend for FakeVmm {
                         config: config.clone(),
                         state: *state,
                         memory_actual_size: Some(config.memory.size),
+                        migration: None,
                     })
                 } else {
                     ApiResponse::Counters(self.counters(config))

@@ -453,6 +453,15 @@ mod tests {
             config,
             state: VmState::Paused,
             memory_actual_size: Some(512 << 20),
+            migration: Some(Box::new(vmm::migration::MigrationInfo {
+                state: vmm::migration::MigrationState::Failed,
+                progress: vmm::migration::Progress {
+                    round: 3,
+                    bytes_sent: 1 << 20,
+                    ..Default::default()
+                },
+                error: Some("the other side: out of memory".into()),
+            })),
         };
         let (code, body) = encode_response(&Ok(ApiResponse::Info(info.clone())));
         assert_eq!(code, 200);
@@ -462,6 +471,9 @@ mod tests {
         assert_eq!(v["config"]["memory"]["size"], 536870912u64);
         assert_eq!(v["config"]["payload"]["kernel"], "/k");
         assert_eq!(v["config"]["serial"]["mode"], "File");
+        assert_eq!(v["migration"]["state"], "Failed");
+        assert_eq!(v["migration"]["round"], 3);
+        assert_eq!(v["migration"]["error"], "the other side: out of memory");
         assert_eq!(
             serde_json::from_slice::<VmInfo>(&body.unwrap()).unwrap(),
             info

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use vmm::config::VmConfig;
 use vmm::lifecycle::VmState;
-use vmm::migration::{Endpoint, SendOptions};
+use vmm::migration::{Endpoint, MigrationInfo, SendOptions};
 
 /// One API action, decoded from an HTTP request (see [`crate::parse_request`]). The states each
 /// `vm.*` action is allowed in, and the state after it, are [`vmm::lifecycle::RULES`].
@@ -154,6 +154,9 @@ pub struct VmInfo {
     /// Guest RAM in bytes as the VM has it now (no balloon: the configured size).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_actual_size: Option<u64>,
+    /// The VM's outgoing migration while it runs, or the last one that failed (podvisor's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Box<MigrationInfo>>,
 }
 
 /// The HTTP status of a refused request.

@@ -86,10 +86,15 @@ impl VmmBackend for VmmService {
                 self.done(Request::ReceiveMigration(endpoint))
             }
             ApiRequest::VmInfo => match self.call(Request::Info)? {
-                Reply::Info { config, state } => Ok(ApiResponse::Info(VmInfo {
+                Reply::Info {
+                    config,
+                    state,
+                    migration,
+                } => Ok(ApiResponse::Info(VmInfo {
                     memory_actual_size: Some(config.memory.size),
                     config: *config,
                     state,
+                    migration: migration.map(Box::new),
                 })),
                 other => Err(ApiError::internal(format!("vm.info: unexpected {other:?}"))),
             },

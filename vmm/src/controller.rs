@@ -25,7 +25,9 @@ use crate::config::VmConfig;
 use crate::console::Console;
 use crate::events::EventMonitor;
 use crate::lifecycle::{self, Action, Refusal, VmState};
-use crate::migration::{self, Endpoint, MigrationError, SendOptions};
+use crate::migration::{
+    self, Endpoint, MigrationError, MigrationInfo, MigrationState, SendOptions,
+};
 use crate::snapshot::{self, SnapshotError};
 use crate::vm::{RunningVm, Vm, VmExit};
 use crate::vstate::kvm;
@@ -116,15 +118,17 @@ pub enum Reply {
     Info {
         config: Box<VmConfig>,
         state: VmState,
+        /// The VM's current or last failed outgoing migration.
+        migration: Option<MigrationInfo>,
     },
     Counters(BTreeMap<String, BTreeMap<String, u64>>),
 }
 
 type Envelope = (Request, Sender<Result<Reply, ControlError>>);
 
-/// What `vm.info` reports, published by the VM thread after every change so that readers
-/// need not cross to it.
-type InfoSnapshot = Arc<RwLock<Option<(Arc<VmConfig>, VmState)>>>;
+/// What `vm.info` reports, published by the VM thread after every change (and during a
+/// migration, after every round) so that readers need not cross to it.
+type InfoSnapshot = Arc<RwLock<Option<(Arc<VmConfig>, VmState, Option<MigrationInfo>)>>>;
 
 /// The handle API threads use to reach the VM's thread.
 #[derive(Clone)]
@@ -188,9 +192,10 @@ impl Controller {
         if let Request::Info = request {
             let info = self.info.read().unwrap_or_else(|e| e.into_inner());
             return match info.as_ref() {
-                Some((config, state)) => Ok(Reply::Info {
+                Some((config, state, migration)) => Ok(Reply::Info {
                     config: Box::new(VmConfig::clone(config)),
                     state: *state,
+                    migration: migration.clone(),
                 }),
                 None => Err(Refusal::NoVm {
                     action: Action::Info.name(),
@@ -213,6 +218,8 @@ struct OwnedVm {
     backends: Option<Backends>,
     running: Option<RunningVm>,
     state: VmState,
+    /// Its current or last failed outgoing migration.
+    migration: Option<MigrationInfo>,
 }
 
 struct VmOwner {
@@ -405,7 +412,10 @@ impl VmOwner {
 
     /// Publishes the VM's configuration and state for `vm.info`.
     fn publish(&self) {
-        let now = self.vm.as_ref().map(|v| (v.config.clone(), v.state));
+        let now = self
+            .vm
+            .as_ref()
+            .map(|v| (v.config.clone(), v.state, v.migration.clone()));
         *self.info.write().unwrap_or_else(|e| e.into_inner()) = now;
     }
 
@@ -434,6 +444,7 @@ impl VmOwner {
                     backends: None,
                     running: None,
                     state: VmState::Created,
+                    migration: None,
                 });
                 self.events.emit("vm", "created");
                 Reply::Done
@@ -483,6 +494,7 @@ impl VmOwner {
                 Reply::Info {
                     config: Box::new(VmConfig::clone(&vm.config)),
                     state: vm.state,
+                    migration: vm.migration.clone(),
                 }
             }
             Request::Counters => {
@@ -591,6 +603,7 @@ impl VmOwner {
             backends: Some(backends),
             running: Some(running),
             state: VmState::Paused,
+            migration: None,
         });
         Ok(())
     }
@@ -609,6 +622,20 @@ impl VmOwner {
         let running = self.running()?;
         self.events.emit("vm", "migration-started");
         let events = &self.events;
+        let info = &self.info;
+        // vm.info shows each round (the VM thread is busy with the migration meanwhile).
+        let show = |migration: MigrationInfo| {
+            let mut published = info.write().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, m)) = published.as_mut() {
+                *m = Some(migration);
+            }
+        };
+        show(MigrationInfo {
+            state: MigrationState::Sending,
+            progress: migration::Progress::default(),
+            error: None,
+        });
+        let mut last = migration::Progress::default();
         let mut report = |p: &migration::Progress| {
             tracing::info!(
                 "migration round {}: {} MiB sent, {} MiB dirty, {} ms expected downtime",
@@ -618,8 +645,15 @@ impl VmOwner {
                 p.expected_downtime_ms
             );
             events.emit("vm", "migration-round");
+            last = p.clone();
+            show(MigrationInfo {
+                state: MigrationState::Sending,
+                progress: p.clone(),
+                error: None,
+            });
         };
-        match migration::send::send(running, &vm.config, endpoint, options, &mut report) {
+        let result = migration::send::send(running, &vm.config, endpoint, options, &mut report);
+        match result {
             Ok(done) => {
                 tracing::info!(
                     "migrated: {} rounds, {} MiB sent, guest paused {} ms",
@@ -635,6 +669,13 @@ impl VmOwner {
             Err(e) => {
                 tracing::warn!("migration failed, the guest runs on here: {e}");
                 self.events.emit("vm", "migration-failed");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.migration = Some(MigrationInfo {
+                        state: MigrationState::Failed,
+                        progress: last,
+                        error: Some(e.to_string()),
+                    });
+                }
                 Err(migration_error(e))
             }
         }
@@ -657,6 +698,7 @@ impl VmOwner {
             backends: Some(received.backends),
             running: Some(received.running),
             state: VmState::Running,
+            migration: None,
         });
         self.events.emit("vm", "migration-completed");
         Ok(())

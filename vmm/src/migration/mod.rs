@@ -253,6 +253,24 @@ impl Default for SendOptions {
     }
 }
 
+/// The VM's last outgoing migration, as `vm.info` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigrationInfo {
+    pub state: MigrationState,
+    #[serde(flatten)]
+    pub progress: Progress,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum MigrationState {
+    Sending,
+    /// Given up; the VM runs on here.
+    Failed,
+}
+
 /// How the last migration went on the source, for `vm.info` and the events.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
