@@ -150,9 +150,15 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
         // as long as the copy takes (up to its completion timeout).
         client.set_timeout(std::time::Duration::from_secs(3600));
     }
-    let reply = client
-        .request(method, endpoint, body.as_deref())
-        .map_err(|e| e.to_string())?;
+    let progress = matches!(args.action, CtlAction::SendMigration { .. })
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let shown = progress.then(|| show_progress(args.api_socket.clone()));
+    let reply = client.request(method, endpoint, body.as_deref());
+    if let Some((done, thread)) = shown {
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let _ = thread.join();
+    }
+    let reply = reply.map_err(|e| e.to_string())?;
     if !reply.is_success() {
         return Err(format!(
             "{endpoint}: {} {}",
@@ -168,6 +174,58 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
         writeln!(out, "{text}").map_err(|e| format!("cannot write the answer: {e}"))?;
     }
     Ok(())
+}
+
+/// Shows a migration's progress (`vm.info`'s `migration`, polled on a connection of its own)
+/// on one line of stderr until `done` is set.
+fn show_progress(
+    socket: PathBuf,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
+    let thread = std::thread::spawn(move || {
+        let Ok(mut client) = api::Client::connect(&socket) else {
+            return;
+        };
+        let mut shown = false;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            if let Ok(reply) = client.request("GET", "vm.info", None) {
+                let info: serde_json::Value =
+                    serde_json::from_slice(&reply.body).unwrap_or_default();
+                if let Some(line) = progress_line(&info["migration"]) {
+                    eprint!("\r\x1b[K{line}");
+                    shown = true;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        if shown {
+            eprintln!();
+        }
+    });
+    (done, thread)
+}
+
+/// One line of a migration's progress, from `vm.info`'s `migration`.
+fn progress_line(m: &serde_json::Value) -> Option<String> {
+    let n = |key: &str| m[key].as_u64().unwrap_or(0);
+    let sent = n("bytes_sent") >> 20;
+    let left = n("bytes_left") >> 20;
+    let bar_len = 30u64;
+    let filled = (bar_len * sent).checked_div(sent + left).unwrap_or(0);
+    m.get("round")?;
+    Some(format!(
+        "[{}{}] round {}: {sent} MiB sent, {left} MiB left, {} pages/s written, {} ms expected downtime, throttle {}%",
+        "#".repeat(filled as usize),
+        " ".repeat((bar_len - filled) as usize),
+        n("round"),
+        n("dirty_pages_per_s"),
+        n("expected_downtime_ms"),
+        n("throttle_percent"),
+    ))
 }
 
 /// `{"KEY": "file:///DIR"}` for a directory given as a path (made absolute) or already as a
@@ -197,6 +255,23 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn progress_lines() {
+        assert_eq!(progress_line(&serde_json::Value::Null), None);
+        let m = serde_json::json!({"state": "Sending", "round": 4, "bytes_sent": 300u64 << 20,
+            "bytes_left": 100u64 << 20, "dirty_pages_per_s": 2500, "expected_downtime_ms": 800,
+            "throttle_percent": 45});
+        assert_eq!(
+            progress_line(&m).unwrap(),
+            format!(
+                "[{}{}] round 4: 300 MiB sent, 100 MiB left, 2500 pages/s written, 800 ms \
+                 expected downtime, throttle 45%",
+                "#".repeat(22),
+                " ".repeat(8)
+            )
+        );
+    }
 
     struct Fixture {
         dir: PathBuf,

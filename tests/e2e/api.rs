@@ -491,6 +491,15 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     if rc == 0 || !out.contains("did not converge") {
         return Err(format!("a migration that cannot converge: rc {rc}, {out}").into());
     }
+    let info: serde_json::Value = serde_json::from_str(&ctl_ok(&source_socket, &["info"])?)?;
+    if info["state"] != "Running"
+        || info["migration"]["state"] != "Failed"
+        || !info["migration"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not converge"))
+    {
+        return Err(format!("vm.info after the failed migration: {info}").into());
+    }
     let refused = receiver.wait_with_output()?;
     if refused.status.success() {
         return Err("the destination took a migration the source gave up".into());
@@ -506,18 +515,36 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     }
     // With auto-converge the guest is slowed down until the copy converges on the same link.
     let receiver = receive()?;
-    ctl_ok(
-        &source_socket,
-        &[
+    let mut sender = std::process::Command::new(podvisor())
+        .args([
+            "ctl",
+            "--api-socket",
+            &source_socket,
             "send-migration",
             &migration,
-            "--bandwidth-limit",
-            SLOW_LINK,
-            "--auto-converge",
-            "--completion-timeout-s",
-            "150",
-        ],
-    )?;
+        ])
+        .args(["--bandwidth-limit", SLOW_LINK, "--auto-converge"])
+        .args(["--completion-timeout-s", "150"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Meanwhile vm.info shows how it goes.
+    let mut rounds_seen = false;
+    let watching = Instant::now() + Duration::from_secs(150);
+    while !rounds_seen && Instant::now() < watching && sender.try_wait()?.is_none() {
+        let (_, out) = ctl(&source_socket, &["info"])?;
+        let info: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        rounds_seen = info["migration"]["state"] == "Sending"
+            && info["migration"]["round"].as_u64().is_some_and(|r| r >= 1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sent = sender.wait_with_output()?;
+    if !sent.status.success() {
+        return Err(format!("send-migration: {}", String::from_utf8_lossy(&sent.stderr)).into());
+    }
+    if !rounds_seen {
+        return Err("vm.info never showed the migration's rounds".into());
+    }
     source.skip_output();
     let received = receiver.wait_with_output()?;
     if !received.status.success() {
