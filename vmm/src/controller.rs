@@ -644,7 +644,11 @@ impl VmOwner {
                 p.bytes_left >> 20,
                 p.expected_downtime_ms
             );
-            events.emit("vm", "migration-round");
+            events.emit_with(
+                "vm",
+                "migration-round",
+                serde_json::to_value(p).ok().as_ref(),
+            );
             last = p.clone();
             show(MigrationInfo {
                 state: MigrationState::Sending,
@@ -663,12 +667,18 @@ impl VmOwner {
                 );
                 self.stop_vm();
                 self.migrated_away = true;
-                self.events.emit("vm", "migration-completed");
+                let figures = serde_json::to_value(&done).ok();
+                self.events
+                    .emit_with("vm", "migration-completed", figures.as_ref());
                 Ok(())
             }
             Err(e) => {
                 tracing::warn!("migration failed, the guest runs on here: {e}");
-                self.events.emit("vm", "migration-failed");
+                self.events.emit_with(
+                    "vm",
+                    "migration-failed",
+                    Some(&serde_json::json!({ "error": e.to_string() })),
+                );
                 if let Some(vm) = self.vm.as_mut() {
                     vm.migration = Some(MigrationInfo {
                         state: MigrationState::Failed,

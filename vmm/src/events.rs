@@ -39,7 +39,7 @@ struct Event<'a> {
     timestamp: Timestamp,
     source: &'a str,
     event: &'a str,
-    properties: Option<()>,
+    properties: Option<&'a serde_json::Value>,
 }
 
 impl EventMonitor {
@@ -56,6 +56,11 @@ impl EventMonitor {
 
     /// Writes one event line.
     pub fn emit(&self, source: &str, event: &str) {
+        self.emit_with(source, event, None);
+    }
+
+    /// Writes one event line with its `properties` (e.g. a migration's figures).
+    pub fn emit_with(&self, source: &str, event: &str, properties: Option<&serde_json::Value>) {
         tracing::info!("event: {source} {event}");
         let Some(sink) = &self.sink else { return };
         let elapsed = sink.start.elapsed();
@@ -66,7 +71,7 @@ impl EventMonitor {
             },
             source,
             event,
-            properties: None,
+            properties,
         };
         let Ok(mut line) = serde_json::to_vec(&record) else {
             return;
@@ -97,12 +102,19 @@ mod tests {
         let monitor = EventMonitor::new(File::create(&path).unwrap());
         monitor.emit("vm", "booting");
         monitor.clone().emit("vm", "booted");
+        monitor.emit_with(
+            "vm",
+            "migration-round",
+            Some(&serde_json::json!({"round": 2})),
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         let events: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(events.len(), 2);
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[0]["properties"], serde_json::Value::Null);
+        assert_eq!(events[2]["properties"]["round"], 2);
         assert_eq!(events[0]["source"], "vm");
         assert_eq!(events[0]["event"], "booting");
         assert_eq!(events[1]["event"], "booted");

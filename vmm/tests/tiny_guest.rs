@@ -1074,6 +1074,22 @@ fn live_migration_moves_a_busy_guest_and_any_failure_leaves_it_running_at_the_so
     for event in ["migration-receiving", "migration-completed"] {
         assert!(events.contains(event), "{event}: {events}");
     }
+    // The source's last event has the migration's figures.
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(g.dir.join("events"))
+            .unwrap()
+            .lines()
+            .rfind(|l| l.contains("migration-completed"))
+            .expect("the source's migration-completed event"),
+    )
+    .unwrap();
+    let figures = &last["properties"];
+    assert!(
+        figures["downtime_ms"].is_u64()
+            && figures["total_ms"].is_u64()
+            && figures["round"].as_u64() >= Some(2),
+        "{last}"
+    );
 }
 
 #[test]

@@ -286,6 +286,9 @@ pub struct Progress {
     pub expected_downtime_ms: u64,
     /// How long the guest was paused (once done).
     pub downtime_ms: Option<u64>,
+    /// How long the whole migration took (once done).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
     /// How much auto-converge slows the vCPUs (percent of their time asleep).
     pub throttle_percent: u32,
 }

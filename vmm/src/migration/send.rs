@@ -195,6 +195,7 @@ impl Sender<'_> {
         self.progress.round += 1;
         self.progress.bytes_left = 0;
         self.progress.downtime_ms = Some(paused_at.elapsed().as_millis() as u64);
+        self.progress.total_ms = Some(self.started.elapsed().as_millis() as u64);
         report(&self.progress);
         Ok(self.progress.clone())
     }
