@@ -12,9 +12,5 @@ set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/../../scripts/common.sh"
 source "$(dirname -- "${BASH_SOURCE[0]}")/resume.sh"
 
-pv_rust
-pv_qemu
-pv_need python3:python3
-cargo build --release --quiet
-resources/guest/build.sh
+pv_bench_prepare
 pv_bench_run boot 180 resources/bench/boot_bench.py "$@"

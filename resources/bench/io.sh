@@ -13,10 +13,6 @@ set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/../../scripts/common.sh"
 source "$(dirname -- "${BASH_SOURCE[0]}")/resume.sh"
 
-pv_rust
-pv_qemu
-pv_need python3:python3 mkfs.ext4:e2fsprogs ip:iproute2 iperf3:iperf3 insmod:kmod
-cargo build --release --quiet
-resources/guest/build.sh
+pv_bench_prepare mkfs.ext4:e2fsprogs ip:iproute2 iperf3:iperf3 insmod:kmod
 export PODVISOR_TESTHOST_MEM="${PODVISOR_TESTHOST_MEM:-6G}"
 pv_bench_run io 480 resources/bench/io_bench.py "$@"

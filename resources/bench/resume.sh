@@ -2,6 +2,16 @@
 # Sourced by the benchmark scripts: run a benchmark until it finishes, in test hosts that are
 # replaced, resuming from the benchmark's run record, when one freezes or dies.
 
+# pv_bench_prepare [NEED...] - what every VM benchmark needs: Rust, QEMU, python3 and the
+# pv_need NEEDs given, the release podvisor and the default guest.
+pv_bench_prepare() {
+    pv_rust
+    pv_qemu
+    pv_need python3:python3 "$@"
+    cargo build --release --quiet
+    resources/guest/build.sh
+}
+
 # pv_bench_run NAME STALL_S SCRIPT ARGS... - run `python3 SCRIPT --state STATE ARGS...`, where
 # SCRIPT appends every finished run to its run record STATE and skips those STATE already
 # holds. STATE is $PODVISOR_BENCH_STATE or a new target/bench/NAME-DATE.jsonl. With hardware

@@ -270,6 +270,45 @@ fn next_count(vm: &mut Vm) -> Result<u64, Failed> {
         .map_err(|_| vm.failure(&format!("not a count line: '{line}'")))
 }
 
+/// A `podvisor serve` on `socket` running the default guest (2 vCPUs, 256 MiB) with a 16 MiB
+/// raw disk (returned) and tap `tap` (host side `host_ip`), booted to its shell, its eth0 up at
+/// `guest_ip` and answering a ping, `data` written into the disk's second 4 KiB block.
+fn serve_guest_with_disk_and_net(
+    dir: &Scratch,
+    socket: &str,
+    tap: &str,
+    (host_ip, guest_ip): (&str, &str),
+    data: &str,
+) -> Result<(Vm, String), Failed> {
+    let disk = dir.arg("disk.raw");
+    host_ok("qemu-img", &["create", "-q", "-f", "raw", &disk, "16M"])?;
+    let config = serde_json::json!({
+        "payload": default_guest(),
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 256u64 << 20},
+        "disks": [{"path": disk}],
+        "net": [{"tap": tap, "ip": host_ip, "mask": "255.255.255.0"}],
+        "rng": {"src": "/dev/urandom"},
+        "serial": {"mode": "Tty"},
+        "console": {"mode": "Off"},
+    });
+    let config_file = dir.path("vm.json");
+    std::fs::write(&config_file, config.to_string())?;
+    let mut vm = Vm::spawn("serve", &["--api-socket", socket]);
+    wait_for_socket(&mut vm, socket)?;
+    ctl_ok(socket, &["create", config_file.to_str().unwrap()])?;
+    ctl_ok(socket, &["boot"])?;
+    vm.expect("podvisor-guest ready:")?;
+    vm.wait_for_shell()?;
+    vm.shell_ok(&format!(
+        "ip link set eth0 up && ip addr add {guest_ip}/24 dev eth0 && ping -c 1 -W 10 {host_ip}"
+    ))?;
+    vm.shell_ok(&format!(
+        "printf {data} | dd of=/dev/vda bs=4096 seek=1 conv=sync,fsync 2>/dev/null"
+    ))?;
+    Ok((vm, disk))
+}
+
 /// A VM with a disk, a network interface and a counter running in its shell is paused and
 /// snapshotted by `podvisor serve`, which then ends; `podvisor run --restore` in a new process
 /// continues it: the counter goes on from where it stopped, the guest's clock did not jump,
@@ -279,35 +318,12 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     const GUEST_IP: &str = "192.168.250.2";
     let dir = Scratch::new("snapshot");
     let socket = dir.arg("api.sock");
-    let disk = dir.arg("disk.raw");
-    host_ok("qemu-img", &["create", "-q", "-f", "raw", &disk, "16M"])?;
     // The snapshot goes to the test host's own tmpfs: 256 MiB over virtiofs would be slow.
     let snapshot = format!("/dev/shm/podvisor-e2e-snapshot-{}", std::process::id());
     let _ = std::fs::remove_dir_all(&snapshot);
     let tap = format!("pvs{}", std::process::id() % 100_000);
-    let config = serde_json::json!({
-        "payload": default_guest(),
-        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
-        "memory": {"size": 256u64 << 20},
-        "disks": [{"path": disk}],
-        "net": [{"tap": tap, "ip": HOST_IP, "mask": "255.255.255.0"}],
-        "rng": {"src": "/dev/urandom"},
-        "serial": {"mode": "Tty"},
-        "console": {"mode": "Off"},
-    });
-    let config_file = dir.path("vm.json");
-    std::fs::write(&config_file, config.to_string())?;
-
-    let mut vm = Vm::spawn("serve", &["--api-socket", &socket]);
-    wait_for_socket(&mut vm, &socket)?;
-    ctl_ok(&socket, &["create", config_file.to_str().unwrap()])?;
-    ctl_ok(&socket, &["boot"])?;
-    vm.expect("podvisor-guest ready:")?;
-    vm.wait_for_shell()?;
-    vm.shell_ok(&format!(
-        "ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 && ping -c 1 -W 10 {HOST_IP}"
-    ))?;
-    vm.shell_ok("printf snap-data-42 | dd of=/dev/vda bs=4096 seek=1 conv=sync,fsync 2>/dev/null")?;
+    let (mut vm, disk) =
+        serve_guest_with_disk_and_net(&dir, &socket, &tap, (HOST_IP, GUEST_IP), "snap-data-42")?;
     let up_before = guest_uptime(&mut vm)?;
     vm.shell_ok(
         "(i=0; while :; do i=$((i+1)); echo count:$i; sleep 0.3; done) & echo $! > /tmp/counter",
@@ -406,34 +422,14 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     let dir = Scratch::new("migrate");
     let (source_socket, dest_socket) = (dir.arg("source.sock"), dir.arg("dest.sock"));
     let migration = format!("unix:{}", dir.arg("migration.sock"));
-    let disk = dir.arg("disk.raw");
-    host_ok("qemu-img", &["create", "-q", "-f", "raw", &disk, "16M"])?;
     let netns = NetNs::new(format!("pvm{}", std::process::id() % 100_000))?;
     let tap = format!("pvm{}", std::process::id() % 100_000);
-    let config = serde_json::json!({
-        "payload": default_guest(),
-        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
-        "memory": {"size": 256u64 << 20},
-        "disks": [{"path": disk}],
-        "net": [{"tap": tap, "ip": HOST_IP, "mask": "255.255.255.0"}],
-        "rng": {"src": "/dev/urandom"},
-        "serial": {"mode": "Tty"},
-        "console": {"mode": "Off"},
-    });
-    let config_file = dir.path("vm.json");
-    std::fs::write(&config_file, config.to_string())?;
-
-    let mut source = Vm::spawn("serve", &["--api-socket", &source_socket]);
-    wait_for_socket(&mut source, &source_socket)?;
-    ctl_ok(&source_socket, &["create", config_file.to_str().unwrap()])?;
-    ctl_ok(&source_socket, &["boot"])?;
-    source.expect("podvisor-guest ready:")?;
-    source.wait_for_shell()?;
-    source.shell_ok(&format!(
-        "ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 && ping -c 1 -W 10 {HOST_IP}"
-    ))?;
-    source.shell_ok(
-        "printf migrate-data-42 | dd of=/dev/vda bs=4096 seek=1 conv=sync,fsync 2>/dev/null",
+    let (mut source, disk) = serve_guest_with_disk_and_net(
+        &dir,
+        &source_socket,
+        &tap,
+        (HOST_IP, GUEST_IP),
+        "migrate-data-42",
     )?;
     let up_before = guest_uptime(&mut source)?;
     source.shell_ok(
