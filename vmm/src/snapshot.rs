@@ -16,7 +16,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -472,16 +471,12 @@ impl Snapshot {
 
 /// The offset of the first data at or after `offset` in `file` (None: only a hole follows).
 fn next_data(file: &File, offset: u64) -> Option<u64> {
-    let offset = libc::off_t::try_from(offset).ok()?;
-    // SAFETY: lseek on a file descriptor this `File` owns only moves its offset (the loader
-    // reads with pread, which ignores it).
-    let data = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
-    // ENXIO: nothing but a hole after `offset`. Any other failure: read it all.
-    if data < 0 {
-        let hole = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-        return if hole { None } else { Some(offset as u64) };
+    match crate::vstate::memory::seek(file, offset, libc::SEEK_DATA) {
+        Ok(data) => Some(data),
+        // ENXIO: nothing but a hole after `offset`. Any other failure: read it all.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => None,
+        Err(_) => Some(offset),
     }
-    Some(data as u64)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use super::protocol::{self, Complete, Hello, Kind, MemoryFrame};
 use super::{Endpoint, MigrationError, Progress, SendOptions, Stream};
 use crate::config::VmConfig;
 use crate::vm::RunningVm;
+use crate::vstate::memory;
 
 const PAGE: usize = 4096;
 /// Compared with (a `memcmp`) to find the pages not worth sending.
@@ -80,15 +81,21 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     fn migrate(&mut self, report: &mut dyn FnMut(&Progress)) -> Result<Progress, MigrationError> {
-        // Round 1: all of memory but its zero pages (the destination's are zero already).
+        // Round 1: all of memory but its zero pages (the destination's are zero already);
+        // what the guest never wrote is not even read.
         let round_start = Instant::now();
-        let regions: Vec<(u64, u64)> = self
+        let ranges: Vec<(u64, u64)> = self
             .vm
             .memory()
             .iter()
-            .map(|r| (r.start_addr().0, r.len()))
+            .flat_map(|r| {
+                let start = r.start_addr().0;
+                memory::data_ranges(r)
+                    .into_iter()
+                    .map(move |(offset, len)| (start + offset, len))
+            })
             .collect();
-        for (start, len) in regions {
+        for (start, len) in ranges {
             let mut at = 0;
             while at < len {
                 let n = ((len - at) as usize).min(RUN_PAGES * PAGE);

@@ -120,6 +120,50 @@ fn shmem_setting_allows_huge(setting: &str) -> bool {
         .any(|s| setting.contains(s))
 }
 
+/// `lseek(file, offset, whence)` for `SEEK_DATA` / `SEEK_HOLE`: the offset found.
+pub(crate) fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<u64> {
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: lseek on a descriptor `file` owns only moves its offset, which nothing here
+    // uses (guest RAM is mapped; snapshots read with pread).
+    let at = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(file), offset, whence) };
+    if at < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(at as u64)
+}
+
+/// The parts of `region` that hold data, as (offset in the region, length): the pages the
+/// guest never wrote are holes in the memfd, zeros nobody needs to read (or to fault in).
+/// Without a file behind the region, or where the file cannot tell, the whole region.
+pub fn data_ranges(region: &GuestRegionMmap) -> Vec<(u64, u64)> {
+    use vm_memory::GuestMemoryRegion;
+    let len = region.len();
+    let Some(file_offset) = region.file_offset() else {
+        return vec![(0, len)];
+    };
+    let (file, base) = (file_offset.file(), file_offset.start());
+    let mut ranges = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let data = match seek(file, base + at, libc::SEEK_DATA) {
+            Ok(data) => data,
+            // Nothing but a hole from here on.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(_) => return vec![(0, len)],
+        };
+        if data >= base + len {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)
+            .unwrap_or(base + len)
+            .min(base + len);
+        ranges.push((data - base, hole - data));
+        at = hole - base;
+    }
+    ranges
+}
+
 /// Creates `size` bytes of zeroed, memfd-backed guest RAM laid out by [`ram_ranges`].
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     check_host_capacity(size)?;
@@ -190,6 +234,21 @@ mod tests {
         );
         let region = mem.iter().next().unwrap();
         assert!(region.file_offset().is_some());
+    }
+
+    #[test]
+    fn only_written_pages_are_data() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        assert!(data_ranges(region).is_empty(), "fresh memory is all hole");
+        mem.write_obj(1u8, GuestAddress(0x30_0000)).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x200_0000)).unwrap();
+        let ranges = data_ranges(region);
+        // Pages (or, with huge pages, 2 MiB pages) around the two writes, nothing else.
+        assert_eq!(ranges.len(), 2, "{ranges:x?}");
+        assert!(ranges[0].0 <= 0x30_0000 && ranges[0].0 + ranges[0].1 > 0x30_0000);
+        assert!(ranges[1].0 <= 0x200_0000 && ranges[1].0 + ranges[1].1 > 0x200_0000);
+        assert!(ranges.iter().map(|r| r.1).sum::<u64>() <= 4 << 20);
     }
 
     #[test]
