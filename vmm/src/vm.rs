@@ -204,6 +204,13 @@ impl RunningVm {
         }
     }
 
+    /// Whether the guest has powered off, reset or failed (an exit [`RunningVm::wait`] would
+    /// report, left for it to report).
+    pub fn has_exited(&self) -> bool {
+        let mut ready = [EpollEvent::default(); 3];
+        matches!(self.epoll.wait(0, &mut ready), Ok(n) if n > 0)
+    }
+
     /// A file descriptor that becomes readable when [`RunningVm::wait`] has an exit to
     /// report (for callers that multiplex it with other events).
     pub fn exit_fd(&self) -> std::os::fd::RawFd {

@@ -181,6 +181,13 @@ impl Sender<'_> {
     ) -> Result<Progress, MigrationError> {
         let paused_at = Instant::now();
         self.vm.pause().map_err(vm_failed("pause the guest"))?;
+        // A guest that powered off or reset meanwhile is not sent on (its VMM here handles
+        // that exit once the migration has given up).
+        if self.vm.has_exited() {
+            return Err(MigrationError::Vm(
+                "the guest powered off, reset or failed during the migration".into(),
+            ));
+        }
         self.vm
             .flush_disks()
             .map_err(vm_failed("flush the disks"))?;
