@@ -48,7 +48,7 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Kernel to boot: a bzImage, or an ELF vmlinux with a PVH entry point.
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "receive_migration"])]
     pub kernel: Option<PathBuf>,
     /// Instead of booting, bring back the VM a snapshot directory holds (`vm.snapshot`) and
     /// run it on from where it was saved; the VM's flags come from the snapshot.
@@ -56,6 +56,14 @@ pub struct RunArgs {
         "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "disk", "net", "rng",
     ])]
     pub restore: Option<PathBuf>,
+    /// Instead of booting, wait for a live migration's source at this URL
+    /// (`unix:/PATH` or `tcp:HOST:PORT`, see `vm.send-migration`) and run the VM it sends; the
+    /// VM's flags come from the source.
+    #[arg(long, value_name = "URL", conflicts_with_all = [
+        "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "disk", "net", "rng",
+        "restore",
+    ])]
+    pub receive_migration: Option<String>,
     /// Initramfs (cpio archive, optionally compressed).
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
@@ -172,6 +180,20 @@ mod tests {
         }
         let e = parse(&["run"]).unwrap_err();
         assert!(e.to_string().contains("--kernel"), "{e}");
+    }
+
+    #[test]
+    fn receive_migration_takes_the_vm_from_the_source() {
+        let a = run_args(&["run", "--receive-migration", "unix:/m.sock"]);
+        assert_eq!(a.receive_migration.as_deref(), Some("unix:/m.sock"));
+        for flag in [["--kernel", "/k"], ["--restore", "/s"], ["--memory", "1G"]] {
+            let e =
+                parse(&["run", "--receive-migration", "unix:/m", flag[0], flag[1]]).unwrap_err();
+            assert!(
+                e.to_string().contains("cannot be used with"),
+                "{flag:?}: {e}"
+            );
+        }
     }
 
     #[test]

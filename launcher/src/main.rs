@@ -67,7 +67,16 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
     if let Some(dir) = &args.restore {
         // The snapshot's VM, restored and resumed at once.
         let dir = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        return run_vm(&args, [Request::Restore(dir), Request::Resume]);
+        // Its console on this terminal: raw, as for a boot (an unreadable snapshot is
+        // refused by the restore itself).
+        let tty = vmm::snapshot::read(&dir)
+            .is_ok_and(|s| s.config.serial == vmm::config::ConsoleConfig::Tty);
+        let _raw = tty.then(terminal::RawMode::enable_on_stdin).flatten();
+        return run_vm(&args, vec![Request::Restore(dir), Request::Resume]);
+    }
+    if let Some(url) = &args.receive_migration {
+        let endpoint = vmm::migration::Endpoint::parse(url).map_err(|e| e.to_string())?;
+        return run_vm(&args, vec![Request::ReceiveMigration(endpoint)]);
     }
     let config = args.to_config()?;
     config.validate().map_err(|e| e.to_string())?;
@@ -75,12 +84,15 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
     let _raw = (config.serial == vmm::config::ConsoleConfig::Tty)
         .then(terminal::RawMode::enable_on_stdin)
         .flatten();
-    run_vm(&args, [Request::Create(Box::new(config)), Request::Boot])
+    run_vm(
+        &args,
+        vec![Request::Create(Box::new(config)), Request::Boot],
+    )
 }
 
 /// Starts the VM thread for `podvisor run`, sends it `start` (ending it at the first
 /// failure) and serves until the VM ends.
-fn run_vm(args: &cli::RunArgs, start: [Request; 2]) -> Result<(), String> {
+fn run_vm(args: &cli::RunArgs, start: Vec<Request>) -> Result<(), String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
     let options = run_options(args.pvm_guest)?;
     let (controller, thread) =

@@ -412,7 +412,8 @@ impl Drop for NetNs {
 /// to another `podvisor serve` in another network namespace (a second pod with its own tap of
 /// the same name) over a Unix socket, while it runs. Through a link slower than the guest
 /// writes, the first try cannot converge: it gives up, the guest runs on at the source and the
-/// destination keeps nothing; with auto-converge the second try does. Then the counter goes
+/// destination keeps nothing; with auto-converge the second try, to `podvisor run
+/// --receive-migration` (a new pod's entrypoint), does. Then the counter goes
 /// on, the memory matches its checksum, the clock did not jump, the disk holds what was
 /// written and takes new writes, the network answers on the destination's side, and the
 /// source has no VM left.
@@ -509,8 +510,30 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     if resumed <= seen {
         return Err(source.failure("the counter stopped after the failed migration"));
     }
+    // The pod's own entrypoint takes it this time: `podvisor run --receive-migration`.
+    ctl_ok(&dest_socket, &["shutdown-vmm"])?;
+    if dest.wait()?.code() != Some(0) {
+        return Err(dest.failure("the destination's podvisor serve did not exit 0"));
+    }
+    let run_socket = dir.arg("run.sock");
+    let mut dest = Vm::spawn_in_netns(
+        &netns.0,
+        "run",
+        &[
+            "--receive-migration",
+            &migration,
+            "--api-socket",
+            &run_socket,
+        ],
+    );
+    let listening = Instant::now() + Duration::from_secs(30);
+    while !dir.path("migration.sock").exists() {
+        if Instant::now() > listening || dest.exited() {
+            return Err(dest.failure("podvisor run --receive-migration does not listen"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // With auto-converge the guest is slowed down until the copy converges on the same link.
-    let receiver = receive()?;
     let mut sender = std::process::Command::new(podvisor())
         .args([
             "ctl",
@@ -542,15 +565,7 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
         return Err("vm.info never showed the migration's rounds".into());
     }
     source.skip_output();
-    let received = receiver.wait_with_output()?;
-    if !received.status.success() {
-        return Err(format!(
-            "receive-migration: {}",
-            String::from_utf8_lossy(&received.stderr)
-        )
-        .into());
-    }
-    if state(&dest_socket)? != "Running" {
+    if state(&run_socket)? != "Running" {
         return Err("the destination's VM is not Running".into());
     }
     let (rc, out) = ctl(&source_socket, &["info"])?;
@@ -603,13 +618,12 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     dest.shell_ok(&format!(
         "for i in 1 2 3 4 5 6; do ping -c 1 -W 5 {HOST_IP} && break; done"
     ))?;
-    ctl_ok(&dest_socket, &["shutdown-vmm"])?;
+    // The guest powers off where it runs now: `podvisor run` ends with it, status 0.
+    dest.poweroff()?;
     ctl_ok(&source_socket, &["shutdown-vmm"])?;
-    for (name, vm) in [("destination", &mut dest), ("source", &mut source)] {
-        let status = vm.wait()?;
-        if status.code() != Some(0) {
-            return Err(vm.failure(&format!("the {name}'s podvisor serve exited with {status}")));
-        }
+    let status = source.wait()?;
+    if status.code() != Some(0) {
+        return Err(source.failure(&format!("the source's podvisor serve exited with {status}")));
     }
     let image = std::fs::read(&disk)?;
     if !image[8192..].starts_with(b"after-migration") {

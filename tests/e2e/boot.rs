@@ -4,7 +4,7 @@ use std::path::Path;
 
 use libtest_mimic::{Failed, Trial};
 
-use crate::harness::{expect_error, guest, hang_tolerant, parse_ready, Vm};
+use crate::harness::{expect_error, guest, hang_tolerant, parse_ready, Scratch, Vm};
 
 fn boot_and_halt(kernel: &str, cpus: u8, memory_mib: u64, cmdline: &str) -> Result<(), Failed> {
     let mut vm = Vm::boot(kernel, cpus, &format!("{memory_mib}M"), cmdline);
@@ -46,11 +46,10 @@ fn reboot_comes_back() -> Result<(), Failed> {
 }
 
 fn bad_kernel_files_give_clear_errors() -> Result<(), Failed> {
-    let dir = std::env::temp_dir().join(format!("podvisor-badkernel-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let garbage = dir.join("garbage");
+    let dir = Scratch::new("badkernel");
+    let garbage = dir.path("garbage");
     std::fs::write(&garbage, b"this is not a kernel").map_err(|e| e.to_string())?;
-    let truncated = dir.join("truncated-bzImage");
+    let truncated = dir.path("truncated-bzImage");
     let bz = std::fs::read(guest("bzImage")).map_err(|e| e.to_string())?;
     std::fs::write(&truncated, &bz[..4096]).map_err(|e| e.to_string())?;
     let cases: [(&Path, &str); 3] = [
@@ -73,7 +72,6 @@ fn bad_kernel_files_give_clear_errors() -> Result<(), Failed> {
     if !stderr.contains("cannot open initramfs") {
         return Err(format!("missing initramfs: got {stderr}").into());
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

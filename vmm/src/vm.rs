@@ -325,9 +325,9 @@ impl RunningVm {
         builder::register_memory(&self.fd, &self.memory, false)
     }
 
-    /// Slows the guest: every vCPU sleeps `percent` (0-99) of its time, kicked out of
-    /// `KVM_RUN` every [`vcpu::THROTTLE_SLICE`] by a thread of its own (live migration's
-    /// auto-converge). 0 ends the throttling.
+    /// Slows the guest: a thread of its own keeps every vCPU parked `percent` (0-99) of each
+    /// [`vcpu::THROTTLE_SLICE`], kicking them out of `KVM_RUN` for it (live migration's
+    /// auto-converge). 0 ends the throttling; a pause must not start while it runs.
     pub fn set_throttle(&self, percent: u32) -> Result<(), Error> {
         let control = &self.ctx.control;
         control.set_throttle(percent);
@@ -346,15 +346,35 @@ impl RunningVm {
                 .name("throttle".into())
                 .stack_size(devices::THREAD_STACK_SIZE)
                 .spawn(move || {
-                    while control.throttle() > 0 && !control.stopping() {
+                    let kick = || {
                         for &thread in &vcpus {
                             // SAFETY: the vCPU threads are joined only after this thread
                             // (`stop` and `set_throttle(0)` join it first), so each handle
                             // is valid; the kick signal has a no-op handler installed.
                             unsafe { libc::pthread_kill(thread, vcpu::kick_signal()) };
                         }
-                        std::thread::sleep(vcpu::THROTTLE_SLICE);
+                    };
+                    loop {
+                        let percent = control.throttle();
+                        if percent == 0 || control.stopping() {
+                            break;
+                        }
+                        // Parked for `percent` of the slice: kicked again every millisecond,
+                        // since a kick that lands just before KVM_RUN is lost.
+                        let held = vcpu::THROTTLE_SLICE * percent / 100;
+                        let start = std::time::Instant::now();
+                        control.set_throttled(true);
+                        while start.elapsed() < held {
+                            kick();
+                            std::thread::sleep(
+                                (held - start.elapsed().min(held))
+                                    .min(std::time::Duration::from_millis(1)),
+                            );
+                        }
+                        control.set_throttled(false);
+                        std::thread::sleep(vcpu::THROTTLE_SLICE - held);
                     }
+                    control.set_throttled(false);
                 })
                 .map_err(Error::Thread)?;
             *throttler = Some(t);

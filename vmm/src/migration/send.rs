@@ -128,13 +128,14 @@ impl Sender<'_> {
             if self.started.elapsed() > limit {
                 return Err(MigrationError::NoConvergence(format!(
                     "memory did not converge within {} s: {} MiB still dirty after {} rounds \
-                     ({} pages written per second, {} MiB/s sent), {} ms expected downtime \
-                     against a limit of {} ms",
+                     ({} pages written per second, {} MiB/s sent, vCPUs throttled {}%), {} ms \
+                     expected downtime against a limit of {} ms",
                     self.options.completion_timeout_s,
                     left >> 20,
                     self.progress.round,
                     self.progress.dirty_pages_per_s,
                     rate >> 20,
+                    self.progress.throttle_percent,
                     self.progress.expected_downtime_ms,
                     self.options.downtime_limit_ms
                 )));
@@ -180,6 +181,10 @@ impl Sender<'_> {
         report: &mut dyn FnMut(&Progress),
     ) -> Result<Progress, MigrationError> {
         let paused_at = Instant::now();
+        // The throttle parks and releases the vCPUs on its own: it ends before the pause.
+        self.vm
+            .set_throttle(0)
+            .map_err(vm_failed("end the throttling"))?;
         self.vm.pause().map_err(vm_failed("pause the guest"))?;
         // A guest that powered off or reset meanwhile is not sent on (its VMM here handles
         // that exit once the migration has given up).

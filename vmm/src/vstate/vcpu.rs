@@ -84,9 +84,12 @@ impl VmEvents {
 pub struct RunControl {
     stop: AtomicBool,
     pause: AtomicBool,
-    /// The share of time (percent) every vCPU sleeps outside `KVM_RUN`: live migration's
-    /// auto-converge slows a guest that writes memory faster than it can be sent.
+    /// The share of time (percent) every vCPU is kept parked: live migration's auto-converge
+    /// slows a guest that writes memory faster than it can be sent (see
+    /// `RunningVm::set_throttle`, whose thread parks and releases the vCPUs).
     throttle: AtomicU32,
+    /// Set while the throttle keeps the vCPUs parked.
+    throttled: AtomicBool,
     /// How many vCPU threads are parked.
     parked: Mutex<usize>,
     changed: Condvar,
@@ -120,8 +123,7 @@ impl RunControl {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Makes every vCPU sleep `percent` (0 to 99) of its time; it must be kicked out of
-    /// `KVM_RUN` every [`THROTTLE_SLICE`] for that to happen (see `RunningVm::set_throttle`).
+    /// Sets the share of time (0 to 99 percent) the throttle keeps every vCPU parked.
     pub fn set_throttle(&self, percent: u32) {
         self.throttle.store(percent.min(99), Ordering::Release);
     }
@@ -130,19 +132,18 @@ impl RunControl {
         self.throttle.load(Ordering::Acquire)
     }
 
-    /// Called by a vCPU thread between runs: once it has run its share of a slice, sleeps
-    /// the throttled rest of it.
-    fn sleep_if_throttled(&self, slice_start: &mut std::time::Instant) {
-        let percent = self.throttle();
-        if percent == 0 {
-            *slice_start = std::time::Instant::now();
-            return;
+    /// Parks the vCPUs at their next exit (`true`) or lets them run again (`false`), for the
+    /// throttle; a pause is separate and wins.
+    pub fn set_throttled(&self, on: bool) {
+        self.throttled.store(on, Ordering::Release);
+        if !on {
+            let _guard = self.lock();
+            self.changed.notify_all();
         }
-        let run = THROTTLE_SLICE * (100 - percent) / 100;
-        if slice_start.elapsed() >= run {
-            std::thread::sleep(THROTTLE_SLICE * percent / 100);
-            *slice_start = std::time::Instant::now();
-        }
+    }
+
+    fn held(&self) -> bool {
+        self.pause.load(Ordering::Acquire) || self.throttled.load(Ordering::Acquire)
     }
 
     /// Waits up to `timeout` until `count` vCPUs are parked; returns whether they are.
@@ -157,13 +158,13 @@ impl RunControl {
 
     /// Called by a vCPU thread between runs: parks while a pause is requested.
     fn park_while_paused(&self) {
-        if !self.pause.load(Ordering::Acquire) {
+        if !self.held() {
             return;
         }
         let mut parked = self.lock();
         *parked += 1;
         self.changed.notify_all();
-        while self.pause.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+        while self.held() && !self.stop.load(Ordering::Acquire) {
             parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
         }
         *parked -= 1;
@@ -171,7 +172,7 @@ impl RunControl {
     }
 }
 
-/// The period of vCPU throttling: a throttled vCPU runs its share of each slice, then sleeps.
+/// The period of vCPU throttling: a throttled vCPU is parked for its share of each slice.
 pub const THROTTLE_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What a running vCPU reaches: the buses, the VM's end events and the VMM's run control.
@@ -389,10 +390,8 @@ impl Vcpu {
 /// parked vCPU can be saved and restored by the VMM ([`Vcpu::save`], [`Vcpu::restore`]).
 pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext) {
     let id = lock(&vcpu).id;
-    let mut slice_start = std::time::Instant::now();
     loop {
         ctx.control.park_while_paused();
-        ctx.control.sleep_if_throttled(&mut slice_start);
         if ctx.control.stopping() {
             break;
         }
