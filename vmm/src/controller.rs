@@ -697,7 +697,11 @@ impl VmOwner {
         let (kvm, template) = open_kvm(&mut self.kvm, self.options.pvm_guest)?;
         self.events.emit("vm", "migration-receiving");
         let received = migration::receive::receive(&listener, kvm, template).map_err(|e| {
-            self.events.emit("vm", "migration-failed");
+            self.events.emit_with(
+                "vm",
+                "migration-failed",
+                Some(&serde_json::json!({ "error": e.to_string() })),
+            );
             migration_error(e)
         })?;
         start_console_input(&received.console)?;
