@@ -354,14 +354,18 @@ impl RunningVm {
                             unsafe { libc::pthread_kill(thread, vcpu::kick_signal()) };
                         }
                     };
+                    let mut released = std::time::Instant::now();
                     loop {
                         let percent = control.throttle();
                         if percent == 0 || control.stopping() {
                             break;
                         }
-                        // Parked for `percent` of the slice: kicked again every millisecond,
-                        // since a kick that lands just before KVM_RUN is lost.
-                        let held = vcpu::THROTTLE_SLICE * percent / 100;
+                        // Parked for `percent` of the time: as long, against how long they
+                        // really ran (this thread may oversleep on a busy host), as the share
+                        // asks; kicked again every millisecond meanwhile, since a kick that
+                        // lands just before KVM_RUN is lost.
+                        let ran = released.elapsed().min(vcpu::THROTTLE_SLICE * 2);
+                        let held = ran * percent / (100 - percent);
                         let start = std::time::Instant::now();
                         control.set_throttled(true);
                         while start.elapsed() < held {
@@ -372,7 +376,8 @@ impl RunningVm {
                             );
                         }
                         control.set_throttled(false);
-                        std::thread::sleep(vcpu::THROTTLE_SLICE - held);
+                        released = std::time::Instant::now();
+                        std::thread::sleep(vcpu::THROTTLE_SLICE * (100 - percent) / 100);
                     }
                     control.set_throttled(false);
                 })

@@ -370,34 +370,38 @@ fn live_migration_moves_a_busy_guest_and_any_failure_leaves_it_running_at_the_so
     // A real destination takes the guest while it runs; it finishes its count there, its
     // memory (counted beside a register) consistent, its output whole and once.
     let (dest, dest_thread, dest_events) = g.controller_with_events_in("dest-events");
-    let socket = g.dir.join("dest.sock");
+    // Over TCP on the loopback (the broken destinations above were Unix sockets).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let endpoint = Endpoint::Tcp(format!("127.0.0.1:{port}"));
     let receiving = {
         let dest = dest.clone();
-        let endpoint = Endpoint::Unix(socket.clone());
+        let endpoint = endpoint.clone();
         std::thread::spawn(move || dest.handle(Request::ReceiveMigration(endpoint)))
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the destination does not listen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
     let before = printed();
-    source
-        .handle(Request::SendMigration(
-            Endpoint::Unix(socket.clone()),
-            options,
-        ))
-        .unwrap();
+    // Until the destination listens, the source cannot connect (and keeps its VM).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match source.handle(Request::SendMigration(endpoint.clone(), options.clone())) {
+            Ok(_) => break,
+            Err(ControlError::Invalid(m))
+                if m.contains("cannot connect") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("migration over TCP: {e}"),
+        }
+    }
     receiving.join().unwrap().unwrap();
     assert_eq!(
         state(&source),
         None,
         "the source has no VM after the migration"
     );
-    assert!(!socket.exists(), "the destination's socket is gone");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while state(&dest) != Some(VmState::Shutdown) {
         assert!(
