@@ -204,11 +204,31 @@ impl RunningVm {
         }
     }
 
-    /// Whether the guest has powered off, reset or failed (an exit [`RunningVm::wait`] would
-    /// report, left for it to report).
-    pub fn has_exited(&self) -> bool {
+    /// How the guest ended, if it has powered off, reset or failed (an exit
+    /// [`RunningVm::wait`] would report, left for it to report).
+    pub fn pending_exit(&self) -> Option<String> {
         let mut ready = [EpollEvent::default(); 3];
-        matches!(self.epoll.wait(0, &mut ready), Ok(n) if n > 0)
+        let n = self.epoll.wait(0, &mut ready).ok()?;
+        let tokens: Vec<u64> = ready[..n].iter().map(|e| e.data()).collect();
+        if tokens.contains(&TOKEN_FAILURE) {
+            let reason = self
+                .ctx
+                .events
+                .failure_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return Some(format!(
+                "failed ({})",
+                reason.unwrap_or_else(|| "no reason".into())
+            ));
+        }
+        if tokens.contains(&TOKEN_RESET) {
+            return Some("reset".into());
+        }
+        tokens
+            .contains(&TOKEN_SHUTDOWN)
+            .then(|| "powered off".into())
     }
 
     /// A file descriptor that becomes readable when [`RunningVm::wait`] has an exit to
@@ -362,17 +382,23 @@ impl RunningVm {
                         }
                         // Parked for `percent` of the time: as long, against how long they
                         // really ran (this thread may oversleep on a busy host), as the share
-                        // asks; kicked again every millisecond meanwhile, since a kick that
-                        // lands just before KVM_RUN is lost.
+                        // asks; kicked every millisecond until all are parked, since a kick
+                        // that lands just before KVM_RUN is lost.
                         let ran = released.elapsed().min(vcpu::THROTTLE_SLICE * 2);
                         let held = ran * percent / (100 - percent);
                         let start = std::time::Instant::now();
                         control.set_throttled(true);
+                        let mut all_parked = false;
                         while start.elapsed() < held {
+                            let left = held - start.elapsed().min(held);
+                            if all_parked {
+                                std::thread::sleep(left);
+                                break;
+                            }
                             kick();
-                            std::thread::sleep(
-                                (held - start.elapsed().min(held))
-                                    .min(std::time::Duration::from_millis(1)),
+                            all_parked = control.wait_parked(
+                                vcpus.len(),
+                                left.min(std::time::Duration::from_millis(1)),
                             );
                         }
                         control.set_throttled(false);

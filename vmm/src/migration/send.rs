@@ -188,10 +188,10 @@ impl Sender<'_> {
         self.vm.pause().map_err(vm_failed("pause the guest"))?;
         // A guest that powered off or reset meanwhile is not sent on (its VMM here handles
         // that exit once the migration has given up).
-        if self.vm.has_exited() {
-            return Err(MigrationError::Vm(
-                "the guest powered off, reset or failed during the migration".into(),
-            ));
+        if let Some(how) = self.vm.pending_exit() {
+            return Err(MigrationError::Vm(format!(
+                "the guest {how} during the migration"
+            )));
         }
         self.vm
             .flush_disks()
