@@ -390,6 +390,18 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Waits (30 s at most, and while `alive`) until a destination's Unix socket `path` exists.
+fn listening(path: &std::path::Path, mut alive: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        if Instant::now() > deadline || !alive() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
 /// A network namespace of its own (another pod), deleted when dropped.
 struct NetNs(String);
 
@@ -461,12 +473,8 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()?;
-        let listening = Instant::now() + Duration::from_secs(30);
-        while !dir.path("migration.sock").exists() {
-            if Instant::now() > listening {
-                return Err("the destination does not listen".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !listening(&dir.path("migration.sock"), || true) {
+            return Err("the destination does not listen".into());
         }
         Ok(receiver)
     };
@@ -526,12 +534,8 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
             &run_socket,
         ],
     );
-    let listening = Instant::now() + Duration::from_secs(30);
-    while !dir.path("migration.sock").exists() {
-        if Instant::now() > listening || dest.exited() {
-            return Err(dest.failure("podvisor run --receive-migration does not listen"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if !listening(&dir.path("migration.sock"), || !dest.exited()) {
+        return Err(dest.failure("podvisor run --receive-migration does not listen"));
     }
     // With auto-converge the guest is slowed down until the copy converges on the same link.
     let mut sender = std::process::Command::new(podvisor())

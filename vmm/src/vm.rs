@@ -183,23 +183,8 @@ impl RunningVm {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Some(Err(Error::EventFd(e))),
             };
-            // A failure wins over a simultaneous shutdown or reset.
-            let tokens: Vec<u64> = ready[..n].iter().map(|e| e.data()).collect();
-            let events = &self.ctx.events;
-            if tokens.contains(&TOKEN_FAILURE) {
-                let reason = events
-                    .failure_reason
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take()
-                    .unwrap_or_else(|| "vCPU failed".into());
-                return Some(Err(Error::Guest(reason)));
-            }
-            if tokens.contains(&TOKEN_RESET) {
-                return Some(Ok(VmExit::Reset));
-            }
-            if tokens.contains(&TOKEN_SHUTDOWN) {
-                return Some(Ok(VmExit::Shutdown));
+            if let Some(exit) = self.exit_of(&ready[..n], true) {
+                return Some(exit);
             }
         }
     }
@@ -209,26 +194,36 @@ impl RunningVm {
     pub fn pending_exit(&self) -> Option<String> {
         let mut ready = [EpollEvent::default(); 3];
         let n = self.epoll.wait(0, &mut ready).ok()?;
-        let tokens: Vec<u64> = ready[..n].iter().map(|e| e.data()).collect();
+        Some(match self.exit_of(&ready[..n], false)? {
+            Ok(VmExit::Reset) => "reset".into(),
+            Ok(VmExit::Shutdown) => "powered off".into(),
+            Err(Error::Guest(reason)) => format!("failed ({reason})"),
+            Err(e) => format!("failed ({e})"),
+        })
+    }
+
+    /// The exit the `ready` events report; a failure wins over a simultaneous shutdown or
+    /// reset. `take`: the failure's reason is taken (it is being reported), else copied.
+    fn exit_of(&self, ready: &[EpollEvent], take: bool) -> Option<Result<VmExit, Error>> {
+        let tokens: Vec<u64> = ready.iter().map(|e| e.data()).collect();
         if tokens.contains(&TOKEN_FAILURE) {
-            let reason = self
+            let mut slot = self
                 .ctx
                 .events
                 .failure_reason
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            return Some(format!(
-                "failed ({})",
-                reason.unwrap_or_else(|| "no reason".into())
-            ));
+                .unwrap_or_else(|e| e.into_inner());
+            let reason = if take { slot.take() } else { slot.clone() };
+            return Some(Err(Error::Guest(
+                reason.unwrap_or_else(|| "vCPU failed".into()),
+            )));
         }
         if tokens.contains(&TOKEN_RESET) {
-            return Some("reset".into());
+            return Some(Ok(VmExit::Reset));
         }
         tokens
             .contains(&TOKEN_SHUTDOWN)
-            .then(|| "powered off".into())
+            .then_some(Ok(VmExit::Shutdown))
     }
 
     /// A file descriptor that becomes readable when [`RunningVm::wait`] has an exit to
