@@ -38,9 +38,10 @@ fn scenarios() -> Vec<Trial> {
 }
 
 /// Test-host sessions a scenario gets when the test host itself fails (its kernel panics or
-/// locks up, exit 125), its session times out, or it froze the scenario's guest twice in a row
-/// with every vCPU inside `KVM_RUN` (`harness::SESSION_SUSPECT`): the emulated host does all
-/// of these now and then; podvisor's own failures are never tried again.
+/// locks up, exit 125), its session times out, or it froze the scenario's guest with every vCPU
+/// inside `KVM_RUN` or made its kernel panic (`harness::SESSION_SUSPECT`): the emulated host
+/// does all of these now and then; podvisor's own failures are never tried again, nor is a
+/// guest that panicked in two sessions.
 const TESTHOST_TRIES: usize = 3;
 
 /// Runs scenario `name` of this binary in a fresh test-host session.
@@ -77,8 +78,11 @@ fn in_testhost(name: &str) -> Result<(), Failed> {
             }
             return Ok(());
         }
+        // A guest that panicked in an earlier session too panics because of podvisor.
+        let panicked_again = text.contains(harness::GUEST_PANICKED)
+            && earlier.iter().any(|t| t.contains(harness::GUEST_PANICKED));
         let retry = matches!(out.status.code(), Some(TESTHOST_FAILED | SESSION_TIMED_OUT))
-            || text.contains(harness::SESSION_SUSPECT);
+            || (text.contains(harness::SESSION_SUSPECT) && !panicked_again);
         if !retry || attempt == TESTHOST_TRIES {
             let prior: String = earlier
                 .iter()
