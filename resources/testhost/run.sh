@@ -7,7 +7,8 @@
 # Knobs: PODVISOR_TESTHOST_MEM (default 4G), PODVISOR_TESTHOST_CPUS (default 2),
 #        PODVISOR_TESTHOST_DEBUG=1 (show the L2 kernel log and virtiofsd log),
 #        PODVISOR_TESTHOST_CACHE=always|auto|none (virtiofs cache mode),
-#        PODVISOR_TESTHOST_APPEND="..." (extra L2 kernel command line),
+#        PODVISOR_TESTHOST_APPEND="..." (extra L2 kernel command line; kvm_amd.X=Y words
+#        reach the KVM module),
 #        PODVISOR_TESTHOST_QEMU=PATH, PODVISOR_TESTHOST_VIRTIOFSD=PATH (another emulator/virtiofsd),
 #        PODVISOR_TESTHOST_ACCEL (default tcg,thread=multi), PODVISOR_TESTHOST_CPU (default max).
 set -euo pipefail
