@@ -11,7 +11,7 @@ use vmm::lifecycle::VmState;
 
 use crate::lifecycle::next_state;
 use crate::types::{
-    ApiError, ApiRequest, ApiResponse, VmCounters, VmInfo, VmmBackend, VmmPingResponse,
+    ApiError, ApiRequest, ApiResponse, ErrorStatus, VmCounters, VmInfo, VmmBackend, VmmPingResponse,
 };
 
 /// A pretend VMM.
@@ -85,6 +85,13 @@ impl VmmBackend for FakeVmm {
             // No source to take a VM's configuration from.
             return Err(ApiError::bad_request(
                 "vm.receive-migration: the fake VMM cannot receive a VM",
+            ));
+        }
+        if let ApiRequest::VmCancelMigration = request {
+            // It never migrates, so nothing is ever under way (the real VMM's words).
+            return Err(ApiError::new(
+                ErrorStatus::Conflict,
+                vmm::migration::CancelRefused::NoMigration.to_string(),
             ));
         }
         let response = match &request {

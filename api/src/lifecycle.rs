@@ -23,6 +23,7 @@ pub fn action(request: &ApiRequest) -> Option<Action> {
         ApiRequest::VmRestore { .. } => Action::Restore,
         ApiRequest::VmSendMigration { .. } => Action::SendMigration,
         ApiRequest::VmReceiveMigration { .. } => Action::ReceiveMigration,
+        ApiRequest::VmCancelMigration => Action::CancelMigration,
     })
 }
 

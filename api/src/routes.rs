@@ -47,6 +47,7 @@ pub const ROUTES: &[Route] = &[
     route("vm.restore", "PUT"),
     route("vm.send-migration", "PUT"),
     route("vm.receive-migration", "PUT"),
+    route("vm.cancel-migration", "PUT"),
 ];
 
 /// Decodes one request. Bodies of endpoints that take none are ignored, as Cloud Hypervisor
@@ -88,6 +89,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         "vm.shutdown" => ApiRequest::VmShutdown,
         "vm.reboot" => ApiRequest::VmReboot,
         "vm.power-button" => ApiRequest::VmPowerButton,
+        "vm.cancel-migration" => ApiRequest::VmCancelMigration,
         "vm.snapshot" => {
             let body: VmSnapshotConfig = parse_body("vm.snapshot", "VmSnapshotConfig", body)?;
             ApiRequest::VmSnapshot {
@@ -256,6 +258,7 @@ mod tests {
             ("vm.shutdown", ApiRequest::VmShutdown),
             ("vm.reboot", ApiRequest::VmReboot),
             ("vm.power-button", ApiRequest::VmPowerButton),
+            ("vm.cancel-migration", ApiRequest::VmCancelMigration),
         ];
         let count = expected.len();
         for (endpoint, request) in expected {

@@ -56,6 +56,11 @@ pub enum ApiRequest {
     /// `PUT vm.receive-migration {"receiver_url":...}`: wait for a source and take its VM;
     /// answers when the guest runs here. No VM → `Running`.
     VmReceiveMigration { endpoint: Endpoint },
+    /// `PUT vm.cancel-migration`: stop the outgoing migration under way; the guest runs on
+    /// here and `vm.send-migration` answers that it was cancelled. `Running` only, and only
+    /// while a migration is under way and the destination has not been told to run the guest
+    /// (409 otherwise).
+    VmCancelMigration,
 }
 
 /// `vm.send-migration`'s body: Cloud Hypervisor's `VmSendMigrationData` and, optional, the

@@ -583,6 +583,8 @@ fn cloud_hypervisors_client_reads_every_endpoint() {
             Some(r#"{"destination_url":"tcp:nohost"}"#),
             400,
         ),
+        // No migration under way: refused with the reason.
+        ("PUT", "vm.cancel-migration", None, 409),
         ("PUT", "vm.reboot", None, 204),
         ("PUT", "vm.power-button", None, 204),
         ("PUT", "vm.shutdown", None, 204),

@@ -76,6 +76,9 @@ pub enum CtlAction {
         #[arg(value_name = "unix:/PATH|tcp:HOST:PORT")]
         receiver: String,
     },
+    /// Stop the outgoing migration under way (vm.cancel-migration); the guest runs on at the
+    /// source.
+    CancelMigration,
     /// End the podvisor process (vmm.shutdown).
     ShutdownVmm,
 }
@@ -99,6 +102,7 @@ impl CtlAction {
             CtlAction::Restore { .. } => ("PUT", "vm.restore"),
             CtlAction::SendMigration { .. } => ("PUT", "vm.send-migration"),
             CtlAction::ReceiveMigration { .. } => ("PUT", "vm.receive-migration"),
+            CtlAction::CancelMigration => ("PUT", "vm.cancel-migration"),
             CtlAction::ShutdownVmm => ("PUT", "vmm.shutdown"),
         }
     }

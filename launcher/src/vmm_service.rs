@@ -85,6 +85,7 @@ impl VmmBackend for VmmService {
             ApiRequest::VmReceiveMigration { endpoint } => {
                 self.done(Request::ReceiveMigration(endpoint))
             }
+            ApiRequest::VmCancelMigration => self.done(Request::CancelMigration),
             ApiRequest::VmInfo => match self.call(Request::Info)? {
                 Reply::Info {
                     config,

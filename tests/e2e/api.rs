@@ -279,14 +279,15 @@ fn serve_guest_with_disk_and_net(
     tap: &str,
     (host_ip, guest_ip): (&str, &str),
     data: &str,
+    format: &str,
 ) -> Result<(Vm, String), Failed> {
-    let disk = dir.arg("disk.raw");
-    host_ok("qemu-img", &["create", "-q", "-f", "raw", &disk, "16M"])?;
+    let disk = dir.arg(&format!("disk.{format}"));
+    host_ok("qemu-img", &["create", "-q", "-f", format, &disk, "64M"])?;
     let config = serde_json::json!({
         "payload": default_guest(),
         "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
         "memory": {"size": 256u64 << 20},
-        "disks": [{"path": disk}],
+        "disks": [{"path": disk, "format": format}],
         "net": [{"tap": tap, "ip": host_ip, "mask": "255.255.255.0"}],
         "rng": {"src": "/dev/urandom"},
         "serial": {"mode": "Tty"},
@@ -322,8 +323,14 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     let snapshot = format!("/dev/shm/podvisor-e2e-snapshot-{}", std::process::id());
     let _ = std::fs::remove_dir_all(&snapshot);
     let tap = format!("pvs{}", std::process::id() % 100_000);
-    let (mut vm, disk) =
-        serve_guest_with_disk_and_net(&dir, &socket, &tap, (HOST_IP, GUEST_IP), "snap-data-42")?;
+    let (mut vm, disk) = serve_guest_with_disk_and_net(
+        &dir,
+        &socket,
+        &tap,
+        (HOST_IP, GUEST_IP),
+        "snap-data-42",
+        "raw",
+    )?;
     let up_before = guest_uptime(&mut vm)?;
     vm.shell_ok(
         "(i=0; while :; do i=$((i+1)); echo count:$i; sleep 0.3; done) & echo $! > /tmp/counter",
@@ -443,12 +450,20 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
         &tap,
         (HOST_IP, GUEST_IP),
         "migrate-data-42",
+        "qcow2",
     )?;
     let up_before = guest_uptime(&mut source)?;
     source.shell_ok(
         "(while [ ! -e /tmp/stop ]; do dd if=/dev/urandom of=/tmp/blob bs=1M count=8 \
            conv=notrunc 2>/dev/null; md5sum /tmp/blob > /tmp/sum; done; touch /tmp/stopped) \
            >/dev/null 2>&1 &",
+    )?;
+    // The disk (qcow2) gets a new cluster every half second, flushed: the destination, which
+    // opens the image while the source runs, must read what the source allocated meanwhile.
+    source.shell_ok(
+        "(i=0; while [ ! -e /tmp/stop ] && [ $i -lt 900 ]; do i=$((i+1)); printf disk-$i | \
+           dd of=/dev/vda bs=65536 seek=$((16+i)) conv=sync,fsync 2>/dev/null; \
+           echo $i > /tmp/disklast; sleep 0.5; done; touch /tmp/diskstopped) >/dev/null 2>&1 &",
     )?;
     source.shell_ok(
         "(i=0; while :; do i=$((i+1)); echo count:$i; sleep 0.3; done) & echo $! > /tmp/counter",
@@ -598,10 +613,23 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     }
     dest.shell_ok("kill $(cat /tmp/counter)")?;
     let sum = dest.shell_ok(
-        "touch /tmp/stop; while [ ! -e /tmp/stopped ]; do sleep 0.2; done; md5sum -c /tmp/sum",
+        "touch /tmp/stop; while [ ! -e /tmp/stopped ] || [ ! -e /tmp/diskstopped ]; do \
+           sleep 0.2; done; md5sum -c /tmp/sum",
     )?;
     if !sum.contains("OK") {
         return Err(dest.failure(&format!("the rewritten memory fails its checksum: {sum}")));
+    }
+    let blocks = dest.shell_ok(
+        "echo 3 > /proc/sys/vm/drop_caches; n=$(cat /tmp/disklast); bad=0; j=1; \
+         while [ $j -le $n ]; do \
+           [ \"$(dd if=/dev/vda bs=65536 skip=$((16+j)) count=1 2>/dev/null | head -c 12 | \
+                tr -d '\\0')\" = disk-$j ] || bad=$((bad+1)); j=$((j+1)); done; \
+         echo disk-blocks:$n bad:$bad",
+    )?;
+    if !blocks.contains(" bad:0") || blocks.contains("disk-blocks:0 ") {
+        return Err(dest.failure(&format!(
+            "the blocks written on the way read back wrong: {blocks}"
+        )));
     }
     let up_after = guest_uptime(&mut dest)?;
     if up_after < up_before || up_after - up_before > 120.0 {
@@ -629,7 +657,10 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     if status.code() != Some(0) {
         return Err(source.failure(&format!("the source's podvisor serve exited with {status}")));
     }
-    let image = std::fs::read(&disk)?;
+    let image = dir.arg("disk-now.raw");
+    host_ok("qemu-img", &["check", "-q", &disk])?;
+    host_ok("qemu-img", &["convert", "-O", "raw", &disk, &image])?;
+    let image = std::fs::read(&image)?;
     if !image[8192..].starts_with(b"after-migration") {
         return Err("the migrated guest's write is not in the disk image".into());
     }

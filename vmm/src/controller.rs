@@ -84,6 +84,9 @@ pub enum Request {
     SendMigration(Endpoint, SendOptions),
     /// Waits at this endpoint for a source and takes its VM (`vm.receive-migration`).
     ReceiveMigration(Endpoint),
+    /// Cancels the outgoing migration under way (`vm.cancel-migration`); answered at once,
+    /// while the VM's thread sends.
+    CancelMigration,
     /// Stops the VM (if any) and ends the VM thread (`vmm.shutdown`).
     ShutdownVmm,
 }
@@ -106,6 +109,7 @@ impl Request {
             Request::Restore(_) => Action::Restore,
             Request::SendMigration(..) => Action::SendMigration,
             Request::ReceiveMigration(_) => Action::ReceiveMigration,
+            Request::CancelMigration => Action::CancelMigration,
             Request::ShutdownVmm => return None,
         })
     }
@@ -136,6 +140,7 @@ pub struct Controller {
     requests: Sender<Envelope>,
     wake: Arc<EventFd>,
     info: InfoSnapshot,
+    cancel: migration::Cancel,
 }
 
 /// What ended the controller thread.
@@ -157,7 +162,9 @@ impl Controller {
         let (tx, rx) = mpsc::channel();
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
         let info = InfoSnapshot::default();
+        let cancel = migration::Cancel::default();
         let owner = VmOwner {
+            cancel: cancel.clone(),
             generation: 0,
             info: info.clone(),
             options,
@@ -181,6 +188,7 @@ impl Controller {
                 requests: tx,
                 wake,
                 info,
+                cancel,
             },
             thread,
         ))
@@ -202,6 +210,21 @@ impl Controller {
                 }
                 .into()),
             };
+        }
+        if let Request::CancelMigration = request {
+            // The VM's thread is busy sending: the rules are checked against what it last
+            // published, and the migration is stopped from here.
+            let state = self
+                .info
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(_, state, _)| *state);
+            lifecycle::next_state(Action::CancelMigration, state)?;
+            self.cancel
+                .cancel()
+                .map_err(|e| ControlError::WrongState(e.to_string()))?;
+            return Ok(Reply::Done);
         }
         let (tx, rx) = mpsc::channel();
         let gone = || ControlError::Failed("the VMM is shutting down".into());
@@ -239,6 +262,8 @@ struct VmOwner {
     ended: Option<Result<Ended, Error>>,
     /// The VM left for another host (`vm.send-migration`).
     migrated_away: bool,
+    /// Shared with [`Controller`]: cancels the outgoing migration.
+    cancel: migration::Cancel,
 }
 
 const TOKEN_REQUEST: u32 = 0;
@@ -540,7 +565,7 @@ impl VmOwner {
                 self.receive_migration(&endpoint)?;
                 Reply::Done
             }
-            Request::ShutdownVmm => return Err(misrouted()),
+            Request::CancelMigration | Request::ShutdownVmm => return Err(misrouted()),
         };
         match next {
             Some(state) => self.set_state(state),
@@ -656,7 +681,14 @@ impl VmOwner {
                 error: None,
             });
         };
-        let result = migration::send::send(running, &vm.config, endpoint, options, &mut report);
+        let result = migration::send::send(
+            running,
+            &vm.config,
+            endpoint,
+            options,
+            &self.cancel,
+            &mut report,
+        );
         match result {
             Ok(done) => {
                 tracing::info!(
@@ -673,13 +705,21 @@ impl VmOwner {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!("migration failed, the guest runs on here: {e}");
+                let unresolved = matches!(e, MigrationError::Unresolved(_));
+                if unresolved {
+                    tracing::error!("{e}");
+                } else {
+                    tracing::warn!("migration failed, the guest runs on here: {e}");
+                }
                 self.events.emit_with(
                     "vm",
                     "migration-failed",
-                    Some(&serde_json::json!({ "error": e.to_string() })),
+                    Some(&serde_json::json!({ "error": e.to_string(), "paused": unresolved })),
                 );
                 if let Some(vm) = self.vm.as_mut() {
+                    if unresolved {
+                        vm.state = VmState::Paused;
+                    }
                     vm.migration = Some(MigrationInfo {
                         state: MigrationState::Failed,
                         progress: last,
@@ -789,9 +829,10 @@ fn migration_error(e: MigrationError) -> ControlError {
     }
 }
 
-/// The VM thread's loop takes vmm.shutdown before [`VmOwner::serve`] would.
+/// The VM thread's loop takes vmm.shutdown, and [`Controller::handle`] vm.cancel-migration,
+/// before [`VmOwner::serve`] would.
 fn misrouted() -> ControlError {
-    ControlError::Failed("vmm.shutdown misrouted (a bug)".into())
+    ControlError::Failed("vmm.shutdown or vm.cancel-migration misrouted (a bug)".into())
 }
 
 /// The VM is not what the lifecycle table said it is (a bug, reported rather than panicked on).

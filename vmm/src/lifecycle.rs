@@ -18,6 +18,7 @@
 //! | vm.restore       | no VM                        | Paused            |
 //! | vm.send-migration    | Running                  | no VM             |
 //! | vm.receive-migration | no VM                    | Running           |
+//! | vm.cancel-migration  | Running                  | unchanged         |
 //! | vm.delete        | always (no VM: nothing to do)| no VM             |
 //!
 //! A VM action with no VM is refused as [`Refusal::NoVm`] (HTTP 404), one in the wrong state as
@@ -59,6 +60,7 @@ pub enum Action {
     Restore,
     SendMigration,
     ReceiveMigration,
+    CancelMigration,
     Delete,
 }
 
@@ -155,6 +157,7 @@ pub const RULES: &[Rule] = &[
     rule(Action::Restore,     "vm.restore",      Allowed::WithoutVm,                  After::Is(Paused)),
     rule(Action::SendMigration, "vm.send-migration", Allowed::In(&[Running]),        After::NoVm),
     rule(Action::ReceiveMigration, "vm.receive-migration", Allowed::WithoutVm,       After::Is(Running)),
+    rule(Action::CancelMigration, "vm.cancel-migration", Allowed::In(&[Running]),    After::Unchanged),
     rule(Action::Delete,      "vm.delete",       Allowed::Always,                     After::NoVm),
 ];
 
@@ -253,6 +256,7 @@ mod tests {
             (Action::Restore, "Pxxxx"),
             (Action::SendMigration, "xx-xx"),
             (Action::ReceiveMigration, "Rxxxx"),
+            (Action::CancelMigration, "xx=xx"),
             (Action::Delete, "=----"),
         ];
         assert_eq!(expected.len(), RULES.len());

@@ -80,6 +80,12 @@ impl Vm {
         self.devices.restore(&state.devices)
     }
 
+    /// Has every device read its backend again (a disk image's metadata): another VMM wrote
+    /// it since this machine was built (see [`crate::migration`]).
+    pub fn reload_backends(&self) -> Result<(), Error> {
+        self.devices.reload_backends()
+    }
+
     /// Restores `state` (see [`Vm::restore`]) with the devices paused, and starts the vCPU
     /// threads parked: the VM is paused where it was saved, its clock stopped at the saved
     /// time; [`RunningVm::resume`] continues it.

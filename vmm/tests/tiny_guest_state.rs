@@ -259,9 +259,9 @@ fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
     );
 }
 
-/// A destination that breaks off at `cut`: 0 closes at once, 1 after HELLO, 2 in the middle
-/// of the memory, 3 answers the machine state with an error, 4 closes instead of confirming
-/// that the guest runs.
+/// A destination that breaks off at `cut`: 0 closes at once, 1 after HELLO, 2 at the first
+/// memory frame, 3 answers the machine state with an error, 4 closes instead of confirming
+/// that the guest runs (the source cannot know whether it does), 5 refuses to run it.
 fn broken_destination(socket: PathBuf, cut: u32) -> std::thread::JoinHandle<()> {
     use vmm::migration::protocol::{self, Kind};
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
@@ -271,20 +271,22 @@ fn broken_destination(socket: PathBuf, cut: u32) -> std::thread::JoinHandle<()> 
         if cut == 0 {
             return;
         }
-        let mut frames = 0;
         while let Ok(frame) = protocol::read_frame(&mut s) {
-            frames += 1;
             match frame.kind {
                 Kind::Hello if cut == 1 => return,
                 Kind::Hello | Kind::Config => {
                     protocol::write_frame(&mut s, Kind::Ack, &[]).unwrap()
                 }
-                Kind::Memory if cut == 2 && frames > 3 => return,
+                Kind::Memory if cut == 2 => return,
                 Kind::State if cut == 3 => {
                     protocol::write_frame(&mut s, Kind::Error, b"injected failure").unwrap();
                     return;
                 }
                 Kind::State => protocol::write_frame(&mut s, Kind::Ack, &[]).unwrap(),
+                Kind::Complete if cut == 5 => {
+                    protocol::write_frame(&mut s, Kind::Error, b"injected: cannot resume").unwrap();
+                    return;
+                }
                 Kind::Complete => return,
                 _ => {}
             }
@@ -293,7 +295,7 @@ fn broken_destination(socket: PathBuf, cut: u32) -> std::thread::JoinHandle<()> 
 }
 
 #[test]
-fn live_migration_moves_a_busy_guest_and_any_failure_leaves_it_running_at_the_source() {
+fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
     use vmm::controller::{ControlError, Reply, Request};
     use vmm::lifecycle::VmState;
     use vmm::migration::{Endpoint, SendOptions};
@@ -320,12 +322,12 @@ fn live_migration_moves_a_busy_guest_and_any_failure_leaves_it_running_at_the_so
     wait_printed(&serial, 100);
 
     // Every broken destination: the migration fails with a reason, the guest runs on at the
-    // source (it keeps printing) and the next attempt is possible.
+    // source (it keeps printing; after cut 4 once resumed) and the next attempt is possible.
     let options = SendOptions {
         downtime_limit_ms: 50,
         ..SendOptions::default()
     };
-    for cut in 0..5 {
+    for cut in 0..6 {
         let socket = g.dir.join(format!("broken-{cut}.sock"));
         let fake = broken_destination(socket.clone(), cut);
         let err = match source.handle(Request::SendMigration(
@@ -336,6 +338,9 @@ fn live_migration_moves_a_busy_guest_and_any_failure_leaves_it_running_at_the_so
             other => panic!("cut {cut}: migrated to a broken destination: {other:?}"),
         };
         fake.join().unwrap();
+        if cut == 5 {
+            assert!(err.contains("cannot resume"), "{err}");
+        }
         if cut == 3 {
             assert!(err.contains("injected failure"), "{err}");
             // vm.info tells what happened, and how far it got.
@@ -350,10 +355,67 @@ fn live_migration_moves_a_busy_guest_and_any_failure_leaves_it_running_at_the_so
                 other => panic!("vm.info after a failed migration: {other:?}"),
             }
         }
+        if cut == 4 {
+            // Told to run the guest, the destination never confirmed: it may run it, so the
+            // source keeps it paused until someone who knows resumes it.
+            assert!(err.contains("stays paused"), "{err}");
+            assert_eq!(state(&source), Some(VmState::Paused), "cut {cut}: {err}");
+            let now = printed();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert_eq!(printed(), now, "a guest left paused went on printing");
+            source.handle(Request::Resume).unwrap();
+        }
         assert_eq!(state(&source), Some(VmState::Running), "cut {cut}: {err}");
         let now = printed();
         wait_printed(&serial, now + 20);
     }
+    // vm.cancel-migration: refused with nothing under way; during a migration (here at the
+    // switch-over, the guest paused: the destination never answers the machine state) the
+    // guest runs on at once, long before the connection's 60 s timeout.
+    match source.handle(Request::CancelMigration) {
+        Err(ControlError::WrongState(m)) => assert!(m.contains("no migration"), "{m}"),
+        other => panic!("a cancel with no migration: {other:?}"),
+    }
+    let socket = g.dir.join("stalled.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let (saw_state, state_seen) = std::sync::mpsc::channel();
+    let fake = std::thread::spawn(move || {
+        use vmm::migration::protocol::{self, Kind};
+        let (mut s, _) = listener.accept().unwrap();
+        while let Ok(frame) = protocol::read_frame(&mut s) {
+            match frame.kind {
+                Kind::Hello | Kind::Config => {
+                    protocol::write_frame(&mut s, Kind::Ack, &[]).unwrap()
+                }
+                Kind::State => saw_state.send(()).unwrap(),
+                _ => {}
+            }
+        }
+    });
+    let canceller = {
+        let source = source.clone();
+        std::thread::spawn(move || {
+            state_seen
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the machine state is sent");
+            source.handle(Request::CancelMigration)
+        })
+    };
+    let started = std::time::Instant::now();
+    match source.handle(Request::SendMigration(
+        Endpoint::Unix(socket),
+        options.clone(),
+    )) {
+        Err(ControlError::Failed(m)) => assert!(m.contains("cancelled"), "{m}"),
+        other => panic!("a cancelled migration: {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    canceller.join().unwrap().unwrap();
+    fake.join().unwrap();
+    assert_eq!(state(&source), Some(VmState::Running));
+    let now = printed();
+    wait_printed(&serial, now + 20);
+
     match source.handle(Request::SendMigration(
         Endpoint::Unix(g.dir.join("nobody.sock")),
         options.clone(),

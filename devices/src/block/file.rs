@@ -131,6 +131,25 @@ impl HostFile {
         })
     }
 
+    /// Another handle on the same open file (`dup`), with nothing written through it yet.
+    pub(crate) fn try_clone(&self) -> Result<Self, BlockError> {
+        let file = self.file.try_clone().map_err(|source| BlockError::Io {
+            path: self.path.clone(),
+            op: "dup",
+            offset: 0,
+            source,
+        })?;
+        Ok(Self {
+            file,
+            path: self.path.clone(),
+            direct: self.direct,
+            block_device: self.block_device,
+            unsynced: false,
+            #[cfg(test)]
+            write_hook: None,
+        })
+    }
+
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }

@@ -79,6 +79,12 @@ pub trait DiskImage: Send {
     /// Whether writes are refused ([`BlockError::ReadOnly`]).
     fn is_read_only(&self) -> bool;
 
+    /// Forgets what was read of the image's metadata (its size; qcow2 tables and refcounts)
+    /// and reads it again: another process wrote the image since it was opened here, and has
+    /// stopped and flushed (the source of a live migration, whose destination opens the disks
+    /// early). Refused while this image holds metadata it has not written.
+    fn reload(&mut self) -> Result<(), BlockError>;
+
     /// Reads consecutive guest bytes at `offset` into several buffers.
     fn read_vectored_at(&mut self, bufs: &mut [&mut [u8]], offset: u64) -> Result<(), BlockError> {
         let mut pos = offset;

@@ -126,6 +126,11 @@ impl DiskImage for RawImage {
         Ok(())
     }
 
+    fn reload(&mut self) -> Result<(), BlockError> {
+        self.size = self.file.len()?;
+        Ok(())
+    }
+
     fn is_read_only(&self) -> bool {
         self.read_only
     }

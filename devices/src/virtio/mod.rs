@@ -189,6 +189,14 @@ pub trait VirtioDevice: Send {
     fn flush(&mut self) -> Result<(), VirtioError> {
         Ok(())
     }
+    /// Reads again what the device read from its backend when it was built (a disk image's
+    /// metadata), now that another VMM that shared the backend has stopped and flushed it: the
+    /// destination of a live migration builds its devices while the source still runs. Called
+    /// before the device is restored; devices that read nothing from a backend at build time
+    /// have nothing to do.
+    fn reload_backend(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
     /// What the device has done, by name (`read_bytes`, `rx_frames`...), for `vm.counters`.
     /// Counters only grow; they survive reset, pause and resume.
     fn counters(&self) -> BTreeMap<&'static str, u64> {

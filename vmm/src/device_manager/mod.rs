@@ -105,6 +105,12 @@ impl DeviceManager {
         self.pci.flush_devices()
     }
 
+    /// Has every device read its backend again: another VMM wrote it since this one was
+    /// built (the source of a live migration, now paused and flushed).
+    pub fn reload_backends(&self) -> Result<(), Error> {
+        self.pci.reload_backends()
+    }
+
     /// Restarts what [`DeviceManager::pause`] stopped.
     pub fn resume(&self) -> Result<(), Error> {
         self.pci.resume_devices()

@@ -164,6 +164,16 @@ impl PciSegment {
         Ok(())
     }
 
+    /// Has every device read its backend again (see [`VirtioDevice::reload_backend`]).
+    pub fn reload_backends(&self) -> Result<(), Error> {
+        for f in lock(&self.functions).values() {
+            lock(&f.device)
+                .reload_backend()
+                .map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
+        }
+        Ok(())
+    }
+
     /// Restarts the workers [`PciSegment::pause_devices`] stopped.
     pub fn resume_devices(&self) -> Result<(), Error> {
         for f in lock(&self.functions).values() {

@@ -7,14 +7,18 @@
 //! downtime limit at the rate measured so far. It then pauses the guest, flushes its disks,
 //! sends the last pages and the machine state, and ends its VM only once the destination says
 //! the guest runs there. Until then the source owns the VM: any failure (the destination's
-//! error, a broken, stalled or corrupt stream, no convergence in time) resumes the guest on
-//! the source as it was.
+//! error, a broken, stalled or corrupt stream, no convergence in time, a [`Cancel`]) resumes
+//! the guest on the source as it was. The one exception is the last answer: once the
+//! destination has been told to run the guest (COMPLETE), a connection that breaks before its
+//! answer leaves the guest paused at the source ([`MigrationError::Unresolved`]): it may run
+//! at the destination, and two running copies would write the same disks.
 //!
-//! The destination ([`receive`]) listens, checks the stream's version, creates the guest's
-//! memory from the configuration and fills it, and builds the machine only when the state
-//! arrives (the source's disks are flushed by then, so it opens them as they are); it runs
-//! nothing until the whole state has arrived and has been restored, and discards everything
-//! on any failure.
+//! The destination ([`receive`]) listens, checks the stream's version, and builds the machine
+//! (memory, devices, vCPUs; disks and taps opened) as soon as the configuration arrives, so
+//! that the guest's pause covers only the last pages and the state; it fills the memory, has
+//! the devices read their backends again once the source has flushed them (a qcow2 image's
+//! tables), runs nothing until the whole state has arrived and has been restored, and
+//! discards everything on any failure.
 //!
 //! The stream's format is in [`protocol`].
 
@@ -26,6 +30,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a migration failed, on either side.
@@ -49,6 +54,18 @@ pub enum MigrationError {
     /// The guest wrote memory faster than it could be sent, for longer than allowed.
     #[error("{0}")]
     NoConvergence(String),
+    /// The destination was told to run the guest but its answer never came: it may run the
+    /// guest now, so this side keeps it paused rather than risk two running copies writing
+    /// the same disks. `vm.resume` takes it back here, once the destination is known not to
+    /// run it.
+    #[error(
+        "the destination was told to run the guest and did not confirm ({0}): it may run it \
+         now, so the VM stays paused here (vm.resume it only if the destination does not run it)"
+    )]
+    Unresolved(String),
+    /// `vm.cancel-migration` stopped it; the guest runs on here.
+    #[error("the migration was cancelled (vm.cancel-migration); the guest runs on here")]
+    Cancelled,
 }
 
 /// How long one read or write on the migration connection may block: longer means the peer
@@ -225,6 +242,103 @@ impl Write for Stream {
             Stream::Unix(s) => s.flush(),
             Stream::Tcp(s) => s.flush(),
         }
+    }
+}
+
+impl Stream {
+    /// Another handle on the connection, to shut it down from another thread.
+    fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Ends the connection both ways: a read or write waiting on it returns at once.
+    fn shut_down(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+/// Cancels the outgoing migration from another thread (`vm.cancel-migration`, answered while
+/// the VM's thread sends): the connection is shut down, which ends whatever read or write the
+/// migration waits in, and the guest runs on here. Too late once the destination has been
+/// told to run the guest.
+#[derive(Clone, Default)]
+pub struct Cancel(Arc<Mutex<Outgoing>>);
+
+#[derive(Default)]
+enum Outgoing {
+    #[default]
+    None,
+    /// Sending on this connection (a handle of it).
+    Sending(Stream),
+    Cancelled,
+    /// The destination has been told to run the guest.
+    Committed,
+}
+
+/// Why `vm.cancel-migration` did nothing.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CancelRefused {
+    #[error("vm.cancel-migration: no migration is under way")]
+    NoMigration,
+    #[error("vm.cancel-migration: too late, the destination has been told to run the guest")]
+    TooLate,
+}
+
+impl Cancel {
+    fn state(&self) -> std::sync::MutexGuard<'_, Outgoing> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Cancels the migration under way.
+    pub fn cancel(&self) -> Result<(), CancelRefused> {
+        let mut state = self.state();
+        match std::mem::take(&mut *state) {
+            Outgoing::Sending(stream) => {
+                stream.shut_down();
+                *state = Outgoing::Cancelled;
+                Ok(())
+            }
+            Outgoing::Committed => {
+                *state = Outgoing::Committed;
+                Err(CancelRefused::TooLate)
+            }
+            other => {
+                *state = other;
+                Err(CancelRefused::NoMigration)
+            }
+        }
+    }
+
+    /// A migration starts on `stream`.
+    fn begin(&self, stream: &Stream) -> Result<(), MigrationError> {
+        *self.state() = Outgoing::Sending(stream.try_clone().map_err(MigrationError::Connection)?);
+        Ok(())
+    }
+
+    fn cancelled(&self) -> bool {
+        matches!(*self.state(), Outgoing::Cancelled)
+    }
+
+    /// The destination is about to be told to run the guest: from now on it cannot be
+    /// cancelled. Fails if it was just cancelled.
+    fn commit(&self) -> Result<(), MigrationError> {
+        let mut state = self.state();
+        if matches!(*state, Outgoing::Cancelled) {
+            return Err(MigrationError::Cancelled);
+        }
+        *state = Outgoing::Committed;
+        Ok(())
+    }
+
+    /// The migration ended, however.
+    fn end(&self) {
+        *self.state() = Outgoing::None;
     }
 }
 

@@ -73,14 +73,23 @@ fn receive_on(
     config
         .validate()
         .map_err(|e| MigrationError::Vm(format!("the VM's configuration: {e}")))?;
+    // The machine is built while the source still runs, so that the guest's pause covers
+    // only the last pages and the state; its disks are opened now (a disk this host cannot
+    // open fails the migration before any memory is sent) and read again at the switch-over.
+    let failed =
+        |what: &'static str| move |e: crate::Error| MigrationError::Vm(format!("{what}: {e}"));
     let memory = memory::create_guest_memory(config.memory.size)
         .map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let console = Console::new(&config.serial).map_err(|e| failed("the console")(e.into()))?;
+    let backends = Backends::open(&config).map_err(failed("open the VM's disks and taps"))?;
+    let vm = builder::build_on(kvm, template, &config, &console, &backends, memory)
+        .map_err(failed("build the VM"))?;
     protocol::write_frame(stream, Kind::Ack, &[])?;
 
     let state = loop {
         let frame = protocol::read_frame(stream)?;
         match frame.kind {
-            Kind::Memory => load(&memory, &frame.payload)?,
+            Kind::Memory => load(vm.memory(), &frame.payload)?,
             Kind::State => break frame.json::<MachineState>()?,
             other => {
                 return Err(MigrationError::Protocol(format!(
@@ -90,13 +99,9 @@ fn receive_on(
         }
     };
 
-    // The source is paused and its disks are flushed: open them as they are now.
-    let failed =
-        |what: &'static str| move |e: crate::Error| MigrationError::Vm(format!("{what}: {e}"));
-    let console = Console::new(&config.serial).map_err(|e| failed("the console")(e.into()))?;
-    let backends = Backends::open(&config).map_err(failed("open the VM's disks and taps"))?;
-    let vm = builder::build_on(kvm, template, &config, &console, &backends, memory)
-        .map_err(failed("build the VM"))?;
+    // The source is paused and its disks are flushed: read their metadata as it is now.
+    vm.reload_backends()
+        .map_err(failed("read the disks again at the switch-over"))?;
     let running = vm
         .start_restored(&state)
         .map_err(failed("restore the machine state"))?;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::protocol::{self, Complete, Hello, Kind, MemoryFrame};
-use super::{Endpoint, MigrationError, Progress, SendOptions, Stream};
+use super::{Cancel, Endpoint, MigrationError, Progress, SendOptions, Stream};
 use crate::config::VmConfig;
 use crate::vm::RunningVm;
 use crate::vstate::memory;
@@ -23,14 +23,44 @@ fn vm_failed(what: &str) -> impl FnOnce(crate::Error) -> MigrationError + '_ {
 /// Migrates the running guest of `vm` (built from `config`) to the destination at `endpoint`.
 /// `report` hears of every round. On success the guest is paused here and runs at the
 /// destination: the caller ends this VM. On failure the guest runs here as before.
+/// `cancel` can stop it from another thread until the destination is told to run the guest.
 pub fn send(
     vm: &RunningVm,
     config: &VmConfig,
     endpoint: &Endpoint,
     options: &SendOptions,
+    cancel: &Cancel,
     report: &mut dyn FnMut(&Progress),
 ) -> Result<Progress, MigrationError> {
-    let mut stream = endpoint.connect()?;
+    let stream = endpoint.connect()?;
+    cancel.begin(&stream)?;
+    let result = send_on(stream, vm, config, options, cancel, report);
+    // A cancel shuts the connection down: whatever failed after it failed because of it.
+    let result = match result {
+        Err(e) if !matches!(e, MigrationError::Unresolved(_)) && cancel.cancelled() => {
+            Err(MigrationError::Cancelled)
+        }
+        other => other,
+    };
+    cancel.end();
+    let unresolved = matches!(result, Err(MigrationError::Unresolved(_)));
+    if result.is_err() && !unresolved && vm.is_paused() {
+        // The last pass failed: the guest continues here, as if nothing happened.
+        if let Err(e) = vm.resume() {
+            tracing::error!("migration failed and the guest could not be resumed: {e}");
+        }
+    }
+    result
+}
+
+fn send_on(
+    mut stream: Stream,
+    vm: &RunningVm,
+    config: &VmConfig,
+    options: &SendOptions,
+    cancel: &Cancel,
+    report: &mut dyn FnMut(&Progress),
+) -> Result<Progress, MigrationError> {
     protocol::write_json(
         &mut stream,
         Kind::Hello,
@@ -50,6 +80,7 @@ pub fn send(
         frame: MemoryFrame::default(),
         buf: vec![0u8; RUN_PAGES * PAGE],
         options,
+        cancel,
         started: Instant::now(),
         progress: Progress::default(),
         processed: 0,
@@ -57,12 +88,6 @@ pub fn send(
     let result = sender.migrate(report);
     let _ = vm.set_throttle(0);
     let _ = vm.stop_dirty_log();
-    if result.is_err() && vm.is_paused() {
-        // The last pass failed: the guest continues here, as if nothing happened.
-        if let Err(e) = vm.resume() {
-            tracing::error!("migration failed and the guest could not be resumed: {e}");
-        }
-    }
     result
 }
 
@@ -72,6 +97,7 @@ struct Sender<'a> {
     frame: MemoryFrame,
     buf: Vec<u8>,
     options: &'a SendOptions,
+    cancel: &'a Cancel,
     started: Instant,
     progress: Progress,
     /// Guest-memory bytes read and sent (as data or as zeros) so far: what the rate that
@@ -209,8 +235,15 @@ impl Sender<'_> {
         let state = self.vm.save().map_err(vm_failed("save the machine"))?;
         protocol::write_json(&mut self.stream, Kind::State, &state)?;
         protocol::read_ack(&mut self.stream, "the machine state")?;
+        self.cancel.commit()?;
         protocol::write_json(&mut self.stream, Kind::Complete, &Complete { resume: true })?;
-        protocol::read_ack(&mut self.stream, "COMPLETE")?;
+        // From here on the destination may run the guest: only its refusal (an ERROR frame)
+        // gives the guest back to this side; silence leaves it paused (see `Unresolved`).
+        match protocol::read_ack(&mut self.stream, "COMPLETE") {
+            Ok(()) => {}
+            Err(e @ MigrationError::Peer(_)) => return Err(e),
+            Err(e) => return Err(MigrationError::Unresolved(e.to_string())),
+        }
         self.progress.round += 1;
         self.progress.bytes_left = 0;
         self.progress.downtime_ms = Some(paused_at.elapsed().as_millis() as u64);

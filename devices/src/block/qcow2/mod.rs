@@ -458,6 +458,34 @@ impl DiskImage for Qcow2Image {
         self.read_only
     }
 
+    fn reload(&mut self) -> Result<(), BlockError> {
+        if !self.l1_dirty.is_empty()
+            || self.l2.has_dirty()
+            || self.refs.has_dirty_blocks()
+            || self.refs.has_dirty_table()
+            || !self.pending_free.is_empty()
+        {
+            return Err(self
+                .corrupt("reloading the metadata while changes to it are not written".to_owned()));
+        }
+        // The backing chain is read-only: it stays as it is.
+        let mut backing = self.backing.take();
+        let fresh = Self::open(self.file.try_clone()?, self.read_only, |path, _| {
+            backing.take().ok_or_else(|| BlockError::Unsupported {
+                path: path.to_path_buf(),
+                feature: "a backing file named after the image was opened".to_owned(),
+            })
+        });
+        match fresh {
+            Ok(fresh) => *self = fresh,
+            Err(e) => {
+                self.backing = backing;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     fn passthrough(
         &mut self,
         bufs: &[VolatileSlice<'_>],

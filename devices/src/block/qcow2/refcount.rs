@@ -314,6 +314,10 @@ impl Refcounts {
         Ok(())
     }
 
+    pub(crate) fn has_dirty_blocks(&self) -> bool {
+        self.blocks.has_dirty()
+    }
+
     pub(crate) fn has_dirty_table(&self) -> bool {
         !self.dirty_table.is_empty()
     }

@@ -188,3 +188,83 @@ fn backing_loops_and_missing_backing_files_are_errors() {
     let err = open_disk(&c, ro()).err().unwrap().to_string();
     assert!(err.contains("unsupported image format 'vmdk'"), "{err}");
 }
+
+/// A live migration's destination opens the disk while the source still writes it, and reads
+/// the metadata again once the source has flushed: it must then see the source's new
+/// clusters, and keep reading through the backing file it already opened.
+#[test]
+fn reload_sees_what_another_writer_flushed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let top = dir.path().join("top.qcow2");
+    fs::write(&base, vec![0x11u8; (2 * MIB) as usize]).unwrap();
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&top),
+        ],
+    );
+    let mut destination = open_disk(&top, rw()).unwrap();
+    let mut source = open_disk(&top, rw()).unwrap();
+    // New clusters (a new L2 table and refcounts), beyond what the destination has read.
+    source.write_at(&[0x22u8; 4096], MIB).unwrap();
+    source.write_at(&[0x33u8; 512], 4096).unwrap();
+    source.flush().unwrap();
+
+    let mut buf = [0u8; 4096];
+    destination.read_at(&mut buf, MIB).unwrap();
+    assert_eq!(buf[0], 0x11, "without a reload the old tables are used");
+    destination.reload().unwrap();
+    destination.read_at(&mut buf, MIB).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x22));
+    destination.read_at(&mut buf, 4096).unwrap();
+    assert!(buf[..512].iter().all(|&b| b == 0x33));
+    assert!(
+        buf[512..].iter().all(|&b| b == 0x11),
+        "through the backing file"
+    );
+    drop(source);
+
+    // The destination goes on writing where the source stopped, without corrupting it.
+    destination.write_at(&[0x44u8; 4096], MIB + 65536).unwrap();
+    destination.flush().unwrap();
+    drop(destination);
+    assert_clean(&top);
+    let guest = qemu_read(&top, &[]);
+    assert!(guest[MIB as usize..][..4096].iter().all(|&b| b == 0x22));
+    assert!(guest[(MIB + 65536) as usize..][..4096]
+        .iter()
+        .all(|&b| b == 0x44));
+
+    // An image with changes of its own not yet written refuses to forget them.
+    let mut disk = open_disk(&top, rw()).unwrap();
+    disk.write_at(&[0x55u8; 4096], 3 * MIB / 2).unwrap();
+    let err = disk.reload().unwrap_err().to_string();
+    assert!(err.contains("not written"), "{err}");
+    disk.flush().unwrap();
+    disk.reload().unwrap();
+
+    // A raw image reads its size again.
+    let raw = dir.path().join("grows.raw");
+    fs::write(&raw, vec![0u8; 4096]).unwrap();
+    let mut disk = open_disk(&raw, rw()).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(8192)
+        .unwrap();
+    assert_eq!(disk.size(), 4096);
+    disk.reload().unwrap();
+    assert_eq!(disk.size(), 8192);
+}

@@ -414,6 +414,14 @@ impl VirtioDevice for VirtioBlk {
         })
     }
 
+    fn reload_backend(&mut self) -> Result<(), VirtioError> {
+        let mut disk = self.disk.lock().unwrap_or_else(|e| e.into_inner());
+        disk.reload().map_err(|e| VirtioError::Io {
+            what: "virtio-blk: read the disk's metadata again",
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
     fn restore_state(&mut self, saved: &SavedState) -> Result<(), PersistError> {
         self.worker = None;
         persist::restore_state(self, saved)

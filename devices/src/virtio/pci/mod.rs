@@ -287,6 +287,12 @@ impl VirtioPciDevice {
         self.device.flush()
     }
 
+    /// Has the device read its backend again (see [`VirtioDevice::reload_backend`]); before a
+    /// restore, while the device is not active.
+    pub fn reload_backend(&mut self) -> Result<(), VirtioError> {
+        self.device.reload_backend()
+    }
+
     /// Continues a paused device where it stopped, or activates it if the driver or a restore
     /// started it while paused. Does nothing unless paused. On failure the device stops, is
     /// marked DEVICE_NEEDS_RESET and the driver is told (as for a failed activation).

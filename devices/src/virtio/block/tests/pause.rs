@@ -38,6 +38,9 @@ impl DiskImage for SlowDisk {
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
         self.inner.write_zeroes(offset, len, may_unmap)
     }
+    fn reload(&mut self) -> Result<(), BlockError> {
+        self.inner.reload()
+    }
     fn is_read_only(&self) -> bool {
         self.inner.is_read_only()
     }
