@@ -86,10 +86,14 @@ fn receive_on(
         .map_err(failed("build the VM"))?;
     protocol::write_frame(stream, Kind::Ack, &[])?;
 
+    let mut buffer = Vec::new();
     let state = loop {
-        let frame = protocol::read_frame(stream)?;
+        let frame = protocol::read_frame_into(stream, buffer)?;
         match frame.kind {
-            Kind::Memory => load(vm.memory(), &frame.payload)?,
+            Kind::Memory => {
+                load(vm.memory(), &frame.payload)?;
+                buffer = frame.payload;
+            }
             Kind::State => break frame.json::<MachineState>()?,
             other => {
                 return Err(MigrationError::Protocol(format!(

@@ -304,8 +304,8 @@ impl Sender<'_> {
         if self.frame.is_empty() {
             return Ok(());
         }
-        let payload = self.frame.take();
-        protocol::write_frame(&mut self.stream, Kind::Memory, &payload)?;
+        protocol::write_frame(&mut self.stream, Kind::Memory, self.frame.payload())?;
+        self.frame.clear();
         if let Some(limit) = self.options.bandwidth_limit.filter(|&l| l > 0) {
             // Stay under the limit on average since the start.
             let due = Duration::from_secs_f64(self.progress.bytes_sent as f64 / limit as f64);
