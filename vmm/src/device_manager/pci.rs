@@ -156,30 +156,26 @@ impl PciSegment {
 
     /// Flushes every device's backend (see `VirtioDevice::flush`); while paused.
     pub fn flush_devices(&self) -> Result<(), Error> {
-        for f in lock(&self.functions).values() {
-            lock(&f.device)
-                .flush()
-                .map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
-        }
-        Ok(())
+        self.on_every_device(VirtioPciDevice::flush)
     }
 
     /// Has every device read its backend again (see [`VirtioDevice::reload_backend`]).
     pub fn reload_backends(&self) -> Result<(), Error> {
-        for f in lock(&self.functions).values() {
-            lock(&f.device)
-                .reload_backend()
-                .map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
-        }
-        Ok(())
+        self.on_every_device(VirtioPciDevice::reload_backend)
     }
 
     /// Restarts the workers [`PciSegment::pause_devices`] stopped.
     pub fn resume_devices(&self) -> Result<(), Error> {
+        self.on_every_device(VirtioPciDevice::resume)
+    }
+
+    /// Calls `op` on every device in slot order; the first failure names its device.
+    fn on_every_device(
+        &self,
+        op: impl Fn(&mut VirtioPciDevice) -> Result<(), devices::virtio::VirtioError>,
+    ) -> Result<(), Error> {
         for f in lock(&self.functions).values() {
-            lock(&f.device)
-                .resume()
-                .map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
+            op(&mut lock(&f.device)).map_err(|e| Error::Device(format!("{}: {e}", f.name)))?;
         }
         Ok(())
     }

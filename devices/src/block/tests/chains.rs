@@ -198,21 +198,11 @@ fn reload_sees_what_another_writer_flushed() {
     let base = dir.path().join("base.raw");
     let top = dir.path().join("top.qcow2");
     fs::write(&base, vec![0x11u8; (2 * MIB) as usize]).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&top),
-        ],
+    // Relative backing name, resolved against the overlay's directory.
+    create(
+        &top,
+        "cluster_size=65536,backing_file=base.raw,backing_fmt=raw",
+        2 * MIB,
     );
     let mut destination = open_disk(&top, rw()).unwrap();
     let mut source = open_disk(&top, rw()).unwrap();
