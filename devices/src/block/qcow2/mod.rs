@@ -465,8 +465,10 @@ impl DiskImage for Qcow2Image {
             || self.refs.has_dirty_table()
             || !self.pending_free.is_empty()
         {
-            return Err(self
-                .corrupt("reloading the metadata while changes to it are not written".to_owned()));
+            return Err(BlockError::Unsupported {
+                path: self.path().to_path_buf(),
+                feature: "reloading the metadata while changes to it are not written".to_owned(),
+            });
         }
         // The backing chain is read-only: it stays as it is.
         let mut backing = self.backing.take();
