@@ -105,15 +105,16 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         "vm.send-migration" => {
             let body: VmSendMigrationData =
                 parse_body("vm.send-migration", "VmSendMigrationData", body)?;
-            if body.local {
+            let endpoint = migration_endpoint(&body.destination_url)?;
+            if body.local && !matches!(endpoint, Endpoint::Unix(_)) {
                 return Err(ApiError::bad_request(
-                    "vm.send-migration: local (memory handed over on one host) is not \
-                     supported yet; leave it false to send memory over the socket",
+                    "vm.send-migration: local (guest memory handed over on one host) needs a \
+                     unix:/PATH destination",
                 ));
             }
             let defaults = SendOptions::default();
             ApiRequest::VmSendMigration {
-                endpoint: migration_endpoint(&body.destination_url)?,
+                endpoint,
                 options: SendOptions {
                     downtime_limit_ms: body.downtime_limit_ms.unwrap_or(defaults.downtime_limit_ms),
                     bandwidth_limit: body.bandwidth_limit,
@@ -121,6 +122,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
                         .completion_timeout_s
                         .unwrap_or(defaults.completion_timeout_s),
                     auto_converge: body.auto_converge,
+                    local: body.local,
                 },
             }
         }
@@ -321,8 +323,8 @@ mod tests {
             ),
             (
                 "vm.send-migration",
-                r#"{"destination_url":"unix:/m","local":true}"#,
-                "not supported yet",
+                r#"{"destination_url":"tcp:h:1","local":true}"#,
+                "needs a unix:/PATH destination",
             ),
             (
                 "vm.receive-migration",
@@ -348,6 +350,20 @@ mod tests {
                 endpoint: Endpoint::Tcp("10.0.0.2:6000".into()),
                 options: SendOptions {
                     downtime_limit_ms: 50,
+                    ..SendOptions::default()
+                },
+            })
+        );
+        assert_eq!(
+            p(
+                "PUT",
+                "vm.send-migration",
+                r#"{"destination_url":"unix:/run/m.sock","local":true}"#
+            ),
+            Ok(ApiRequest::VmSendMigration {
+                endpoint: Endpoint::Unix("/run/m.sock".into()),
+                options: SendOptions {
+                    local: true,
                     ..SendOptions::default()
                 },
             })

@@ -69,8 +69,8 @@ pub enum ApiRequest {
 #[serde(deny_unknown_fields)]
 pub struct VmSendMigrationData {
     pub destination_url: String,
-    /// Cloud Hypervisor's same-host migration by handing over guest memory; not supported
-    /// yet (refused with 400 when true).
+    /// Cloud Hypervisor's same-host migration: the guest memory's memfd is handed over on the
+    /// Unix socket instead of being copied (400 with a tcp: destination).
     #[serde(default)]
     pub local: bool,
     /// The longest pause of the guest for the last pass, in ms (default 300).

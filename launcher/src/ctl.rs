@@ -69,6 +69,10 @@ pub enum CtlAction {
         /// Slow the guest down while it writes memory faster than it can be sent.
         #[arg(long)]
         auto_converge: bool,
+        /// Both podvisors on this host (unix:/PATH): hand the guest memory over instead of
+        /// copying it.
+        #[arg(long)]
+        local: bool,
     },
     /// Wait for a source's send-migration and run its VM here (vm.receive-migration);
     /// returns once the guest runs here.
@@ -122,10 +126,14 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
             bandwidth_limit,
             completion_timeout_s,
             auto_converge,
+            local,
         } => {
             let mut body = serde_json::json!({ "destination_url": destination });
             if *auto_converge {
                 body["auto_converge"] = true.into();
+            }
+            if *local {
+                body["local"] = true.into();
             }
             for (key, value) in [
                 ("downtime_limit_ms", downtime_limit_ms),

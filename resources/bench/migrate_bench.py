@@ -14,6 +14,11 @@ answers at the destination. Reported per VMM, medians over the runs:
   downtime_ms   how long the guest was stopped, as the source VMM reports it (podvisor: from
                 the pause to the destination saying the guest runs; QEMU: query-migrate's
                 downtime)
+  guest_gap_ms  what the guest's user sees: a loop in the guest prints a line every 20 ms on
+                the serial console, this script notes when each arrives (from the source VMM,
+                then from the destination), and reports the longest silence from the start of
+                the migration to the guest's first answer at the destination. The guest's
+                own clock cannot tell (it stops while the guest is paused).
 
 The workload is "idle" (the guest sits at its shell) or "dirty" (a shell loop rewrites 64 MiB
 of its memory with /dev/urandom data all the while).
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from runrecord import RunRecord
@@ -40,6 +46,7 @@ GUEST = os.path.join(ROOT, "target", "guest")
 READY = b"podvisor-guest ready:"
 DIRTY = ("(while :; do dd if=/dev/urandom of=/tmp/blob bs=1M count=64 conv=notrunc; done)"
          " >/dev/null 2>&1 &")
+TICKER = "(i=0; while :; do i=$((i+1)); echo tick$i; usleep 20000; done) &"
 
 
 class Vmm:
@@ -48,8 +55,23 @@ class Vmm:
     def __init__(self, cmd):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
-        os.set_blocking(self.proc.stdout.fileno(), False)
         self.out = b""
+        # When each of the guest's TICKER lines arrived (time.monotonic()).
+        self.ticks = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        """Reads the console as it comes, noting the arrival of each tick line."""
+        line = b""
+        while True:
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                return
+            now = time.monotonic()
+            self.out += chunk
+            line += chunk
+            *done, line = line.split(b"\n")
+            self.ticks += [now for d in done if d.strip().startswith(b"tick")]
 
     def expect(self, pattern, timeout, after=0):
         deadline = time.monotonic() + timeout
@@ -57,14 +79,7 @@ class Vmm:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"no {pattern!r} (rc={self.proc.poll()}):\n"
                                    f"{self.out[-2000:].decode(errors='replace')}")
-            try:
-                chunk = self.proc.stdout.read()
-            except BlockingIOError:
-                chunk = None
-            if chunk:
-                self.out += chunk
-            else:
-                time.sleep(0.01)
+            time.sleep(0.01)
 
     def type(self, line):
         self.proc.stdin.write(line.encode() + b"\n")
@@ -80,6 +95,23 @@ class Vmm:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def start_workload(vm, workload):
+    """Starts the guest's ticker (and, for "dirty", its memory writer) and lets it settle."""
+    vm.answers()
+    vm.type(TICKER)
+    if workload == "dirty":
+        vm.type(DIRTY)
+    time.sleep(5)
+    if not vm.ticks:
+        raise RuntimeError("the guest's ticker prints nothing (usleep missing?)")
+
+
+def guest_gap_ms(src, dst, start, end):
+    """The longest silence of the guest's ticker between `start` and `end` (monotonic s)."""
+    ticks = sorted([start] + [t for t in src.ticks + dst.ticks if start <= t <= end] + [end])
+    return max(b - a for a, b in zip(ticks, ticks[1:])) * 1000
 
 
 def wait_for(path, timeout=30):
@@ -113,10 +145,7 @@ def run_podvisor(args, tmp, workload):
         ctl(src_sock, "create", f"{tmp}/vm.json")
         ctl(src_sock, "boot")
         src.expect(READY, 300)
-        if workload == "dirty":
-            src.answers()
-            src.type(DIRTY)
-            time.sleep(5)
+        start_workload(src, workload)
         wait_for(dst_sock)
         recv = subprocess.Popen([pv, "ctl", "--api-socket", dst_sock, "receive-migration",
                                  f"unix:{mig}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -127,11 +156,12 @@ def run_podvisor(args, tmp, workload):
         if recv.wait(timeout=120) != 0:
             raise RuntimeError(f"receive-migration: {recv.stderr.read().decode()}")
         dst.answers()
+        gap = guest_gap_ms(src, dst, start, time.monotonic())
         with open(events) as f:
             done = [json.loads(line) for line in f if "migration-completed" in line][-1]
         p = done["properties"]
         return {"total_ms": total_ms, "vmm_total_ms": p["total_ms"],
-                "downtime_ms": p["downtime_ms"], "rounds": p["round"]}
+                "downtime_ms": p["downtime_ms"], "guest_gap_ms": gap, "rounds": p["round"]}
     finally:
         src.stop()
         dst.stop()
@@ -177,10 +207,7 @@ def run_qemu(args, tmp, workload):
     dst = Vmm(cmd(f"{tmp}/q2", ("-incoming", f"unix:{mig}")))
     try:
         src.expect(READY, 300)
-        if workload == "dirty":
-            src.answers()
-            src.type(DIRTY)
-            time.sleep(5)
+        start_workload(src, workload)
         q = Qmp(f"{tmp}/q1")
         q.call("migrate-set-parameters", **{"downtime-limit": 300})
         wait_for(mig)
@@ -195,8 +222,9 @@ def run_qemu(args, tmp, workload):
         if info["status"] != "completed":
             raise RuntimeError(f"QEMU migration {info}")
         dst.answers()
+        gap = guest_gap_ms(src, dst, start, time.monotonic())
         return {"total_ms": total_ms, "vmm_total_ms": info.get("total-time"),
-                "downtime_ms": info.get("downtime"),
+                "downtime_ms": info.get("downtime"), "guest_gap_ms": gap,
                 "rounds": info.get("ram", {}).get("dirty-sync-count")}
     finally:
         src.stop()
@@ -241,13 +269,16 @@ def main():
 
     print(f"\n{args.workload} guest, {args.memory} MiB, {args.cpus} vCPU(s), "
           f"{args.runs} runs each (medians):")
-    print(f"{'':10} {'total ms':>10} {'vmm total ms':>13} {'downtime ms':>12} {'rounds':>7}")
+    keys = ("total_ms", "vmm_total_ms", "downtime_ms", "guest_gap_ms", "rounds")
+    widths = (10, 13, 12, 13, 7)
+    print(f"{'':10} {'total ms':>10} {'vmm total ms':>13} {'downtime ms':>12} "
+          f"{'guest gap ms':>13} {'rounds':>7}")
     for name in runners:
-        row = [med(name, k) for k in ("total_ms", "vmm_total_ms", "downtime_ms", "rounds")]
+        row = [med(name, k) for k in keys]
         print(f"{name:10} " + " ".join(f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"
-                                       for v, w in zip(row, (10, 13, 12, 7))))
+                                       for v, w in zip(row, widths)))
     p, q = "podvisor", "qemu pc"
-    for key in ("total_ms", "downtime_ms"):
+    for key in ("total_ms", "downtime_ms", "guest_gap_ms"):
         a, b = med(p, key), med(q, key)
         if a is not None and b:
             print(f"{key}: podvisor / QEMU = {a / b:.2f}")

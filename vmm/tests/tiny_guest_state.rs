@@ -429,8 +429,46 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
         assert!(source_events.contains(event), "{event}: {source_events}");
     }
 
-    // A real destination takes the guest while it runs; it finishes its count there, its
-    // memory (counted beside a register) consistent, its output whole and once.
+    // A second VMM on this host takes the guest with its memory handed over (local): only the
+    // state is sent. Then a real destination takes it from there while it runs; it finishes
+    // its count there, its memory (counted beside a register) consistent, its output whole
+    // and once.
+    let (middle, middle_thread, middle_events) = g.controller_with_events_in("middle-events");
+    let local_socket = g.dir.join("local.sock");
+    let receiving = {
+        let middle = middle.clone();
+        let endpoint = Endpoint::Unix(local_socket.clone());
+        std::thread::spawn(move || middle.handle(Request::ReceiveMigration(endpoint)))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !local_socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no local destination");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let local = SendOptions {
+        local: true,
+        ..options.clone()
+    };
+    source
+        .handle(Request::SendMigration(Endpoint::Unix(local_socket), local))
+        .unwrap();
+    receiving.join().unwrap().unwrap();
+    assert_eq!(
+        state(&source),
+        None,
+        "the source has no VM after the migration"
+    );
+    assert_eq!(state(&middle), Some(VmState::Running));
+    let handed: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(g.dir.join("events"))
+            .unwrap()
+            .lines()
+            .rfind(|l| l.contains("migration-completed"))
+            .expect("the source's migration-completed event"),
+    )
+    .unwrap();
+    assert_eq!(handed["properties"]["bytes_sent"], 0, "{handed}");
+
     let (dest, dest_thread, dest_events) = g.controller_with_events_in("dest-events");
     // Over TCP on the loopback (the broken destinations above were Unix sockets).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -448,7 +486,7 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
     // Until the destination listens, the source cannot connect (and keeps its VM).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match source.handle(Request::SendMigration(endpoint.clone(), options.clone())) {
+        match middle.handle(Request::SendMigration(endpoint.clone(), options.clone())) {
             Ok(_) => break,
             Err(ControlError::Invalid(m))
                 if m.contains("cannot connect") && std::time::Instant::now() < deadline =>
@@ -460,7 +498,7 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
     }
     receiving.join().unwrap().unwrap();
     assert_eq!(
-        state(&source),
+        state(&middle),
         None,
         "the source has no VM after the migration"
     );
@@ -478,7 +516,11 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
         before < u64::from(COUNT),
         "migrated before the guest finished ({before} letters printed)"
     );
-    for (ctl, thread) in [(source, source_thread), (dest, dest_thread)] {
+    for (ctl, thread) in [
+        (source, source_thread),
+        (middle, middle_thread),
+        (dest, dest_thread),
+    ] {
         ctl.handle(Request::ShutdownVmm).unwrap();
         thread.join().unwrap().unwrap();
     }
@@ -492,9 +534,9 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
     for event in ["migration-receiving", "migration-completed"] {
         assert!(events.contains(event), "{event}: {events}");
     }
-    // The source's last event has the migration's figures.
+    // The sender's last event has the migration's figures.
     let last: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(g.dir.join("events"))
+        std::fs::read_to_string(middle_events)
             .unwrap()
             .lines()
             .rfind(|l| l.contains("migration-completed"))

@@ -254,6 +254,41 @@ impl Stream {
         })
     }
 
+    /// Hands `file` to the peer (a Unix socket's SCM_RIGHTS), with one byte of data.
+    fn send_file(&self, file: &std::fs::File) -> Result<(), MigrationError> {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let Stream::Unix(s) = self else {
+            return Err(MigrationError::Invalid(
+                "local: the memory can only be handed over on a Unix socket".into(),
+            ));
+        };
+        s.send_with_fd(&b"M"[..], file.as_raw_fd()).map_err(|e| {
+            MigrationError::Connection(std::io::Error::from_raw_os_error(e.errno()))
+        })?;
+        Ok(())
+    }
+
+    /// Takes the file [`Stream::send_file`] handed over.
+    fn recv_file(&self) -> Result<std::fs::File, MigrationError> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let Stream::Unix(s) = self else {
+            return Err(MigrationError::Protocol(
+                "local: the memory can only be handed over on a Unix socket".into(),
+            ));
+        };
+        let mut byte = [0u8; 1];
+        let (n, file) = s.recv_with_fd(&mut byte).map_err(|e| {
+            MigrationError::Connection(std::io::Error::from_raw_os_error(e.errno()))
+        })?;
+        match file {
+            Some(file) if n == 1 && byte[0] == b'M' => Ok(file),
+            _ => Err(MigrationError::Protocol(
+                "local: expected the guest memory's file, got none".into(),
+            )),
+        }
+    }
+
     /// Ends the connection both ways: a read or write waiting on it returns at once.
     fn shut_down(&self) {
         let _ = match self {
@@ -354,6 +389,9 @@ pub struct SendOptions {
     /// Slow the guest's vCPUs down, more every round, while it writes memory faster than
     /// it can be sent (QEMU's and KubeVirt's auto-converge).
     pub auto_converge: bool,
+    /// Both VMMs on this host (a Unix socket): hand the guest memory's memfd over instead of
+    /// copying it (Cloud Hypervisor's `local`). The guest is paused only for the state.
+    pub local: bool,
 }
 
 impl Default for SendOptions {
@@ -363,6 +401,7 @@ impl Default for SendOptions {
             bandwidth_limit: None,
             completion_timeout_s: 600,
             auto_converge: false,
+            local: false,
         }
     }
 }

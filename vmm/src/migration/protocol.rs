@@ -3,12 +3,16 @@
 //!
 //! ```text
 //! frame   := magic "PVMG" | kind u32 | length u32 | crc32 u32 | payload[length]   (little-endian)
-//! sender  → HELLO {format, version} → CONFIG VmConfig → MEMORY... → STATE MachineState → COMPLETE
+//! sender  → HELLO {format, version, local} → CONFIG VmConfig [→ MEMFD] → MEMORY...
+//!           → STATE MachineState → COMPLETE
 //! receiver  answers HELLO, CONFIG, STATE and COMPLETE with ACK, or anything with ERROR(reason)
 //! MEMORY  := (gpa u64 | length u32 | kind u32 [| data[length] when kind is DATA])...
+//! MEMFD   := one byte "M" carrying the guest memory's memfd (SCM_RIGHTS; `local` only)
 //! ```
 //! JSON payloads carry the configuration and machine state (the snapshot's formats); memory
-//! travels as binary pages, all-zero pages as a range without data.
+//! travels as binary pages, all-zero pages as a range without data. With `local` (both VMMs on
+//! one host, a Unix socket) the memory is not sent at all: the destination maps the source's
+//! memfd, and no MEMORY frames follow.
 
 use std::io::{Read, Write};
 
@@ -20,7 +24,7 @@ const MAGIC: [u8; 4] = *b"PVMG";
 /// The stream's name in HELLO.
 pub const FORMAT: &str = "podvisor-migration";
 /// The version of the stream this podvisor sends and receives.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The largest frame either side accepts (a memory frame is at most [`MEMORY_FRAME`] of
 /// data plus its entries).
 const MAX_FRAME: u32 = 64 << 20;
@@ -59,6 +63,9 @@ impl Kind {
 pub struct Hello {
     pub format: String,
     pub version: u32,
+    /// The guest memory's memfd follows CONFIG; no memory is sent.
+    #[serde(default)]
+    pub local: bool,
 }
 
 /// COMPLETE's payload: whether the destination resumes the guest (it was running).

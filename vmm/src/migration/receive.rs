@@ -78,8 +78,14 @@ fn receive_on(
     // open fails the migration before any memory is sent) and read again at the switch-over.
     let failed =
         |what: &'static str| move |e: crate::Error| MigrationError::Vm(format!("{what}: {e}"));
-    let memory = memory::create_guest_memory(config.memory.size)
-        .map_err(|e| MigrationError::Vm(e.to_string()))?;
+    let memory = if hello.local {
+        // The source's own memory, shared: nothing will be copied.
+        let memfd = stream.recv_file()?;
+        memory::guest_memory_from_memfd(&memfd, config.memory.size)
+    } else {
+        memory::create_guest_memory(config.memory.size)
+    }
+    .map_err(|e| MigrationError::Vm(e.to_string()))?;
     let console = Console::new(&config.serial).map_err(|e| failed("the console")(e.into()))?;
     let backends = Backends::open(&config).map_err(failed("open the VM's disks and taps"))?;
     let vm = builder::build_on(kvm, template, &config, &console, &backends, memory)
@@ -90,6 +96,11 @@ fn receive_on(
     let state = loop {
         let frame = protocol::read_frame_into(stream, buffer)?;
         match frame.kind {
+            Kind::Memory if hello.local => {
+                return Err(MigrationError::Protocol(
+                    "memory sent although it was handed over (local)".into(),
+                ))
+            }
             Kind::Memory => {
                 load(vm.memory(), &frame.payload)?;
                 buffer = frame.payload;

@@ -67,13 +67,22 @@ fn send_on(
         &Hello {
             format: protocol::FORMAT.into(),
             version: protocol::VERSION,
+            local: options.local,
         },
     )?;
     protocol::read_ack(&mut stream, "HELLO")?;
     protocol::write_json(&mut stream, Kind::Config, config)?;
+    if options.local {
+        let memfd = memory::memfd_of(vm.memory()).ok_or_else(|| {
+            MigrationError::Vm("local: the guest memory has no memfd to hand over".into())
+        })?;
+        stream.send_file(memfd)?;
+    }
     protocol::read_ack(&mut stream, "the configuration")?;
-    vm.start_dirty_log()
-        .map_err(vm_failed("start logging dirty pages"))?;
+    if !options.local {
+        vm.start_dirty_log()
+            .map_err(vm_failed("start logging dirty pages"))?;
+    }
     let mut sender = Sender {
         vm,
         stream,
@@ -107,6 +116,10 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     fn migrate(&mut self, report: &mut dyn FnMut(&Progress)) -> Result<Progress, MigrationError> {
+        if self.options.local {
+            // The destination maps this very memory: nothing to copy, only the state.
+            return self.switch_over(Vec::new(), report);
+        }
         // Round 1: all of memory but its zero pages (the destination's are zero already);
         // what the guest never wrote is not even read.
         let round_start = Instant::now();
@@ -222,16 +235,18 @@ impl Sender<'_> {
         self.vm
             .flush_disks()
             .map_err(vm_failed("flush the disks"))?;
-        let last = self
-            .vm
-            .dirty_pages()
-            .map_err(vm_failed("read the dirty-page log"))?;
-        for (words, more) in dirty.iter_mut().zip(last) {
-            for (w, m) in words.iter_mut().zip(more) {
-                *w |= m;
+        if !self.options.local {
+            let last = self
+                .vm
+                .dirty_pages()
+                .map_err(vm_failed("read the dirty-page log"))?;
+            for (words, more) in dirty.iter_mut().zip(last) {
+                for (w, m) in words.iter_mut().zip(more) {
+                    *w |= m;
+                }
             }
+            self.send_dirty(&dirty)?;
         }
-        self.send_dirty(&dirty)?;
         let state = self.vm.save().map_err(vm_failed("save the machine"))?;
         protocol::write_json(&mut self.stream, Kind::State, &state)?;
         protocol::read_ack(&mut self.stream, "the machine state")?;

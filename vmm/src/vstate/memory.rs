@@ -2,7 +2,7 @@
 //! hand the same pages to another process.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use devices::{GuestMemoryMmap, GuestRegionMmap};
 use vm_memory::bitmap::AtomicBitmap;
@@ -36,6 +36,9 @@ pub enum MemoryError {
     },
     #[error("cannot assemble guest memory regions: {0}")]
     Regions(String),
+    /// A guest memory file handed over by another VMM does not fit.
+    #[error("the guest memory file handed over {0}")]
+    Handed(String),
 }
 
 /// The guest-physical RAM ranges for `size` bytes of RAM: below the 32-bit MMIO hole, then the
@@ -82,7 +85,8 @@ pub fn check_host_capacity(size: u64) -> Result<(), MemoryError> {
 fn memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
     // SAFETY: `name` is a valid NUL-terminated string and the flags are valid; the returned
     // descriptor is checked before use.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -164,7 +168,21 @@ pub fn data_ranges(region: &GuestRegionMmap) -> Vec<(u64, u64)> {
     ranges
 }
 
-/// Creates `size` bytes of zeroed, memfd-backed guest RAM laid out by [`ram_ranges`].
+/// Seals that keep a guest memory file at its size: a mapping of it never reaches past its end
+/// (which would be SIGBUS for whoever touches it), whoever else holds it.
+const SIZE_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+fn seals(file: &File) -> std::io::Result<libc::c_int> {
+    // SAFETY: F_GET_SEALS reads the seals of a descriptor this `File` owns; no memory is passed.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(seals)
+}
+
+/// Creates `size` bytes of zeroed, memfd-backed guest RAM laid out by [`ram_ranges`]. The
+/// memfd is sealed at its size, so that it can be handed to another VMM ([`memfd_of`]).
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     check_host_capacity(size)?;
     let file = memfd(c"podvisor-guest-ram")?;
@@ -177,6 +195,44 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     }
     file.set_len(size)
         .map_err(|source| MemoryError::Truncate { size, source })?;
+    // SAFETY: F_ADD_SEALS on a descriptor this `File` owns, with valid seal flags.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, SIZE_SEALS) } < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    map_guest_memory(&file, size)
+}
+
+/// Maps guest RAM that another VMM on this host handed over (a live migration's `local`
+/// mode): the same pages, shared. The file must be a guest memory file of exactly `size`
+/// bytes, sealed at that size.
+pub fn guest_memory_from_memfd(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let len = file.metadata().map_err(MemoryError::Memfd)?.len();
+    if len != size {
+        return Err(MemoryError::Handed(format!(
+            "holds {len} bytes; the VM has {size}"
+        )));
+    }
+    let sealed = seals(file).map_err(|e| MemoryError::Handed(format!("has no seals ({e})")))?;
+    if sealed & SIZE_SEALS != SIZE_SEALS {
+        return Err(MemoryError::Handed(
+            "is not sealed at its size (it could shrink under the guest)".into(),
+        ));
+    }
+    map_guest_memory(file, size)
+}
+
+/// The memfd behind `memory` (every region maps a part of it).
+pub fn memfd_of(memory: &GuestMemoryMmap) -> Option<&File> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    memory
+        .iter()
+        .next()
+        .and_then(|r| r.file_offset())
+        .map(|f| f.file())
+}
+
+/// Maps `file` (`size` bytes) as guest RAM laid out by [`ram_ranges`].
+fn map_guest_memory(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let mut regions = Vec::new();
     let mut offset = 0;
     for (addr, len) in ram_ranges(size) {
@@ -249,6 +305,24 @@ mod tests {
         assert!(ranges[0].0 <= 0x30_0000 && ranges[0].0 + ranges[0].1 > 0x30_0000);
         assert!(ranges[1].0 <= 0x200_0000 && ranges[1].0 + ranges[1].1 > 0x200_0000);
         assert!(ranges.iter().map(|r| r.1).sum::<u64>() <= 4 << 20);
+    }
+
+    #[test]
+    fn memory_handed_over_is_the_same_pages_and_must_fit() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let file = memfd_of(&mem).unwrap();
+        let other = guest_memory_from_memfd(file, 64 << 20).unwrap();
+        mem.write_obj(0x5au8, GuestAddress(0x12_3456)).unwrap();
+        assert_eq!(other.read_obj::<u8>(GuestAddress(0x12_3456)).unwrap(), 0x5a);
+        // Sealed at its size: it cannot shrink under the other side.
+        assert!(file.set_len(32 << 20).is_err());
+        let err = guest_memory_from_memfd(file, 128 << 20).unwrap_err();
+        assert!(err.to_string().contains("holds 67108864 bytes"), "{err}");
+        // A file that could shrink is refused.
+        let loose = memfd(c"test-unsealed").unwrap();
+        loose.set_len(64 << 20).unwrap();
+        let err = guest_memory_from_memfd(&loose, 64 << 20).unwrap_err();
+        assert!(err.to_string().contains("not sealed"), "{err}");
     }
 
     #[test]
