@@ -294,6 +294,16 @@ fn broken_destination(socket: PathBuf, cut: u32) -> std::thread::JoinHandle<()> 
     })
 }
 
+/// The last `migration-completed` event in the event file at `path`.
+fn last_migration_completed(path: &std::path::Path) -> serde_json::Value {
+    let events = std::fs::read_to_string(path).unwrap();
+    let line = events
+        .lines()
+        .rfind(|l| l.contains("migration-completed"))
+        .unwrap_or_else(|| panic!("no migration-completed event in {}", path.display()));
+    serde_json::from_str(line).unwrap()
+}
+
 #[test]
 fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
     use vmm::controller::{ControlError, Reply, Request};
@@ -459,14 +469,7 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
         "the source has no VM after the migration"
     );
     assert_eq!(state(&middle), Some(VmState::Running));
-    let handed: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(g.dir.join("events"))
-            .unwrap()
-            .lines()
-            .rfind(|l| l.contains("migration-completed"))
-            .expect("the source's migration-completed event"),
-    )
-    .unwrap();
+    let handed = last_migration_completed(&g.dir.join("events"));
     assert_eq!(handed["properties"]["bytes_sent"], 0, "{handed}");
 
     let (dest, dest_thread, dest_events) = g.controller_with_events_in("dest-events");
@@ -535,14 +538,7 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
         assert!(events.contains(event), "{event}: {events}");
     }
     // The sender's last event has the migration's figures.
-    let last: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(middle_events)
-            .unwrap()
-            .lines()
-            .rfind(|l| l.contains("migration-completed"))
-            .expect("the source's migration-completed event"),
-    )
-    .unwrap();
+    let last = last_migration_completed(&middle_events);
     let figures = &last["properties"];
     assert!(
         figures["downtime_ms"].is_u64()
