@@ -10,7 +10,9 @@
 #        PODVISOR_TESTHOST_APPEND="..." (extra L2 kernel command line; kvm_amd.X=Y words
 #        reach the KVM module),
 #        PODVISOR_TESTHOST_QEMU=PATH, PODVISOR_TESTHOST_VIRTIOFSD=PATH (another emulator/virtiofsd),
-#        PODVISOR_TESTHOST_ACCEL (default tcg,thread=multi), PODVISOR_TESTHOST_CPU (default max).
+#        PODVISOR_TESTHOST_ACCEL (default tcg,thread=multi), PODVISOR_TESTHOST_CPU (default max),
+#        PODVISOR_TESTHOST_KERNEL_PKG (another Debian kernel package for the test host only,
+#        e.g. linux-image-6.12.57+deb12-cloud-amd64; the guests keep theirs).
 set -euo pipefail
 PV_DIE_RC=125
 
@@ -43,14 +45,20 @@ CPU_MODEL="${PODVISOR_TESTHOST_CPU:-max}"
 [[ "$(id -u)" == 0 ]] || pv_die "must run as root (virtiofsd shares / and runs the command as root)"
 
 # ---- the test host's kernel + initramfs (cached) ----------------------------
-OUT="$PV_ROOT/target/testhost"
 MODULES=(
     irqbypass kvm kvm_amd kvm_intel
     virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     fuse virtiofs virtio_console tun
 )
+kpkg="${PODVISOR_TESTHOST_KERNEL_PKG:-}"
+if [[ -n "$kpkg" ]]; then
+    [[ "$kpkg" =~ ^linux-image-[A-Za-z0-9.+~-]+$ ]] || pv_die "PODVISOR_TESTHOST_KERNEL_PKG must name a linux-image-... package, not '$kpkg'"
+    OUT="$PV_ROOT/target/testhost/kernel-$kpkg" # beside the default one: candidates alternate
+else
+    kpkg="$(pv_kernel_pkg)"
+    OUT="$PV_ROOT/target/testhost"
+fi
 mkdir -p "$OUT"
-kpkg="$(pv_kernel_pkg)"
 PV_STAMP_EXTRA="$kpkg ${MODULES[*]}"
 stamp="$(pv_stamp "$PV_LIB_DIR/lib.sh" "$HERE/init" "$HERE/run.sh")"
 up_to_date() { [[ -s "$OUT/vmlinux" && -s "$OUT/initramfs.cpio" && "$(cat "$OUT/.stamp" 2>/dev/null)" == "$stamp" ]]; }
