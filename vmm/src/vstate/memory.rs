@@ -142,11 +142,15 @@ pub(crate) fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Re
 /// Without a file behind the region, or where the file cannot tell, the whole region.
 pub fn data_ranges(region: &GuestRegionMmap) -> Vec<(u64, u64)> {
     use vm_memory::GuestMemoryRegion;
-    let len = region.len();
-    let Some(file_offset) = region.file_offset() else {
-        return vec![(0, len)];
-    };
-    let (file, base) = (file_offset.file(), file_offset.start());
+    match region.file_offset() {
+        Some(f) => file_data_ranges(f.file(), f.start(), region.len()),
+        None => vec![(0, region.len())],
+    }
+}
+
+/// The parts of `file`'s `[base, base + len)` that hold data, as (offset from `base`, length),
+/// in order; holes read as zeros. Where the file cannot tell, all of it.
+pub(crate) fn file_data_ranges(file: &File, base: u64, len: u64) -> Vec<(u64, u64)> {
     let mut ranges = Vec::new();
     let mut at = 0;
     while at < len {
