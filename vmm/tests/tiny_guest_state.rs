@@ -120,16 +120,12 @@ fn a_restore_refuses_a_machine_of_another_shape() {
 #[test]
 fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
     use std::os::unix::fs::MetadataExt;
-    use vmm::controller::{ControlError, Reply, Request};
+    use vmm::controller::{ControlError, Request};
     use vmm::lifecycle::VmState;
 
     let g = TinyGuest::new("snapshot");
     let (cfg, serial) = counting_config(&g);
     let snap = g.dir.join("snap");
-    let state = |ctl: &Controller| match ctl.handle(Request::Info) {
-        Ok(Reply::Info { state, .. }) => Some(state),
-        _ => None,
-    };
     {
         let (ctl, thread, _) = g.controller_with_events();
         ctl.handle(Request::Create(Box::new(cfg.clone()))).unwrap();
@@ -235,16 +231,12 @@ fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
         "a restored VM stays paused"
     );
     ctl.handle(Request::Resume).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while state(&ctl) != Some(VmState::Shutdown) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the restored guest does not finish: {:?}, {} bytes printed",
-            state(&ctl),
-            std::fs::read(&serial).unwrap().len(),
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_until_shut_down(&ctl, 20, || {
+        format!(
+            "the restored guest does not finish ({} bytes printed)",
+            std::fs::read(&serial).unwrap().len()
+        )
+    });
     ctl.handle(Request::ShutdownVmm).unwrap();
     thread.join().unwrap().unwrap();
     assert_eq!(
@@ -262,6 +254,28 @@ fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
 /// A destination that breaks off at `cut`: 0 closes at once, 1 after HELLO, 2 at the first
 /// memory frame, 3 answers the machine state with an error, 4 closes instead of confirming
 /// that the guest runs (the source cannot know whether it does), 5 refuses to run it.
+/// The state of the VM behind `ctl` (None: it has none).
+fn state(ctl: &vmm::controller::Controller) -> Option<vmm::lifecycle::VmState> {
+    match ctl.handle(vmm::controller::Request::Info) {
+        Ok(vmm::controller::Reply::Info { state, .. }) => Some(state),
+        _ => None,
+    }
+}
+
+/// Waits until the guest behind `ctl` has shut down; after `secs`, fails with `why()`.
+fn wait_until_shut_down(ctl: &vmm::controller::Controller, secs: u64, why: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while state(ctl) != Some(vmm::lifecycle::VmState::Shutdown) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: {:?}",
+            why(),
+            state(ctl)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn broken_destination(socket: PathBuf, cut: u32) -> std::thread::JoinHandle<()> {
     use vmm::migration::protocol::{self, Kind};
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
@@ -319,10 +333,6 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
     cfg.rng = Some(RngConfig {
         src: "/dev/urandom".into(),
     });
-    let state = |ctl: &Controller| match ctl.handle(Request::Info) {
-        Ok(Reply::Info { state, .. }) => Some(state),
-        _ => None,
-    };
     let printed = || std::fs::metadata(&serial).map_or(0, |m| m.len());
     let (source, source_thread, events) = g.controller_with_events();
     source
@@ -505,16 +515,12 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
         None,
         "the source has no VM after the migration"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while state(&dest) != Some(VmState::Shutdown) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the migrated guest does not finish: {:?}, {} bytes printed",
-            state(&dest),
+    wait_until_shut_down(&dest, 60, || {
+        format!(
+            "the migrated guest does not finish ({} bytes printed)",
             printed()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+        )
+    });
     assert!(
         before < u64::from(COUNT),
         "migrated before the guest finished ({before} letters printed)"
