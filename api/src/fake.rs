@@ -118,11 +118,13 @@ impl VmmBackend for FakeVmm {
         }
         // A restore takes the snapshot's configuration (and refuses a snapshot that is not one).
         let restored = match &request {
-            ApiRequest::VmRestore { dir } => Some(
-                vmm::snapshot::read(dir)
+            ApiRequest::VmRestore { dir, net } => {
+                let mut config = vmm::snapshot::read(dir)
                     .map_err(|e| ApiError::bad_request(e.to_string()))?
-                    .config,
-            ),
+                    .config;
+                vmm::backends::retap(&mut config, net).map_err(ApiError::bad_request)?;
+                Some(config)
+            }
             _ => None,
         };
         *vm = match (request, next, vm.take()) {

@@ -98,8 +98,10 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         }
         "vm.restore" => {
             let body: RestoreConfig = parse_body("vm.restore", "RestoreConfig", body)?;
+            no_net_fds("vm.restore", body.net_fds.is_some())?;
             ApiRequest::VmRestore {
                 dir: dir_from_url(&body.source_url)?,
+                net: body.net,
             }
         }
         "vm.send-migration" => {
@@ -129,8 +131,10 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
         "vm.receive-migration" => {
             let body: VmReceiveMigrationData =
                 parse_body("vm.receive-migration", "VmReceiveMigrationData", body)?;
+            no_net_fds("vm.receive-migration", body.net_fds.is_some())?;
             ApiRequest::VmReceiveMigration {
                 endpoint: migration_endpoint(&body.receiver_url)?,
+                net: body.net,
             }
         }
         other => {
@@ -169,6 +173,18 @@ fn parse_body<T: serde::de::DeserializeOwned>(
         )));
     }
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid {what}: {e}")))
+}
+
+/// Cloud Hypervisor's `net_fds` hands taps over as descriptors on the API socket; this API
+/// takes none, so a request relying on them is refused rather than restored without them.
+fn no_net_fds(what: &str, given: bool) -> Result<(), ApiError> {
+    if given {
+        return Err(ApiError::bad_request(format!(
+            "{what}: net_fds (taps passed as file descriptors) is not supported; name the taps \
+             instead: \"net\": [{{\"id\": \"<interface id>\", \"tap\": \"<tap name>\"}}]"
+        )));
+    }
+    Ok(())
 }
 
 fn migration_endpoint(url: &str) -> Result<Endpoint, ApiError> {
@@ -299,7 +315,22 @@ mod tests {
                 r#"{"source_url":"file:///tmp/s","prefault":true}"#
             ),
             Ok(ApiRequest::VmRestore {
-                dir: "/tmp/s".into()
+                dir: "/tmp/s".into(),
+                net: vec![],
+            })
+        );
+        assert_eq!(
+            p(
+                "PUT",
+                "vm.restore",
+                r#"{"source_url":"file:///tmp/s","net":[{"id":"_net0","tap":"tap7"}]}"#
+            ),
+            Ok(ApiRequest::VmRestore {
+                dir: "/tmp/s".into(),
+                net: vec![vmm::config::NetRetap {
+                    id: "_net0".into(),
+                    tap: "tap7".into()
+                }],
             })
         );
         for (endpoint, body, needle) in [
@@ -315,6 +346,21 @@ mod tests {
                 "absolute",
             ),
             ("vm.restore", r#"{"source":"file:///x"}"#, "unknown field"),
+            (
+                "vm.restore",
+                r#"{"source_url":"file:///x","net_fds":[{"id":"n","num_fds":1}]}"#,
+                "net_fds (taps passed as file descriptors) is not supported",
+            ),
+            (
+                "vm.restore",
+                r#"{"source_url":"file:///x","net":[{"id":"n"}]}"#,
+                "missing field `tap`",
+            ),
+            (
+                "vm.receive-migration",
+                r#"{"receiver_url":"unix:/m","net_fds":[]}"#,
+                "name the taps instead",
+            ),
             ("vm.send-migration", "", "needs a VmSendMigrationData"),
             (
                 "vm.send-migration",
@@ -376,6 +422,21 @@ mod tests {
             ),
             Ok(ApiRequest::VmReceiveMigration {
                 endpoint: Endpoint::Unix("/run/m.sock".into()),
+                net: vec![],
+            })
+        );
+        assert_eq!(
+            p(
+                "PUT",
+                "vm.receive-migration",
+                r#"{"receiver_url":"unix:/m","net":[{"id":"a","tap":"b"}]}"#
+            ),
+            Ok(ApiRequest::VmReceiveMigration {
+                endpoint: Endpoint::Unix("/m".into()),
+                net: vec![vmm::config::NetRetap {
+                    id: "a".into(),
+                    tap: "b".into()
+                }],
             })
         );
         assert_eq!(ROUTES.len(), count + 5);

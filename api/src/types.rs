@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use vmm::config::VmConfig;
+use vmm::config::{NetRetap, VmConfig};
 use vmm::lifecycle::VmState;
 use vmm::migration::{Endpoint, MigrationInfo, SendOptions};
 
@@ -44,8 +44,9 @@ pub enum ApiRequest {
     /// (absent or empty). `Paused` only; the VM stays paused.
     VmSnapshot { dir: PathBuf },
     /// `PUT vm.restore {"source_url":"file:///DIR"}`: bring back the VM snapshotted in DIR,
-    /// paused. No VM → `Paused`.
-    VmRestore { dir: PathBuf },
+    /// paused, its network interfaces on the taps `net` names instead of the snapshot's.
+    /// No VM → `Paused`.
+    VmRestore { dir: PathBuf, net: Vec<NetRetap> },
     /// `PUT vm.send-migration {"destination_url":"unix:/PATH"|"tcp:HOST:PORT", ...}`: live-migrate
     /// the running VM to a podvisor waiting in `vm.receive-migration`; answers when the guest
     /// runs there. `Running` → no VM (on failure the VM runs on here, unchanged).
@@ -54,8 +55,12 @@ pub enum ApiRequest {
         options: SendOptions,
     },
     /// `PUT vm.receive-migration {"receiver_url":...}`: wait for a source and take its VM;
-    /// answers when the guest runs here. No VM → `Running`.
-    VmReceiveMigration { endpoint: Endpoint },
+    /// answers when the guest runs here; its network interfaces on the taps `net` names instead
+    /// of the source's. No VM → `Running`.
+    VmReceiveMigration {
+        endpoint: Endpoint,
+        net: Vec<NetRetap>,
+    },
     /// `PUT vm.cancel-migration`: stop the outgoing migration under way; the guest runs on
     /// here and `vm.send-migration` answers that it was cancelled. `Running` only, and only
     /// while a migration is under way and the destination has not been told to run the guest
@@ -92,6 +97,12 @@ pub struct VmSendMigrationData {
 #[serde(deny_unknown_fields)]
 pub struct VmReceiveMigrationData {
     pub receiver_url: String,
+    /// Other taps for the VM's network interfaces (podvisor's; see [`RestoreConfig::net`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetRetap>,
+    /// Cloud Hypervisor's taps as descriptors passed on the socket: refused with a reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_fds: Option<serde_json::Value>,
 }
 
 /// `vm.snapshot`'s body (Cloud Hypervisor's `VmSnapshotConfig`).
@@ -109,6 +120,14 @@ pub struct RestoreConfig {
     pub source_url: String,
     #[serde(default)]
     pub prefault: bool,
+    /// Other taps for the VM's network interfaces, by interface ID (`[{"id":"net0",
+    /// "tap":"tap7"}]`): the snapshot's may not exist here, or be in use. The guest keeps its
+    /// MAC. podvisor's counterpart of Cloud Hypervisor's `net_fds`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetRetap>,
+    /// Cloud Hypervisor's taps as descriptors passed on the socket: refused with a reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_fds: Option<serde_json::Value>,
 }
 
 /// Per-device counters: device id → counter name → value (Cloud Hypervisor's `VmCounters`).

@@ -46,6 +46,7 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("brought_back").args(["restore", "receive_migration"])))]
 pub struct RunArgs {
     /// Kernel to boot: a bzImage, or an ELF vmlinux with a PVH entry point.
     #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "receive_migration"])]
@@ -64,6 +65,12 @@ pub struct RunArgs {
         "restore",
     ])]
     pub receive_migration: Option<String>,
+    /// With --restore or --receive-migration: put the VM's network interface ID (its `id=`,
+    /// or _net<N>) on tap TAP instead of the snapshot's or the source's; the guest keeps its
+    /// MAC. Repeat for more interfaces.
+    #[arg(long, value_name = "ID=TAP", value_parser = vmm::config::NetRetap::parse,
+          requires = "brought_back")]
+    pub net_tap: Vec<vmm::config::NetRetap>,
     /// Initramfs (cpio archive, optionally compressed).
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
@@ -180,6 +187,17 @@ mod tests {
         }
         let e = parse(&["run"]).unwrap_err();
         assert!(e.to_string().contains("--kernel"), "{e}");
+    }
+
+    #[test]
+    fn net_tap_only_with_a_vm_brought_back() {
+        let a = run_args(&["run", "--restore", "/s", "--net-tap", "_net0=tap9"]);
+        assert_eq!(a.net_tap[0].id, "_net0");
+        assert_eq!(a.net_tap[0].tap, "tap9");
+        let a = run_args(&["run", "--receive-migration", "unix:/m", "--net-tap", "n=t"]);
+        assert_eq!(a.net_tap.len(), 1);
+        let e = parse(&["run", "--kernel", "/k", "--net-tap", "n=t"]).unwrap_err();
+        assert!(e.to_string().contains("--restore"), "{e}");
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum CtlAction {
     Restore {
         #[arg(value_name = "DIR|file:///DIR")]
         source: String,
+        /// Put the VM's network interface ID on tap TAP instead of the snapshot's (repeatable).
+        #[arg(long, value_name = "ID=TAP", value_parser = vmm::config::NetRetap::parse)]
+        net_tap: Vec<vmm::config::NetRetap>,
     },
     /// Live-migrate the running VM to a podvisor waiting in receive-migration
     /// (vm.send-migration); returns once the guest runs there.
@@ -79,6 +82,9 @@ pub enum CtlAction {
     ReceiveMigration {
         #[arg(value_name = "unix:/PATH|tcp:HOST:PORT")]
         receiver: String,
+        /// Put the VM's network interface ID on tap TAP instead of the source's (repeatable).
+        #[arg(long, value_name = "ID=TAP", value_parser = vmm::config::NetRetap::parse)]
+        net_tap: Vec<vmm::config::NetRetap>,
     },
     /// Stop the outgoing migration under way (vm.cancel-migration); the guest runs on at the
     /// source.
@@ -116,43 +122,7 @@ impl CtlAction {
 /// or an unreachable socket is an `Err` with one line for the user.
 pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
     let (method, endpoint) = args.action.route();
-    let body = match &args.action {
-        CtlAction::Create { file } => Some(read_config(file)?),
-        CtlAction::Snapshot { destination } => Some(url_body("destination_url", destination)?),
-        CtlAction::Restore { source } => Some(url_body("source_url", source)?),
-        CtlAction::SendMigration {
-            destination,
-            downtime_limit_ms,
-            bandwidth_limit,
-            completion_timeout_s,
-            auto_converge,
-            local,
-        } => {
-            let mut body = serde_json::json!({ "destination_url": destination });
-            if *auto_converge {
-                body["auto_converge"] = true.into();
-            }
-            if *local {
-                body["local"] = true.into();
-            }
-            for (key, value) in [
-                ("downtime_limit_ms", downtime_limit_ms),
-                ("bandwidth_limit", bandwidth_limit),
-                ("completion_timeout_s", completion_timeout_s),
-            ] {
-                if let Some(v) = value {
-                    body[key] = (*v).into();
-                }
-            }
-            Some(body.to_string().into_bytes())
-        }
-        CtlAction::ReceiveMigration { receiver } => Some(
-            serde_json::json!({ "receiver_url": receiver })
-                .to_string()
-                .into_bytes(),
-        ),
-        _ => None,
-    };
+    let body = request_body(&args.action)?;
     let mut client = api::Client::connect(&args.api_socket).map_err(|e| e.to_string())?;
     if matches!(
         args.action,
@@ -240,16 +210,69 @@ fn progress_line(m: &serde_json::Value) -> Option<String> {
     ))
 }
 
+/// The JSON body `action` sends (None: no body).
+fn request_body(action: &CtlAction) -> Result<Option<Vec<u8>>, String> {
+    Ok(match action {
+        CtlAction::Create { file } => Some(read_config(file)?),
+        CtlAction::Snapshot { destination } => Some(
+            url_body("destination_url", destination)?
+                .to_string()
+                .into_bytes(),
+        ),
+        CtlAction::Restore { source, net_tap } => {
+            let mut body = url_body("source_url", source)?;
+            if !net_tap.is_empty() {
+                body["net"] = serde_json::json!(net_tap);
+            }
+            Some(body.to_string().into_bytes())
+        }
+        CtlAction::SendMigration {
+            destination,
+            downtime_limit_ms,
+            bandwidth_limit,
+            completion_timeout_s,
+            auto_converge,
+            local,
+        } => {
+            let mut body = serde_json::json!({ "destination_url": destination });
+            if *auto_converge {
+                body["auto_converge"] = true.into();
+            }
+            if *local {
+                body["local"] = true.into();
+            }
+            for (key, value) in [
+                ("downtime_limit_ms", downtime_limit_ms),
+                ("bandwidth_limit", bandwidth_limit),
+                ("completion_timeout_s", completion_timeout_s),
+            ] {
+                if let Some(v) = value {
+                    body[key] = (*v).into();
+                }
+            }
+            Some(body.to_string().into_bytes())
+        }
+        CtlAction::ReceiveMigration { receiver, net_tap } => {
+            let mut body = serde_json::json!({ "receiver_url": receiver });
+            if !net_tap.is_empty() {
+                body["net"] = serde_json::json!(net_tap);
+            }
+            Some(body.to_string().into_bytes())
+        }
+        _ => None,
+    })
+}
+
 /// `{"KEY": "file:///DIR"}` for a directory given as a path (made absolute) or already as a
 /// URL: the body of `vm.snapshot` and `vm.restore`.
-fn url_body(key: &str, dir: &str) -> Result<Vec<u8>, String> {
+fn url_body(key: &str, dir: &str) -> Result<serde_json::Value, String> {
     let url = if dir.contains("://") {
         dir.to_owned()
     } else {
         let path = std::path::absolute(dir).map_err(|e| format!("{dir}: {e}"))?;
         format!("file://{}", path.display())
     };
-    Ok(serde_json::json!({ key: url }).to_string().into_bytes())
+    Ok(serde_json::json!({ key: url }))
 }
 
 fn read_config(file: &Path) -> Result<Vec<u8>, String> {
@@ -386,5 +409,54 @@ mod tests {
         let err = run(&args, &mut Vec::new()).unwrap_err();
         assert!(err.starts_with("cannot reach podvisor at "), "{err}");
         assert!(err.contains("nobody.sock"), "{err}");
+    }
+
+    #[test]
+    fn restore_and_receive_name_other_taps() {
+        use clap::Parser;
+        let body = |args: &[&str]| -> serde_json::Value {
+            let cli = crate::cli::Cli::try_parse_from(
+                ["podvisor", "ctl", "--api-socket", "/a.sock"]
+                    .iter()
+                    .chain(args),
+            )
+            .unwrap();
+            let crate::cli::Command::Ctl(ctl) = cli.command else {
+                panic!("not ctl")
+            };
+            serde_json::from_slice(&request_body(&ctl.action).unwrap().unwrap()).unwrap()
+        };
+        assert_eq!(
+            body(&[
+                "restore",
+                "/s",
+                "--net-tap",
+                "_net0=tap7",
+                "--net-tap",
+                "data=t2"
+            ]),
+            serde_json::json!({"source_url": "file:///s",
+                "net": [{"id": "_net0", "tap": "tap7"}, {"id": "data", "tap": "t2"}]})
+        );
+        assert_eq!(
+            body(&["restore", "file:///s"]),
+            serde_json::json!({"source_url": "file:///s"})
+        );
+        assert_eq!(
+            body(&["receive-migration", "unix:/m", "--net-tap", "a=b"]),
+            serde_json::json!({"receiver_url": "unix:/m", "net": [{"id": "a", "tap": "b"}]})
+        );
+        let err = crate::cli::Cli::try_parse_from([
+            "podvisor",
+            "ctl",
+            "--api-socket",
+            "/a",
+            "restore",
+            "/s",
+            "--net-tap",
+            "tap7",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("'tap7' is not ID=TAP"), "{err}");
     }
 }

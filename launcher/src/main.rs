@@ -72,11 +72,13 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
         let tty = vmm::snapshot::read(&dir)
             .is_ok_and(|s| s.config.serial == vmm::config::ConsoleConfig::Tty);
         let _raw = tty.then(terminal::RawMode::enable_on_stdin).flatten();
-        return run_vm(&args, vec![Request::Restore(dir), Request::Resume]);
+        let net = args.net_tap.clone();
+        return run_vm(&args, vec![Request::Restore(dir, net), Request::Resume]);
     }
     if let Some(url) = &args.receive_migration {
         let endpoint = vmm::migration::Endpoint::parse(url).map_err(|e| e.to_string())?;
-        return run_vm(&args, vec![Request::ReceiveMigration(endpoint)]);
+        let net = args.net_tap.clone();
+        return run_vm(&args, vec![Request::ReceiveMigration(endpoint, net)]);
     }
     let config = args.to_config()?;
     config.validate().map_err(|e| e.to_string())?;

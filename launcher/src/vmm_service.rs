@@ -78,12 +78,12 @@ impl VmmBackend for VmmService {
             ApiRequest::VmReboot => self.done(Request::Reboot),
             ApiRequest::VmPowerButton => self.done(Request::PowerButton),
             ApiRequest::VmSnapshot { dir } => self.done(Request::Snapshot(dir)),
-            ApiRequest::VmRestore { dir } => self.done(Request::Restore(dir)),
+            ApiRequest::VmRestore { dir, net } => self.done(Request::Restore(dir, net)),
             ApiRequest::VmSendMigration { endpoint, options } => {
                 self.done(Request::SendMigration(endpoint, options))
             }
-            ApiRequest::VmReceiveMigration { endpoint } => {
-                self.done(Request::ReceiveMigration(endpoint))
+            ApiRequest::VmReceiveMigration { endpoint, net } => {
+                self.done(Request::ReceiveMigration(endpoint, net))
             }
             ApiRequest::VmCancelMigration => self.done(Request::CancelMigration),
             ApiRequest::VmInfo => match self.call(Request::Info)? {

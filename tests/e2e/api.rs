@@ -313,7 +313,8 @@ fn serve_guest_with_disk_and_net(
 /// A VM with a disk, a network interface and a counter running in its shell is paused and
 /// snapshotted by `podvisor serve`, which then ends; `podvisor run --restore` in a new process
 /// continues it: the counter goes on from where it stopped, the guest's clock did not jump,
-/// the disk holds what was written before and takes new writes, and the network answers.
+/// the disk holds what was written before and takes new writes, and the network answers on
+/// the other tap the restore gave it (`--net-tap`).
 fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     const HOST_IP: &str = "192.168.250.1";
     const GUEST_IP: &str = "192.168.250.2";
@@ -356,8 +357,17 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
         return Err(vm.failure(&format!("podvisor serve exited with {status}")));
     }
 
-    // A new process: the VM, running on.
-    let mut vm = Vm::spawn("run", &["--restore", &snapshot]);
+    // A new process: the VM, running on, its network interface on another tap.
+    let tap2 = format!("pvr{}", std::process::id() % 100_000);
+    let mut vm = Vm::spawn(
+        "run",
+        &[
+            "--restore",
+            &snapshot,
+            "--net-tap",
+            &format!("_net0={tap2}"),
+        ],
+    );
     let next = next_count(&mut vm)?;
     if next <= seen || next > seen + 5 {
         return Err(vm.failure(&format!(
@@ -388,6 +398,10 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     vm.shell_ok(&format!(
         "for i in 1 2 3 4 5 6; do ping -c 1 -W 5 {HOST_IP} && break; done"
     ))?;
+    let (_, link) = host("ip", &["-o", "addr", "show", "dev", &tap2])?;
+    if !link.contains(HOST_IP) {
+        return Err(vm.failure(&format!("the restored VM's tap {tap2}: {link}")));
+    }
     vm.poweroff()?;
     let _ = std::fs::remove_dir_all(&snapshot);
     let image = std::fs::read(&disk)?;

@@ -14,7 +14,7 @@ use devices::block::{open_disk, DiskOptions, Format};
 use devices::virtio::net::NetError;
 use devices::virtio::{MacAddr, Rng, Tap, VirtioBlk, VirtioDevice, VirtioNet};
 
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, NetConfig, NetRetap, VmConfig};
 use crate::Error;
 
 /// A virtio device and its ID.
@@ -29,10 +29,12 @@ pub struct Backends {
 
 impl Backends {
     /// Opens what `config`'s devices need from the host: the taps (created when not named,
-    /// given their host address when asked).
-    pub fn open(config: &VmConfig) -> Result<Self, Error> {
+    /// given their host address when asked). The guest MAC of each interface is written into
+    /// `config` when it was left to podvisor, so that the VM keeps it wherever its
+    /// configuration goes next (a snapshot, a migration), whatever its tap is then called.
+    pub fn open(config: &mut VmConfig) -> Result<Self, Error> {
         let mut taps = Vec::new();
-        for (index, net) in config.net.iter().enumerate() {
+        for (index, net) in config.net.iter_mut().enumerate() {
             let fail = |e: NetError| Error::Device(format!("net {index}: {e}"));
             let tap = Tap::open(net.tap.as_deref()).map_err(fail)?;
             if let Some(ip) = net.ip {
@@ -46,15 +48,8 @@ impl Backends {
             if net.ip.is_some() || net.tap.is_none() {
                 tap.up().map_err(fail)?;
             }
-            let mac = match &net.mac {
-                Some(m) => m
-                    .parse::<MacAddr>()
-                    .map_err(|e| Error::Device(format!("net {index}: {e}")))?,
-                None => MacAddr::stable_for(&format!(
-                    "{}/{index}",
-                    net.id.as_deref().unwrap_or(tap.name())
-                )),
-            };
+            let mac = guest_mac(net, index, tap.name())?;
+            net.mac = Some(mac.to_string());
             tracing::info!("net {index}: tap {} with guest MAC {mac}", tap.name());
             taps.push((tap, mac));
         }
@@ -96,6 +91,60 @@ impl Backends {
     }
 }
 
+/// The guest MAC of network interface `index`: the configured one, or one derived from its ID
+/// (its tap's name without one) that stays the same across reboots.
+fn guest_mac(net: &NetConfig, index: usize, tap: &str) -> Result<MacAddr, Error> {
+    match &net.mac {
+        Some(m) => m
+            .parse::<MacAddr>()
+            .map_err(|e| Error::Device(format!("net {index}: {e}"))),
+        None => Ok(MacAddr::stable_for(&format!(
+            "{}/{index}",
+            net.id.as_deref().unwrap_or(tap)
+        ))),
+    }
+}
+
+/// Gives network interfaces of a VM that is brought back (restored or received) other taps:
+/// each [`NetRetap`] names an interface by its ID (the configured one, or `_net<N>`). The guest
+/// keeps its MAC. Unknown or repeated IDs are refused.
+pub fn retap(config: &mut VmConfig, retaps: &[NetRetap]) -> Result<(), String> {
+    let ids: Vec<String> = config
+        .net
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.id.clone().unwrap_or_else(|| format!("_net{i}")))
+        .collect();
+    let mut moves = Vec::with_capacity(retaps.len());
+    for (k, r) in retaps.iter().enumerate() {
+        if retaps[..k].iter().any(|earlier| earlier.id == r.id) {
+            return Err(format!("network interface '{}' is given a tap twice", r.id));
+        }
+        let Some(index) = ids.iter().position(|id| *id == r.id) else {
+            return Err(format!(
+                "the VM has no network interface '{}' (it has: {})",
+                r.id,
+                if ids.is_empty() {
+                    "none".to_owned()
+                } else {
+                    ids.join(", ")
+                }
+            ));
+        };
+        moves.push((index, &r.tap));
+    }
+    for (index, tap) in moves {
+        let net = &mut config.net[index];
+        if let (None, Some(old)) = (&net.mac, &net.tap) {
+            // A configuration from before MACs were written into it: the MAC its old tap gave.
+            let mac = guest_mac(net, index, old).map_err(|e| e.to_string())?;
+            net.mac = Some(mac.to_string());
+        }
+        net.tap = Some(tap.clone());
+    }
+    Ok(())
+}
+
 fn open_blk(disk: &DiskConfig, queues: u16) -> Result<VirtioBlk, Error> {
     let options = DiskOptions {
         format: disk.format.as_deref().and_then(Format::from_name),
@@ -105,4 +154,74 @@ fn open_blk(disk: &DiskConfig, queues: u16) -> Result<VirtioBlk, Error> {
     let image = open_disk(&disk.path, options).map_err(|e| Error::Device(e.to_string()))?;
     VirtioBlk::with_queues(image, disk.serial.clone(), queues)
         .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with(net: Vec<NetConfig>) -> VmConfig {
+        serde_json::from_value(serde_json::json!({
+            "payload": {"kernel": "/k"},
+            "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+            "memory": {"size": 64u64 << 20},
+            "net": net,
+        }))
+        .unwrap()
+    }
+
+    fn net(tap: Option<&str>, id: Option<&str>, mac: Option<&str>) -> NetConfig {
+        NetConfig {
+            tap: tap.map(Into::into),
+            ip: None,
+            mask: None,
+            mac: mac.map(Into::into),
+            id: id.map(Into::into),
+        }
+    }
+
+    fn retaps(pairs: &[(&str, &str)]) -> Vec<NetRetap> {
+        pairs
+            .iter()
+            .map(|(id, tap)| NetRetap {
+                id: (*id).into(),
+                tap: (*tap).into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn retap_moves_an_interface_to_another_tap_and_keeps_its_mac() {
+        let mut config = config_with(vec![
+            net(Some("old0"), None, None),
+            net(Some("old1"), Some("data"), Some("52:54:00:00:00:07")),
+        ]);
+        let before = guest_mac(&config.net[0], 0, "old0").unwrap();
+        retap(&mut config, &retaps(&[("_net0", "new0"), ("data", "new1")])).unwrap();
+        assert_eq!(config.net[0].tap.as_deref(), Some("new0"));
+        // Derived from the old tap's name before, written down now: the same MAC.
+        assert_eq!(config.net[0].mac, Some(before.to_string()));
+        assert_eq!(guest_mac(&config.net[0], 0, "new0").unwrap(), before);
+        assert_eq!(config.net[1].tap.as_deref(), Some("new1"));
+        assert_eq!(config.net[1].mac.as_deref(), Some("52:54:00:00:00:07"));
+        // Nothing asked: nothing changes.
+        let same = config.clone();
+        retap(&mut config, &[]).unwrap();
+        assert_eq!(config, same);
+    }
+
+    #[test]
+    fn retap_refuses_unknown_and_repeated_interfaces() {
+        let mut config = config_with(vec![net(None, Some("a"), None), net(None, None, None)]);
+        let err = retap(&mut config, &retaps(&[("_net0", "t")])).unwrap_err();
+        assert!(
+            err.contains("no network interface '_net0' (it has: a, _net1)"),
+            "{err}"
+        );
+        let err = retap(&mut config, &retaps(&[("a", "t1"), ("a", "t2")])).unwrap_err();
+        assert!(err.contains("'a' is given a tap twice"), "{err}");
+        assert_eq!(config.net[0].tap, None, "a refused retap changes nothing");
+        let err = retap(&mut config_with(vec![]), &retaps(&[("a", "t")])).unwrap_err();
+        assert!(err.contains("(it has: none)"), "{err}");
+    }
 }

@@ -116,6 +116,32 @@ pub struct NetConfig {
     pub id: Option<String>,
 }
 
+/// Another tap for a network interface of a VM that is brought back (`vm.restore`,
+/// `vm.receive-migration`): the snapshot's or the source's tap may not exist here, or be
+/// someone else's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRetap {
+    /// The interface's ID: its configured one, or `_net<N>`.
+    pub id: String,
+    pub tap: String,
+}
+
+impl NetRetap {
+    /// Parses the command line's `ID=TAP`.
+    pub fn parse(s: &str) -> Result<NetRetap, String> {
+        match s.split_once('=') {
+            Some((id, tap)) if !id.is_empty() && !tap.is_empty() => Ok(NetRetap {
+                id: id.to_owned(),
+                tap: tap.to_owned(),
+            }),
+            _ => Err(format!(
+                "'{s}' is not ID=TAP (a network interface's ID, e.g. _net0, and a tap's name)"
+            )),
+        }
+    }
+}
+
 /// A virtio-rng entropy device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RngConfig {

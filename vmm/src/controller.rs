@@ -19,9 +19,9 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::backends::Backends;
+use crate::backends::{self, Backends};
 use crate::builder;
-use crate::config::VmConfig;
+use crate::config::{NetRetap, VmConfig};
 use crate::console::Console;
 use crate::events::EventMonitor;
 use crate::lifecycle::{self, Action, Refusal, VmState};
@@ -77,13 +77,15 @@ pub enum Request {
     Counters,
     /// Writes a snapshot of the paused VM into this directory (`vm.snapshot`).
     Snapshot(PathBuf),
-    /// Brings back, paused, the VM snapshotted in this directory (`vm.restore`).
-    Restore(PathBuf),
+    /// Brings back, paused, the VM snapshotted in this directory (`vm.restore`), its network
+    /// interfaces on these taps instead of the snapshot's.
+    Restore(PathBuf, Vec<NetRetap>),
     /// Live-migrates the running VM to a podvisor receiving at this endpoint
     /// (`vm.send-migration`); answers once the guest runs there.
     SendMigration(Endpoint, SendOptions),
-    /// Waits at this endpoint for a source and takes its VM (`vm.receive-migration`).
-    ReceiveMigration(Endpoint),
+    /// Waits at this endpoint for a source and takes its VM (`vm.receive-migration`), its
+    /// network interfaces on these taps instead of the source's.
+    ReceiveMigration(Endpoint, Vec<NetRetap>),
     /// Cancels the outgoing migration under way (`vm.cancel-migration`); answered at once,
     /// while the VM's thread sends.
     CancelMigration,
@@ -106,9 +108,9 @@ impl Request {
             Request::Info => Action::Info,
             Request::Counters => Action::Counters,
             Request::Snapshot(_) => Action::Snapshot,
-            Request::Restore(_) => Action::Restore,
+            Request::Restore(..) => Action::Restore,
             Request::SendMigration(..) => Action::SendMigration,
-            Request::ReceiveMigration(_) => Action::ReceiveMigration,
+            Request::ReceiveMigration(..) => Action::ReceiveMigration,
             Request::CancelMigration => Action::CancelMigration,
             Request::ShutdownVmm => return None,
         })
@@ -551,9 +553,9 @@ impl VmOwner {
                 self.events.emit("vm", "snapshotted");
                 Reply::Done
             }
-            Request::Restore(dir) => {
+            Request::Restore(dir, retaps) => {
                 self.events.emit("vm", "restoring");
-                self.restore_vm(&dir)?;
+                self.restore_vm(&dir, &retaps)?;
                 self.events.emit("vm", "restored");
                 Reply::Done
             }
@@ -561,8 +563,8 @@ impl VmOwner {
                 self.send_migration(&endpoint, &options)?;
                 Reply::Done
             }
-            Request::ReceiveMigration(endpoint) => {
-                self.receive_migration(&endpoint)?;
+            Request::ReceiveMigration(endpoint, retaps) => {
+                self.receive_migration(&endpoint, &retaps)?;
                 Reply::Done
             }
             Request::CancelMigration | Request::ShutdownVmm => return Err(misrouted()),
@@ -592,7 +594,8 @@ impl VmOwner {
         let (kvm, template) = open_kvm(&mut self.kvm, self.options.pvm_guest)?;
         let owned = self.vm.as_mut().ok_or_else(|| failed_state("vm.boot"))?;
         if owned.backends.is_none() {
-            owned.backends = Some(Backends::open(&owned.config).map_err(failed)?);
+            let config = Arc::make_mut(&mut owned.config);
+            owned.backends = Some(Backends::open(config).map_err(failed)?);
         }
         let backends = owned.backends.as_ref().expect("opened above");
         let vm = Vm::new(kvm, template, &owned.config, &owned.console, backends).map_err(failed)?;
@@ -605,16 +608,17 @@ impl VmOwner {
     /// Builds the VM a snapshot describes and restores it, paused. Everything about the
     /// snapshot that does not fit (a corrupt section, another CPU, a missing disk) is the
     /// request's fault (400), and leaves no VM.
-    fn restore_vm(&mut self, dir: &Path) -> Result<(), ControlError> {
+    fn restore_vm(&mut self, dir: &Path, retaps: &[NetRetap]) -> Result<(), ControlError> {
         let invalid = |e: Error| ControlError::Invalid(e.to_string());
         let snap = snapshot::read(dir).map_err(|e| invalid(e.into()))?;
-        let config = snap.config.clone();
+        let mut config = snap.config.clone();
+        backends::retap(&mut config, retaps).map_err(ControlError::Invalid)?;
         config
             .validate()
             .map_err(|e| ControlError::Invalid(format!("the snapshot's configuration: {e}")))?;
         let console =
             Console::new(&config.serial).map_err(|e| ControlError::Invalid(e.to_string()))?;
-        let backends = Backends::open(&config).map_err(invalid)?;
+        let backends = Backends::open(&mut config).map_err(invalid)?;
         let (kvm, template) = open_kvm(&mut self.kvm, self.options.pvm_guest)?;
         let vm = builder::build(kvm, template, &config, &console, &backends).map_err(failed)?;
         snap.load_memory(vm.memory())
@@ -732,18 +736,23 @@ impl VmOwner {
     }
 
     /// Waits for a source at `endpoint` and runs the VM it sends.
-    fn receive_migration(&mut self, endpoint: &Endpoint) -> Result<(), ControlError> {
+    fn receive_migration(
+        &mut self,
+        endpoint: &Endpoint,
+        retaps: &[NetRetap],
+    ) -> Result<(), ControlError> {
         let listener = endpoint.listen().map_err(migration_error)?;
         let (kvm, template) = open_kvm(&mut self.kvm, self.options.pvm_guest)?;
         self.events.emit("vm", "migration-receiving");
-        let received = migration::receive::receive(&listener, kvm, template).map_err(|e| {
-            self.events.emit_with(
-                "vm",
-                "migration-failed",
-                Some(&serde_json::json!({ "error": e.to_string() })),
-            );
-            migration_error(e)
-        })?;
+        let received =
+            migration::receive::receive(&listener, kvm, template, retaps).map_err(|e| {
+                self.events.emit_with(
+                    "vm",
+                    "migration-failed",
+                    Some(&serde_json::json!({ "error": e.to_string() })),
+                );
+                migration_error(e)
+            })?;
         start_console_input(&received.console)?;
         self.generation += 1;
         self.vm = Some(OwnedVm {

@@ -34,7 +34,7 @@ fn a_paused_machine_saved_and_restored_into_a_fresh_one_finishes_its_work() {
     let mut config2 = config.clone();
     config2.serial = vmm::config::ConsoleConfig::File(serial2.clone());
     let console2 = Console::new(&config2.serial).unwrap();
-    let backends2 = vmm::backends::Backends::open(&config2).unwrap();
+    let backends2 = vmm::backends::Backends::open(&mut config2.clone()).unwrap();
     let fresh = vmm::builder::build(&kvm, &template, &config2, &console2, &backends2).unwrap();
     for region in running.memory().iter() {
         let mut bytes = vec![0u8; region.len() as usize];
@@ -107,7 +107,7 @@ fn a_restore_refuses_a_machine_of_another_shape() {
         &template,
         &rng_config,
         &console,
-        &vmm::backends::Backends::open(&rng_config).unwrap(),
+        &vmm::backends::Backends::open(&mut rng_config.clone()).unwrap(),
     )
     .unwrap();
     let err = with_rng.restore(&state).unwrap_err().to_string();
@@ -164,7 +164,7 @@ fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
         }
         damage(&copy);
         let (ctl, thread, _) = g.controller_with_events();
-        let err = match ctl.handle(Request::Restore(copy)) {
+        let err = match ctl.handle(Request::Restore(copy, vec![])) {
             Err(ControlError::Invalid(m)) => m,
             other => panic!("{name}: restored anyway: {other:?}"),
         };
@@ -215,11 +215,23 @@ fn a_snapshot_on_disk_is_restored_by_another_vmm_and_refused_when_damaged() {
 
     // Another VMM brings it back paused; resumed, the guest finishes its count.
     let (ctl, thread, events) = g.controller_with_events();
-    ctl.handle(Request::Restore(snap.clone())).unwrap();
+    let retap = vec![vmm::config::NetRetap {
+        id: "_net0".into(),
+        tap: "pv-none".into(),
+    }];
+    match ctl.handle(Request::Restore(snap.clone(), retap)) {
+        Err(ControlError::Invalid(e)) => assert!(
+            e.contains("no network interface '_net0' (it has: none)"),
+            "{e}"
+        ),
+        other => panic!("a tap for an interface the VM has not: {other:?}"),
+    }
+    assert_eq!(state(&ctl), None, "a refused restore leaves no VM");
+    ctl.handle(Request::Restore(snap.clone(), vec![])).unwrap();
     assert_eq!(state(&ctl), Some(VmState::Paused));
     assert!(
         matches!(
-            ctl.handle(Request::Restore(snap.clone())),
+            ctl.handle(Request::Restore(snap.clone(), vec![])),
             Err(ControlError::WrongState(_))
         ),
         "one VM"
@@ -458,7 +470,7 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
     let receiving = {
         let middle = middle.clone();
         let endpoint = Endpoint::Unix(local_socket.clone());
-        std::thread::spawn(move || middle.handle(Request::ReceiveMigration(endpoint)))
+        std::thread::spawn(move || middle.handle(Request::ReceiveMigration(endpoint, vec![])))
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !local_socket.exists() {
@@ -493,7 +505,7 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
     let receiving = {
         let dest = dest.clone();
         let endpoint = endpoint.clone();
-        std::thread::spawn(move || dest.handle(Request::ReceiveMigration(endpoint)))
+        std::thread::spawn(move || dest.handle(Request::ReceiveMigration(endpoint, vec![])))
     };
     let before = printed();
     // Until the destination listens, the source cannot connect (and keeps its VM).

@@ -7,7 +7,7 @@ use super::protocol::{self, Complete, Hello, Kind, Range};
 use super::{Listener, MigrationError, Stream};
 use crate::backends::Backends;
 use crate::builder;
-use crate::config::VmConfig;
+use crate::config::{NetRetap, VmConfig};
 use crate::console::Console;
 use crate::persist::MachineState;
 use crate::vm::RunningVm;
@@ -29,9 +29,10 @@ pub fn receive(
     listener: &Listener,
     kvm: &Kvm,
     template: &CpuTemplate,
+    retaps: &[NetRetap],
 ) -> Result<Received, MigrationError> {
     let mut stream = listener.accept(super::ACCEPT_TIMEOUT)?;
-    let result = receive_on(&mut stream, kvm, template);
+    let result = receive_on(&mut stream, kvm, template, retaps);
     if let Err(e) = &result {
         let _ = protocol::write_frame(&mut stream, Kind::Error, e.to_string().as_bytes());
     }
@@ -52,6 +53,7 @@ fn receive_on(
     stream: &mut Stream,
     kvm: &Kvm,
     template: &CpuTemplate,
+    retaps: &[NetRetap],
 ) -> Result<Received, MigrationError> {
     let frame = protocol::read_frame(stream)?;
     expect(&frame, Kind::Hello)?;
@@ -69,10 +71,11 @@ fn receive_on(
 
     let frame = protocol::read_frame(stream)?;
     expect(&frame, Kind::Config)?;
-    let config: VmConfig = frame.json()?;
+    let mut config: VmConfig = frame.json()?;
     config
         .validate()
         .map_err(|e| MigrationError::Vm(format!("the VM's configuration: {e}")))?;
+    crate::backends::retap(&mut config, retaps).map_err(MigrationError::Vm)?;
     // The machine is built while the source still runs, so that the guest's pause covers
     // only the last pages and the state; its disks are opened now (a disk this host cannot
     // open fails the migration before any memory is sent) and read again at the switch-over.
@@ -87,7 +90,7 @@ fn receive_on(
     }
     .map_err(|e| MigrationError::Vm(e.to_string()))?;
     let console = Console::new(&config.serial).map_err(|e| failed("the console")(e.into()))?;
-    let backends = Backends::open(&config).map_err(failed("open the VM's disks and taps"))?;
+    let backends = Backends::open(&mut config).map_err(failed("open the VM's disks and taps"))?;
     let vm = builder::build_on(kvm, template, &config, &console, &backends, memory)
         .map_err(failed("build the VM"))?;
     protocol::write_frame(stream, Kind::Ack, &[])?;

@@ -186,7 +186,7 @@ impl TinyGuest {
         let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
         let template = CpuTemplate::from_kvm(&kvm).unwrap();
         let console = Console::new(&config.serial).unwrap();
-        let backends = vmm::backends::Backends::open(&config).unwrap();
+        let backends = vmm::backends::Backends::open(&mut config.clone()).unwrap();
         let vm = Vm::new(&kvm, &template, &config, &console, &backends).expect("VM setup");
         let exit = vm.run();
         drop(console);
@@ -241,7 +241,7 @@ pub fn boot(config: &VmConfig) -> Booted {
     let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
     let template = CpuTemplate::from_kvm(&kvm).unwrap();
     let console = Console::new(&config.serial).unwrap();
-    let backends = vmm::backends::Backends::open(config).unwrap();
+    let backends = vmm::backends::Backends::open(&mut config.clone()).unwrap();
     let running = Vm::new(&kvm, &template, config, &console, &backends)
         .unwrap()
         .start()
