@@ -20,6 +20,14 @@
 //! tables), runs nothing until the whole state has arrived and has been restored, and
 //! discards everything on any failure.
 //!
+//! In `local` mode ([`SendOptions::local`]) the destination maps the source's own memory
+//! file instead of a copy, so whatever it writes into guest memory before the guest runs
+//! there is seen by the source if the migration then fails and the source resumes. It writes
+//! one thing: restoring a vCPU's `MSR_KVM_WALL_CLOCK_NEW` makes KVM rewrite the guest's
+//! wall-clock record (boot time), computed from the VM clock that was restored just before
+//! it — the same values the source's KVM wrote, on the same host. Devices and the other
+//! vCPU state write nothing into guest memory until the guest runs.
+//!
 //! The stream's format is in [`protocol`].
 
 pub mod protocol;
