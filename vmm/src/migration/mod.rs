@@ -24,9 +24,12 @@
 //! file instead of a copy, so whatever it writes into guest memory before the guest runs
 //! there is seen by the source if the migration then fails and the source resumes. It writes
 //! one thing: restoring a vCPU's `MSR_KVM_WALL_CLOCK_NEW` makes KVM rewrite the guest's
-//! wall-clock record (boot time), computed from the VM clock that was restored just before
-//! it — the same values the source's KVM wrote, on the same host. Devices and the other
-//! vCPU state write nothing into guest memory until the guest runs.
+//! wall-clock record (the host time at which the guest clock read zero), computed from the VM
+//! clock restored just before: the source's boot time moved later by as long as the guest's
+//! clock stood still while paused. A Linux guest reads that record only when it boots or
+//! resumes from suspend, so a source that resumes after a failed local migration runs on
+//! unaffected. Devices and the other vCPU state write nothing into guest memory until the
+//! guest runs.
 //!
 //! The stream's format is in [`protocol`].
 
