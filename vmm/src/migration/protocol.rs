@@ -189,47 +189,119 @@ pub enum Range<'a> {
 const RANGE_DATA: u32 = 0;
 const RANGE_ZEROS: u32 = 1;
 
-/// Builds memory frames: ranges are added until the frame holds [`MEMORY_FRAME`] bytes.
-#[derive(Default)]
+/// Builds memory frames. Guest memory is read straight into the frame's buffer, where its
+/// runs of non-zero pages become data ranges in place and zero pages drop out (a range of
+/// zeros, or nothing): a page is copied once on its way out, and not at all again unless zero
+/// pages before it in the same run make it move down.
 pub struct MemoryFrame {
+    /// Fixed length: [`MemoryFrame::payload`] is its first `used` bytes.
     buf: Vec<u8>,
-    data: usize,
+    used: usize,
+}
+
+const ENTRY: usize = 16;
+const FRAME_PAGE: usize = 4096;
+/// Compared against with `==` (a `memcmp`, vectorised), not byte by byte.
+static ZERO_PAGE: [u8; FRAME_PAGE] = [0; FRAME_PAGE];
+
+impl Default for MemoryFrame {
+    fn default() -> Self {
+        MemoryFrame {
+            buf: vec![0u8; MEMORY_FRAME + ENTRY],
+            used: 0,
+        }
+    }
+}
+
+/// What [`MemoryFrame::add_memory`] added.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Added {
+    pub data: u64,
+    pub zeros: u64,
 }
 
 impl MemoryFrame {
-    pub fn add_data(&mut self, gpa: u64, data: &[u8]) {
-        self.entry(gpa, data.len() as u32, RANGE_DATA);
-        self.buf.extend_from_slice(data);
-        self.data += data.len();
+    /// Whether a run of `len` bytes still fits: its data, and an entry for every page in
+    /// the worst case (pages that alternate between data and zeros).
+    pub fn has_room(&self, len: usize) -> bool {
+        self.used + Self::worst_case(len) <= self.buf.len()
     }
 
-    pub fn add_zeros(&mut self, gpa: u64, len: u32) {
-        self.entry(gpa, len, RANGE_ZEROS);
+    fn worst_case(len: usize) -> usize {
+        len + ENTRY * (len.div_ceil(FRAME_PAGE) + 1)
+    }
+
+    /// Adds `len` bytes (whole pages but maybe the last) of guest memory at `gpa`, which
+    /// `read` copies into the slice it is given: runs of non-zero pages as data ranges, runs of
+    /// zero pages as zero ranges, or not at all with `skip_zeros`. The caller checks
+    /// [`MemoryFrame::has_room`] first; a run larger than an empty frame is refused.
+    pub fn add_memory<E>(
+        &mut self,
+        gpa: u64,
+        len: usize,
+        skip_zeros: bool,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Added, E> {
+        assert!(
+            self.has_room(len),
+            "a run of {len} bytes does not fit the frame (check has_room)"
+        );
+        // The run lands right after the header its first range would have.
+        let base = self.used + ENTRY;
+        read(&mut self.buf[base..base + len])?;
+        let mut added = Added::default();
+        // Ranges are written from `self.used` on; a range's data is never ahead of where it
+        // was read (zero pages left behind make room for more headers than they cost), so it
+        // moves down or stays.
+        let mut at = 0;
+        while at < len {
+            let zero = |i: usize| {
+                let page = &self.buf[base + i..base + (i + FRAME_PAGE).min(len)];
+                page == &ZERO_PAGE[..page.len()]
+            };
+            let is_zero = zero(at);
+            let mut end = (at + FRAME_PAGE).min(len);
+            while end < len && zero(end) == is_zero {
+                end = (end + FRAME_PAGE).min(len);
+            }
+            let n = end - at;
+            let range_gpa = gpa + at as u64;
+            if is_zero {
+                added.zeros += n as u64;
+                if !skip_zeros {
+                    self.entry(range_gpa, n as u32, RANGE_ZEROS);
+                }
+            } else {
+                added.data += n as u64;
+                self.entry(range_gpa, n as u32, RANGE_DATA);
+                self.buf.copy_within(base + at..base + end, self.used);
+                self.used += n;
+            }
+            at = end;
+        }
+        Ok(added)
     }
 
     fn entry(&mut self, gpa: u64, len: u32, kind: u32) {
-        self.buf.extend_from_slice(&gpa.to_le_bytes());
-        self.buf.extend_from_slice(&len.to_le_bytes());
-        self.buf.extend_from_slice(&kind.to_le_bytes());
-    }
-
-    pub fn is_full(&self) -> bool {
-        self.data >= MEMORY_FRAME
+        let e = &mut self.buf[self.used..self.used + ENTRY];
+        e[..8].copy_from_slice(&gpa.to_le_bytes());
+        e[8..12].copy_from_slice(&len.to_le_bytes());
+        e[12..].copy_from_slice(&kind.to_le_bytes());
+        self.used += ENTRY;
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.used == 0
     }
 
     /// The frame's payload.
     pub fn payload(&self) -> &[u8] {
-        &self.buf
+        &self.buf[..self.used]
     }
 
-    /// Empties the builder for the next frame (keeping its allocation).
+    /// Empties the builder for the next frame (keeping its buffer).
     pub fn clear(&mut self) {
-        self.data = 0;
-        self.buf.clear();
+        self.used = 0;
     }
 }
 
@@ -288,27 +360,112 @@ mod tests {
 
     #[test]
     fn memory_frames_carry_data_and_zero_ranges() {
+        const P: usize = 4096;
+        // Pages: data, zero, zero, data, data, zero, and a half page of data.
+        let mut memory = vec![0u8; 6 * P + P / 2];
+        memory[..P].fill(7);
+        memory[3 * P + 5] = 1;
+        memory[4 * P..5 * P].fill(9);
+        memory[6 * P + 100] = 3;
+        let read = |at: usize, len: usize| {
+            let src = memory[at..at + len].to_vec();
+            move |buf: &mut [u8]| -> Result<(), ()> {
+                buf.copy_from_slice(&src);
+                Ok(())
+            }
+        };
         let mut f = MemoryFrame::default();
-        f.add_data(0x1000, &[7u8; 4096]);
-        f.add_zeros(0x5000, 8192);
+        let added = f
+            .add_memory(0x1000, memory.len(), false, read(0, memory.len()))
+            .unwrap();
+        assert_eq!(
+            added,
+            Added {
+                data: 3 * P as u64 + P as u64 / 2,
+                zeros: 3 * P as u64
+            }
+        );
         let payload = f.payload().to_vec();
-        f.clear();
-        assert!(f.is_empty());
         let ranges = parse_memory(&payload).unwrap();
         assert_eq!(
             ranges,
             vec![
                 Range::Data {
                     gpa: 0x1000,
-                    data: &[7u8; 4096]
+                    data: &memory[..P]
                 },
                 Range::Zeros {
-                    gpa: 0x5000,
-                    len: 8192
-                }
+                    gpa: 0x2000,
+                    len: 2 * P as u32
+                },
+                Range::Data {
+                    gpa: 0x4000,
+                    data: &memory[3 * P..5 * P]
+                },
+                Range::Zeros {
+                    gpa: 0x6000,
+                    len: P as u32
+                },
+                Range::Data {
+                    gpa: 0x7000,
+                    data: &memory[6 * P..]
+                },
+            ]
+        );
+        // Skipping zeros, and a second run into the same frame after the first.
+        f.clear();
+        assert!(f.is_empty());
+        f.add_memory(0, 3 * P, true, read(0, 3 * P)).unwrap();
+        f.add_memory(0x10000, 3 * P, true, read(3 * P, 3 * P))
+            .unwrap();
+        assert_eq!(
+            parse_memory(f.payload()).unwrap(),
+            vec![
+                Range::Data {
+                    gpa: 0,
+                    data: &memory[..P]
+                },
+                Range::Data {
+                    gpa: 0x10000,
+                    data: &memory[3 * P..5 * P]
+                },
             ]
         );
         // A length past the payload's end is refused, not read beyond.
         assert!(parse_memory(&payload[..payload.len() - 40]).is_err());
+    }
+
+    /// Pages that alternate between data and zeros, the worst case for the in-place layout,
+    /// still come out whole; the frame takes runs until `has_room` says no.
+    #[test]
+    fn memory_frames_survive_alternating_pages_and_fill_up() {
+        const P: usize = 4096;
+        let run = 64 * P;
+        let mut memory = vec![0u8; run];
+        for (i, page) in memory.chunks_mut(P).enumerate() {
+            if i % 2 == 1 || i % 7 == 0 {
+                page.fill(i as u8 | 1);
+            }
+        }
+        let mut f = MemoryFrame::default();
+        let mut runs = 0u64;
+        while f.has_room(run) {
+            f.add_memory(runs * run as u64, run, runs.is_multiple_of(2), |buf: &mut [u8]| {
+                buf.copy_from_slice(&memory);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+            runs += 1;
+        }
+        assert!(runs >= (MEMORY_FRAME / run) as u64 - 1, "{runs} runs");
+        let mut back = vec![0u8; runs as usize * run];
+        for range in parse_memory(f.payload()).unwrap() {
+            if let Range::Data { gpa, data } = range {
+                back[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+            }
+        }
+        for r in 0..runs as usize {
+            assert_eq!(&back[r * run..(r + 1) * run], &memory[..], "run {r}");
+        }
     }
 }

@@ -11,8 +11,6 @@ use crate::vm::RunningVm;
 use crate::vstate::memory;
 
 const PAGE: usize = 4096;
-/// Compared with (a `memcmp`) to find the pages not worth sending.
-static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 /// Pages read from guest memory at a time.
 const RUN_PAGES: usize = 256;
 
@@ -87,7 +85,6 @@ fn send_on(
         vm,
         stream,
         frame: MemoryFrame::default(),
-        buf: vec![0u8; RUN_PAGES * PAGE],
         options,
         cancel,
         started: Instant::now(),
@@ -104,7 +101,6 @@ struct Sender<'a> {
     vm: &'a RunningVm,
     stream: Stream,
     frame: MemoryFrame,
-    buf: Vec<u8>,
     options: &'a SendOptions,
     cancel: &'a Cancel,
     started: Instant,
@@ -289,29 +285,20 @@ impl Sender<'_> {
         self.flush_frame()
     }
 
-    /// Reads `len` bytes of guest memory at `gpa` and adds them page by page to the frame:
-    /// zero pages are skipped (`skip_zeros`, the first pass) or sent as zeros.
+    /// Reads `len` bytes of guest memory at `gpa` straight into the frame: zero pages are
+    /// skipped (`skip_zeros`, the first pass) or sent as zeros.
     fn send_run(&mut self, gpa: u64, len: usize, skip_zeros: bool) -> Result<(), MigrationError> {
-        let buf = &mut self.buf[..len];
-        self.vm
-            .memory()
-            .read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| MigrationError::Vm(format!("read guest memory at {gpa:#x}: {e}")))?;
-        for (i, page) in buf.chunks(PAGE).enumerate() {
-            let at = gpa + (i * PAGE) as u64;
-            if page == &ZERO_PAGE[..page.len()] {
-                if !skip_zeros {
-                    self.frame.add_zeros(at, page.len() as u32);
-                }
-            } else {
-                self.frame.add_data(at, page);
-                self.progress.bytes_sent += page.len() as u64;
-            }
-        }
-        self.processed += len as u64;
-        if self.frame.is_full() {
+        if !self.frame.has_room(len) {
             self.flush_frame()?;
         }
+        let memory = self.vm.memory();
+        let added = self.frame.add_memory(gpa, len, skip_zeros, |buf| {
+            memory
+                .read_slice(buf, GuestAddress(gpa))
+                .map_err(|e| MigrationError::Vm(format!("read guest memory at {gpa:#x}: {e}")))
+        })?;
+        self.progress.bytes_sent += added.data;
+        self.processed += len as u64;
         Ok(())
     }
 
