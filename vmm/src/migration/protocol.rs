@@ -450,10 +450,15 @@ mod tests {
         let mut f = MemoryFrame::default();
         let mut runs = 0u64;
         while f.has_room(run) {
-            f.add_memory(runs * run as u64, run, runs.is_multiple_of(2), |buf: &mut [u8]| {
-                buf.copy_from_slice(&memory);
-                Ok::<(), ()>(())
-            })
+            f.add_memory(
+                runs * run as u64,
+                run,
+                runs.is_multiple_of(2),
+                |buf: &mut [u8]| {
+                    buf.copy_from_slice(&memory);
+                    Ok::<(), ()>(())
+                },
+            )
             .unwrap();
             runs += 1;
         }

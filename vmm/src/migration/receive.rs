@@ -1,5 +1,7 @@
 //! The destination side of a live migration (see the module docs of [`super`]).
 
+use std::time::{Duration, Instant};
+
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -96,8 +98,13 @@ fn receive_on(
     protocol::write_frame(stream, Kind::Ack, &[])?;
 
     let mut buffer = Vec::new();
+    // Where the time goes while memory arrives: waiting for (and checking) frames, or
+    // writing them into guest memory.
+    let (mut receiving, mut loading) = (Duration::ZERO, Duration::ZERO);
     let state = loop {
+        let at = Instant::now();
         let frame = protocol::read_frame_into(stream, buffer)?;
+        receiving += at.elapsed();
         match frame.kind {
             Kind::Memory if hello.local => {
                 return Err(MigrationError::Protocol(
@@ -105,7 +112,9 @@ fn receive_on(
                 ))
             }
             Kind::Memory => {
+                let at = Instant::now();
                 load(vm.memory(), &frame.payload)?;
+                loading += at.elapsed();
                 buffer = frame.payload;
             }
             Kind::State => break frame.json::<MachineState>()?,
@@ -117,6 +126,11 @@ fn receive_on(
         }
     };
 
+    tracing::info!(
+        "migration memory: {} ms receiving, {} ms writing into guest memory",
+        receiving.as_millis(),
+        loading.as_millis()
+    );
     // The source is paused and its disks are flushed: read their metadata as it is now.
     vm.reload_backends()
         .map_err(failed("read the disks again at the switch-over"))?;

@@ -140,6 +140,12 @@ impl Sender<'_> {
         }
         self.flush_frame()?;
         let mut rate = rate_of(self.processed, round_start.elapsed());
+        tracing::info!(
+            "migration round 1: {} MiB read, {} MiB sent in {} ms",
+            self.processed >> 20,
+            self.progress.bytes_sent >> 20,
+            round_start.elapsed().as_millis()
+        );
         self.progress.round = 1;
         report(&self.progress);
         // Dirty rounds until the rest fits the downtime limit.
@@ -231,6 +237,7 @@ impl Sender<'_> {
         self.vm
             .flush_disks()
             .map_err(vm_failed("flush the disks"))?;
+        let flushed_at = Instant::now();
         if !self.options.local {
             let last = self
                 .vm
@@ -243,9 +250,11 @@ impl Sender<'_> {
             }
             self.send_dirty(&dirty)?;
         }
+        let pages_at = Instant::now();
         let state = self.vm.save().map_err(vm_failed("save the machine"))?;
         protocol::write_json(&mut self.stream, Kind::State, &state)?;
         protocol::read_ack(&mut self.stream, "the machine state")?;
+        let state_at = Instant::now();
         self.cancel.commit()?;
         protocol::write_json(&mut self.stream, Kind::Complete, &Complete { resume: true })?;
         // From here on the destination may run the guest: only its refusal (an ERROR frame)
@@ -255,6 +264,15 @@ impl Sender<'_> {
             Err(e @ MigrationError::Peer(_)) => return Err(e),
             Err(e) => return Err(MigrationError::Unresolved(e.to_string())),
         }
+        let ms = |from: Instant, to: Instant| to.duration_since(from).as_millis();
+        tracing::info!(
+            "migration switch-over: pause and flush {} ms, last pages {} ms, state {} ms, \
+             destination running {} ms",
+            ms(paused_at, flushed_at),
+            ms(flushed_at, pages_at),
+            ms(pages_at, state_at),
+            ms(state_at, Instant::now())
+        );
         self.progress.round += 1;
         self.progress.bytes_left = 0;
         self.progress.downtime_ms = Some(paused_at.elapsed().as_millis() as u64);
