@@ -446,10 +446,11 @@ impl Drop for NetNs {
 /// the same name) over a Unix socket, while it runs. Through a link slower than the guest
 /// writes, the first try cannot converge: it gives up, the guest runs on at the source and the
 /// destination keeps nothing; with auto-converge the second try, to `podvisor run
-/// --receive-migration` (a new pod's entrypoint), does. Then the counter goes
-/// on, the memory matches its checksum, the clock did not jump, the disk holds what was
-/// written and takes new writes, the network answers on the destination's side, and the
-/// source has no VM left.
+/// --receive-migration` (a new pod's entrypoint), does. From there a `local` migration hands
+/// the guest's memory to a third VMM in the same pod, on another tap (`--net-tap`). Then the
+/// counter goes on, the memory matches its checksum, the clock did not jump, the disk holds
+/// what was written and takes new writes, the network answers on the third VMM's tap, and
+/// neither the source nor the middle VMM has the VM any more.
 fn live_migration_to_another_pod() -> Result<(), Failed> {
     const HOST_IP: &str = "192.168.251.1";
     const GUEST_IP: &str = "192.168.251.2";
@@ -625,6 +626,45 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     if after != next + 1 {
         return Err(dest.failure(&format!("the migrated counter went {next}, {after}")));
     }
+
+    // On to a third VMM in the same pod, its memory handed over instead of copied (`local`),
+    // its network interface on another tap (the one it leaves is still open there).
+    let (local_socket, local) = (dir.arg("local.sock"), dir.arg("local-migration.sock"));
+    let tap3 = format!("pvl{}", std::process::id() % 100_000);
+    let mut third = Vm::spawn_in_netns(
+        &netns.0,
+        "run",
+        &[
+            "--receive-migration",
+            &format!("unix:{local}"),
+            "--api-socket",
+            &local_socket,
+            "--net-tap",
+            &format!("_net0={tap3}"),
+        ],
+    );
+    if !listening(&dir.path("local-migration.sock"), || !third.exited()) {
+        return Err(third.failure("the third VMM does not listen"));
+    }
+    ctl_ok(
+        &run_socket,
+        &["send-migration", &format!("unix:{local}"), "--local"],
+    )?;
+    if dest.wait()?.code() != Some(0) {
+        return Err(dest.failure("the VMM the guest left (local) did not exit 0"));
+    }
+    let last = dest
+        .printed()
+        .rsplit("count:")
+        .find_map(|rest| rest.lines().next()?.trim().parse::<u64>().ok())
+        .unwrap_or(after);
+    let mut dest = third;
+    let next = next_count(&mut dest)?;
+    if next <= last || next > last + 3 {
+        return Err(dest.failure(&format!(
+            "after the local migration the counter printed {next}; before it was at {last}"
+        )));
+    }
     dest.shell_ok("kill $(cat /tmp/counter)")?;
     let sum = dest.shell_ok(
         "touch /tmp/stop; while [ ! -e /tmp/stopped ] || [ ! -e /tmp/diskstopped ]; do \
@@ -664,6 +704,15 @@ fn live_migration_to_another_pod() -> Result<(), Failed> {
     dest.shell_ok(&format!(
         "for i in 1 2 3 4 5 6; do ping -c 1 -W 5 {HOST_IP} && break; done"
     ))?;
+    let (_, link) = host(
+        "ip",
+        &[
+            "netns", "exec", &netns.0, "ip", "-o", "addr", "show", "dev", &tap3,
+        ],
+    )?;
+    if !link.contains(HOST_IP) {
+        return Err(dest.failure(&format!("the third VMM's tap {tap3}: {link}")));
+    }
     // The guest powers off where it runs now: `podvisor run` ends with it, status 0.
     dest.poweroff()?;
     ctl_ok(&source_socket, &["shutdown-vmm"])?;
