@@ -30,6 +30,37 @@ pub enum Command {
     Serve(ServeArgs),
     /// Send one request to a running podvisor's API socket and print the JSON answer.
     Ctl(crate::ctl::CtlArgs),
+    /// A pod's entrypoint: run the VM a KubeVirt VirtualMachineInstance describes.
+    Launcher(LauncherArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LauncherArgs {
+    /// The VirtualMachineInstance (kubevirt.io/v1), YAML or JSON; `-` reads stdin. Without
+    /// it, the document in the environment variable PODVISOR_VMI.
+    #[arg(long, value_name = "FILE|-")]
+    pub vmi: Option<PathBuf>,
+    /// Check the spec and exit: every problem, one line each, naming its field.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub validate: bool,
+    /// Print the VM configuration (vm.create's JSON) the spec becomes, and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run the VM without the spec's network interfaces (the pod network is not wired yet).
+    #[arg(long)]
+    pub no_network: bool,
+    /// The directory KubeVirt's in-pod paths are under (/var/run/kubevirt/...).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub pod_root: PathBuf,
+    /// The API socket (default: POD_ROOT/var/run/kubevirt/sockets/NAMESPACE_NAME.sock).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Write one JSON object per lifecycle event: path=FILE or fd=N.
+    #[arg(long, value_name = "path=FILE|fd=N")]
+    pub event_monitor: Option<String>,
+    /// State that guest kernels are PVM-enabled, so they may run on a PVM /dev/kvm.
+    #[arg(long)]
+    pub pvm_guest: bool,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +150,18 @@ pub fn parse_serial(s: &str) -> Result<ConsoleConfig, String> {
                 "invalid --serial '{s}': expected stdio, file=PATH or off"
             )),
         },
+    }
+}
+
+impl RunArgs {
+    /// How its VM thread is started and served.
+    pub fn vmm(&self) -> crate::VmmArgs {
+        crate::VmmArgs {
+            api_socket: self.api_socket.clone(),
+            event_monitor: self.event_monitor.clone(),
+            pvm_guest: self.pvm_guest,
+            grace_period: None,
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod cli;
 mod ctl;
+mod kubevirt;
 mod terminal;
 mod vmm_service;
 
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run(*args),
         cli::Command::Serve(args) => serve(args),
         cli::Command::Ctl(args) => ctl::run(&args, &mut std::io::stdout().lock()),
+        cli::Command::Launcher(args) => launcher(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -73,12 +75,15 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
             .is_ok_and(|s| s.config.serial == vmm::config::ConsoleConfig::Tty);
         let _raw = tty.then(terminal::RawMode::enable_on_stdin).flatten();
         let net = args.net_tap.clone();
-        return run_vm(&args, vec![Request::Restore(dir, net), Request::Resume]);
+        return run_vm(
+            &args.vmm(),
+            vec![Request::Restore(dir, net), Request::Resume],
+        );
     }
     if let Some(url) = &args.receive_migration {
         let endpoint = vmm::migration::Endpoint::parse(url).map_err(|e| e.to_string())?;
         let net = args.net_tap.clone();
-        return run_vm(&args, vec![Request::ReceiveMigration(endpoint, net)]);
+        return run_vm(&args.vmm(), vec![Request::ReceiveMigration(endpoint, net)]);
     }
     let config = args.to_config()?;
     config.validate().map_err(|e| e.to_string())?;
@@ -87,14 +92,83 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
         .then(terminal::RawMode::enable_on_stdin)
         .flatten();
     run_vm(
-        &args,
+        &args.vmm(),
         vec![Request::Create(Box::new(config)), Request::Boot],
     )
 }
 
-/// Starts the VM thread for `podvisor run`, sends it `start` (ending it at the first
-/// failure) and serves until the VM ends.
-fn run_vm(args: &cli::RunArgs, start: Vec<Request>) -> Result<(), String> {
+/// `podvisor launcher`: a VMI checked, shown, or run.
+fn launcher(args: cli::LauncherArgs) -> Result<(), String> {
+    let text = match &args.vmi {
+        Some(path) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| format!("cannot read the VMI from stdin: {e}"))?;
+            text
+        }
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the VMI {}: {e}", path.display()))?,
+        None => std::env::var("PODVISOR_VMI")
+            .map_err(|_| "no VMI: give --vmi FILE (or -), or set PODVISOR_VMI".to_owned())?,
+    };
+    let vmi = kubevirt::parse(&text).map_err(|e| format!("the VMI: {e}"))?;
+    let options = kubevirt::Options {
+        layout: kubevirt::PodLayout::new(&args.pod_root),
+        no_network: args.no_network,
+    };
+    let launch = kubevirt::translate(&vmi, &options).map_err(|errors| {
+        let n = errors.0.len();
+        format!(
+            "the VMI has {n} problem{}:\n  {}",
+            if n == 1 { "" } else { "s" },
+            errors.0.join("\n  ")
+        )
+    })?;
+    for warning in &launch.warnings {
+        eprintln!("podvisor: warning: {warning}");
+    }
+    if args.validate {
+        println!("VMI {}/{} is valid", launch.namespace, launch.name);
+        return Ok(());
+    }
+    let mut config = launch.config;
+    if args.dry_run {
+        let json = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
+        println!("{json}");
+        return Ok(());
+    }
+    let _files = kubevirt::volumes::prepare(&launch.prepare, &mut config)?;
+    config.validate().map_err(|e| e.to_string())?;
+    let api_socket = args
+        .api_socket
+        .clone()
+        .unwrap_or_else(|| options.layout.api_socket(&launch.namespace, &launch.name));
+    if let Some(dir) = api_socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let vmm = VmmArgs {
+        api_socket: Some(api_socket),
+        event_monitor: args.event_monitor.clone(),
+        pvm_guest: args.pvm_guest,
+        grace_period: Some(std::time::Duration::from_secs(launch.grace_period_s)),
+    };
+    run_vm(&vmm, vec![Request::Create(Box::new(config)), Request::Boot])
+}
+
+/// How a VM thread is started and served, whichever command asks.
+pub struct VmmArgs {
+    pub api_socket: Option<std::path::PathBuf>,
+    pub event_monitor: Option<String>,
+    pub pvm_guest: bool,
+    /// After SIGTERM (which presses the power button), how long the guest has to power off
+    /// before its VM is stopped hard (a pod's terminationGracePeriodSeconds); None: no limit.
+    pub grace_period: Option<std::time::Duration>,
+}
+
+/// Starts the VM thread, sends it `start` (ending it at the first failure) and serves until
+/// the VM ends.
+fn run_vm(args: &VmmArgs, start: Vec<Request>) -> Result<(), String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
     let options = run_options(args.pvm_guest)?;
     let (controller, thread) =
@@ -106,7 +180,46 @@ fn run_vm(args: &cli::RunArgs, start: Vec<Request>) -> Result<(), String> {
             return Err(e.to_string());
         }
     }
-    vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)
+    let stopped_hard = args
+        .grace_period
+        .map(|grace| stop_after_grace(grace, controller.clone()))
+        .transpose()?;
+    vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)?;
+    if stopped_hard.is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire)) {
+        return Err(format!(
+            "the guest did not power off within {} s of SIGTERM: its VM was stopped",
+            args.grace_period.unwrap_or_default().as_secs()
+        ));
+    }
+    Ok(())
+}
+
+/// Once SIGTERM has come, waits `grace` and then stops the VM (the returned flag tells).
+fn stop_after_grace(
+    grace: std::time::Duration,
+    controller: Controller,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>, String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let term = std::sync::Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let stopped = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stopped.clone();
+    std::thread::Builder::new()
+        .name("grace".into())
+        .spawn(move || {
+            while !term.load(Ordering::Acquire) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            std::thread::sleep(grace);
+            flag.store(true, Ordering::Release);
+            // The VM thread may have ended already (a clean power-off): nothing to stop.
+            if controller.handle(Request::ShutdownVmm).is_err() {
+                flag.store(false, Ordering::Release);
+            }
+        })
+        .map_err(|e| format!("cannot start the grace-period thread: {e}"))?;
+    Ok(stopped)
 }
 
 fn serve(args: cli::ServeArgs) -> Result<(), String> {

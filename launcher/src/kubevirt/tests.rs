@@ -1,0 +1,400 @@
+//! The spec's translation, on VMIs written as KubeVirt users write them.
+
+use std::path::PathBuf;
+
+use super::translate::{Prepare, Source};
+use super::*;
+
+fn options(no_network: bool) -> Options {
+    Options {
+        layout: PodLayout::new("/pod"),
+        no_network,
+    }
+}
+
+fn launch(yaml: &str) -> Result<translate::Launch, Vec<String>> {
+    let vmi = parse(yaml).map_err(|e| vec![e])?;
+    translate(&vmi, &options(false)).map_err(|e| e.0)
+}
+
+fn errors(yaml: &str) -> Vec<String> {
+    launch(yaml).expect_err("the spec should be refused")
+}
+
+const KERNEL_BOOT: &str = r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {app: web}
+spec:
+  terminationGracePeriodSeconds: 45
+  domain:
+    cpu: {cores: 2, sockets: 1, threads: 1}
+    memory: {guest: 1Gi}
+    firmware:
+      uuid: 5d307ca9-b3ef-428c-8861-06e72d69f223
+      kernelBoot:
+        kernelArgs: "root=/dev/vda quiet"
+        container:
+          image: registry.example/kernels:6.1
+          kernelPath: /boot/vmlinuz
+          initrdPath: /boot/initrd.img
+    devices:
+      rng: {}
+      disks:
+      - name: root
+        disk: {bus: virtio}
+        bootOrder: 1
+        cache: none
+      - name: data
+        serial: DATA0001
+      - name: seed
+        cdrom: {bus: virtio}
+  volumes:
+  - name: root
+    containerDisk: {image: registry.example/debian:12}
+  - name: data
+    persistentVolumeClaim: {claimName: web-data}
+  - name: seed
+    cloudInitNoCloud:
+      userData: |
+        #cloud-config
+        hostname: web-1
+  - name: scratch
+    emptyDisk: {capacity: 2Gi}
+"#;
+
+#[test]
+fn a_kernel_boot_vmi_becomes_a_vm_config() {
+    let l = launch(KERNEL_BOOT).unwrap();
+    assert_eq!((l.name.as_str(), l.namespace.as_str()), ("web-1", "shop"));
+    assert_eq!(l.grace_period_s, 45);
+    let c = &l.config;
+    assert_eq!(c.cpus.boot_vcpus, 2);
+    assert_eq!(c.memory.size, 1 << 30);
+    assert_eq!(
+        c.payload.kernel,
+        PathBuf::from("/pod/var/run/kubevirt/container-disks/kernel-boot/boot/vmlinuz")
+    );
+    assert_eq!(
+        c.payload.initramfs.as_deref(),
+        Some(
+            PathBuf::from("/pod/var/run/kubevirt/container-disks/kernel-boot/boot/initrd.img")
+                .as_path()
+        )
+    );
+    assert_eq!(c.payload.cmdline, "root=/dev/vda quiet console=ttyS0");
+    assert!(c.rng.is_some());
+    // Disks in the spec's order, then the volume no disk names.
+    let ids: Vec<_> = c.disks.iter().map(|d| d.id.clone().unwrap()).collect();
+    assert_eq!(ids, ["root", "data", "seed", "scratch"]);
+    let root = &c.disks[0];
+    assert_eq!(
+        root.path,
+        PathBuf::from("/pod/var/run/kubevirt-ephemeral-disks/disk-data/root/disk.qcow2")
+    );
+    assert_eq!(root.format.as_deref(), Some("qcow2"));
+    assert!(root.direct && !root.readonly);
+    let data = &c.disks[1];
+    assert_eq!(
+        data.path,
+        PathBuf::from("/pod/var/run/kubevirt-private/vmi-disks/data/disk.img")
+    );
+    // A claim's image is raw, always: never probed.
+    assert_eq!(data.format.as_deref(), Some("raw"));
+    assert_eq!(data.serial.as_deref(), Some("DATA0001"));
+    let seed = &c.disks[2];
+    assert!(seed.readonly, "a CD-ROM is read-only");
+    assert_eq!(
+        seed.path,
+        PathBuf::from(
+            "/pod/var/run/kubevirt-ephemeral-disks/cloud-init-data/shop/web-1/noCloud.iso"
+        )
+    );
+    assert_eq!(
+        l.prepare[0],
+        Prepare::Overlay {
+            path: root.path.clone(),
+            base: "/pod/var/run/kubevirt/container-disks/disk_0.img".into(),
+        }
+    );
+    match &l.prepare[2] {
+        Prepare::CloudInit {
+            config_drive,
+            instance_id,
+            hostname,
+            user_data: Source::Text(text),
+            network_data: None,
+            ..
+        } => {
+            assert!(!config_drive);
+            assert_eq!(instance_id, "web-1.shop");
+            assert_eq!(hostname, "web-1");
+            assert!(text.starts_with("#cloud-config\nhostname: web-1"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        l.prepare[3],
+        Prepare::EmptyDisk {
+            path: "/pod/var/run/kubevirt-ephemeral-disks/empty-disks/scratch.qcow2".into(),
+            size: 2 << 30,
+        }
+    );
+    // Harmless fields are left aside, each with a warning that names it.
+    assert!(l
+        .warnings
+        .iter()
+        .any(|w| w.starts_with("metadata.labels: ignored")));
+    assert!(l
+        .warnings
+        .iter()
+        .any(|w| w.starts_with("spec.domain.firmware.uuid: ignored")));
+    // The configuration is one podvisor accepts.
+    c.validate().unwrap();
+}
+
+#[test]
+fn memory_from_requests_cpu_topology_and_defaults() {
+    let l = launch(
+        r#"{"metadata": {"name": "small"},
+            "spec": {"domain": {"resources": {"requests": {"memory": "1G", "cpu": "2"},
+                                              "limits": {"memory": "2G"}},
+                                "cpu": {"sockets": 2, "cores": 2, "threads": 2},
+                                "firmware": {"kernelBoot": {"container": {
+                                    "image": "k", "kernelPath": "/vmlinux"}}}}}}"#,
+    )
+    .unwrap();
+    assert_eq!(l.namespace, "default");
+    assert_eq!(l.grace_period_s, 30);
+    assert_eq!(l.config.cpus.boot_vcpus, 8);
+    // 1G = 10^9 bytes, rounded up to whole MiB.
+    assert_eq!(l.config.memory.size, 954 << 20);
+    assert_eq!(l.config.payload.cmdline, "console=ttyS0");
+    assert!(l.config.payload.initramfs.is_none() && l.config.disks.is_empty());
+    assert!(l
+        .warnings
+        .iter()
+        .any(|w| w.starts_with("spec.domain.resources.limits")));
+}
+
+#[test]
+fn every_problem_is_named_by_its_field() {
+    let errs = errors(
+        r#"
+apiVersion: kubevirt.io/v2
+kind: VirtualMachineInstance
+metadata: {name: Bad_Name}
+spec:
+  domain:
+    cpu: {cores: 300}
+    memory: {guest: 16Mi, hugepages: {pageSize: 2Mi}}
+    firmware:
+      bootloader: {efi: {}}
+      kernelBoot:
+        container: {image: k, kernelPath: ../etc/shadow}
+    devices:
+      sound: {name: s}
+      disks:
+      - name: a
+        disk: {bus: sata}
+      - name: a
+      - name: c
+        cdrom: {}
+        bootOrder: 2
+        cache: writethrough
+      - name: d
+        bootOrder: 2
+        serial: "123456789012345678901"
+      - name: missing
+  volumes:
+  - name: c
+    containerDisk: {image: img}
+  - name: d
+    hostDisk: {path: relative.img, type: Maybe}
+  - name: a
+    configMap: {name: cm}
+  - name: e
+    containerDisk: {image: x}
+    emptyDisk: {capacity: 1Gi}
+  - name: c
+    emptyDisk: {capacity: lots}
+"#,
+    );
+    for expected in [
+        "apiVersion: 'kubevirt.io/v2', expected kubevirt.io/v1",
+        "metadata.name: 'Bad_Name' is not a DNS label",
+        "spec.domain.cpu: cores × sockets × threads is 300",
+        "spec.domain.memory.guest: 16777216 bytes; podvisor needs at least 32 MiB",
+        "spec.domain.memory.hugepages: guest memory on 2Mi huge pages",
+        "spec.domain.firmware.bootloader: not supported by podvisor",
+        "spec.domain.firmware.kernelBoot.container.kernelPath: '../etc/shadow' must be an absolute path",
+        "spec.domain.devices.sound: not supported by podvisor",
+        "spec.domain.devices.disks[0].disk.bus: 'sata' is not supported",
+        "spec.domain.devices.disks[1].name: 'a' is also disks[0]",
+        "spec.domain.devices.disks[2].cdrom.bus: 'sata' is not supported",
+        "spec.domain.devices.disks[2].cache: 'writethrough' is not supported",
+        "spec.domain.devices.disks[3].bootOrder: 2 is also the boot order of disks[2]",
+        "spec.domain.devices.disks[3].serial: '123456789012345678901' is longer than 20 bytes",
+        "spec.domain.devices.disks[4].name: no volume named 'missing' in spec.volumes",
+        "spec.volumes[1].hostDisk.path: missing, or not an absolute path",
+        "spec.volumes[1].hostDisk.type: Some(\"Maybe\"): Disk or DiskOrCreate",
+        "spec.volumes[2].configMap: not supported by podvisor",
+        "spec.volumes[3]: more than one volume source",
+        "spec.volumes[4].name: a second volume named 'c'",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(expected)),
+            "no '{expected}' in:\n{}",
+            errs.join("\n")
+        );
+    }
+}
+
+#[test]
+fn interfaces_are_checked_and_refused_until_the_pod_network_is_wired() {
+    let yaml = r#"
+metadata: {name: net}
+spec:
+  domain:
+    memory: {guest: 256Mi}
+    firmware: {kernelBoot: {container: {image: k, kernelPath: /k}}}
+    devices:
+      interfaces:
+      - name: default
+        masquerade: {}
+        ports: [{port: 80}, {name: bad}]
+      - name: blue
+        bridge: {}
+        macAddress: "02:00:00:00:00:0g"
+      - name: red
+        sriov: {}
+      - name: default
+        bridge: {}
+        masquerade: {}
+        model: e1000
+  networks:
+  - name: default
+    pod: {}
+  - name: blue
+    multus: {networkName: blue-net}
+"#;
+    let errs = errors(yaml);
+    for expected in [
+        "spec.domain.devices.interfaces[0].ports[1].port: missing",
+        "spec.domain.devices.interfaces[1].macAddress: '02:00:00:00:00:0g' is not a MAC address",
+        "spec.domain.devices.interfaces[2].sriov: not supported",
+        "spec.domain.devices.interfaces[2].name: no network named 'red'",
+        "spec.domain.devices.interfaces[3]: more than one binding: bridge, masquerade",
+        "spec.domain.devices.interfaces[3].model: 'e1000' is not supported",
+        "spec.domain.devices.interfaces[3].name: network 'default' already has interfaces[0]",
+        "spec.domain.devices.interfaces: the pod network is not wired by podvisor yet",
+    ] {
+        assert!(
+            errs.iter().any(|e| e.starts_with(expected)),
+            "no '{expected}' in:\n{}",
+            errs.join("\n")
+        );
+    }
+    // A spec whose interfaces are right starts without them under --no-network.
+    let good = r#"
+metadata: {name: net}
+spec:
+  domain:
+    memory: {guest: 256Mi}
+    firmware: {kernelBoot: {container: {image: k, kernelPath: /k}}}
+    devices:
+      interfaces: [{name: default, masquerade: {}}]
+  networks: [{name: default, pod: {}}]
+"#;
+    assert!(launch(good).unwrap_err()[0].contains("--no-network"));
+    let l = translate(&parse(good).unwrap(), &options(true)).unwrap();
+    assert!(l.config.net.is_empty());
+    assert!(l.warnings.iter().any(|w| w.contains("--no-network")));
+}
+
+#[test]
+fn cloud_init_sources() {
+    let yaml = |volume: &str| {
+        format!(
+            r#"
+metadata: {{name: ci, namespace: ns}}
+spec:
+  domain:
+    memory: {{guest: 256Mi}}
+    firmware: {{kernelBoot: {{container: {{image: k, kernelPath: /k}}}}}}
+  volumes:
+  - name: seed
+    {volume}
+"#
+        )
+    };
+    let l = launch(&yaml(
+        "cloudInitConfigDrive: {userDataBase64: I2Nsb3VkLWNvbmZpZwo=, networkData: 'version: 2'}",
+    ))
+    .unwrap();
+    match &l.prepare[0] {
+        Prepare::CloudInit {
+            path,
+            config_drive: true,
+            user_data: Source::Text(user),
+            network_data: Some(Source::Text(net)),
+            ..
+        } => {
+            assert_eq!(user, "#cloud-config\n");
+            assert_eq!(net, "version: 2");
+            assert!(path.ends_with("cloud-init-data/ns/ci/configdrive.iso"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(l.config.disks[0].readonly);
+    let l = launch(&yaml(
+        "cloudInitNoCloud: {userDataSecretRef: {name: my-secret}}",
+    ))
+    .unwrap();
+    match &l.prepare[0] {
+        Prepare::CloudInit {
+            user_data: Source::Secret(file),
+            ..
+        } => assert_eq!(
+            file,
+            &PathBuf::from("/pod/var/run/kubevirt-private/secret/seed/userdata")
+        ),
+        other => panic!("{other:?}"),
+    }
+    let errs = errors(&yaml("cloudInitNoCloud: {userDataBase64: '!!!'}"));
+    assert!(
+        errs[0].ends_with("userDataBase64: not base64 of UTF-8 text"),
+        "{errs:?}"
+    );
+    let errs = errors(&yaml("cloudInitNoCloud: {networkData: x}"));
+    assert!(errs[0].contains("no userData"), "{errs:?}");
+    let errs = errors(&yaml(
+        "cloudInitNoCloud: {userData: a, userDataBase64: YQ==}",
+    ));
+    assert!(errs[0].contains("more than one of userData"), "{errs:?}");
+}
+
+#[test]
+fn documents_that_are_not_vmis() {
+    assert!(parse("a: [")
+        .unwrap_err()
+        .starts_with("not a YAML or JSON document"));
+    assert!(parse("- 1").unwrap_err().contains("not an object"));
+    let e = parse("metadata: {name: x}\nspec: {domain: {cpu: {cores: two}}}").unwrap_err();
+    assert!(e.starts_with("spec.domain.cpu.cores: invalid type"), "{e}");
+    let e = parse("metadata: {name: x}").unwrap_err();
+    assert!(e.contains("missing field `spec`"), "{e}");
+    let errs = errors("metadata: {}\nspec: {domain: {}}");
+    assert!(errs
+        .iter()
+        .any(|e| e.starts_with("metadata.name: '' is not a DNS label")));
+    assert!(errs
+        .iter()
+        .any(|e| e.starts_with("spec.domain.memory.guest: no guest memory")));
+    assert!(errs
+        .iter()
+        .any(|e| e.starts_with("spec.domain.firmware.kernelBoot: podvisor boots a kernel")));
+}

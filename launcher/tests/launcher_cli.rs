@@ -1,0 +1,111 @@
+//! `podvisor launcher --validate` and `--dry-run`, as a user runs them: no VM, no KVM.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn podvisor(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .args(args)
+        .env_remove("PODVISOR_VMI")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+const VMI: &str = r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {name: demo, labels: {a: b}}
+spec:
+  domain:
+    resources: {requests: {memory: 256Mi}}
+    firmware: {kernelBoot: {kernelArgs: quiet, container: {image: k, kernelPath: /vmlinux}}}
+    devices:
+      disks: [{name: data, disk: {bus: virtio}}]
+  volumes:
+  - name: data
+    hostDisk: {path: /var/lib/data.img, type: DiskOrCreate, capacity: 1Gi}
+"#;
+
+#[test]
+fn validate_and_dry_run() {
+    let (rc, out, err) = podvisor(&["launcher", "--vmi", "-", "--validate"], VMI);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(out, "VMI default/demo is valid\n");
+    assert_eq!(
+        err,
+        "podvisor: warning: metadata.labels: ignored (it changes nothing podvisor runs)\n"
+    );
+
+    let (rc, out, err) = podvisor(
+        &["launcher", "--vmi", "-", "--dry-run", "--pod-root", "/pod"],
+        VMI,
+    );
+    assert_eq!(rc, 0, "{err}");
+    let config: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(config["memory"]["size"], 256 << 20);
+    assert_eq!(
+        config["payload"]["kernel"],
+        "/pod/var/run/kubevirt/container-disks/kernel-boot/vmlinux"
+    );
+    assert_eq!(config["payload"]["cmdline"], "quiet console=ttyS0");
+    assert_eq!(config["disks"][0]["path"], "/var/lib/data.img");
+    assert_eq!(config["disks"][0]["format"], "raw");
+}
+
+#[test]
+fn a_bad_vmi_is_every_problem_by_its_field_and_nothing_else() {
+    let bad = VMI
+        .replace("bus: virtio", "bus: scsi")
+        .replace("256Mi", "lots");
+    let (rc, out, err) = podvisor(&["launcher", "--vmi", "-", "--validate"], &bad);
+    assert_eq!(rc, 1);
+    assert_eq!(out, "");
+    assert!(
+        err.starts_with("podvisor: error: the VMI has 2 problems:\n"),
+        "{err}"
+    );
+    assert!(
+        err.contains("  spec.domain.resources.requests.memory: \"lots\" is not a quantity"),
+        "{err}"
+    );
+    assert!(
+        err.contains("  spec.domain.devices.disks[0].disk.bus: 'scsi' is not supported"),
+        "{err}"
+    );
+    let (rc, _, err) = podvisor(&["launcher", "--validate"], "");
+    assert_eq!(rc, 1);
+    assert_eq!(
+        err,
+        "podvisor: error: no VMI: give --vmi FILE (or -), or set PODVISOR_VMI\n"
+    );
+    let (rc, _, err) = podvisor(
+        &["launcher", "--vmi", "/nonexistent.yaml", "--validate"],
+        "",
+    );
+    assert_eq!(rc, 1);
+    assert!(
+        err.starts_with("podvisor: error: cannot read the VMI /nonexistent.yaml: "),
+        "{err}"
+    );
+    let (rc, _, err) = podvisor(&["launcher", "--vmi", "-", "--validate"], "spec: [");
+    assert_eq!(rc, 1);
+    assert!(
+        err.starts_with("podvisor: error: the VMI: not a YAML or JSON document"),
+        "{err}"
+    );
+}
