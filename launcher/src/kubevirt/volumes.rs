@@ -157,7 +157,7 @@ mod tests {
         let device = dir.join("dev/data");
         assert_eq!(claim(&image, &device).unwrap(), image);
         let meta = std::fs::metadata(&image).unwrap();
-        assert!(meta.len() >= 1 << 20 && meta.len() % (1 << 20) == 0);
+        assert!(meta.len() >= 1 << 20 && meta.len().is_multiple_of(1 << 20));
         assert_eq!(std::os::unix::fs::MetadataExt::blocks(&meta), 0, "sparse");
         // Made once, then used as it is.
         std::fs::write(&image, b"data").unwrap();
