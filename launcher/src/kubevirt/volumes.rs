@@ -5,15 +5,35 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use devices::block::Format;
 use vmm::config::VmConfig;
 
 use super::translate::Prepare;
 
-/// Files made for the VM, removed when dropped (those of ephemeral volumes only: a claim's or
-/// a host disk's image is the user's data).
+/// Files and folders made for the VM, removed when dropped (those of ephemeral volumes only:
+/// a claim's or a host disk's image is the user's data), so that the pod's folders are left as
+/// they were found.
 #[derive(Debug, Default)]
 pub struct Prepared {
     ephemeral: Vec<PathBuf>,
+    folders: Vec<PathBuf>,
+}
+
+impl Prepared {
+    /// Makes the folders above `file` that are missing, noting them for removal.
+    fn folders_for(&mut self, file: &Path) -> Result<(), String> {
+        let mut missing = Vec::new();
+        let mut dir = file.parent();
+        while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            missing.push(d.to_owned());
+            dir = d.parent();
+        }
+        for d in missing.into_iter().rev() {
+            std::fs::create_dir(&d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+            self.folders.push(d);
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Prepared {
@@ -25,13 +45,16 @@ impl Drop for Prepared {
                 }
             }
         }
+        for dir in self.folders.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
 /// Makes what `steps` ask for, in order; the disk of step `i` is `config.disks[i]`, whose path
 /// a claim in block mode changes to its device. On failure what was made is removed again.
 pub fn prepare(steps: &[Prepare], config: &mut VmConfig) -> Result<Prepared, String> {
-    let made = Prepared::default();
+    let mut made = Prepared::default();
     for (step, disk) in steps.iter().zip(config.disks.iter_mut()) {
         let volume = disk.id.clone().unwrap_or_default();
         let fail = |e: String| format!("volume '{volume}': {e}");
@@ -42,13 +65,17 @@ pub fn prepare(steps: &[Prepare], config: &mut VmConfig) -> Result<Prepared, Str
             Prepare::HostDisk { path, create, size } => {
                 host_disk(path, *create, *size).map_err(fail)?;
             }
-            Prepare::Overlay { .. } => {
-                return Err(fail(
-                    "containerDisk and ephemeral volumes are not supported yet".into(),
-                ))
+            Prepare::Overlay { path, base } => {
+                let format = base_format(base).map_err(fail)?;
+                let size = image_size(base, format).map_err(fail)?;
+                made.folders_for(path).map_err(fail)?;
+                qcow2_create(path, size, Some((base, format))).map_err(fail)?;
+                made.ephemeral.push(path.clone());
             }
-            Prepare::EmptyDisk { .. } => {
-                return Err(fail("emptyDisk volumes are not supported yet".into()))
+            Prepare::EmptyDisk { path, size } => {
+                made.folders_for(path).map_err(fail)?;
+                qcow2_create(path, *size, None).map_err(fail)?;
+                made.ephemeral.push(path.clone());
             }
             Prepare::CloudInit { .. } => {
                 return Err(fail("cloud-init volumes are not supported yet".into()))
@@ -56,6 +83,37 @@ pub fn prepare(steps: &[Prepare], config: &mut VmConfig) -> Result<Prepared, Str
         }
     }
     Ok(made)
+}
+
+/// The format of an ephemeral volume's read-only base: raw, or a qcow2 image that names no
+/// backing file of its own (an image from a registry must not reach other host files).
+fn base_format(base: &Path) -> Result<Format, String> {
+    let mut magic = [0u8; 4];
+    let mut file = File::open(base).map_err(|e| format!("the image {}: {e}", base.display()))?;
+    let n = std::io::Read::read(&mut file, &mut magic)
+        .map_err(|e| format!("the image {}: {e}", base.display()))?;
+    if n < 4 || magic != devices::block::qcow2::header::MAGIC {
+        return Ok(Format::Raw);
+    }
+    devices::block::open_qcow2_standalone(base, true)
+        .map_err(|e| format!("the image {} is refused: {e}", base.display()))?;
+    Ok(Format::Qcow2)
+}
+
+/// The virtual size of an image in `format`, in whole sectors.
+fn image_size(path: &Path, format: Format) -> Result<u64, String> {
+    let options = devices::block::DiskOptions {
+        format: Some(format),
+        read_only: true,
+        direct: false,
+    };
+    let disk = devices::block::open_disk(path, options)
+        .map_err(|e| format!("the image {}: {e}", path.display()))?;
+    Ok(disk.size() / 512 * 512)
+}
+
+fn qcow2_create(path: &Path, size: u64, backing: Option<(&Path, Format)>) -> Result<(), String> {
+    devices::block::qcow2::create::create(path, size, backing, 0o660).map_err(|e| e.to_string())
 }
 
 /// A claim's image in filesystem mode (made sparse, as large as the volume's free space, when
@@ -187,6 +245,87 @@ mod tests {
         host_disk(&file, false, None).unwrap();
         let err = host_disk(&dir, false, None).unwrap_err();
         assert!(err.contains("not a file or a block device"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn disk(id: &str) -> vmm::config::DiskConfig {
+        vmm::config::DiskConfig {
+            path: PathBuf::new(),
+            readonly: false,
+            direct: false,
+            format: None,
+            serial: None,
+            num_queues: None,
+            id: Some(id.into()),
+        }
+    }
+
+    fn config(disks: Vec<vmm::config::DiskConfig>) -> VmConfig {
+        let mut c: VmConfig = serde_json::from_value(serde_json::json!({
+            "payload": {"kernel": "/k"}, "cpus": {"boot_vcpus": 1}, "memory": {"size": 64 << 20},
+        }))
+        .unwrap();
+        c.disks = disks;
+        c
+    }
+
+    #[test]
+    fn ephemeral_images_are_made_over_their_base_and_removed_with_their_folders() {
+        let dir = scratch("eph");
+        let base = dir.join("disk_0.img");
+        std::fs::write(&base, vec![7u8; 1 << 20]).unwrap();
+        let overlay = dir.join("eph/disk-data/root/disk.qcow2");
+        let empty = dir.join("eph/empty-disks/scratch.qcow2");
+        let steps = [
+            Prepare::Overlay {
+                path: overlay.clone(),
+                base: base.clone(),
+            },
+            Prepare::EmptyDisk {
+                path: empty.clone(),
+                size: 1 << 30,
+            },
+        ];
+        let mut c = config(vec![disk("root"), disk("scratch")]);
+        let made = prepare(&steps, &mut c).unwrap();
+        let opened =
+            devices::block::open_disk(&overlay, devices::block::DiskOptions::default()).unwrap();
+        assert_eq!(opened.size(), 1 << 20);
+        drop(opened);
+        assert!(empty.is_file());
+        drop(made);
+        assert!(!dir.join("eph").exists(), "the folders made are gone too");
+        assert_eq!(std::fs::read(&base).unwrap(), vec![7u8; 1 << 20]);
+
+        // A base that names a backing file of its own is refused, and nothing is left.
+        let evil = dir.join("evil.qcow2");
+        devices::block::qcow2::create::create(
+            &evil,
+            1 << 20,
+            Some((Path::new("/etc/passwd"), Format::Raw)),
+            0o600,
+        )
+        .unwrap();
+        let steps = [
+            Prepare::EmptyDisk {
+                path: empty.clone(),
+                size: 1 << 20,
+            },
+            Prepare::Overlay {
+                path: overlay.clone(),
+                base: evil,
+            },
+        ];
+        let mut c = config(vec![disk("scratch"), disk("root")]);
+        let err = prepare(&steps, &mut c).unwrap_err();
+        assert!(
+            err.starts_with("volume 'root': the image") && err.contains("is refused"),
+            "{err}"
+        );
+        assert!(
+            !dir.join("eph").exists(),
+            "a failed prepare leaves nothing behind"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -45,6 +45,7 @@
 mod alloc;
 mod cluster;
 mod compressed;
+pub mod create;
 mod guest;
 pub mod header;
 mod refcount;
