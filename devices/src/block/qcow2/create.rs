@@ -75,7 +75,7 @@ fn image_bytes(
         path: path.to_path_buf(),
         feature,
     };
-    if size == 0 || size % 512 != 0 {
+    if size == 0 || !size.is_multiple_of(512) {
         return Err(unsupported(format!(
             "a size of {size} bytes (a positive multiple of 512)"
         )));
