@@ -15,7 +15,7 @@ fn ctl(socket: &str, args: &[&str]) -> Result<(i32, String), Failed> {
     host(podvisor(), &all)
 }
 
-fn ctl_ok(socket: &str, args: &[&str]) -> Result<String, Failed> {
+pub(crate) fn ctl_ok(socket: &str, args: &[&str]) -> Result<String, Failed> {
     let (rc, out) = ctl(socket, args)?;
     if rc != 0 {
         return Err(format!("podvisor ctl {args:?} exited {rc}: {out}").into());

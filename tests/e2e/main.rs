@@ -11,6 +11,7 @@ mod boot;
 mod devices;
 mod disks;
 mod harness;
+mod launcher;
 mod net;
 
 use std::process::{Command, Stdio};
@@ -34,6 +35,7 @@ fn scenarios() -> Vec<Trial> {
     trials.extend(disks::trials());
     trials.extend(net::trials());
     trials.extend(api::trials());
+    trials.extend(launcher::trials());
     trials
 }
 

@@ -1,0 +1,127 @@
+//! `podvisor launcher`: a KubeVirt VirtualMachineInstance run as a pod's entrypoint would run
+//! it, its files where KubeVirt puts them (under a scratch pod root).
+
+use libtest_mimic::{Failed, Trial};
+
+use crate::api::ctl_ok;
+use crate::harness::*;
+
+/// A VMI with a kernelBoot kernel, a containerDisk (a qcow2 overlay over a raw base), an
+/// emptyDisk and a host disk made on demand boots; the guest reads the base through the
+/// overlay and writes over it; SIGTERM (the pod being deleted) powers the guest off within the
+/// grace period and the launcher exits 0; the base is unchanged, the overlay, the empty disk
+/// and the folders made for them are gone, and the host disk (the user's data) stays.
+fn a_vmi_boots_from_a_container_disk_and_leaves_the_pod_as_it_found_it() -> Result<(), Failed> {
+    let dir = Scratch::new("launcher");
+    let root = dir.path("pod");
+    let kernel_boot = root.join("var/run/kubevirt/container-disks/kernel-boot/boot");
+    std::fs::create_dir_all(&kernel_boot)?;
+    std::fs::copy(guest("bzImage"), kernel_boot.join("vmlinuz"))?;
+    std::fs::copy(guest("initramfs.cpio.gz"), kernel_boot.join("initrd.img"))?;
+    let base = root.join("var/run/kubevirt/container-disks/disk_0.img");
+    let mut image = vec![0u8; 8 << 20];
+    image[4096..4096 + 14].copy_from_slice(b"from-the-image");
+    std::fs::write(&base, &image)?;
+    std::fs::create_dir_all(root.join("var/run/kubevirt-ephemeral-disks"))?;
+    let host_disk = dir.path("host-data.img");
+    let before: Vec<_> = walk(&root);
+
+    let vmi = format!(
+        r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {{name: e2e-vm, namespace: pods, labels: {{app: e2e}}}}
+spec:
+  terminationGracePeriodSeconds: 60
+  domain:
+    cpu: {{cores: 2}}
+    memory: {{guest: 256Mi}}
+    firmware:
+      kernelBoot:
+        kernelArgs: quiet
+        container: {{image: kernels:1, kernelPath: /boot/vmlinuz, initrdPath: /boot/initrd.img}}
+    devices:
+      disks:
+      - {{name: root, disk: {{bus: virtio}}}}
+      - {{name: scratch, disk: {{}}}}
+      - {{name: data, disk: {{}}, serial: data-1}}
+  volumes:
+  - {{name: root, containerDisk: {{image: images:1}}}}
+  - {{name: scratch, emptyDisk: {{capacity: 64Mi}}}}
+  - {{name: data, hostDisk: {{path: {}, type: DiskOrCreate, capacity: 16Mi}}}}
+"#,
+        host_disk.display()
+    );
+    let vmi_file = dir.path("vmi.yaml");
+    std::fs::write(&vmi_file, vmi)?;
+    let socket = dir.arg("api.sock");
+    let mut vm = Vm::spawn(
+        "launcher",
+        &[
+            "--vmi",
+            vmi_file.to_str().unwrap(),
+            "--pod-root",
+            root.to_str().unwrap(),
+            "--api-socket",
+            &socket,
+        ],
+    );
+    vm.expect("podvisor-guest ready: cpus=2")?;
+    vm.wait_for_shell()?;
+    let seen = vm.shell_ok(
+        "dd if=/dev/vda bs=4096 skip=1 count=1 2>/dev/null | head -c 14; echo; \
+         cat /sys/block/vdb/size /sys/block/vdc/size /sys/block/vdc/serial",
+    )?;
+    for expected in ["from-the-image", "131072", "32768", "data-1"] {
+        if !seen.contains(expected) {
+            return Err(vm.failure(&format!("the guest's disks: no '{expected}' in {seen}")));
+        }
+    }
+    vm.shell_ok("printf guest-wrote | dd of=/dev/vda bs=4096 seek=2 conv=sync,fsync 2>/dev/null")?;
+    let info: serde_json::Value = serde_json::from_str(&ctl_ok(&socket, &["info"])?)?;
+    if info["state"] != "Running" {
+        return Err(vm.failure(&format!("vm.info on the launcher's socket: {info}")));
+    }
+    vm.shell_ok("pidof acpid")?;
+    vm.terminate()?;
+    let status = vm.wait()?;
+    if status.code() != Some(0) {
+        return Err(vm.failure(&format!("the launcher exited with {status} after SIGTERM")));
+    }
+    if std::fs::read(&base)? != image {
+        return Err("the containerDisk's base image changed".into());
+    }
+    let after = walk(&root);
+    if after != before {
+        return Err(format!("the pod's files were {before:?}, are now {after:?}").into());
+    }
+    if std::fs::metadata(&host_disk)?.len() != 16 << 20 {
+        return Err("the host disk is gone or not 16 MiB".into());
+    }
+    Ok(())
+}
+
+/// Every file and folder under `dir`, sorted.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path.clone());
+            }
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The launcher scenarios.
+pub fn trials() -> Vec<Trial> {
+    vec![Trial::test(
+        "launcher_boots_a_vmi_from_a_container_disk",
+        || hang_tolerant(a_vmi_boots_from_a_container_disk_and_leaves_the_pod_as_it_found_it),
+    )]
+}
