@@ -10,6 +10,8 @@ pv_rust
 # end-to-end scenario's time.
 pv_qemu
 pv_need qemu-img:qemu-utils qemu-io:qemu-utils
+# The cloud-init seed disks are read back with libarchive (their Joliet names) and blkid.
+pv_need bsdtar:libarchive-tools blkid:util-linux
 if ! pv_hw_kvm; then
     vfsd="$(pv_virtiofsd)"
     pv_say "test host: $(qemu-system-x86_64 --version | head -n1), virtiofsd $vfsd"

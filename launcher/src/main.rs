@@ -1,6 +1,7 @@
 //! `podvisor`: boots a VM from the command line (and, as a pod's entrypoint, serves its API).
 
 mod cli;
+mod cloudinit;
 mod ctl;
 mod kubevirt;
 mod terminal;

@@ -66,6 +66,7 @@ MODULES=(
     virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio
     virtio_blk virtio_net virtio_rng virtio_console
     ext4 crc16 mbcache jbd2 crc32c_generic
+    isofs
     button evdev
 )
 

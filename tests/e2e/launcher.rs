@@ -7,8 +7,9 @@ use crate::api::ctl_ok;
 use crate::harness::*;
 
 /// A VMI with a kernelBoot kernel, a containerDisk (a qcow2 overlay over a raw base), an
-/// emptyDisk and a host disk made on demand boots; the guest reads the base through the
-/// overlay and writes over it; SIGTERM (the pod being deleted) powers the guest off within the
+/// emptyDisk, a host disk made on demand and a cloudInitNoCloud seed boots; the guest reads the
+/// base through the overlay and writes over it, and mounts the seed (cidata) and reads its
+/// user-data and meta-data; SIGTERM (the pod being deleted) powers the guest off within the
 /// grace period and the launcher exits 0; the base is unchanged, the overlay, the empty disk
 /// and the folders made for them are gone, and the host disk (the user's data) stays.
 fn a_vmi_boots_from_a_container_disk_and_leaves_the_pod_as_it_found_it() -> Result<(), Failed> {
@@ -45,10 +46,16 @@ spec:
       - {{name: root, disk: {{bus: virtio}}}}
       - {{name: scratch, disk: {{}}}}
       - {{name: data, disk: {{}}, serial: data-1}}
+      - {{name: seed, cdrom: {{bus: virtio}}}}
   volumes:
   - {{name: root, containerDisk: {{image: images:1}}}}
   - {{name: scratch, emptyDisk: {{capacity: 64Mi}}}}
   - {{name: data, hostDisk: {{path: {}, type: DiskOrCreate, capacity: 16Mi}}}}
+  - name: seed
+    cloudInitNoCloud:
+      userData: |
+        #cloud-config
+        runcmd: [echo podvisor-seed-marker]
 "#,
         host_disk.display()
     );
@@ -78,6 +85,25 @@ spec:
         }
     }
     vm.shell_ok("printf guest-wrote | dd of=/dev/vda bs=4096 seek=2 conv=sync,fsync 2>/dev/null")?;
+    // The cloud-init seed: an ISO 9660 disk labelled cidata, its names as cloud-init wants them.
+    let seed = vm.shell_ok(
+        "mkdir -p /seed && mount -t iso9660 -o ro /dev/vdd /seed && ls /seed && \
+         cat /seed/user-data /seed/meta-data; umount /seed",
+    )?;
+    for expected in [
+        "meta-data",
+        "user-data",
+        "podvisor-seed-marker",
+        "instance-id: e2e-vm.pods",
+        "local-hostname: e2e-vm",
+    ] {
+        if !seed.contains(expected) {
+            return Err(vm.failure(&format!("the cidata disk: no '{expected}' in {seed}")));
+        }
+    }
+    if seed.contains("network-config") {
+        return Err(vm.failure(&format!("a network-config nobody asked for: {seed}")));
+    }
     let info: serde_json::Value = serde_json::from_str(&ctl_ok(&socket, &["info"])?)?;
     if info["state"] != "Running" {
         return Err(vm.failure(&format!("vm.info on the launcher's socket: {info}")));

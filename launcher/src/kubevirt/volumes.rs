@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use devices::block::Format;
 use vmm::config::VmConfig;
 
-use super::translate::Prepare;
+use super::translate::{Prepare, Source};
 
 /// Files and folders made for the VM, removed when dropped (those of ephemeral volumes only:
 /// a claim's or a host disk's image is the user's data), so that the pod's folders are left as
@@ -77,12 +77,69 @@ pub fn prepare(steps: &[Prepare], config: &mut VmConfig) -> Result<Prepared, Str
                 qcow2_create(path, *size, None).map_err(fail)?;
                 made.ephemeral.push(path.clone());
             }
-            Prepare::CloudInit { .. } => {
-                return Err(fail("cloud-init volumes are not supported yet".into()))
+            Prepare::CloudInit {
+                path,
+                config_drive,
+                instance_id,
+                hostname,
+                user_data,
+                network_data,
+            } => {
+                let seed = crate::cloudinit::Seed {
+                    instance_id: instance_id.clone(),
+                    hostname: hostname.clone(),
+                    user_data: read_source(user_data).map_err(fail)?,
+                    network_data: network_data
+                        .as_ref()
+                        .map(read_source)
+                        .transpose()
+                        .map_err(fail)?,
+                };
+                let image = if *config_drive {
+                    crate::cloudinit::config_drive(&seed)
+                } else {
+                    crate::cloudinit::nocloud(&seed)
+                };
+                made.folders_for(path).map_err(fail)?;
+                write_new(path, &image).map_err(fail)?;
+                made.ephemeral.push(path.clone());
             }
         }
     }
     Ok(made)
+}
+
+/// A cloud-init document: given in the spec, or a file of a mounted secret (its key in lower
+/// case, `userdata`, or as KubeVirt spells it, `userData`).
+fn read_source(source: &Source) -> Result<String, String> {
+    match source {
+        Source::Text(text) => Ok(text.clone()),
+        Source::Secret(file) => {
+            let camel = file.with_file_name(match file.file_name().and_then(|n| n.to_str()) {
+                Some("userdata") => "userData",
+                Some("networkdata") => "networkData",
+                Some(other) => other,
+                None => "",
+            });
+            std::fs::read_to_string(file)
+                .or_else(|_| std::fs::read_to_string(&camel))
+                .map_err(|e| format!("the secret's file {}: {e}", file.display()))
+        }
+    }
+}
+
+/// Writes `data` into a new file at `path` (readable by the VMM only).
+fn write_new(path: &Path, data: &[u8]) -> Result<(), String> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    std::io::Write::write_all(&mut file, data).map_err(|e| {
+        let _ = std::fs::remove_file(path);
+        format!("cannot write {}: {e}", path.display())
+    })
 }
 
 /// The format of an ephemeral volume's read-only base: raw, or a qcow2 image that names no
@@ -325,6 +382,37 @@ mod tests {
         assert!(
             !dir.join("eph").exists(),
             "a failed prepare leaves nothing behind"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cloud_init_seed_is_made_from_a_secret_and_removed() {
+        let dir = scratch("seed");
+        let secret = dir.join("secret/seed");
+        std::fs::create_dir_all(&secret).unwrap();
+        std::fs::write(secret.join("userData"), "#cloud-config\n").unwrap();
+        let iso = dir.join("cloud-init-data/ns/vm/noCloud.iso");
+        let steps = [Prepare::CloudInit {
+            path: iso.clone(),
+            config_drive: false,
+            instance_id: "vm.ns".into(),
+            hostname: "vm".into(),
+            user_data: Source::Secret(secret.join("userdata")),
+            network_data: Some(Source::Text("version: 2\n".into())),
+        }];
+        let mut c = config(vec![disk("seed")]);
+        let made = prepare(&steps, &mut c).unwrap();
+        let image = std::fs::read(&iso).unwrap();
+        assert_eq!(&image[16 * 2048 + 1..16 * 2048 + 6], b"CD001");
+        drop(made);
+        assert!(!dir.join("cloud-init-data").exists());
+        // A secret that is not there: refused, naming the file.
+        std::fs::remove_file(secret.join("userData")).unwrap();
+        let err = prepare(&steps, &mut c).unwrap_err();
+        assert!(
+            err.starts_with("volume 'seed': the secret's file "),
+            "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
