@@ -46,6 +46,11 @@ pub struct LauncherArgs {
     /// Print the VM configuration (vm.create's JSON) the spec becomes, and exit.
     #[arg(long)]
     pub dry_run: bool,
+    /// The serial console on stdin/stdout (events then only with --event-monitor) instead of
+    /// its socket POD_ROOT/var/run/kubevirt-private/NAMESPACE_NAME/virt-serial0, which
+    /// `podvisor ctl console` attaches to while the events go to stdout (the pod's log).
+    #[arg(long)]
+    pub console_stdio: bool,
     /// Run the VM without the spec's network interfaces (the pod network is not wired yet).
     #[arg(long)]
     pub no_network: bool,
@@ -114,8 +119,13 @@ pub struct RunArgs {
     /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory: String,
-    /// Where COM1 goes: stdio (output to stdout, input from stdin), file=PATH, or off.
-    #[arg(long, value_name = "stdio|file=PATH|off", default_value = "stdio")]
+    /// Where COM1 goes: stdio (output to stdout, input from stdin), file=PATH,
+    /// socket=PATH (attach with `podvisor ctl console`), or off.
+    #[arg(
+        long,
+        value_name = "stdio|file=PATH|socket=PATH|off",
+        default_value = "stdio"
+    )]
     pub serial: String,
     /// A virtio-blk disk (repeat for several): path=FILE[,format=raw|qcow2][,readonly=on]
     /// [,direct=on][,serial=ID][,num_queues=N (default: one per vCPU)][,id=NAME].
@@ -144,10 +154,11 @@ pub fn parse_serial(s: &str) -> Result<ConsoleConfig, String> {
     match s {
         "stdio" | "tty" => Ok(ConsoleConfig::Tty),
         "off" | "null" => Ok(ConsoleConfig::Off),
-        _ => match s.strip_prefix("file=") {
-            Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(path.into())),
+        _ => match s.split_once('=') {
+            Some(("file", path)) if !path.is_empty() => Ok(ConsoleConfig::File(path.into())),
+            Some(("socket", path)) if !path.is_empty() => Ok(ConsoleConfig::Socket(path.into())),
             _ => Err(format!(
-                "invalid --serial '{s}': expected stdio, file=PATH or off"
+                "invalid --serial '{s}': expected stdio, file=PATH, socket=PATH or off"
             )),
         },
     }
@@ -380,5 +391,10 @@ mod tests {
         assert_eq!(parse_serial("stdio"), Ok(ConsoleConfig::Tty));
         assert_eq!(parse_serial("off"), Ok(ConsoleConfig::Off));
         assert!(parse_serial("file=").is_err());
+        assert_eq!(
+            parse_serial("socket=/run/c.sock"),
+            Ok(ConsoleConfig::Socket("/run/c.sock".into()))
+        );
+        assert!(parse_serial("socket=").is_err());
     }
 }

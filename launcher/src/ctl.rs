@@ -91,6 +91,8 @@ pub enum CtlAction {
     CancelMigration,
     /// End the podvisor process (vmm.shutdown).
     ShutdownVmm,
+    /// Attach this terminal to the VM's serial console (serial mode Socket); Ctrl-] detaches.
+    Console,
 }
 
 impl CtlAction {
@@ -114,6 +116,7 @@ impl CtlAction {
             CtlAction::ReceiveMigration { .. } => ("PUT", "vm.receive-migration"),
             CtlAction::CancelMigration => ("PUT", "vm.cancel-migration"),
             CtlAction::ShutdownVmm => ("PUT", "vmm.shutdown"),
+            CtlAction::Console => ("GET", "vm.info"),
         }
     }
 }
@@ -121,6 +124,9 @@ impl CtlAction {
 /// Sends the request and writes the answer's JSON (pretty-printed) to `out`. An error answer
 /// or an unreachable socket is an `Err` with one line for the user.
 pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), String> {
+    if args.action == CtlAction::Console {
+        return crate::attach::console(&args.api_socket);
+    }
     let (method, endpoint) = args.action.route();
     let body = request_body(&args.action)?;
     let mut client = api::Client::connect(&args.api_socket).map_err(|e| e.to_string())?;

@@ -1,5 +1,6 @@
 //! `podvisor`: boots a VM from the command line (and, as a pod's entrypoint, serves its API).
 
+mod attach;
 mod cli;
 mod cloudinit;
 mod ctl;
@@ -138,7 +139,17 @@ fn launcher(args: cli::LauncherArgs) -> Result<(), String> {
         println!("{json}");
         return Ok(());
     }
-    let _files = kubevirt::volumes::prepare(&launch.prepare, &mut config)?;
+    let mut files = kubevirt::volumes::prepare(&launch.prepare, &mut config)?;
+    // In a pod the console is a socket and stdout is the pod's log, of events.
+    let mut event_monitor = args.event_monitor.clone();
+    if !args.console_stdio {
+        let socket = options
+            .layout
+            .console_socket(&launch.namespace, &launch.name);
+        files.folders_for(&socket)?;
+        config.serial = vmm::config::ConsoleConfig::Socket(socket);
+        event_monitor.get_or_insert_with(|| "fd=1".to_owned());
+    }
     config.validate().map_err(|e| e.to_string())?;
     let api_socket = args
         .api_socket
@@ -150,7 +161,7 @@ fn launcher(args: cli::LauncherArgs) -> Result<(), String> {
     }
     let vmm = VmmArgs {
         api_socket: Some(api_socket),
-        event_monitor: args.event_monitor.clone(),
+        event_monitor,
         pvm_guest: args.pvm_guest,
         grace_period: Some(std::time::Duration::from_secs(launch.grace_period_s)),
     };

@@ -71,6 +71,7 @@ spec:
             root.to_str().unwrap(),
             "--api-socket",
             &socket,
+            "--console-stdio",
         ],
     );
     vm.expect("podvisor-guest ready: cpus=2")?;

@@ -50,18 +50,71 @@ pub struct MemoryConfig {
     pub size: u64,
 }
 
-/// Where COM1's output goes and whether it takes input.
+/// Where COM1's output goes and whether it takes input. In JSON, Cloud Hypervisor's shape:
+/// `{"mode": "Tty"}`, `{"mode": "File", "file": PATH}`, `{"mode": "Socket", "socket": PATH}`,
+/// `{"mode": "Off"}` (or `Null`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "PascalCase", tag = "mode", content = "file")]
+#[serde(try_from = "ConsoleJson", into = "ConsoleJson")]
 pub enum ConsoleConfig {
     /// The VMM's stdout and stdin (in raw mode when stdin is a terminal).
     #[default]
     Tty,
     /// Appended to a file; no input.
     File(PathBuf),
+    /// A Unix socket (created mode 0600) that one client at a time attaches to, for output and
+    /// input; a new client first gets the last 64 KiB of output. Output nobody reads in time
+    /// is dropped, never waited for.
+    Socket(PathBuf),
     /// The UART exists but its output is dropped (Cloud Hypervisor's `Null` means the same).
-    #[serde(alias = "Null")]
     Off,
+}
+
+/// [`ConsoleConfig`] as JSON.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleJson {
+    mode: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    socket: Option<PathBuf>,
+}
+
+impl TryFrom<ConsoleJson> for ConsoleConfig {
+    type Error = String;
+
+    fn try_from(j: ConsoleJson) -> Result<Self, String> {
+        let needs = |what: Option<PathBuf>, field: &str| {
+            what.ok_or_else(|| format!("serial mode {} needs \"{field}\"", j.mode))
+        };
+        Ok(match j.mode.as_str() {
+            "Tty" => ConsoleConfig::Tty,
+            "File" => ConsoleConfig::File(needs(j.file.clone(), "file")?),
+            "Socket" => ConsoleConfig::Socket(needs(j.socket.clone(), "socket")?),
+            "Off" | "Null" => ConsoleConfig::Off,
+            other => {
+                return Err(format!(
+                    "unknown serial mode '{other}' (Tty, File, Socket, Off or Null)"
+                ))
+            }
+        })
+    }
+}
+
+impl From<ConsoleConfig> for ConsoleJson {
+    fn from(c: ConsoleConfig) -> Self {
+        let (mode, file, socket) = match c {
+            ConsoleConfig::Tty => ("Tty", None, None),
+            ConsoleConfig::File(f) => ("File", Some(f), None),
+            ConsoleConfig::Socket(s) => ("Socket", None, Some(s)),
+            ConsoleConfig::Off => ("Off", None, None),
+        };
+        ConsoleJson {
+            mode: mode.into(),
+            file,
+            socket,
+        }
+    }
 }
 
 /// Cloud Hypervisor's `console` (a virtio-console). podvisor has none, so only the modes that
@@ -585,6 +638,24 @@ mod tests {
         }
         let serial: ConsoleConfig = serde_json::from_str(r#"{"mode":"Null"}"#).unwrap();
         assert_eq!(serial, ConsoleConfig::Off);
+        let serial: ConsoleConfig =
+            serde_json::from_str(r#"{"mode":"Socket","socket":"/run/s"}"#).unwrap();
+        assert_eq!(serial, ConsoleConfig::Socket("/run/s".into()));
+        assert_eq!(
+            serde_json::to_value(&serial).unwrap(),
+            serde_json::json!({"mode": "Socket", "socket": "/run/s"})
+        );
+        for (bad, why) in [
+            (
+                r#"{"mode":"Socket"}"#,
+                "serial mode Socket needs \"socket\"",
+            ),
+            (r#"{"mode":"File"}"#, "serial mode File needs \"file\""),
+            (r#"{"mode":"Pty"}"#, "unknown serial mode 'Pty'"),
+        ] {
+            let err = serde_json::from_str::<ConsoleConfig>(bad).unwrap_err();
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -340,3 +340,30 @@ fn controller_follows_a_guest_that_keeps_rebooting() {
         .count();
     assert!(reboots >= 3, "only {reboots} reboots seen in 500 ms");
 }
+
+/// Serial mode Socket: a client attached before the boot sees everything the guest prints, and
+/// the socket file goes when the VM is deleted.
+#[test]
+fn the_serial_console_on_a_socket() {
+    use std::io::Read;
+    use vmm::controller::Request;
+    let g = TinyGuest::new("serial-socket");
+    let (mut cfg, _) = counting_config(&g);
+    let socket = g.dir.join("serial.sock");
+    cfg.serial = vmm::config::ConsoleConfig::Socket(socket.clone());
+    let (ctl, thread, _) = g.controller_with_events();
+    ctl.handle(Request::Create(Box::new(cfg))).unwrap();
+    let mut client = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    ctl.handle(Request::Boot).unwrap();
+    let expected = counting_guest_output();
+    let mut got = vec![0u8; expected.len()];
+    client.read_exact(&mut got).unwrap();
+    assert_eq!(got, expected);
+    ctl.handle(Request::Delete).unwrap();
+    assert!(!socket.exists(), "the socket goes with the VM");
+    ctl.handle(Request::ShutdownVmm).unwrap();
+    thread.join().unwrap().unwrap();
+}

@@ -74,6 +74,13 @@ impl PodLayout {
         self.at(&format!("/var/run/kubevirt-private/secret/{volume}"))
     }
 
+    /// The serial console's socket (`podvisor ctl console`, as `virtctl console`).
+    pub fn console_socket(&self, namespace: &str, name: &str) -> PathBuf {
+        self.at(&format!(
+            "/var/run/kubevirt-private/{namespace}_{name}/virt-serial0"
+        ))
+    }
+
     /// The API socket the node talks to.
     pub fn api_socket(&self, namespace: &str, name: &str) -> PathBuf {
         self.at(&format!(

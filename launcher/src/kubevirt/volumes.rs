@@ -21,7 +21,7 @@ pub struct Prepared {
 
 impl Prepared {
     /// Makes the folders above `file` that are missing, noting them for removal.
-    fn folders_for(&mut self, file: &Path) -> Result<(), String> {
+    pub fn folders_for(&mut self, file: &Path) -> Result<(), String> {
         let mut missing = Vec::new();
         let mut dir = file.parent();
         while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {

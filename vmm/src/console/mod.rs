@@ -1,4 +1,7 @@
-//! COM1 as the VM's console: where its output goes and the thread that feeds it input.
+//! COM1 as the VM's console: where its output goes and the thread that feeds it input
+//! (stdin, or the clients of its socket: [`socket`]).
+
+pub mod socket;
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -21,6 +24,12 @@ pub enum ConsoleError {
     },
     #[error("cannot create the serial device: {0}")]
     Device(#[source] std::io::Error),
+    #[error("cannot listen on the serial socket '{path}': {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The UART and its interrupt line; it outlives guest reboots.
@@ -29,13 +38,26 @@ pub struct Console {
     pub irq: EventFd,
     /// Whether input should be read from stdin.
     pub wants_stdin: bool,
+    /// The socket clients attach to (serial mode Socket); removed with the console.
+    socket: Option<socket::ConsoleSocket>,
 }
 
 impl Console {
     /// Builds COM1 with the output the configuration names.
     pub fn new(config: &ConsoleConfig) -> Result<Self, ConsoleError> {
+        let mut socket = None;
         let (out, wants_stdin): (Box<dyn Write + Send>, bool) = match config {
             ConsoleConfig::Tty => (Box::new(Stdout), true),
+            ConsoleConfig::Socket(path) => {
+                let s =
+                    socket::ConsoleSocket::bind(path).map_err(|source| ConsoleError::Socket {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let out = Box::new(s.output());
+                socket = Some(s);
+                (out, false)
+            }
             ConsoleConfig::File(path) => {
                 let f = OpenOptions::new()
                     .create(true)
@@ -52,48 +74,64 @@ impl Console {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(ConsoleError::Device)?;
         let serial = Serial::new(irq.try_clone().map_err(ConsoleError::Device)?, out)
             .map_err(ConsoleError::Device)?;
-        Ok(Console {
+        let console = Console {
             serial: Arc::new(Mutex::new(serial)),
             irq,
             wants_stdin,
-        })
+            socket,
+        };
+        if let Some(s) = &console.socket {
+            let (serial, space) = console.input_side().map_err(ConsoleError::Device)?;
+            s.serve(move |client| feed(&serial, &space, client))
+                .map_err(ConsoleError::Device)?;
+        }
+        Ok(console)
     }
 
-    /// Starts a thread that copies `input` into the UART, waiting for the guest to drain the
-    /// FIFO when it is full. The thread ends at end of input.
-    pub fn spawn_input<R: Read + Send + 'static>(&self, mut input: R) -> std::io::Result<()> {
-        let serial = self.serial.clone();
+    /// The UART to feed and the event that says its FIFO has room again.
+    fn input_side(&self) -> std::io::Result<(Arc<Mutex<Serial>>, EventFd)> {
         let space = self
             .serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .input_space_evt()
             .try_clone()?;
+        Ok((self.serial.clone(), space))
+    }
+
+    /// Starts a thread that copies `input` into the UART, waiting for the guest to drain the
+    /// FIFO when it is full. The thread ends at end of input.
+    pub fn spawn_input<R: Read + Send + 'static>(&self, input: R) -> std::io::Result<()> {
+        let (serial, space) = self.input_side()?;
         std::thread::Builder::new()
             .name("console-in".into())
             .stack_size(devices::THREAD_STACK_SIZE)
-            .spawn(move || {
-                let mut buf = [0u8; 256];
-                loop {
-                    let n = match input.read(&mut buf) {
-                        Ok(0) => return,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => return,
-                    };
-                    let mut off = 0;
-                    while off < n {
-                        off += serial
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .enqueue_input(&buf[off..n]);
-                        if off < n {
-                            wait_readable(&space);
-                        }
-                    }
-                }
-            })?;
+            .spawn(move || feed(&serial, &space, input))?;
         Ok(())
+    }
+}
+
+/// Copies `input` into the UART until its end, waiting for the guest to drain the FIFO when it
+/// is full.
+fn feed(serial: &Mutex<Serial>, space: &EventFd, mut input: impl Read) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let mut off = 0;
+        while off < n {
+            off += serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(&buf[off..n]);
+            if off < n {
+                wait_readable(space);
+            }
+        }
     }
 }
 
