@@ -499,7 +499,7 @@ mod tests {
             ),
             (
                 r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":536870912},"serial":{"mode":"Pty"}}"#,
-                "unknown variant",
+                "unknown serial mode 'Pty'",
             ),
             (
                 r#"{"payload":{"kernel":"/k"},"cpus":{"boot_vcpus":1},"memory":{"size":536870912},"net":[{"ip":"1.2.3"}]}"#,
