@@ -96,6 +96,23 @@ impl VmmBackend for FakeVmm {
         }
         let response = match &request {
             ApiRequest::VmmPing => ApiResponse::Ping(VmmPingResponse::current()),
+            ApiRequest::VmmMetrics => {
+                let info = vm.as_ref().map(|(config, state)| VmInfo {
+                    config: config.clone(),
+                    state: *state,
+                    memory_actual_size: Some(config.memory.size),
+                    migration: None,
+                });
+                let counters = vm
+                    .as_ref()
+                    .map(|(config, _)| self.counters(config))
+                    .unwrap_or_default();
+                ApiResponse::Metrics(crate::metrics::render(
+                    info.as_ref(),
+                    &counters,
+                    &crate::metrics::ProcessStats::default(),
+                ))
+            }
             ApiRequest::VmInfo | ApiRequest::VmCounters => {
                 let Some((config, state)) = vm.as_ref() else {
                     return Err(ApiError::internal("no VM after the state check (a bug)"));

@@ -27,6 +27,7 @@ mod client;
 mod error;
 pub mod fake;
 pub mod lifecycle;
+pub mod metrics;
 mod routes;
 mod server;
 mod socket;

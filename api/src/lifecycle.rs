@@ -8,7 +8,7 @@ use crate::types::{ApiError, ApiRequest, ErrorStatus};
 /// The lifecycle action of a request (`None` for `vmm.*`, which any state allows).
 pub fn action(request: &ApiRequest) -> Option<Action> {
     Some(match request {
-        ApiRequest::VmmPing | ApiRequest::VmmShutdown => return None,
+        ApiRequest::VmmPing | ApiRequest::VmmShutdown | ApiRequest::VmmMetrics => return None,
         ApiRequest::VmCreate(_) => Action::Create,
         ApiRequest::VmBoot => Action::Boot,
         ApiRequest::VmDelete => Action::Delete,
@@ -55,6 +55,7 @@ pub fn name(request: &ApiRequest) -> &'static str {
     match (request, action(request)) {
         (_, Some(action)) => action.name(),
         (ApiRequest::VmmShutdown, None) => "vmm.shutdown",
+        (ApiRequest::VmmMetrics, None) => "vmm.metrics",
         (_, None) => "vmm.ping",
     }
 }

@@ -33,6 +33,7 @@ const fn route(endpoint: &'static str, method: &'static str) -> Route {
 pub const ROUTES: &[Route] = &[
     route("vmm.ping", "GET"),
     route("vmm.shutdown", "PUT"),
+    route("vmm.metrics", "GET"),
     route("vm.create", "PUT"),
     route("vm.boot", "PUT"),
     route("vm.delete", "PUT"),
@@ -53,6 +54,12 @@ pub const ROUTES: &[Route] = &[
 /// Decodes one request. Bodies of endpoints that take none are ignored, as Cloud Hypervisor
 /// does; `vm.create`'s body must be a valid `VmConfig` (JSON, then [`VmConfig::validate`]).
 pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    // Where Prometheus looks by default.
+    let path = if path == "/metrics" {
+        "/api/v1/vmm.metrics"
+    } else {
+        path
+    };
     let endpoint = path
         .strip_prefix(API_PREFIX)
         .ok_or_else(|| ApiError::not_found(format!("no such path '{}'", printable(path))))?;
@@ -79,6 +86,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
     Ok(match route.endpoint {
         "vmm.ping" => ApiRequest::VmmPing,
         "vmm.shutdown" => ApiRequest::VmmShutdown,
+        "vmm.metrics" => ApiRequest::VmmMetrics,
         "vm.create" => ApiRequest::VmCreate(Box::new(parse_vm_config(body)?)),
         "vm.boot" => ApiRequest::VmBoot,
         "vm.delete" => ApiRequest::VmDelete,
@@ -212,13 +220,22 @@ fn printable(s: &str) -> String {
     out
 }
 
-/// The HTTP status and JSON body (none for 204) of an answer.
+/// The media type of an answer's body.
+pub fn content_type(result: &Result<ApiResponse, ApiError>) -> &'static str {
+    match result {
+        Ok(ApiResponse::Metrics(_)) => "text/plain; version=0.0.4",
+        _ => "application/json",
+    }
+}
+
+/// The HTTP status and body (JSON, or a metrics page; none for 204) of an answer.
 pub fn encode_response(result: &Result<ApiResponse, ApiError>) -> (u16, Option<Vec<u8>>) {
     let json = match result {
         Ok(ApiResponse::Empty) => return (204, None),
         Ok(ApiResponse::Ping(p)) => serde_json::to_vec(p),
         Ok(ApiResponse::Info(i)) => serde_json::to_vec(i),
         Ok(ApiResponse::Counters(c)) => serde_json::to_vec(c),
+        Ok(ApiResponse::Metrics(page)) => Ok(page.clone().into_bytes()),
         Err(e) => return (e.status.code(), Some(error_body(&e.message))),
     };
     match json {
@@ -267,6 +284,7 @@ mod tests {
         let expected = [
             ("vmm.ping", ApiRequest::VmmPing),
             ("vmm.shutdown", ApiRequest::VmmShutdown),
+            ("vmm.metrics", ApiRequest::VmmMetrics),
             ("vm.boot", ApiRequest::VmBoot),
             ("vm.delete", ApiRequest::VmDelete),
             ("vm.info", ApiRequest::VmInfo),
@@ -440,6 +458,20 @@ mod tests {
             })
         );
         assert_eq!(ROUTES.len(), count + 5);
+    }
+
+    #[test]
+    fn metrics_at_prometheus_path_too() {
+        for path in ["/metrics", "/api/v1/vmm.metrics"] {
+            assert_eq!(parse_request("GET", path, b""), Ok(ApiRequest::VmmMetrics));
+        }
+        assert_eq!(
+            parse_request("PUT", "/metrics", b"").unwrap_err().status,
+            ErrorStatus::MethodNotAllowed
+        );
+        let page = Ok(ApiResponse::Metrics("a 1\n".into()));
+        assert_eq!(encode_response(&page), (200, Some(b"a 1\n".to_vec())));
+        assert_eq!(content_type(&page), "text/plain; version=0.0.4");
     }
 
     #[test]

@@ -279,9 +279,10 @@ fn respond(result: &Result<crate::types::ApiResponse, ApiError>) -> Response<Ful
         .extensions_mut()
         .insert(hyper::ext::ReasonPhrase::from_static(b""));
     if has_body {
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(routes::content_type(result)),
+        );
     }
     response
 }

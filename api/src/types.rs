@@ -19,6 +19,9 @@ pub enum ApiRequest {
     /// [`ApiResponse::Empty`] first: the server writes the answer, the launcher then calls
     /// [`crate::ApiServer::shutdown`], which waits for answers in flight.
     VmmShutdown,
+    /// `GET vmm.metrics` (also `GET /metrics`): answer [`ApiResponse::Metrics`], the VM's
+    /// state and counters for Prometheus ([`crate::metrics`]). Any state, with a VM or not.
+    VmmMetrics,
     /// `PUT vm.create`: remember this (already validated) configuration. No VM → `Created`.
     VmCreate(Box<VmConfig>),
     /// `PUT vm.boot`: `Created` or `Shutdown` → `Running`.
@@ -144,6 +147,8 @@ pub enum ApiResponse {
     Info(VmInfo),
     /// 200 with a [`VmCounters`] object.
     Counters(VmCounters),
+    /// 200 with a Prometheus text page (`text/plain; version=0.0.4`).
+    Metrics(String),
 }
 
 /// `vmm.ping`'s answer.

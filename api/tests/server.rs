@@ -562,6 +562,7 @@ fn cloud_hypervisors_client_reads_every_endpoint() {
         ("PUT", "vm.boot", None, 204),
         ("GET", "vm.info", None, 200),
         ("GET", "vm.counters", None, 200),
+        ("GET", "vmm.metrics", None, 200),
         ("PUT", "vm.pause", None, 204),
         ("PUT", "vm.pause", None, 409),
         (
@@ -608,6 +609,13 @@ fn cloud_hypervisors_client_reads_every_endpoint() {
     for &(method, endpoint, body, expected) in steps {
         let (code, answer) = call(method, endpoint, body);
         assert_eq!(code, expected, "{method} {endpoint}: {answer:?}");
+        if endpoint == "vmm.metrics" {
+            let page = answer.clone().unwrap_or_default();
+            assert!(
+                page.contains("kubevirt_vmi_state{state=\"Running\"} 1"),
+                "{page}"
+            );
+        }
         if endpoint == "vm.info" {
             let info: serde_json::Value = serde_json::from_str(&answer.unwrap()).unwrap();
             assert_eq!(info["state"], "Running");

@@ -93,6 +93,8 @@ pub enum CtlAction {
     ShutdownVmm,
     /// Attach this terminal to the VM's serial console (serial mode Socket); Ctrl-] detaches.
     Console,
+    /// Print the VM's metrics in Prometheus' text format (vmm.metrics).
+    Metrics,
 }
 
 impl CtlAction {
@@ -117,6 +119,7 @@ impl CtlAction {
             CtlAction::CancelMigration => ("PUT", "vm.cancel-migration"),
             CtlAction::ShutdownVmm => ("PUT", "vmm.shutdown"),
             CtlAction::Console => ("GET", "vm.info"),
+            CtlAction::Metrics => ("GET", "vmm.metrics"),
         }
     }
 }
@@ -391,6 +394,11 @@ mod tests {
         assert_eq!(v["state"], "Shutdown");
         assert!(info.contains("\n  \"config\""), "pretty-printed: {info}");
         assert_eq!(f.ctl(CtlAction::Counters).unwrap().trim(), "{}");
+        let metrics = f.ctl(CtlAction::Metrics).unwrap();
+        assert!(
+            metrics.contains("kubevirt_vmi_state{state=\"Shutdown\"} 1"),
+            "{metrics}"
+        );
         assert_eq!(f.ctl(CtlAction::Delete), Ok(String::new()));
         assert_eq!(f.ctl(CtlAction::ShutdownVmm), Ok(String::new()));
     }

@@ -68,6 +68,22 @@ impl VmmBackend for VmmService {
     fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         match request {
             ApiRequest::VmmPing => Ok(ApiResponse::Ping(VmmPingResponse::current())),
+            ApiRequest::VmmMetrics => {
+                // No VM: the page says so (state None) instead of failing.
+                let info = match self.handle(ApiRequest::VmInfo) {
+                    Ok(ApiResponse::Info(info)) => Some(info),
+                    _ => None,
+                };
+                let counters = match self.handle(ApiRequest::VmCounters) {
+                    Ok(ApiResponse::Counters(c)) => c,
+                    _ => Default::default(),
+                };
+                Ok(ApiResponse::Metrics(api::metrics::render(
+                    info.as_ref(),
+                    &counters,
+                    &process_stats(),
+                )))
+            }
             ApiRequest::VmmShutdown => self.done(Request::ShutdownVmm),
             ApiRequest::VmCreate(config) => self.done(Request::Create(config)),
             ApiRequest::VmBoot => self.done(Request::Boot),
@@ -106,6 +122,56 @@ impl VmmBackend for VmmService {
                 ))),
             },
         }
+    }
+}
+
+/// This process's vCPU threads' CPU time (threads named `vcpuN`) and resident memory, from
+/// /proc.
+fn process_stats() -> api::metrics::ProcessStats {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let page = 4096u64;
+    let mut vcpu_seconds = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let path = task.path();
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        let Some(id) = comm
+            .trim()
+            .strip_prefix("vcpu")
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: utime and stime are the 12th and
+        // 13th of them.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        let time = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        vcpu_seconds.push((id, (time(11) + time(12)) as f64 / ticks));
+    }
+    vcpu_seconds.sort_by_key(|(id, _)| *id);
+    let resident_bytes = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page);
+    api::metrics::ProcessStats {
+        vcpu_seconds,
+        resident_bytes,
     }
 }
 

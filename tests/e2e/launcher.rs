@@ -109,6 +109,18 @@ spec:
     if info["state"] != "Running" {
         return Err(vm.failure(&format!("vm.info on the launcher's socket: {info}")));
     }
+    // Prometheus metrics on the same socket, as the node agent scrapes them.
+    let metrics = ctl_ok(&socket, &["metrics"])?;
+    for expected in [
+        "kubevirt_vmi_state{state=\"Running\"} 1",
+        "kubevirt_vmi_vcpu_seconds_total{id=\"1\"}",
+        "kubevirt_vmi_memory_domain_bytes 268435456",
+        "kubevirt_vmi_storage_write_traffic_bytes_total{drive=\"root\"}",
+    ] {
+        if !metrics.contains(expected) {
+            return Err(vm.failure(&format!("no '{expected}' in the metrics:\n{metrics}")));
+        }
+    }
     vm.shell_ok("pidof acpid")?;
     vm.terminate()?;
     let status = vm.wait()?;
