@@ -57,6 +57,10 @@ pub struct LauncherArgs {
     /// The directory KubeVirt's in-pod paths are under (/var/run/kubevirt/...).
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub pod_root: PathBuf,
+    /// Written once the guest runs, removed at exit, for the pod's readiness probe (default:
+    /// POD_ROOT/var/run/kubevirt-infra/healthy).
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
     /// The API socket (default: POD_ROOT/var/run/kubevirt/sockets/NAMESPACE_NAME.sock).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,

@@ -56,7 +56,10 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run(*args),
         cli::Command::Serve(args) => serve(args),
         cli::Command::Ctl(args) => ctl::run(&args, &mut std::io::stdout().lock()),
-        cli::Command::Launcher(args) => launcher(args),
+        cli::Command::Launcher(args) => match launcher(args) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -99,8 +102,12 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
     )
 }
 
+/// The launcher's exit status when the guest did not power off within the grace period and
+/// its VM was stopped (1 is any other failure, 0 a guest that powered off).
+pub const EXIT_STOPPED_HARD: u8 = 3;
+
 /// `podvisor launcher`: a VMI checked, shown, or run.
-fn launcher(args: cli::LauncherArgs) -> Result<(), String> {
+fn launcher(args: cli::LauncherArgs) -> Result<ExitCode, String> {
     let text = match &args.vmi {
         Some(path) if path.as_os_str() == "-" => {
             let mut text = String::new();
@@ -131,14 +138,15 @@ fn launcher(args: cli::LauncherArgs) -> Result<(), String> {
     }
     if args.validate {
         println!("VMI {}/{} is valid", launch.namespace, launch.name);
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
     let mut config = launch.config;
     if args.dry_run {
         let json = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
         println!("{json}");
-        return Ok(());
+        return Ok(ExitCode::SUCCESS);
     }
+    reap_orphans_as_pid_1();
     let mut files = kubevirt::volumes::prepare(&launch.prepare, &mut config)?;
     // In a pod the console is a socket and stdout is the pod's log, of events.
     let mut event_monitor = args.event_monitor.clone();
@@ -155,17 +163,75 @@ fn launcher(args: cli::LauncherArgs) -> Result<(), String> {
         .api_socket
         .clone()
         .unwrap_or_else(|| options.layout.api_socket(&launch.namespace, &launch.name));
-    if let Some(dir) = api_socket.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
+    files.folders_for(&api_socket)?;
     let vmm = VmmArgs {
         api_socket: Some(api_socket),
         event_monitor,
         pvm_guest: args.pvm_guest,
         grace_period: Some(std::time::Duration::from_secs(launch.grace_period_s)),
     };
-    run_vm(&vmm, vec![Request::Create(Box::new(config)), Request::Boot])
+    let ready = args
+        .ready_file
+        .clone()
+        .unwrap_or_else(|| options.layout.ready_file());
+    files.folders_for(&ready)?;
+    match run_vm_then(
+        &vmm,
+        vec![Request::Create(Box::new(config)), Request::Boot],
+        || {
+            // The guest runs: the pod is ready (an exec probe tests the file).
+            if let Err(e) = std::fs::write(&ready, b"ready\n") {
+                tracing::warn!("cannot write the readiness file {}: {e}", ready.display());
+            }
+        },
+    ) {
+        Ok(Outcome::Ended) => {
+            let _ = std::fs::remove_file(&ready);
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(Outcome::StoppedHard) => {
+            let _ = std::fs::remove_file(&ready);
+            eprintln!(
+                "podvisor: error: the guest did not power off within {} s of SIGTERM: its VM \
+                 was stopped",
+                launch.grace_period_s
+            );
+            Ok(ExitCode::from(EXIT_STOPPED_HARD))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&ready);
+            Err(e)
+        }
+    }
+}
+
+/// As PID 1 of its container, the launcher inherits orphaned processes: it reaps them, so
+/// that none stays a zombie (it starts none itself).
+fn reap_orphans_as_pid_1() {
+    if std::process::id() != 1 {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(|| loop {
+            let mut status = 0;
+            // SAFETY: waitpid writes the child's status into `status`, which lives across
+            // the call.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid <= 0 {
+                // No child to wait for now.
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        });
+}
+
+/// How a VM served by [`run_vm`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off, or the VMM was told to end.
+    Ended,
+    /// The grace period after SIGTERM ran out and the VM was stopped.
+    StoppedHard,
 }
 
 /// How a VM thread is started and served, whichever command asks.
@@ -181,6 +247,18 @@ pub struct VmmArgs {
 /// Starts the VM thread, sends it `start` (ending it at the first failure) and serves until
 /// the VM ends.
 fn run_vm(args: &VmmArgs, start: Vec<Request>) -> Result<(), String> {
+    match run_vm_then(args, start, || {})? {
+        Outcome::Ended => Ok(()),
+        Outcome::StoppedHard => Err("the VM was stopped at the end of its grace period".into()),
+    }
+}
+
+/// [`run_vm`], calling `started` once the start requests succeeded.
+fn run_vm_then(
+    args: &VmmArgs,
+    start: Vec<Request>,
+    started: impl FnOnce(),
+) -> Result<Outcome, String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
     let options = run_options(args.pvm_guest)?;
     let (controller, thread) =
@@ -196,14 +274,12 @@ fn run_vm(args: &VmmArgs, start: Vec<Request>) -> Result<(), String> {
         .grace_period
         .map(|grace| stop_after_grace(grace, controller.clone()))
         .transpose()?;
+    started();
     vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)?;
     if stopped_hard.is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire)) {
-        return Err(format!(
-            "the guest did not power off within {} s of SIGTERM: its VM was stopped",
-            args.grace_period.unwrap_or_default().as_secs()
-        ));
+        return Ok(Outcome::StoppedHard);
     }
-    Ok(())
+    Ok(Outcome::Ended)
 }
 
 /// Once SIGTERM has come, waits `grace` and then stops the VM (the returned flag tells).

@@ -109,6 +109,9 @@ spec:
     if info["state"] != "Running" {
         return Err(vm.failure(&format!("vm.info on the launcher's socket: {info}")));
     }
+    if !root.join("var/run/kubevirt-infra/healthy").is_file() {
+        return Err(vm.failure("no readiness file while the guest runs"));
+    }
     // Prometheus metrics on the same socket, as the node agent scrapes them.
     let metrics = ctl_ok(&socket, &["metrics"])?;
     for expected in [

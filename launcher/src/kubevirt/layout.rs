@@ -81,6 +81,11 @@ impl PodLayout {
         ))
     }
 
+    /// The file that says the guest runs (the pod's readiness probe reads it).
+    pub fn ready_file(&self) -> PathBuf {
+        self.at("/var/run/kubevirt-infra/healthy")
+    }
+
     /// The API socket the node talks to.
     pub fn api_socket(&self, namespace: &str, name: &str) -> PathBuf {
         self.at(&format!(
