@@ -22,5 +22,7 @@ pv_say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 pv_say "preparing the default guest"
 resources/guest/build.sh
+pv_say "Kubernetes manifests (resources/k8s)"
+resources/k8s/check.sh >/dev/null
 pv_say "cargo test"
 cargo test --workspace

@@ -109,3 +109,40 @@ fn a_bad_vmi_is_every_problem_by_its_field_and_nothing_else() {
         "{err}"
     );
 }
+
+/// The example VMIs in resources/k8s/vmis (written as KubeVirt's examples are) validate; the
+/// ones that boot their disk or use the pod network say why this podvisor cannot run them yet.
+#[test]
+fn the_example_vmis_validate() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../resources/k8s/vmis");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (rc, out, err) = podvisor(
+            &["launcher", "--vmi", path.to_str().unwrap(), "--validate"],
+            "",
+        );
+        assert_eq!(rc, 0, "{}: {err}", path.display());
+        assert!(out.ends_with("is valid\n"), "{out}");
+        if path.ends_with("containerdisk-cloudinit.yaml") {
+            assert!(
+                err.contains("not yet: spec.domain.firmware.kernelBoot"),
+                "{err}"
+            );
+            assert!(
+                err.contains("not yet: spec.domain.devices.interfaces"),
+                "{err}"
+            );
+            let (rc, _, err) = podvisor(&["launcher", "--vmi", path.to_str().unwrap()], "");
+            assert_eq!(rc, 1);
+            assert!(
+                err.starts_with("podvisor: error: the VMI is valid, but this podvisor cannot run it yet (2 reasons):"),
+                "{err}"
+            );
+        } else {
+            assert!(!err.contains("not yet"), "{}: {err}", path.display());
+        }
+        seen += 1;
+    }
+    assert!(seen >= 5, "{seen} examples");
+}

@@ -34,6 +34,9 @@ pub struct Launch {
     pub grace_period_s: u64,
     /// Fields left aside, one line each.
     pub warnings: Vec<String>,
+    /// What the spec rightly asks but this podvisor cannot do yet (a VMI that boots from its
+    /// disk, the pod network): it validates, but does not run.
+    pub limits: Vec<String>,
 }
 
 /// A file a volume needs before the VM boots.
@@ -175,11 +178,13 @@ pub fn translate(vmi: &Vmi, options: &Options) -> Result<Launch, SpecErrors> {
         options,
         errors: Vec::new(),
         warnings: Vec::new(),
+        limits: Vec::new(),
     };
     let launch = t.vmi(vmi);
     if t.errors.is_empty() {
         Ok(Launch {
             warnings: t.warnings,
+            limits: t.limits,
             ..launch
         })
     } else {
@@ -191,11 +196,16 @@ struct Translator<'a> {
     options: &'a Options,
     errors: Vec<String>,
     warnings: Vec<String>,
+    limits: Vec<String>,
 }
 
 impl Translator<'_> {
     fn error(&mut self, path: &str, message: impl std::fmt::Display) {
         self.errors.push(format!("{path}: {message}"));
+    }
+
+    fn limit(&mut self, path: &str, message: impl std::fmt::Display) {
+        self.limits.push(format!("{path}: {message}"));
     }
 
     /// Reports the fields of an object at `path` that its type does not read: harmless ones
@@ -285,6 +295,7 @@ impl Translator<'_> {
             prepare,
             grace_period_s: spec.termination_grace_period_seconds.unwrap_or(30),
             warnings: Vec::new(),
+            limits: Vec::new(),
             name,
             namespace,
         }
@@ -394,7 +405,7 @@ impl Translator<'_> {
             cmdline: String::new(),
         };
         let Some(firmware) = &vmi.spec.domain.firmware else {
-            self.error(
+            self.limit(
                 "spec.domain.firmware.kernelBoot",
                 "podvisor boots a kernel given in the spec; booting from a disk is not supported yet",
             );
@@ -410,7 +421,7 @@ impl Translator<'_> {
             }
         }
         let Some(kb) = &firmware.kernel_boot else {
-            self.error(
+            self.limit(
                 "spec.domain.firmware.kernelBoot",
                 "podvisor boots a kernel given in the spec; booting from a disk is not supported yet",
             );

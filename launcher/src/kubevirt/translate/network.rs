@@ -110,7 +110,7 @@ impl Translator<'_> {
                         .into(),
                 );
             } else {
-                self.error(
+                self.limit(
                     "spec.domain.devices.interfaces",
                     "the pod network is not wired by podvisor yet; start with --no-network to \
                      run the VM without NICs",
