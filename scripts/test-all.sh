@@ -23,6 +23,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 pv_say "preparing the default guest"
 resources/guest/build.sh
 pv_say "Kubernetes manifests (resources/k8s)"
-resources/k8s/check.sh >/dev/null
+if ! k8s_out="$(resources/k8s/check.sh 2>&1)"; then
+    printf '%s\n' "$k8s_out" >&2
+    pv_die "resources/k8s: a manifest does not validate"
+fi
 pv_say "cargo test"
 cargo test --workspace

@@ -8,7 +8,8 @@ source "$(dirname -- "${BASH_SOURCE[0]}")/../../scripts/common.sh"
 KV_VERSION=1.37.0
 venv="$PV_ROOT/target/k8s-validate-$KV_VERSION"
 if [[ ! -x "$venv/bin/kubernetes-validate" ]]; then
-    pv_need python3:python3 /usr/lib/python3/dist-packages/pip:python3-pip
+    pv_need python3:python3
+    # venv with pip inside needs ensurepip (Debian's python3-venv).
     python3 -c 'import venv, ensurepip' 2>/dev/null || pv_need /usr/share/doc/python3-venv:python3-venv
     pv_say "installing kubernetes-validate $KV_VERSION into $venv"
     rm -rf "$venv"
