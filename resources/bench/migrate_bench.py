@@ -231,8 +231,9 @@ def run_qemu(args, tmp, workload):
         dst.stop()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bench_args(description):
+    """The arguments every VMM-against-VMM benchmark here takes."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--podvisor", default=os.path.join(ROOT, "target", "release", "podvisor"))
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--runs", type=int, default=3)
@@ -242,10 +243,15 @@ def main():
     ap.add_argument("--cmdline", default="console=ttyS0 quiet")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--state", help="run record (JSON lines) to resume from and append to")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def interleaved(args, bench, runners):
+    """Runs each of `runners` (name -> function of args, giving a run's entry) args.runs
+    times, in an order shuffled per round, skipping the runs the record already holds;
+    returns {name: [entries]}."""
     params = {k: v for k, v in vars(args).items() if k != "state"}
-    record = RunRecord("migrate", args.state, params)
-    runners = {"podvisor": run_podvisor, "qemu pc": run_qemu}
+    record = RunRecord(bench, args.state, params)
     results = {name: [] for name in runners}
     rng = random.Random(args.seed)
     for rnd in range(args.runs):
@@ -254,14 +260,28 @@ def main():
         for name in order:
             entry = record.done.get((rnd, name))
             if entry is None:
-                tmp = tempfile.mkdtemp(prefix="podvisor-migbench-")
-                try:
-                    entry = runners[name](args, tmp, args.workload)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                entry = runners[name](args)
                 record.record(rnd, name, entry)
             print(f"round {rnd + 1} {name}: {json.dumps(entry)}", flush=True)
             results[name].append(entry)
+    return results
+
+
+def in_scratch(run):
+    """`run(args, tmp, workload)` with a scratch folder made and removed around it."""
+    def runner(args):
+        tmp = tempfile.mkdtemp(prefix="podvisor-migbench-")
+        try:
+            return run(args, tmp, args.workload)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return runner
+
+
+def main():
+    args = bench_args(__doc__.split("\n")[0])
+    runners = {"podvisor": in_scratch(run_podvisor), "qemu pc": in_scratch(run_qemu)}
+    results = interleaved(args, "migrate", runners)
 
     def med(name, key):
         values = [e[key] for e in results[name] if e.get(key) is not None]

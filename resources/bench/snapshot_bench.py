@@ -20,10 +20,8 @@ VMM, medians over the runs:
 With --state FILE every finished run is appended to FILE, and a later call with the same FILE
 and arguments skips the runs it already holds (resources/bench/resume.sh).
 """
-import argparse
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -31,8 +29,8 @@ import sys
 import tempfile
 import time
 
-from migrate_bench import GUEST, READY, ROOT, Qmp, Vmm, start_workload, wait_for
-from runrecord import RunRecord
+from migrate_bench import (GUEST, READY, Qmp, Vmm, bench_args, interleaved, start_workload,
+                           wait_for)
 
 
 def allocated_mib(path):
@@ -141,41 +139,25 @@ def run_qemu(args, tmp, snap):
             "size_mib": allocated_mib(snap)}
 
 
+def in_scratch(run):
+    """`run(args, tmp, snap)` with a scratch folder and a snapshot path on the test host's own
+    tmpfs (the shared / is virtiofs), both removed afterwards."""
+    def runner(args):
+        tmp = tempfile.mkdtemp(prefix="podvisor-snapbench-")
+        snap = tempfile.mkdtemp(prefix="podvisor-snapbench-", dir="/dev/shm")
+        os.rmdir(snap)
+        try:
+            return run(args, tmp, snap)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(snap, ignore_errors=True)
+    return runner
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--podvisor", default=os.path.join(ROOT, "target", "release", "podvisor"))
-    ap.add_argument("--qemu", default="qemu-system-x86_64")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--memory", type=int, default=1024, help="guest MiB")
-    ap.add_argument("--cpus", type=int, default=1)
-    ap.add_argument("--workload", choices=["idle", "dirty"], default="idle")
-    ap.add_argument("--cmdline", default="console=ttyS0 quiet")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--state", help="run record (JSON lines) to resume from and append to")
-    args = ap.parse_args()
-    params = {k: v for k, v in vars(args).items() if k != "state"}
-    record = RunRecord("snapshot", args.state, params)
-    runners = {"podvisor": run_podvisor, "qemu pc": run_qemu}
-    results = {name: [] for name in runners}
-    rng = random.Random(args.seed)
-    for rnd in range(args.runs):
-        order = list(runners)
-        rng.shuffle(order)
-        for name in order:
-            entry = record.done.get((rnd, name))
-            if entry is None:
-                tmp = tempfile.mkdtemp(prefix="podvisor-snapbench-")
-                # The snapshot on the test host's own tmpfs: the shared / is virtiofs.
-                snap = tempfile.mkdtemp(prefix="podvisor-snapbench-", dir="/dev/shm")
-                os.rmdir(snap)
-                try:
-                    entry = runners[name](args, tmp, snap)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    shutil.rmtree(snap, ignore_errors=True)
-                record.record(rnd, name, entry)
-            print(f"round {rnd + 1} {name}: {json.dumps(entry)}", flush=True)
-            results[name].append(entry)
+    args = bench_args(__doc__.split("\n")[0])
+    runners = {"podvisor": in_scratch(run_podvisor), "qemu pc": in_scratch(run_qemu)}
+    results = interleaved(args, "snapshot", runners)
 
     def med(name, key):
         values = [e[key] for e in results[name] if e.get(key) is not None]

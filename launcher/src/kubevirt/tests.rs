@@ -17,6 +17,17 @@ fn launch(yaml: &str) -> Result<translate::Launch, Vec<String>> {
     translate(&vmi, &options(false)).map_err(|e| e.0)
 }
 
+/// Each of `expected` starts one of `errs`.
+fn assert_all_start(errs: &[String], expected: &[&str]) {
+    for e in expected {
+        assert!(
+            errs.iter().any(|x| x.starts_with(e)),
+            "no '{e}' in:\n{}",
+            errs.join("\n")
+        );
+    }
+}
+
 fn errors(yaml: &str) -> Vec<String> {
     launch(yaml).expect_err("the spec should be refused")
 }
@@ -223,7 +234,9 @@ spec:
     emptyDisk: {capacity: lots}
 "#,
     );
-    for expected in [
+    assert_all_start(
+        &errs,
+        &[
         "apiVersion: 'kubevirt.io/v2', expected kubevirt.io/v1",
         "metadata.name: 'Bad_Name' is not a DNS label",
         "spec.domain.cpu: cores × sockets × threads is 300",
@@ -244,13 +257,8 @@ spec:
         "spec.volumes[2].configMap: not supported by podvisor",
         "spec.volumes[3]: more than one volume source",
         "spec.volumes[4].name: a second volume named 'c'",
-    ] {
-        assert!(
-            errs.iter().any(|e| e.starts_with(expected)),
-            "no '{expected}' in:\n{}",
-            errs.join("\n")
-        );
-    }
+    ],
+    );
 }
 
 #[test]
@@ -282,7 +290,9 @@ spec:
     multus: {networkName: blue-net}
 "#;
     let errs = errors(yaml);
-    for expected in [
+    assert_all_start(
+        &errs,
+        &[
         "spec.domain.devices.interfaces[0].ports[1].port: missing",
         "spec.domain.devices.interfaces[1].macAddress: '02:00:00:00:00:0g' is not a MAC address",
         "spec.domain.devices.interfaces[2].sriov: not supported",
@@ -290,13 +300,8 @@ spec:
         "spec.domain.devices.interfaces[3]: more than one binding: bridge, masquerade",
         "spec.domain.devices.interfaces[3].model: 'e1000' is not supported",
         "spec.domain.devices.interfaces[3].name: network 'default' already has interfaces[0]",
-    ] {
-        assert!(
-            errs.iter().any(|e| e.starts_with(expected)),
-            "no '{expected}' in:\n{}",
-            errs.join("\n")
-        );
-    }
+    ],
+    );
     // A spec whose interfaces are right starts without them under --no-network.
     let good = r#"
 metadata: {name: net}

@@ -222,26 +222,17 @@ impl Translator<'_> {
                     base: layout.container_disk(index),
                 },
             )
-        } else if let Some(claim) = &volume.persistent_volume_claim {
-            let p = format!("{path}.persistentVolumeClaim");
-            self.rest(&p, "spec.volumes[].persistentVolumeClaim", &claim.rest);
-            if claim.claim_name.as_deref().unwrap_or("").is_empty() {
-                self.error(&format!("{p}.claimName"), "missing");
-            }
-            let image = layout.claim_image(&name);
-            (
-                image.clone(),
-                "raw",
-                Prepare::Claim {
-                    image,
-                    device: layout.claim_device(&name),
-                },
-            )
-        } else if let Some(dv) = &volume.data_volume {
-            let p = format!("{path}.dataVolume");
-            self.rest(&p, "spec.volumes[].dataVolume", &dv.rest);
-            if dv.name.as_deref().unwrap_or("").is_empty() {
-                self.error(&format!("{p}.name"), "missing");
+        } else if volume.persistent_volume_claim.is_some() || volume.data_volume.is_some() {
+            // A claim, named directly or through its DataVolume: mounted the same way.
+            let (p, rest, name_field, claim_name) =
+                match (&volume.persistent_volume_claim, &volume.data_volume) {
+                    (Some(c), _) => ("persistentVolumeClaim", &c.rest, "claimName", &c.claim_name),
+                    (None, Some(dv)) => ("dataVolume", &dv.rest, "name", &dv.name),
+                    (None, None) => unreachable!("one of the two, checked above"),
+                };
+            self.rest(&format!("{path}.{p}"), &format!("spec.volumes[].{p}"), rest);
+            if claim_name.as_deref().unwrap_or("").is_empty() {
+                self.error(&format!("{path}.{p}.{name_field}"), "missing");
             }
             let image = layout.claim_image(&name);
             (
