@@ -240,6 +240,18 @@ impl Read for Stream {
     }
 }
 
+impl vm_memory::ReadVolatile for Stream {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        match self {
+            Stream::Unix(s) => s.read_volatile(buf),
+            Stream::Tcp(s) => s.read_volatile(buf),
+        }
+    }
+}
+
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {

@@ -121,12 +121,16 @@ pub fn read_frame(input: &mut impl Read) -> Result<Frame, MigrationError> {
     read_frame_into(input, Vec::new())
 }
 
-/// Reads one frame into `payload`'s allocation (a memory frame's, kept from frame to frame:
-/// a fresh 4 MiB buffer for each costs page faults on both sides).
-pub fn read_frame_into(
-    input: &mut impl Read,
-    mut payload: Vec<u8>,
-) -> Result<Frame, MigrationError> {
+/// A frame's header: its kind, payload length and the payload's CRC-32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub len: u32,
+    pub crc32: u32,
+}
+
+/// Reads a frame's header, checking its magic, kind and length.
+pub fn read_header(input: &mut impl Read) -> Result<Header, MigrationError> {
     let mut header = [0u8; 16];
     input
         .read_exact(&mut header)
@@ -146,6 +150,27 @@ pub fn read_frame_into(
             "a {kind:?} frame of {len} bytes (at most {MAX_FRAME})"
         )));
     }
+    Ok(Header {
+        kind,
+        len,
+        crc32: word(12),
+    })
+}
+
+/// Reads one frame into `payload`'s allocation (a memory frame's, kept from frame to frame:
+/// a fresh 4 MiB buffer for each costs page faults on both sides).
+pub fn read_frame_into(input: &mut impl Read, payload: Vec<u8>) -> Result<Frame, MigrationError> {
+    let header = read_header(input)?;
+    read_payload(input, header, payload)
+}
+
+/// Reads the payload of the frame `header` began, checking its checksum.
+pub fn read_payload(
+    input: &mut impl Read,
+    header: Header,
+    mut payload: Vec<u8>,
+) -> Result<Frame, MigrationError> {
+    let Header { kind, len, crc32 } = header;
     payload.clear();
     payload.reserve(len as usize);
     let got = input
@@ -157,12 +182,37 @@ pub fn read_frame_into(
             std::io::ErrorKind::UnexpectedEof.into(),
         ));
     }
-    if crc32fast::hash(&payload) != word(12) {
+    if crc32fast::hash(&payload) != crc32 {
         return Err(MigrationError::Protocol(format!(
             "a {kind:?} frame with a bad checksum (corrupt stream)"
         )));
     }
     Ok(Frame { kind, payload })
+}
+
+/// One range of a memory frame as it is read: its guest address, length and whether data
+/// follows (else the range is zeros).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeHead {
+    pub gpa: u64,
+    pub len: u32,
+    pub data: bool,
+}
+
+/// Parses a memory frame's 16-byte range header.
+pub fn parse_range_head(head: &[u8; ENTRY]) -> Result<RangeHead, MigrationError> {
+    let gpa = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    let len = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    let data = match u32::from_le_bytes(head[12..16].try_into().expect("4 bytes")) {
+        RANGE_DATA => true,
+        RANGE_ZEROS => false,
+        other => {
+            return Err(MigrationError::Protocol(format!(
+                "malformed memory frame: range kind {other}"
+            )))
+        }
+    };
+    Ok(RangeHead { gpa, len, data })
 }
 
 /// Reads the peer's answer: ACK, or ERROR with its reason.
@@ -199,7 +249,8 @@ pub struct MemoryFrame {
     used: usize,
 }
 
-const ENTRY: usize = 16;
+/// Bytes of a memory range's header.
+pub const ENTRY: usize = 16;
 const FRAME_PAGE: usize = 4096;
 /// Compared against with `==` (a `memcmp`, vectorised), not byte by byte.
 static ZERO_PAGE: [u8; FRAME_PAGE] = [0; FRAME_PAGE];

@@ -3,9 +3,11 @@
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress};
+use std::io::Read;
 
-use super::protocol::{self, Complete, Hello, Kind, Range};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
+
+use super::protocol::{self, Complete, Hello, Kind};
 use super::{Listener, MigrationError, Stream};
 use crate::backends::Backends;
 use crate::builder;
@@ -97,15 +99,12 @@ fn receive_on(
         .map_err(failed("build the VM"))?;
     protocol::write_frame(stream, Kind::Ack, &[])?;
 
-    let mut buffer = Vec::new();
-    // Where the time goes while memory arrives: waiting for (and checking) frames, or
-    // writing them into guest memory.
-    let (mut receiving, mut loading) = (Duration::ZERO, Duration::ZERO);
+    let mut scratch = vec![0u8; CHECK_PIECE];
+    // How long memory took to arrive (read straight into guest memory, then checked).
+    let mut receiving = Duration::ZERO;
     let state = loop {
-        let at = Instant::now();
-        let frame = protocol::read_frame_into(stream, buffer)?;
-        receiving += at.elapsed();
-        match frame.kind {
+        let header = protocol::read_header(stream)?;
+        match header.kind {
             Kind::Memory if hello.local => {
                 return Err(MigrationError::Protocol(
                     "memory sent although it was handed over (local)".into(),
@@ -113,11 +112,12 @@ fn receive_on(
             }
             Kind::Memory => {
                 let at = Instant::now();
-                load(vm.memory(), &frame.payload)?;
-                loading += at.elapsed();
-                buffer = frame.payload;
+                load_frame(stream, header, vm.memory(), &mut scratch)?;
+                receiving += at.elapsed();
             }
-            Kind::State => break frame.json::<MachineState>()?,
+            Kind::State => {
+                break protocol::read_payload(stream, header, Vec::new())?.json::<MachineState>()?
+            }
             other => {
                 return Err(MigrationError::Protocol(format!(
                     "expected memory or the machine state, got a {other:?} frame"
@@ -126,11 +126,7 @@ fn receive_on(
         }
     };
 
-    tracing::info!(
-        "migration memory: {} ms receiving, {} ms writing into guest memory",
-        receiving.as_millis(),
-        loading.as_millis()
-    );
+    tracing::info!("migration memory: {} ms receiving", receiving.as_millis());
     // The source is paused and its disks are flushed: read their metadata as it is now.
     vm.reload_backends()
         .map_err(failed("read the disks again at the switch-over"))?;
@@ -159,33 +155,150 @@ fn receive_on(
     })
 }
 
-/// Writes a memory frame's ranges into `memory`; a range outside it is refused.
-fn load(memory: &GuestMemoryMmap, payload: &[u8]) -> Result<(), MigrationError> {
+/// Bytes of received guest memory read back at a time to be checked.
+const CHECK_PIECE: usize = 64 << 10;
+
+/// Reads the memory frame `header` began straight into `memory`, range by range, and checks
+/// the frame's checksum over what arrived (read back through `scratch`): one copy of each
+/// page on its way in. A range outside `memory`, a malformed frame or a bad checksum is
+/// refused; whatever was written by then is in a machine that is never run.
+fn load_frame(
+    input: &mut (impl Read + ReadVolatile),
+    header: protocol::Header,
+    memory: &GuestMemoryMmap,
+    scratch: &mut [u8],
+) -> Result<(), MigrationError> {
     const ZEROS: [u8; 4096] = [0; 4096];
     let outside = |gpa: u64, len: usize| {
         MigrationError::Protocol(format!(
             "memory range {gpa:#x}+{len:#x} lies outside the guest's memory"
         ))
     };
-    for range in protocol::parse_memory(payload)? {
-        match range {
-            Range::Data { gpa, data } => memory
-                .write_slice(data, GuestAddress(gpa))
-                .map_err(|_| outside(gpa, data.len()))?,
-            Range::Zeros { gpa, len } => {
-                let mut at = 0usize;
-                while at < len as usize {
-                    let n = (len as usize - at).min(ZEROS.len());
-                    let addr = gpa
-                        .checked_add(at as u64)
-                        .ok_or_else(|| outside(gpa, len as usize))?;
-                    memory
-                        .write_slice(&ZEROS[..n], GuestAddress(addr))
-                        .map_err(|_| outside(gpa, len as usize))?;
-                    at += n;
-                }
-            }
+    let malformed =
+        |what: &str| MigrationError::Protocol(format!("malformed memory frame: {what}"));
+    let mut crc = crc32fast::Hasher::new();
+    let mut left = header.len as usize;
+    let mut head = [0u8; protocol::ENTRY];
+    while left > 0 {
+        if left < head.len() {
+            return Err(malformed("a cut entry"));
         }
+        input
+            .read_exact(&mut head)
+            .map_err(MigrationError::Connection)?;
+        crc.update(&head);
+        left -= head.len();
+        let range = protocol::parse_range_head(&head)?;
+        let len = range.len as usize;
+        if !range.data {
+            let mut at = 0usize;
+            while at < len {
+                let n = (len - at).min(ZEROS.len());
+                let addr = range
+                    .gpa
+                    .checked_add(at as u64)
+                    .ok_or_else(|| outside(range.gpa, len))?;
+                memory
+                    .write_slice(&ZEROS[..n], GuestAddress(addr))
+                    .map_err(|_| outside(range.gpa, len))?;
+                at += n;
+            }
+            continue;
+        }
+        if len > left {
+            return Err(malformed("data past its end"));
+        }
+        let mut slice = memory
+            .get_slice(GuestAddress(range.gpa), len)
+            .map_err(|_| outside(range.gpa, len))?;
+        input.read_exact_volatile(&mut slice).map_err(|e| match e {
+            vm_memory::VolatileMemoryError::IOError(io) => MigrationError::Connection(io),
+            other => MigrationError::Connection(std::io::Error::other(other)),
+        })?;
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(scratch.len());
+            let piece = slice.subslice(at, n).map_err(|_| outside(range.gpa, len))?;
+            piece.copy_to(&mut scratch[..n]);
+            crc.update(&scratch[..n]);
+            at += n;
+        }
+        left -= len;
+    }
+    if crc.finalize() != header.crc32 {
+        return Err(MigrationError::Protocol(
+            "a Memory frame with a bad checksum (corrupt stream)".into(),
+        ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::protocol::MemoryFrame;
+    use vm_memory::Bytes;
+
+    /// A memory frame as it travels: header, then payload.
+    fn framed(frame: &MemoryFrame) -> Vec<u8> {
+        let mut out = Vec::new();
+        protocol::write_frame(&mut out, Kind::Memory, frame.payload()).unwrap();
+        out
+    }
+
+    fn load(bytes: &[u8], memory: &GuestMemoryMmap) -> Result<(), MigrationError> {
+        let mut input = bytes;
+        let header = protocol::read_header(&mut input)?;
+        load_frame(&mut input, header, memory, &mut [0u8; 1000])
+    }
+
+    #[test]
+    fn memory_arrives_straight_in_and_damage_is_refused() {
+        let memory = memory::create_guest_memory(8 << 20).unwrap();
+        memory
+            .write_slice(&[9u8; 4096], GuestAddress(0x4000))
+            .unwrap();
+        let mut page = vec![0u8; 3 * 4096];
+        page[..5].copy_from_slice(b"first");
+        page[2 * 4096 + 7] = 7;
+        let mut frame = MemoryFrame::default();
+        frame
+            .add_memory(0x1000, page.len(), false, |buf: &mut [u8]| {
+                buf.copy_from_slice(&page);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        let bytes = framed(&frame);
+        load(&bytes, &memory).unwrap();
+        let mut back = vec![0u8; 4 * 4096];
+        memory.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&back[..5], b"first");
+        assert_eq!(back[2 * 4096 + 7], 7);
+        // The zero page in the middle was sent as zeros and written as zeros.
+        assert!(back[4096..2 * 4096].iter().all(|&b| b == 0));
+        assert_eq!(back[3 * 4096], 9, "nothing past the frame's ranges");
+
+        // One flipped byte of data: refused by the checksum.
+        let mut bad = bytes.clone();
+        let at = bad.len() - 1;
+        bad[at] ^= 1;
+        let err = load(&bad, &memory).unwrap_err();
+        assert!(err.to_string().contains("bad checksum"), "{err}");
+        // Cut short: the connection's end.
+        let err = load(&bytes[..bytes.len() - 100], &memory).unwrap_err();
+        assert!(matches!(err, MigrationError::Connection(_)), "{err}");
+        // A range past the guest's memory: refused, nothing read outside it.
+        let mut frame = MemoryFrame::default();
+        frame
+            .add_memory(8 << 20, 4096, false, |buf: &mut [u8]| {
+                buf.fill(1);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        let err = load(&framed(&frame), &memory).unwrap_err();
+        assert!(
+            err.to_string().contains("outside the guest's memory"),
+            "{err}"
+        );
+    }
 }
