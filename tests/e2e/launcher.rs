@@ -11,7 +11,9 @@ use crate::harness::*;
 /// base through the overlay and writes over it, and mounts the seed (cidata) and reads its
 /// user-data and meta-data; SIGTERM (the pod being deleted) powers the guest off within the
 /// grace period and the launcher exits 0; the base is unchanged, the overlay, the empty disk
-/// and the folders made for them are gone, and the host disk (the user's data) stays.
+/// and the folders made for them are gone, and the host disk (the user's data) stays. A
+/// second run, whose guest ignores the button, is stopped at the end of a 3 s grace period
+/// (exit status 3), leaving the pod's files as found too.
 fn a_vmi_boots_from_a_container_disk_and_leaves_the_pod_as_it_found_it() -> Result<(), Failed> {
     let dir = Scratch::new("launcher");
     let root = dir.path("pod");
@@ -139,6 +141,47 @@ spec:
     }
     if std::fs::metadata(&host_disk)?.len() != 16 << 20 {
         return Err("the host disk is gone or not 16 MiB".into());
+    }
+
+    // Again, with a guest that ignores its power button and a 3 s grace period: stopped
+    // hard at the deadline, exit status 3, and the pod's files as found all the same.
+    let vmi = std::fs::read_to_string(&vmi_file)?.replace(
+        "terminationGracePeriodSeconds: 60",
+        "terminationGracePeriodSeconds: 3",
+    );
+    std::fs::write(&vmi_file, vmi)?;
+    let mut vm = Vm::spawn(
+        "launcher",
+        &[
+            "--vmi",
+            vmi_file.to_str().unwrap(),
+            "--pod-root",
+            root.to_str().unwrap(),
+            "--api-socket",
+            &socket,
+            "--console-stdio",
+        ],
+    );
+    vm.expect("podvisor-guest ready:")?;
+    vm.wait_for_shell()?;
+    vm.shell_ok("kill $(pidof acpid); sleep 0.5; ! pidof acpid")?;
+    let asked = std::time::Instant::now();
+    vm.terminate()?;
+    let status = vm.wait()?;
+    let took = asked.elapsed();
+    if status.code() != Some(3) || took < std::time::Duration::from_secs(3) {
+        return Err(vm.failure(&format!(
+            "a guest ignoring SIGTERM: the launcher exited with {status} after {took:?}"
+        )));
+    }
+    if !vm
+        .printed()
+        .contains("did not power off within 3 s of SIGTERM")
+    {
+        return Err(vm.failure("no word of the hard stop"));
+    }
+    if walk(&root) != before {
+        return Err("after a hard stop the pod's files are not as found".into());
     }
     Ok(())
 }
