@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Checks the manifests in resources/k8s against Kubernetes' own schemas, offline
-# (kubernetes-validate from the Python package registry, installed once into target/), and
-# the example VMIs with `podvisor launcher --validate` (the launcher's tests do that too).
+# Checks what podvisor shows Kubernetes: the manifests in resources/k8s against Kubernetes' own
+# schemas, offline (kubernetes-validate from the Python package registry, installed once into
+# target/), and the metrics page (GET /metrics) with Prometheus' `promtool check metrics`
+# (taken from Debian's prometheus package, unpacked into target/, not installed as a service).
+# The example VMIs are checked by the launcher's tests (`podvisor launcher --validate`).
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/../../scripts/common.sh"
 
@@ -17,3 +19,12 @@ if [[ ! -x "$venv/bin/kubernetes-validate" ]]; then
     "$venv/bin/pip" install --quiet "kubernetes-validate==$KV_VERSION"
 fi
 "$venv/bin/kubernetes-validate" --strict --kubernetes-version 1.33.0 "$PV_ROOT"/resources/k8s/*.yaml
+
+promtool="$PV_ROOT/target/promtool/usr/bin/promtool"
+if [[ ! -x "$promtool" ]]; then
+    pv_need dpkg-deb:dpkg
+    deb="$(pv_download prometheus)"
+    rm -rf "$PV_ROOT/target/promtool"
+    dpkg-deb -x "$deb" "$PV_ROOT/target/promtool"
+fi
+cargo run --quiet -p api --example metrics_page | "$promtool" check metrics
