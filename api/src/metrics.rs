@@ -150,11 +150,11 @@ pub fn render(info: Option<&VmInfo>, counters: &VmCounters, process: &ProcessSta
         );
         family(
             &mut out,
-            "kubevirt_vmi_vcpu_count",
+            "kubevirt_vmi_vcpus",
             "gauge",
             "The VM's vCPUs.",
         )
-        .sample("kubevirt_vmi_vcpu_count", &[], info.config.cpus.boot_vcpus);
+        .sample("kubevirt_vmi_vcpus", &[], info.config.cpus.boot_vcpus);
     }
     family(
         &mut out,
