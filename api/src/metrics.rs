@@ -148,13 +148,11 @@ pub fn render(info: Option<&VmInfo>, counters: &VmCounters, process: &ProcessSta
             &[],
             info.config.memory.size,
         );
-        family(
-            &mut out,
+        family(&mut out, "kubevirt_vmi_vcpus", "gauge", "The VM's vCPUs.").sample(
             "kubevirt_vmi_vcpus",
-            "gauge",
-            "The VM's vCPUs.",
-        )
-        .sample("kubevirt_vmi_vcpus", &[], info.config.cpus.boot_vcpus);
+            &[],
+            info.config.cpus.boot_vcpus,
+        );
     }
     family(
         &mut out,

@@ -176,6 +176,7 @@ impl RunArgs {
             event_monitor: self.event_monitor.clone(),
             pvm_guest: self.pvm_guest,
             grace_period: None,
+            drop_privileges: false,
         }
     }
 }

@@ -180,6 +180,7 @@ fn launcher(args: cli::LauncherArgs) -> Result<ExitCode, String> {
         event_monitor,
         pvm_guest: args.pvm_guest,
         grace_period: Some(std::time::Duration::from_secs(launch.grace_period_s)),
+        drop_privileges: true,
     };
     let ready = args
         .ready_file
@@ -253,6 +254,8 @@ pub struct VmmArgs {
     /// After SIGTERM (which presses the power button), how long the guest has to power off
     /// before its VM is stopped hard (a pod's terminationGracePeriodSeconds); None: no limit.
     pub grace_period: Option<std::time::Duration>,
+    /// Once the VM runs, give up every capability but file access (the launcher).
+    pub drop_privileges: bool,
 }
 
 /// Starts the VM thread, sends it `start` (ending it at the first failure) and serves until
@@ -271,7 +274,7 @@ fn run_vm_then(
     started: impl FnOnce(),
 ) -> Result<Outcome, String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
-    let options = run_options(args.pvm_guest)?;
+    let options = run_options(args.pvm_guest, args.drop_privileges)?;
     let (controller, thread) =
         Controller::start(options, events, true).map_err(|e| e.to_string())?;
     for request in start {
@@ -281,11 +284,15 @@ fn run_vm_then(
             return Err(e.to_string());
         }
     }
+    started();
+    if args.drop_privileges {
+        // The VM's thread dropped its own at the boot; this one serves the API.
+        vmm::privileges::drop_after_setup()?;
+    }
     let stopped_hard = args
         .grace_period
         .map(|grace| stop_after_grace(grace, controller.clone()))
         .transpose()?;
-    started();
     vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)?;
     if stopped_hard.is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire)) {
         return Ok(Outcome::StoppedHard);
@@ -323,7 +330,7 @@ fn stop_after_grace(
 
 fn serve(args: cli::ServeArgs) -> Result<(), String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
-    let options = run_options(args.pvm_guest)?;
+    let options = run_options(args.pvm_guest, false)?;
     let (controller, thread) =
         Controller::start(options, events, false).map_err(|e| e.to_string())?;
     vmm_service::serve_until_end(Some(&args.api_socket), controller, thread)
@@ -335,9 +342,10 @@ fn event_monitor(spec: Option<&str>) -> Result<vmm::events::EventMonitor, String
         .map(Option::unwrap_or_default)
 }
 
-fn run_options(pvm_guest: bool) -> Result<vmm::RunOptions, String> {
+fn run_options(pvm_guest: bool, drop_privileges: bool) -> Result<vmm::RunOptions, String> {
     let options = vmm::RunOptions {
         pvm_guest,
+        drop_privileges,
         ..Default::default()
     };
     // A pod being deleted gets SIGTERM: shut the guest down cleanly, as a power button would.

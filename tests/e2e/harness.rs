@@ -517,6 +517,11 @@ impl Vm {
         Ok(())
     }
 
+    /// podvisor's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether podvisor has exited.
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))

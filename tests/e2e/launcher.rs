@@ -111,6 +111,31 @@ spec:
     if info["state"] != "Running" {
         return Err(vm.failure(&format!("vm.info on the launcher's socket: {info}")));
     }
+    // Set up, the launcher keeps no capability but file access, on every thread that runs on.
+    for task in std::fs::read_dir(format!("/proc/{}/task", vm.pid()))? {
+        let task = task?.path();
+        let name = std::fs::read_to_string(task.join("comm"))?;
+        let name = name.trim();
+        if !(name.starts_with("vcpu") || name == "podvisor" || name.starts_with("api")) {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status"))?;
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if field("CapEff:") != "0000000000000006" || field("NoNewPrivs:") != "1" {
+            return Err(vm.failure(&format!(
+                "thread {name}: CapEff {}, NoNewPrivs {}",
+                field("CapEff:"),
+                field("NoNewPrivs:")
+            )));
+        }
+    }
     if !root.join("var/run/kubevirt-infra/healthy").is_file() {
         return Err(vm.failure("no readiness file while the guest runs"));
     }

@@ -596,6 +596,11 @@ impl VmOwner {
         if owned.backends.is_none() {
             let config = Arc::make_mut(&mut owned.config);
             owned.backends = Some(Backends::open(config).map_err(failed)?);
+            if self.options.drop_privileges {
+                // The taps are open: this thread, and the vCPUs and workers it starts from
+                // now on, need no more privileges than file access.
+                crate::privileges::drop_after_setup().map_err(ControlError::Failed)?;
+            }
         }
         let backends = owned.backends.as_ref().expect("opened above");
         let vm = Vm::new(kvm, template, &owned.config, &owned.console, backends).map_err(failed)?;

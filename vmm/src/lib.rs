@@ -28,6 +28,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod migration;
 pub mod persist;
+pub mod privileges;
 pub mod snapshot;
 pub mod vm;
 pub mod vstate;
@@ -90,4 +91,7 @@ pub struct RunOptions {
     /// Set (e.g. by a SIGTERM handler) to press the guest's ACPI power button; the run
     /// clears it once pressed.
     pub power_button: Arc<AtomicBool>,
+    /// Once the first boot has opened the VM's taps, the VM's thread gives up every
+    /// capability but file access ([`privileges`]), before it starts the vCPUs.
+    pub drop_privileges: bool,
 }
