@@ -333,6 +333,7 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
         "raw",
     )?;
     let up_before = guest_uptime(&mut vm)?;
+    let host_mac = std::fs::read_to_string(format!("/sys/class/net/{tap}/address"))?;
     vm.shell_ok(
         "(i=0; while :; do i=$((i+1)); echo count:$i; sleep 0.3; done) & echo $! > /tmp/counter",
     )?;
@@ -394,10 +395,15 @@ fn snapshot_and_restore_in_a_new_process() -> Result<(), Failed> {
     vm.shell_ok(
         "printf after-restore | dd of=/dev/vda bs=4096 seek=2 conv=sync,fsync 2>/dev/null",
     )?;
-    // The tap is new (its MAC too): the guest's neighbour entry takes a few probes to renew.
-    vm.shell_ok(&format!(
-        "for i in 1 2 3 4 5 6; do ping -c 1 -W 5 {HOST_IP} && break; done"
-    ))?;
+    // The tap is another, its host side the same MAC (derived from the guest's): the guest's
+    // neighbour table holds.
+    let host_mac_now = std::fs::read_to_string(format!("/sys/class/net/{tap2}/address"))?;
+    if host_mac_now != host_mac {
+        return Err(vm.failure(&format!(
+            "the host side's MAC went from {host_mac} to {host_mac_now} with the tap"
+        )));
+    }
+    vm.shell_ok(&format!("ping -c 1 -W 10 {HOST_IP}"))?;
     let (_, link) = host("ip", &["-o", "addr", "show", "dev", &tap2])?;
     if !link.contains(HOST_IP) {
         return Err(vm.failure(&format!("the restored VM's tap {tap2}: {link}")));

@@ -37,10 +37,14 @@ impl Backends {
         for (index, net) in config.net.iter_mut().enumerate() {
             let fail = |e: NetError| Error::Device(format!("net {index}: {e}"));
             let tap = Tap::open(net.tap.as_deref()).map_err(fail)?;
+            let mac = guest_mac(net, index, tap.name())?;
+            net.mac = Some(mac.to_string());
             if let Some(ip) = net.ip {
-                // podvisor owns the host side: a stable MAC too, so a VM restored from a
-                // snapshot (or rebooted) finds the host where its neighbour table says.
-                let host_mac = MacAddr::stable_for(&format!("host/{}", tap.name()));
+                // podvisor owns the host side: a stable MAC too, derived from the guest's
+                // (which travels with the VM), so that a VM rebooted, restored from a snapshot
+                // or migrated — on another tap, too — finds the host where its neighbour
+                // table says.
+                let host_mac = MacAddr::stable_for(&format!("host/{mac}"));
                 tap.set_host_mac(host_mac.bytes()).map_err(fail)?;
                 let mask = net.mask.unwrap_or(Ipv4Addr::new(255, 255, 255, 0));
                 tap.set_ip(ip, mask).map_err(fail)?;
@@ -48,8 +52,6 @@ impl Backends {
             if net.ip.is_some() || net.tap.is_none() {
                 tap.up().map_err(fail)?;
             }
-            let mac = guest_mac(net, index, tap.name())?;
-            net.mac = Some(mac.to_string());
             tracing::info!("net {index}: tap {} with guest MAC {mac}", tap.name());
             taps.push((tap, mac));
         }
