@@ -90,6 +90,8 @@ fn send_on(
         started: Instant::now(),
         progress: Progress::default(),
         processed: 0,
+        reading: Duration::ZERO,
+        sending: Duration::ZERO,
     };
     let result = sender.migrate(report);
     let _ = vm.set_throttle(0);
@@ -108,6 +110,9 @@ struct Sender<'a> {
     /// Guest-memory bytes read and sent (as data or as zeros) so far: what the rate that
     /// predicts the last pass's length counts.
     processed: u64,
+    /// Time spent reading guest memory into frames, and checksumming and sending them.
+    reading: Duration,
+    sending: Duration,
 }
 
 impl Sender<'_> {
@@ -141,10 +146,13 @@ impl Sender<'_> {
         self.flush_frame()?;
         let mut rate = rate_of(self.processed, round_start.elapsed());
         tracing::info!(
-            "migration round 1: {} MiB read, {} MiB sent in {} ms",
+            "migration round 1: {} MiB read, {} MiB sent in {} ms ({} ms reading guest memory, \
+             {} ms checksumming and sending)",
             self.processed >> 20,
             self.progress.bytes_sent >> 20,
-            round_start.elapsed().as_millis()
+            round_start.elapsed().as_millis(),
+            self.reading.as_millis(),
+            self.sending.as_millis()
         );
         self.progress.round = 1;
         report(&self.progress);
@@ -310,11 +318,13 @@ impl Sender<'_> {
             self.flush_frame()?;
         }
         let memory = self.vm.memory();
+        let at = Instant::now();
         let added = self.frame.add_memory(gpa, len, skip_zeros, |buf| {
             memory
                 .read_slice(buf, GuestAddress(gpa))
                 .map_err(|e| MigrationError::Vm(format!("read guest memory at {gpa:#x}: {e}")))
         })?;
+        self.reading += at.elapsed();
         self.progress.bytes_sent += added.data;
         self.processed += len as u64;
         Ok(())
@@ -324,7 +334,9 @@ impl Sender<'_> {
         if self.frame.is_empty() {
             return Ok(());
         }
+        let at = Instant::now();
         protocol::write_frame(&mut self.stream, Kind::Memory, self.frame.payload())?;
+        self.sending += at.elapsed();
         self.frame.clear();
         if let Some(limit) = self.options.bandwidth_limit.filter(|&l| l > 0) {
             // Stay under the limit on average since the start.
