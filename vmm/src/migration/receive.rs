@@ -259,13 +259,8 @@ mod tests {
     fn load(bytes: &[u8], memory: &GuestMemoryMmap) -> Result<(), MigrationError> {
         let mut input = bytes;
         let header = protocol::read_header(&mut input)?;
-        load_frame(
-            &mut input,
-            header,
-            memory,
-            &mut [0u8; 1000],
-            &mut Duration::ZERO,
-        )
+        let mut checked = Duration::ZERO;
+        load_frame(&mut input, header, memory, &mut [0u8; 1000], &mut checked)
     }
 
     #[test]
