@@ -123,14 +123,18 @@ def run_qemu(args, tmp, snap):
     start = time.monotonic()
     dst = Vmm(cmd(f"{tmp}/q2", ("-incoming", f"file:{state}")))
     try:
-        q = Qmp(f"{tmp}/q2")
-        while True:
-            status = q.call("query-status")["status"]
-            if status != "inmigrate":
-                break
-            time.sleep(0.002)
-        if status != "running":
-            q.call("cont")
+        try:
+            q = Qmp(f"{tmp}/q2")
+            while True:
+                status = q.call("query-status")["status"]
+                if status != "inmigrate":
+                    break
+                time.sleep(0.002)
+            if status != "running":
+                q.call("cont")
+        except (OSError, RuntimeError) as e:
+            raise RuntimeError(f"QEMU -incoming file: {e} (rc={dst.proc.poll()}):\n"
+                               f"{dst.out[-2000:].decode(errors='replace')}") from e
         restore_ms = (first_tick(dst) - start) * 1000
         dst.answers()
     finally:
