@@ -291,23 +291,29 @@ def main():
     runners = {"podvisor": in_scratch(run_podvisor), "qemu pc": in_scratch(run_qemu)}
     results = interleaved(args, "migrate", runners)
 
+    report(args, results, [("total_ms", "total ms"), ("vmm_total_ms", "vmm total ms"),
+                           ("downtime_ms", "downtime ms"), ("guest_gap_ms", "guest gap ms"),
+                           ("rounds", "rounds")],
+           ratios=("total_ms", "downtime_ms", "guest_gap_ms"))
+
+
+def report(args, results, columns, ratios):
+    """Prints each VMM's medians of `columns` ((key, heading)...) and podvisor / QEMU for
+    the keys in `ratios`."""
     def med(name, key):
         values = [e[key] for e in results[name] if e.get(key) is not None]
         return statistics.median(values) if values else None
 
     print(f"\n{args.workload} guest, {args.memory} MiB, {args.cpus} vCPU(s), "
           f"{args.runs} runs each (medians):")
-    keys = ("total_ms", "vmm_total_ms", "downtime_ms", "guest_gap_ms", "rounds")
-    widths = (10, 13, 12, 13, 7)
-    print(f"{'':10} {'total ms':>10} {'vmm total ms':>13} {'downtime ms':>12} "
-          f"{'guest gap ms':>13} {'rounds':>7}")
-    for name in runners:
-        row = [med(name, k) for k in keys]
+    widths = [max(len(h), 7) + 1 for _, h in columns]
+    print(f"{'':10} " + " ".join(f"{h:>{w}}" for (_, h), w in zip(columns, widths)))
+    for name in results:
+        row = [med(name, k) for k, _ in columns]
         print(f"{name:10} " + " ".join(f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"
                                        for v, w in zip(row, widths)))
-    p, q = "podvisor", "qemu pc"
-    for key in ("total_ms", "downtime_ms", "guest_gap_ms"):
-        a, b = med(p, key), med(q, key)
+    for key in ratios:
+        a, b = med("podvisor", key), med("qemu pc", key)
         if a is not None and b:
             print(f"{key}: podvisor / QEMU = {a / b:.2f}")
 

@@ -23,14 +23,13 @@ and arguments skips the runs it already holds (resources/bench/resume.sh).
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from migrate_bench import (GUEST, READY, Qmp, Vmm, bench_args, interleaved, start_workload,
-                           wait_for)
+from migrate_bench import (GUEST, READY, Qmp, Vmm, bench_args, interleaved, report,
+                           start_workload, wait_for)
 
 
 def allocated_mib(path):
@@ -163,22 +162,8 @@ def main():
     runners = {"podvisor": in_scratch(run_podvisor), "qemu pc": in_scratch(run_qemu)}
     results = interleaved(args, "snapshot", runners)
 
-    def med(name, key):
-        values = [e[key] for e in results[name] if e.get(key) is not None]
-        return statistics.median(values) if values else None
-
-    print(f"\n{args.workload} guest, {args.memory} MiB, {args.cpus} vCPU(s), "
-          f"{args.runs} runs each (medians):")
     keys = ("snapshot_ms", "restore_ms", "size_mib")
-    print(f"{'':10} {'snapshot ms':>12} {'restore ms':>11} {'size MiB':>9}")
-    for name in runners:
-        row = [med(name, k) for k in keys]
-        print(f"{name:10} " + " ".join(f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"
-                                       for v, w in zip(row, (12, 11, 9))))
-    for key in ("snapshot_ms", "restore_ms", "size_mib"):
-        a, b = med("podvisor", key), med("qemu pc", key)
-        if a is not None and b:
-            print(f"{key}: podvisor / QEMU = {a / b:.2f}")
+    report(args, results, list(zip(keys, ("snapshot ms", "restore ms", "size MiB"))), keys)
 
 
 if __name__ == "__main__":

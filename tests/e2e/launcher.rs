@@ -64,18 +64,21 @@ spec:
     let vmi_file = dir.path("vmi.yaml");
     std::fs::write(&vmi_file, vmi)?;
     let socket = dir.arg("api.sock");
-    let mut vm = Vm::spawn(
-        "launcher",
-        &[
-            "--vmi",
-            vmi_file.to_str().unwrap(),
-            "--pod-root",
-            root.to_str().unwrap(),
-            "--api-socket",
-            &socket,
-            "--console-stdio",
-        ],
-    );
+    let launcher = || {
+        Vm::spawn(
+            "launcher",
+            &[
+                "--vmi",
+                vmi_file.to_str().unwrap(),
+                "--pod-root",
+                root.to_str().unwrap(),
+                "--api-socket",
+                &socket,
+                "--console-stdio",
+            ],
+        )
+    };
+    let mut vm = launcher();
     vm.expect("podvisor-guest ready: cpus=2")?;
     vm.wait_for_shell()?;
     let seen = vm.shell_ok(
@@ -175,18 +178,7 @@ spec:
         "terminationGracePeriodSeconds: 3",
     );
     std::fs::write(&vmi_file, vmi)?;
-    let mut vm = Vm::spawn(
-        "launcher",
-        &[
-            "--vmi",
-            vmi_file.to_str().unwrap(),
-            "--pod-root",
-            root.to_str().unwrap(),
-            "--api-socket",
-            &socket,
-            "--console-stdio",
-        ],
-    );
+    let mut vm = launcher();
     vm.expect("podvisor-guest ready:")?;
     vm.wait_for_shell()?;
     vm.shell_ok("kill $(pidof acpid); sleep 0.5; ! pidof acpid")?;
