@@ -181,7 +181,7 @@ spec:
     let mut vm = launcher();
     vm.expect("podvisor-guest ready:")?;
     vm.wait_for_shell()?;
-    vm.shell_ok("kill $(pidof acpid); sleep 0.5; ! pidof acpid")?;
+    vm.shell_ok("kill $(pidof acpid); while pidof acpid; do sleep 0.1; done")?;
     let asked = std::time::Instant::now();
     vm.terminate()?;
     let status = vm.wait()?;

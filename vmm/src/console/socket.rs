@@ -198,8 +198,8 @@ mod tests {
 
         let mut first = UnixStream::connect(&path).unwrap();
         assert_eq!(read_exactly(&mut first, 7), b"booted\n");
-        // Attached: output as it comes, input to the UART.
-        std::thread::sleep(Duration::from_millis(100));
+        // Attached (the kept output and the attachment happen under one lock): output as it
+        // comes, input to the UART.
         out.write_all(b"$ ").unwrap();
         assert_eq!(read_exactly(&mut first, 2), b"$ ");
         first.write_all(b"ls\n").unwrap();
