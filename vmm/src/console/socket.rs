@@ -19,6 +19,8 @@ pub const RING: usize = 64 << 10;
 struct Hub {
     ring: VecDeque<u8>,
     client: Option<UnixStream>,
+    /// The console is gone: its thread ends.
+    closed: bool,
 }
 
 /// The listening socket; its file is removed when this is dropped.
@@ -66,6 +68,9 @@ impl ConsoleSocket {
             .name("console-socket".into())
             .spawn(move || {
                 for stream in listener.incoming() {
+                    if hub.lock().unwrap_or_else(|e| e.into_inner()).closed {
+                        return;
+                    }
                     let Ok(stream) = stream else { continue };
                     let Ok(reader) = stream.try_clone() else {
                         continue;
@@ -89,8 +94,17 @@ impl ConsoleSocket {
 }
 
 impl Drop for ConsoleSocket {
+    /// Removes the socket file and ends the thread that serves it: the listener is shut down
+    /// (which wakes its `accept`) and so is an attached client's connection.
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let mut hub = self.hub.lock().unwrap_or_else(|e| e.into_inner());
+        hub.closed = true;
+        if let Some(client) = hub.client.take() {
+            let _ = client.shutdown(std::net::Shutdown::Both);
+        }
+        // SAFETY: shutdown on a socket this listener owns; it touches no memory.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
     }
 }
 
@@ -230,6 +244,41 @@ mod tests {
 
         drop(socket);
         assert!(!path.exists(), "the socket file goes with the console");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_serving_thread_ends_with_the_console() {
+        let dir = std::env::temp_dir().join(format!("podvisor-consock-end-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for attached in [false, true] {
+            let path = dir.join(format!("serial-{attached}.sock"));
+            let socket = ConsoleSocket::bind(&path).unwrap();
+            // The input closure owns `alive`: the receiver hears it drop when the thread ends.
+            let (alive, ended) = mpsc::channel::<()>();
+            socket
+                .serve(move |mut client| {
+                    let _keep = &alive;
+                    let mut buf = [0u8; 64];
+                    while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+                })
+                .unwrap();
+            socket.output().write_all(b"hi").unwrap();
+            // Attached once the kept output arrives (both happen under one lock).
+            let client = attached.then(|| {
+                let mut c = UnixStream::connect(&path).unwrap();
+                assert_eq!(read_exactly(&mut c, 2), b"hi");
+                c
+            });
+            drop(socket);
+            assert_eq!(
+                ended.recv_timeout(Duration::from_secs(10)),
+                Err(mpsc::RecvTimeoutError::Disconnected),
+                "the thread lives on (a client attached: {attached})"
+            );
+            drop(client);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
