@@ -130,10 +130,8 @@ def wait_for(path, timeout=30):
         time.sleep(0.02)
 
 
-def run_podvisor(args, tmp, workload):
-    pv = args.podvisor
-    src_sock, dst_sock = f"{tmp}/src.sock", f"{tmp}/dst.sock"
-    mig, events = f"{tmp}/mig.sock", f"{tmp}/events"
+def write_vm_config(args, path):
+    """The default guest as `vm.create` takes it, with the benchmark's vCPUs and memory."""
     config = {
         "payload": {"kernel": os.path.join(GUEST, "bzImage"),
                     "initramfs": os.path.join(GUEST, "initramfs.cpio.gz"),
@@ -142,8 +140,15 @@ def run_podvisor(args, tmp, workload):
         "memory": {"size": args.memory << 20},
         "serial": {"mode": "Tty"}, "console": {"mode": "Off"},
     }
-    with open(f"{tmp}/vm.json", "w") as f:
+    with open(path, "w") as f:
         json.dump(config, f)
+
+
+def run_podvisor(args, tmp, workload):
+    pv = args.podvisor
+    src_sock, dst_sock = f"{tmp}/src.sock", f"{tmp}/dst.sock"
+    mig, events = f"{tmp}/mig.sock", f"{tmp}/events"
+    write_vm_config(args, f"{tmp}/vm.json")
     ctl = lambda sock, *a: subprocess.run([pv, "ctl", "--api-socket", sock, *a], check=True,
                                           capture_output=True, timeout=900)
     src = Vmm([pv, "serve", "--api-socket", src_sock, "--event-monitor", f"path={events}"])

@@ -20,7 +20,6 @@ VMM, medians over the runs:
 With --state FILE every finished run is appended to FILE, and a later call with the same FILE
 and arguments skips the runs it already holds (resources/bench/resume.sh).
 """
-import json
 import os
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ import tempfile
 import time
 
 from migrate_bench import (GUEST, READY, Qmp, Vmm, bench_args, interleaved, report,
-                           start_workload, wait_for)
+                           start_workload, wait_for, write_vm_config)
 
 
 def allocated_mib(path):
@@ -53,16 +52,7 @@ def first_tick(vm, timeout=300):
 def run_podvisor(args, tmp, snap):
     pv = args.podvisor
     sock = f"{tmp}/src.sock"
-    config = {
-        "payload": {"kernel": os.path.join(GUEST, "bzImage"),
-                    "initramfs": os.path.join(GUEST, "initramfs.cpio.gz"),
-                    "cmdline": args.cmdline},
-        "cpus": {"boot_vcpus": args.cpus, "max_vcpus": args.cpus},
-        "memory": {"size": args.memory << 20},
-        "serial": {"mode": "Tty"}, "console": {"mode": "Off"},
-    }
-    with open(f"{tmp}/vm.json", "w") as f:
-        json.dump(config, f)
+    write_vm_config(args, f"{tmp}/vm.json")
     ctl = lambda *a: subprocess.run([pv, "ctl", "--api-socket", sock, *a], check=True,
                                     capture_output=True, timeout=900)
     src = Vmm([pv, "serve", "--api-socket", sock])
