@@ -88,7 +88,7 @@ fn spec_vm_config_fields_match_the_type() {
     let full = r#"{"payload":{"kernel":"/k","initramfs":"/i","cmdline":""},
         "cpus":{"boot_vcpus":1,"max_vcpus":1},"memory":{"size":536870912},
         "disks":[{"path":"/d"}],"net":[{}],"rng":{},"serial":{"mode":"Off"},
-        "console":{"mode":"Off"}}"#;
+        "console":{"mode":"Off"},"platform":{"serial_number":"s"}}"#;
     let config: vmm::config::VmConfig = serde_json::from_str(full).unwrap();
     let value = serde_json::to_value(&config).unwrap();
     let fields: BTreeSet<String> = value.as_object().unwrap().keys().cloned().collect();

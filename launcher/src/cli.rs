@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{
     parse_size, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    RngConfig, VmConfig,
+    PlatformConfig, RngConfig, VmConfig,
 };
 
 /// Default kernel command line when none is given.
@@ -95,6 +95,7 @@ pub struct RunArgs {
     /// run it on from where it was saved; the VM's flags come from the snapshot.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "disk", "net", "rng",
+        "platform",
     ])]
     pub restore: Option<PathBuf>,
     /// Instead of booting, wait for a live migration's source at this URL
@@ -102,7 +103,7 @@ pub struct RunArgs {
     /// VM's flags come from the source.
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "disk", "net", "rng",
-        "restore",
+        "platform", "restore",
     ])]
     pub receive_migration: Option<String>,
     /// With --restore or --receive-migration: put the VM's network interface ID (its `id=`,
@@ -142,6 +143,10 @@ pub struct RunArgs {
     /// A virtio-rng entropy device: [src=PATH] (default /dev/urandom).
     #[arg(long, value_name = "[src=PATH]", num_args = 0..=1, default_missing_value = "")]
     pub rng: Option<String>,
+    /// What the guest reads about the machine (SMBIOS, /sys/class/dmi/id):
+    /// [serial_number=S][,uuid=UUID][,oem_strings=[A,B,...]].
+    #[arg(long, value_name = "[serial_number=S][,...]")]
+    pub platform: Option<String>,
     /// Also serve the REST API on this Unix socket (created mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -213,6 +218,12 @@ impl RunArgs {
                 .transpose()
                 .map_err(|e| e.to_string())?,
             console: None,
+            platform: self
+                .platform
+                .as_deref()
+                .map(PlatformConfig::parse)
+                .transpose()
+                .map_err(|e| e.to_string())?,
         })
     }
 }

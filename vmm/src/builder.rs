@@ -90,7 +90,7 @@ pub fn build_on(
     })
 }
 
-/// Loads the kernel, initramfs and command line, writes the ACPI tables and the boot
+/// Loads the kernel, initramfs and command line, writes the ACPI and SMBIOS tables and the boot
 /// parameters, and points the boot vCPU at the kernel's entry.
 pub fn load_payload(vm: &Vm, config: &VmConfig) -> Result<(), Error> {
     let memory = &vm.memory;
@@ -110,6 +110,7 @@ pub fn load_payload(vm: &Vm, config: &VmConfig) -> Result<(), Error> {
             vcpus: config.cpus.boot_vcpus,
         },
     )?;
+    boot::smbios::create_smbios_tables(memory, config.platform.as_ref())?;
     match kernel.entry {
         EntryPoint::Linux64 { .. } => boot::write_zero_page(
             memory,

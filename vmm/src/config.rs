@@ -215,6 +215,95 @@ impl Default for RngConfig {
     }
 }
 
+/// What the guest reads about the machine in its SMBIOS tables (`/sys/class/dmi/id`), in
+/// Cloud Hypervisor's `platform` shape.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformConfig {
+    /// The system's serial number (`product_serial`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_number: Option<String>,
+    /// The system's UUID (`product_uuid`), 8-4-4-4-12 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// OEM strings (SMBIOS type 11), e.g. for software in the guest to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oem_strings: Option<Vec<String>>,
+}
+
+/// Most OEM strings one SMBIOS type 11 structure counts.
+pub const MAX_OEM_STRINGS: usize = 255;
+
+impl PlatformConfig {
+    /// Checks what the SMBIOS tables can carry (whether they fit is known only when written).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(uuid) = &self.uuid {
+            if crate::boot::smbios::parse_uuid(uuid).is_err() {
+                return Err(ConfigError::Platform(format!(
+                    "uuid '{uuid}' is not a UUID (8-4-4-4-12 hex digits)"
+                )));
+            }
+        }
+        if let Some(serial) = &self.serial_number {
+            if serial.contains('\0') {
+                return Err(ConfigError::Platform(
+                    "serial_number contains a NUL byte".into(),
+                ));
+            }
+        }
+        let oem = self.oem_strings.as_deref().unwrap_or(&[]);
+        if oem.len() > MAX_OEM_STRINGS {
+            return Err(ConfigError::Platform(format!(
+                "{} oem_strings; at most {MAX_OEM_STRINGS}",
+                oem.len()
+            )));
+        }
+        if let Some((i, _)) = oem
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.is_empty() || s.contains('\0'))
+        {
+            return Err(ConfigError::Platform(format!(
+                "oem_strings[{i}] is empty or contains a NUL byte"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parses the CLI's `[serial_number=S][,uuid=U][,oem_strings=[A,B,...]]` (as Cloud
+    /// Hypervisor's `--platform`).
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let what = "--platform";
+        let mut platform = PlatformConfig::default();
+        // The list may hold commas: take it out before splitting the rest.
+        let mut rest = s.to_owned();
+        if let Some(start) = s.find("oem_strings=[") {
+            let list_start = start + "oem_strings=[".len();
+            let len = s[list_start..].find(']').ok_or_else(|| {
+                ConfigError::Options(format!("{what}: oem_strings=[... has no closing ']'"))
+            })?;
+            platform.oem_strings = Some(
+                s[list_start..list_start + len]
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect(),
+            );
+            rest = format!("{}{}", &s[..start], &s[list_start + len + 1..]);
+        }
+        for (key, value) in parse_options(what, &rest, &["serial_number", "uuid", "oem_strings"])? {
+            match key {
+                "serial_number" => platform.serial_number = Some(value.to_owned()),
+                "uuid" => platform.uuid = Some(value.to_owned()),
+                _ => {
+                    return Err(ConfigError::Options(format!(
+                        "{what}: oem_strings takes a list: oem_strings=[A,B]"
+                    )))
+                }
+            }
+        }
+        Ok(platform)
+    }
+}
+
 /// A whole VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -232,6 +321,9 @@ pub struct VmConfig {
     /// Accepted for Cloud Hypervisor compatibility; see [`VirtioConsoleConfig`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<VirtioConsoleConfig>,
+    /// The machine's identity in its SMBIOS tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformConfig>,
 }
 
 /// A configuration the VMM cannot run.
@@ -263,6 +355,8 @@ pub enum ConfigError {
     MaxVcpus { boot: u8, max: u8 },
     #[error("console: mode '{0}' is not supported: podvisor has no virtio-console (use mode Off or Null; the guest's console is the serial port)")]
     VirtioConsole(String),
+    #[error("platform: {0}")]
+    Platform(String),
     #[error("{0}")]
     Options(String),
 }
@@ -321,6 +415,9 @@ impl VmConfig {
                     return Err(ConfigError::Mac(mac.clone()));
                 }
             }
+        }
+        if let Some(platform) = &self.platform {
+            platform.validate()?;
         }
         let count = self.disks.len() + self.net.len() + usize::from(self.rng.is_some());
         if count > MAX_PCI_DEVICES {
@@ -501,7 +598,50 @@ mod tests {
             net: Vec::new(),
             rng: None,
             console: None,
+            platform: None,
         }
+    }
+
+    #[test]
+    fn platform_options() {
+        let p = PlatformConfig::parse(
+            "serial_number=SN1,oem_strings=[a=1,b],uuid=00112233-4455-6677-8899-aabbccddeeff",
+        )
+        .unwrap();
+        assert_eq!(p.serial_number.as_deref(), Some("SN1"));
+        assert_eq!(
+            p.uuid.as_deref(),
+            Some("00112233-4455-6677-8899-aabbccddeeff")
+        );
+        assert_eq!(p.oem_strings, Some(vec!["a=1".to_owned(), "b".to_owned()]));
+        p.validate().unwrap();
+        for bad in [
+            "oem_strings=[a",
+            "oem_strings=a",
+            "uuid=1,uuid=2",
+            "vendor=x",
+        ] {
+            assert!(PlatformConfig::parse(bad).is_err(), "{bad}");
+        }
+        for bad in ["uuid=00112233", "oem_strings=[a,,b]", "serial_number=a\0b"] {
+            let p = PlatformConfig::parse(bad).unwrap();
+            assert!(
+                matches!(p.validate(), Err(ConfigError::Platform(_))),
+                "{bad}"
+            );
+        }
+        let many = PlatformConfig {
+            oem_strings: Some(vec!["x".into(); MAX_OEM_STRINGS + 1]),
+            ..Default::default()
+        };
+        assert!(many.validate().is_err());
+        // The VM's validation checks it too.
+        let mut vm = config();
+        vm.platform = Some(PlatformConfig {
+            uuid: Some("nope".into()),
+            ..Default::default()
+        });
+        assert!(matches!(vm.validate(), Err(ConfigError::Platform(_))));
     }
 
     #[test]

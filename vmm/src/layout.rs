@@ -9,6 +9,7 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA start: [EBDA, 1 MiB) is reserved in the e820 map
 //! 0x000e_0000  ACPI RSDP, followed by the other ACPI tables
+//! 0x000f_0000  SMBIOS entry point, followed by the structure table
 //! 0x0010_0000  kernel (bzImage protected-mode part or vmlinux segments)
 //! ...          RAM up to min(size, 3 GiB), initramfs at its top
 //! 0xc000_0000  32-bit MMIO hole: PCI BARs up to 0xe000_0000, then the PCI ECAM window,
@@ -43,7 +44,11 @@ pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI RSDP: the kernel scans [0xe0000, 0x100000) for it on bzImage boot.
 pub const RSDP_START: u64 = 0xe0000;
 /// Upper bound of the ACPI table area.
-pub const ACPI_END: u64 = 0x10_0000;
+pub const ACPI_END: u64 = SMBIOS_START;
+/// SMBIOS 3.0 entry point: a kernel booted without EFI scans [0xf0000, 0x100000) for it.
+pub const SMBIOS_START: u64 = 0xf0000;
+/// Upper bound of the SMBIOS area.
+pub const SMBIOS_END: u64 = 0x10_0000;
 /// Where the kernel is loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole; RAM below 4 GiB ends here at the latest.

@@ -55,6 +55,8 @@ pub enum Error {
     Boot(#[from] boot::BootError),
     #[error("cannot build ACPI tables: {0}")]
     Acpi(#[from] boot::acpi::AcpiError),
+    #[error("cannot build SMBIOS tables: {0}")]
+    Smbios(#[from] boot::smbios::SmbiosError),
     #[error(transparent)]
     Vcpu(#[from] vstate::vcpu::VcpuError),
     #[error(transparent)]

@@ -159,10 +159,13 @@ fn a_kernel_boot_vmi_becomes_a_vm_config() {
         .warnings
         .iter()
         .any(|w| w.starts_with("metadata.labels: ignored")));
-    assert!(l
-        .warnings
-        .iter()
-        .any(|w| w.starts_with("spec.domain.firmware.uuid: ignored")));
+    // The firmware's UUID becomes the guest's SMBIOS system UUID.
+    let platform = c.platform.as_ref().unwrap();
+    assert_eq!(
+        platform.uuid.as_deref(),
+        Some("5d307ca9-b3ef-428c-8861-06e72d69f223")
+    );
+    assert_eq!(platform.serial_number, None);
     // The configuration is one podvisor accepts.
     c.validate().unwrap();
 }
@@ -203,6 +206,7 @@ spec:
     cpu: {cores: 300}
     memory: {guest: 16Mi, hugepages: {pageSize: 2Mi}}
     firmware:
+      uuid: 5d307ca9-b3ef-428c-8861
       bootloader: {efi: {}}
       kernelBoot:
         container: {image: k, kernelPath: ../etc/shadow}
@@ -243,6 +247,7 @@ spec:
         "spec.domain.memory.guest: 16777216 bytes; podvisor needs at least 32 MiB",
         "spec.domain.memory.hugepages: guest memory on 2Mi huge pages",
         "spec.domain.firmware.bootloader: not supported by podvisor",
+        "spec.domain.firmware.uuid: '5d307ca9-b3ef-428c-8861' is not a UUID",
         "spec.domain.firmware.kernelBoot.container.kernelPath: '../etc/shadow' must be an absolute path",
         "spec.domain.devices.sound: not supported by podvisor",
         "spec.domain.devices.disks[0].disk.bus: 'sata' is not supported",

@@ -4,6 +4,7 @@
 
 pub mod acpi;
 pub mod payload;
+pub mod smbios;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

@@ -224,6 +224,7 @@ pub fn config(kernel: &Path, serial: &Path, vcpus: u8) -> VmConfig {
         net: Vec::new(),
         rng: None,
         console: None,
+        platform: None,
     }
 }
 

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use vmm::config::{
-    ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, RngConfig, VmConfig, MAX_VCPUS,
+    ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, PlatformConfig, RngConfig, VmConfig,
+    MAX_VCPUS,
 };
 
 mod disks;
@@ -269,6 +270,7 @@ impl Translator<'_> {
         let vcpus = self.vcpus(vmi);
         let memory = self.memory(vmi);
         let payload = self.payload(vmi);
+        let platform = self.platform(vmi);
         let (disks, prepare) = self.disks(vmi, &name, &namespace);
         self.network(vmi);
         let rng = domain.devices.rng.as_ref().map(|_| RngConfig::default());
@@ -291,6 +293,7 @@ impl Translator<'_> {
                 net: Vec::new(),
                 rng,
                 console: None,
+                platform,
             },
             prepare,
             grace_period_s: spec.termination_grace_period_seconds.unwrap_or(30),
@@ -398,6 +401,34 @@ impl Translator<'_> {
         }
     }
 
+    /// The guest's SMBIOS identity: `firmware.uuid` and `firmware.serial`, as libvirt gives
+    /// them to a KubeVirt guest (`/sys/class/dmi/id/product_uuid`, `product_serial`).
+    fn platform(&mut self, vmi: &Vmi) -> Option<PlatformConfig> {
+        let firmware = vmi.spec.domain.firmware.as_ref()?;
+        if firmware.uuid.is_none() && firmware.serial.is_none() {
+            return None;
+        }
+        if let Some(uuid) = firmware
+            .uuid
+            .as_deref()
+            .filter(|u| vmm::boot::smbios::parse_uuid(u).is_err())
+        {
+            self.error(
+                "spec.domain.firmware.uuid",
+                format!("'{uuid}' is not a UUID (8-4-4-4-12 hex digits)"),
+            );
+        }
+        if firmware.serial.as_deref().is_some_and(|s| s.contains('\0')) {
+            self.error("spec.domain.firmware.serial", "contains a NUL byte");
+        }
+        let platform = PlatformConfig {
+            serial_number: firmware.serial.clone(),
+            uuid: firmware.uuid.clone(),
+            oem_strings: None,
+        };
+        Some(platform)
+    }
+
     fn payload(&mut self, vmi: &Vmi) -> PayloadConfig {
         let empty = PayloadConfig {
             kernel: PathBuf::new(),
@@ -413,13 +444,6 @@ impl Translator<'_> {
         };
         let path = "spec.domain.firmware";
         self.rest(path, path, &firmware.rest);
-        for (field, value) in [("uuid", &firmware.uuid), ("serial", &firmware.serial)] {
-            if value.is_some() {
-                self.warnings.push(format!(
-                    "{path}.{field}: ignored (podvisor gives the guest no SMBIOS tables)"
-                ));
-            }
-        }
         let Some(kb) = &firmware.kernel_boot else {
             self.limit(
                 "spec.domain.firmware.kernelBoot",
