@@ -118,12 +118,12 @@ impl VmmBackend for FakeVmm {
                     return Err(ApiError::internal("no VM after the state check (a bug)"));
                 };
                 if request == ApiRequest::VmInfo {
-                    ApiResponse::Info(VmInfo {
+                    ApiResponse::Info(Box::new(VmInfo {
                         config: config.clone(),
                         state: *state,
                         memory_actual_size: Some(config.memory.size),
                         migration: None,
-                    })
+                    }))
                 } else {
                     ApiResponse::Counters(self.counters(config))
                 }

@@ -575,7 +575,7 @@ mod tests {
                 error: Some("the other side: out of memory".into()),
             })),
         };
-        let (code, body) = encode_response(&Ok(ApiResponse::Info(info.clone())));
+        let (code, body) = encode_response(&Ok(ApiResponse::Info(Box::new(info.clone()))));
         assert_eq!(code, 200);
         let v: serde_json::Value = serde_json::from_slice(body.as_ref().unwrap()).unwrap();
         assert_eq!(v["state"], "Paused");

@@ -143,8 +143,8 @@ pub enum ApiResponse {
     Empty,
     /// 200 with a [`VmmPingResponse`].
     Ping(VmmPingResponse),
-    /// 200 with a [`VmInfo`].
-    Info(VmInfo),
+    /// 200 with a [`VmInfo`] (boxed: it holds the whole VM configuration).
+    Info(Box<VmInfo>),
     /// 200 with a [`VmCounters`] object.
     Counters(VmCounters),
     /// 200 with a Prometheus text page (`text/plain; version=0.0.4`).

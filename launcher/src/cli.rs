@@ -118,9 +118,11 @@ pub struct RunArgs {
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub cpus: u8,
+    /// vCPUs: N, or boot=N[,topology=THREADS:CORES:DIES:PACKAGES] to arrange them into
+    /// threads, cores, dies and sockets (default: N single-threaded cores of one socket).
+    #[arg(long, value_name = "N|boot=N,topology=T:C:D:P", default_value = "1",
+          value_parser = |s: &str| CpusConfig::parse(s).map_err(|e| e.to_string()))]
+    pub cpus: CpusConfig,
     /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory: String,
@@ -196,7 +198,7 @@ impl RunArgs {
                 initramfs: self.initramfs.clone(),
                 cmdline: self.cmdline.clone(),
             },
-            cpus: CpusConfig::new(self.cpus),
+            cpus: self.cpus.clone(),
             memory: MemoryConfig { size },
             serial: parse_serial(&self.serial)?,
             disks: self
@@ -327,6 +329,29 @@ mod tests {
         assert!(parse(&["run", "--kernel", "k", "--bogus"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--cpus", "300"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--cpus", "two"]).is_err());
+        let a = run_args(&["run", "--kernel", "k", "--cpus", "topology=2:2:1:2"]);
+        let t = a.cpus.topology.unwrap();
+        assert_eq!(a.cpus.boot_vcpus, 8);
+        assert_eq!(
+            (
+                t.threads_per_core,
+                t.cores_per_die,
+                t.dies_per_package,
+                t.packages
+            ),
+            (2, 2, 1, 2)
+        );
+        for bad in [
+            "boot=2,topology=2:2",
+            "boot=x",
+            "topology=2:2:1:200",
+            "cores=2",
+        ] {
+            assert!(
+                parse(&["run", "--kernel", "k", "--cpus", bad]).is_err(),
+                "{bad}"
+            );
+        }
         assert!(parse(&["frobnicate"]).is_err());
         let a = run_args(&["run", "--kernel", "k", "--memory", "12Q"]);
         assert!(a.to_config().unwrap_err().contains("--memory"));

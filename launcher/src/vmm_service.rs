@@ -79,7 +79,7 @@ impl VmmBackend for VmmService {
                     _ => Default::default(),
                 };
                 Ok(ApiResponse::Metrics(api::metrics::render(
-                    info.as_ref(),
+                    info.as_deref(),
                     &counters,
                     &process_stats(),
                 )))
@@ -107,12 +107,12 @@ impl VmmBackend for VmmService {
                     config,
                     state,
                     migration,
-                } => Ok(ApiResponse::Info(VmInfo {
+                } => Ok(ApiResponse::Info(Box::new(VmInfo {
                     memory_actual_size: Some(config.memory.size),
                     config: *config,
                     state,
                     migration: migration.map(Box::new),
-                })),
+                }))),
                 other => Err(ApiError::internal(format!("vm.info: unexpected {other:?}"))),
             },
             ApiRequest::VmCounters => match self.call(Request::Counters)? {

@@ -19,6 +19,7 @@ use crate::console::Console;
 use crate::device_manager::DeviceManager;
 use crate::vm::Vm;
 use crate::vstate::memory;
+use crate::vstate::topology::Topology;
 use crate::vstate::vcpu::{self, CpuTemplate, RunControl, Vcpu, VcpuContext, VmEvents};
 use crate::Error;
 use devices::GuestMemoryMmap;
@@ -67,10 +68,11 @@ pub fn build_on(
     let devices = DeviceManager::new(&fd, &memory, &events, console, backends, config)?;
     tracing::debug!("VM, memory and devices created");
 
+    let topology = Topology::of(&config.cpus);
     let mut vcpus = Vec::new();
     for id in 0..config.cpus.boot_vcpus {
-        let vcpu = Vcpu::new(&fd, id)?;
-        vcpu.configure(&template.cpuid, config.cpus.boot_vcpus, &template.msrs)?;
+        let vcpu = Vcpu::new(&fd, id, &topology)?;
+        vcpu.configure(&template.cpuid, &topology, &template.msrs)?;
         vcpus.push(Arc::new(std::sync::Mutex::new(vcpu)));
     }
     tracing::debug!("{} vCPUs created", vcpus.len());
@@ -104,12 +106,7 @@ pub fn load_payload(vm: &Vm, config: &VmConfig) -> Result<(), Error> {
         .transpose()?;
     tracing::debug!("initramfs loaded");
     boot::load_command_line(memory, &payload.cmdline)?;
-    let rsdp = acpi::create_acpi_tables(
-        memory,
-        &AcpiConfig {
-            vcpus: config.cpus.boot_vcpus,
-        },
-    )?;
+    let rsdp = acpi::create_acpi_tables(memory, &AcpiConfig::new(&config.cpus))?;
     boot::smbios::create_smbios_tables(memory, config.platform.as_ref())?;
     match kernel.entry {
         EntryPoint::Linux64 { .. } => boot::write_zero_page(

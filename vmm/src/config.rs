@@ -31,6 +31,34 @@ pub struct CpusConfig {
     /// equal `boot_vcpus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_vcpus: Option<u8>,
+    /// How the vCPUs are arranged; without it, each is a single-threaded core of one socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<CpuTopology>,
+}
+
+/// Threads × cores × dies × packages (sockets), as Cloud Hypervisor's `topology`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuTopology {
+    pub threads_per_core: u8,
+    pub cores_per_die: u8,
+    pub dies_per_package: u8,
+    pub packages: u8,
+}
+
+impl CpuTopology {
+    /// How many vCPUs it holds.
+    pub fn vcpus(&self) -> u32 {
+        [
+            self.threads_per_core,
+            self.cores_per_die,
+            self.dies_per_package,
+            self.packages,
+        ]
+        .iter()
+        .map(|&n| u32::from(n))
+        .product()
+    }
 }
 
 impl CpusConfig {
@@ -39,7 +67,121 @@ impl CpusConfig {
         CpusConfig {
             boot_vcpus,
             max_vcpus: None,
+            topology: None,
         }
+    }
+
+    /// Parses the CLI's `--cpus`: `N`, or `boot=N[,topology=THREADS:CORES:DIES:PACKAGES]` (as
+    /// Cloud Hypervisor's).
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let what = "--cpus";
+        if let Ok(n) = s.parse::<u64>() {
+            return u8::try_from(n)
+                .map(CpusConfig::new)
+                .map_err(|_| ConfigError::Vcpus(n));
+        }
+        let mut boot = None;
+        let mut topology = None;
+        for (key, value) in parse_options(what, s, &["boot", "topology"])? {
+            match key {
+                "boot" => {
+                    boot = Some(value.parse::<u8>().map_err(|_| {
+                        ConfigError::Options(format!(
+                            "{what}: boot={value}: expected a number of vCPUs (1 to {MAX_VCPUS})"
+                        ))
+                    })?)
+                }
+                _ => {
+                    let n: Vec<u8> = value
+                        .split(':')
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()
+                        .ok()
+                        .filter(|n: &Vec<u8>| n.len() == 4)
+                        .ok_or_else(|| {
+                            ConfigError::Options(format!(
+                                "{what}: topology={value}: expected \
+                                 THREADS_PER_CORE:CORES_PER_DIE:DIES_PER_PACKAGE:PACKAGES"
+                            ))
+                        })?;
+                    topology = Some(CpuTopology {
+                        threads_per_core: n[0],
+                        cores_per_die: n[1],
+                        dies_per_package: n[2],
+                        packages: n[3],
+                    });
+                }
+            }
+        }
+        // Without boot=, the topology says how many.
+        let boot = match (boot, &topology) {
+            (Some(b), _) => b,
+            (None, Some(t)) => u8::try_from(t.vcpus()).map_err(|_| {
+                ConfigError::Options(format!(
+                    "{what}: topology={}:{}:{}:{} is {} vCPUs; podvisor runs 1 to {MAX_VCPUS}",
+                    t.threads_per_core,
+                    t.cores_per_die,
+                    t.dies_per_package,
+                    t.packages,
+                    t.vcpus()
+                ))
+            })?,
+            (None, None) => {
+                return Err(ConfigError::Options(format!(
+                    "{what}: '{s}': expected N or boot=N[,topology=T:C:D:P]"
+                )))
+            }
+        };
+        Ok(CpusConfig {
+            boot_vcpus: boot,
+            max_vcpus: None,
+            topology,
+        })
+    }
+
+    /// Checks the count and the topology.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.boot_vcpus == 0 || self.boot_vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.boot_vcpus.into()));
+        }
+        if let Some(max) = self.max_vcpus {
+            if max != self.boot_vcpus {
+                return Err(ConfigError::MaxVcpus {
+                    boot: self.boot_vcpus,
+                    max,
+                });
+            }
+        }
+        if let Some(t) = &self.topology {
+            let topology = crate::vstate::topology::Topology::of(self);
+            if t.vcpus() == 0 {
+                return Err(ConfigError::Topology(
+                    "every count must be at least 1".into(),
+                ));
+            }
+            let describe = || {
+                format!(
+                    "{} threads per core × {} cores per die × {} dies per package × {} packages",
+                    t.threads_per_core, t.cores_per_die, t.dies_per_package, t.packages
+                )
+            };
+            if t.vcpus() != u32::from(self.boot_vcpus) {
+                return Err(ConfigError::Topology(format!(
+                    "{} is {} vCPUs, not boot_vcpus ({})",
+                    describe(),
+                    t.vcpus(),
+                    self.boot_vcpus
+                )));
+            }
+            let max = topology.max_apic_id(self.boot_vcpus);
+            if max >= 0xff {
+                return Err(ConfigError::Topology(format!(
+                    "{} numbers its vCPUs up to APIC ID {max}; podvisor's xAPIC IDs end at 254",
+                    describe()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -237,7 +379,7 @@ impl PlatformConfig {
     /// Checks what the SMBIOS tables can carry (whether they fit is known only when written).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(uuid) = &self.uuid {
-            if crate::boot::smbios::parse_uuid(uuid).is_err() {
+            if crate::boot::smbios::parse_uuid(uuid).is_none() {
                 return Err(ConfigError::Platform(format!(
                     "uuid '{uuid}' is not a UUID (8-4-4-4-12 hex digits)"
                 )));
@@ -330,7 +472,7 @@ pub struct VmConfig {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("--cpus must be between 1 and {MAX_VCPUS}, got {0}")]
-    Vcpus(u8),
+    Vcpus(u64),
     #[error("--memory must be at least {min} MiB, got {0} bytes", min = MIN_MEMORY_BYTES >> 20)]
     MemoryTooSmall(u64),
     #[error("--memory must be a multiple of 4 KiB, got {0} bytes")]
@@ -357,6 +499,8 @@ pub enum ConfigError {
     VirtioConsole(String),
     #[error("platform: {0}")]
     Platform(String),
+    #[error("cpus: topology: {0}")]
+    Topology(String),
     #[error("{0}")]
     Options(String),
 }
@@ -367,17 +511,7 @@ pub const MAX_PCI_DEVICES: usize = 31;
 impl VmConfig {
     /// Checks everything that can be checked without touching the host.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.cpus.boot_vcpus == 0 || self.cpus.boot_vcpus > MAX_VCPUS {
-            return Err(ConfigError::Vcpus(self.cpus.boot_vcpus));
-        }
-        if let Some(max) = self.cpus.max_vcpus {
-            if max != self.cpus.boot_vcpus {
-                return Err(ConfigError::MaxVcpus {
-                    boot: self.cpus.boot_vcpus,
-                    max,
-                });
-            }
-        }
+        self.cpus.validate()?;
         if let Some(console) = &self.console {
             if !matches!(console.mode.as_str(), "Off" | "Null") {
                 return Err(ConfigError::VirtioConsole(console.mode.clone()));
@@ -754,6 +888,43 @@ mod tests {
         let mut c = config();
         c.payload.cmdline = "x".repeat(4000);
         assert_eq!(c.validate(), Err(ConfigError::CmdlineTooLong(4000)));
+    }
+
+    #[test]
+    fn topologies() {
+        let t = |t, c, d, p| CpuTopology {
+            threads_per_core: t,
+            cores_per_die: c,
+            dies_per_package: d,
+            packages: p,
+        };
+        let parsed = CpusConfig::parse("boot=4,topology=2:2:1:1").unwrap();
+        assert_eq!(parsed.topology, Some(t(2, 2, 1, 1)));
+        parsed.validate().unwrap();
+        assert_eq!(CpusConfig::parse("3").unwrap(), CpusConfig::new(3));
+        assert_eq!(CpusConfig::parse("300"), Err(ConfigError::Vcpus(300)));
+        let err = |cpus: CpusConfig| match cpus.validate() {
+            Err(ConfigError::Topology(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        // The product must be the vCPU count.
+        let m = err(CpusConfig::parse("boot=4,topology=2:1:1:1").unwrap());
+        assert_eq!(
+            m,
+            "2 threads per core × 1 cores per die × 1 dies per package × 1 packages is 2 vCPUs, \
+             not boot_vcpus (4)"
+        );
+        assert!(err(CpusConfig::parse("boot=1,topology=0:1:1:1").unwrap()).contains("at least 1"));
+        // 3 threads × 3 cores × 3 dies × 9 packages: 243 vCPUs, but APIC IDs up to (8 << 6) + 42.
+        let m = err(CpusConfig::parse("topology=3:3:3:9").unwrap());
+        assert!(m.contains("APIC ID 554"), "{m}");
+        // JSON as Cloud Hypervisor writes it.
+        let c: CpusConfig = serde_json::from_str(
+            r#"{"boot_vcpus":2,"topology":{"threads_per_core":2,"cores_per_die":1,
+                "dies_per_package":1,"packages":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.topology, Some(t(2, 1, 1, 1)));
     }
 
     #[test]

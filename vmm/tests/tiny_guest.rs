@@ -107,6 +107,36 @@ fn secondary_vcpus_wait_while_the_boot_vcpu_runs() {
 }
 
 #[test]
+fn topology_and_machine_tables_reach_the_guest() {
+    let g = TinyGuest::new("topology");
+    // 1 thread × 3 cores × 1 die × 2 packages: APIC IDs 0, 1, 2, 4, 5, 6 (KVM takes vCPU IDs
+    // with a gap). The boot vCPU prints leaf 0xB's package shift and core-level count, leaf
+    // 1's addressable IDs per package, and the first byte of the SMBIOS entry point.
+    let code = Asm::default()
+        .cpuid(0xb, 1)
+        .print_al()
+        .mov_eax_ebx()
+        .print_al()
+        .cpuid(1, 0)
+        .mov_eax_ebx()
+        .shr_eax(16)
+        .print_al()
+        .load_eax(0xf0000)
+        .print_al()
+        .poweroff();
+    let (exit, out) = g.run_with(code, 6, |c| {
+        c.cpus.topology = Some(vmm::config::CpuTopology {
+            threads_per_core: 1,
+            cores_per_die: 3,
+            dies_per_package: 1,
+            packages: 2,
+        })
+    });
+    assert_eq!(exit.unwrap(), VmExit::Shutdown);
+    assert_eq!(out, [2, 3, 4, b'_']);
+}
+
+#[test]
 fn triple_fault_resets() {
     let g = TinyGuest::new("triple");
     // Load an empty IDT and raise an exception: #UD -> #DF -> triple fault.

@@ -1,5 +1,5 @@
-//! Kubernetes resource quantities (`1Gi`, `512Mi`, `1G`, `1.5Gi`, `1e9`, a bare number) as
-//! bytes.
+//! Kubernetes resource quantities (`1Gi`, `512Mi`, `1G`, `1.5Gi`, `1e9`, `500m`, a bare
+//! number) as bytes, or as whole CPUs.
 
 use serde_json::Value;
 
@@ -10,6 +10,12 @@ pub fn bytes(value: &Value) -> Option<u64> {
         Value::String(s) => parse(s.trim()),
         _ => None,
     }
+}
+
+/// The CPUs a quantity (`2`, `500m`, `1.5`) stands for, rounded up to a whole CPU, as KubeVirt
+/// counts vCPUs from a CPU request or limit.
+pub fn cpus(value: &Value) -> Option<u64> {
+    bytes(value)
 }
 
 fn parse(s: &str) -> Option<u64> {
@@ -26,6 +32,10 @@ fn parse(s: &str) -> Option<u64> {
     let mut denominator: u128 = 10u128.checked_pow(u32::try_from(fraction.len()).ok()?)?;
     let multiplier: u128 = match suffix {
         "" => 1,
+        "m" => {
+            denominator = denominator.checked_mul(1000)?;
+            1
+        }
         "Ki" => 1 << 10,
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
@@ -72,6 +82,11 @@ mod tests {
         assert_eq!(q("0.5"), Some(1));
         assert_eq!(q("134217728"), Some(134_217_728));
         assert_eq!(bytes(&serde_json::json!(4096)), Some(4096));
+        let cpus = |s: &str| cpus(&Value::String(s.into()));
+        assert_eq!(cpus("500m"), Some(1));
+        assert_eq!(cpus("2500m"), Some(3));
+        assert_eq!(cpus("2"), Some(2));
+        assert_eq!(cpus("1.5"), Some(2));
         for bad in [
             "", "Gi", "1 Gi", "1gi", "1GB", "-1Gi", "1..2", "x", "16Ei", "1e40",
         ] {

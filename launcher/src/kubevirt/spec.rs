@@ -86,6 +86,8 @@ pub struct Hugepages {
 pub struct Resources {
     #[serde(default)]
     pub requests: BTreeMap<String, Value>,
+    #[serde(default)]
+    pub limits: BTreeMap<String, Value>,
     #[serde(flatten)]
     pub rest: Rest,
 }

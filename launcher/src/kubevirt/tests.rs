@@ -184,6 +184,16 @@ fn memory_from_requests_cpu_topology_and_defaults() {
     assert_eq!(l.namespace, "default");
     assert_eq!(l.grace_period_s, 30);
     assert_eq!(l.config.cpus.boot_vcpus, 8);
+    let t = l.config.cpus.topology.unwrap();
+    assert_eq!(
+        (
+            t.threads_per_core,
+            t.cores_per_die,
+            t.dies_per_package,
+            t.packages
+        ),
+        (2, 2, 1, 2)
+    );
     // 1G = 10^9 bytes, rounded up to whole MiB.
     assert_eq!(l.config.memory.size, 954 << 20);
     assert_eq!(l.config.payload.cmdline, "console=ttyS0");
@@ -192,6 +202,47 @@ fn memory_from_requests_cpu_topology_and_defaults() {
         .warnings
         .iter()
         .any(|w| w.starts_with("spec.domain.resources.limits")));
+}
+
+#[test]
+fn without_sockets_and_cores_the_cpu_limit_counts_sockets() {
+    let vmi = |resources: &str, cpu: &str| {
+        launch(&format!(
+            r#"{{"metadata": {{"name": "c"}},
+                "spec": {{"domain": {{"resources": {resources}, {cpu}
+                                    "memory": {{"guest": "1Gi"}},
+                                    "firmware": {{"kernelBoot": {{"container": {{
+                                        "image": "k", "kernelPath": "/vmlinux"}}}}}}}}}}}}"#
+        ))
+    };
+    let topology = |l: &translate::Launch| {
+        let t = l.config.cpus.topology.unwrap();
+        (
+            l.config.cpus.boot_vcpus,
+            t.threads_per_core,
+            t.cores_per_die,
+            t.packages,
+        )
+    };
+    let l = vmi(
+        r#"{"limits": {"cpu": "3"}, "requests": {"cpu": "500m"}}"#,
+        "",
+    )
+    .unwrap();
+    assert_eq!(topology(&l), (3, 1, 1, 3));
+    let l = vmi(r#"{"requests": {"cpu": "1500m"}}"#, "").unwrap();
+    assert_eq!(topology(&l), (2, 1, 1, 2));
+    // Threads alone still multiply.
+    let l = vmi(r#"{"requests": {"cpu": "2"}}"#, r#""cpu": {"threads": 2},"#).unwrap();
+    assert_eq!(topology(&l), (4, 2, 1, 2));
+    // Nothing: one vCPU.
+    let l = vmi("{}", "").unwrap();
+    assert_eq!(topology(&l), (1, 1, 1, 1));
+    let errs = vmi(r#"{"requests": {"cpu": "lots"}}"#, "").unwrap_err();
+    assert_all_start(
+        &errs,
+        &["spec.domain.resources.requests.cpu: \"lots\" is not a CPU quantity"],
+    );
 }
 
 #[test]

@@ -29,7 +29,9 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml, Checksum};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
+use crate::config::CpusConfig;
 use crate::layout;
+use crate::vstate::topology::Topology;
 
 /// OEM ID of every table.
 pub const OEM_ID: [u8; 6] = *b"PODVSR";
@@ -76,8 +78,20 @@ const MADT_LOCAL_APIC_NMI_ALL_LINT1: [u8; 6] = [4, 6, 0xff, 0, 0, 1];
 /// What the ACPI tables describe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
-    /// Number of vCPUs; vCPU `i` has ACPI processor UID `i` and local APIC ID `i`.
+    /// Number of vCPUs; vCPU `i` has ACPI processor UID `i`.
     pub vcpus: u8,
+    /// How they are arranged: it gives vCPU `i` its local APIC ID.
+    pub topology: Topology,
+}
+
+impl AcpiConfig {
+    /// The tables of the vCPUs `cpus` describes.
+    pub fn new(cpus: &CpusConfig) -> Self {
+        AcpiConfig {
+            vcpus: cpus.boot_vcpus,
+            topology: Topology::of(cpus),
+        }
+    }
 }
 
 /// Failure to build or place the ACPI tables.
@@ -128,7 +142,7 @@ pub fn create_acpi_tables<M: GuestMemory>(
     }
 
     let dsdt = dsdt();
-    let madt = madt(config.vcpus);
+    let madt = madt(config.vcpus, &config.topology);
     let mcfg = mcfg();
 
     let rsdp_addr = layout::RSDP_START;
@@ -212,10 +226,11 @@ fn io_port_register(port: u16) -> GAS {
     )
 }
 
-/// MADT: one enabled local APIC per vCPU, the IOAPIC with GSIs from 0 and NMI on LINT1.
+/// MADT: one enabled local APIC per vCPU (its APIC ID from the topology), the IOAPIC with
+/// GSIs from 0 and NMI on LINT1.
 ///
 /// No interrupt source override: KVM's in-kernel IOAPIC routes legacy IRQ n to pin n.
-fn madt(vcpus: u8) -> Vec<u8> {
+fn madt(vcpus: u8, topology: &Topology) -> Vec<u8> {
     let mut madt = MADT::new(
         OEM_ID,
         *b"PODVAPIC",
@@ -223,7 +238,9 @@ fn madt(vcpus: u8) -> Vec<u8> {
         LocalInterruptController::Address(layout::APIC_START as u32),
     );
     for id in 0..vcpus {
-        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+        // Config validation keeps APIC IDs below 0xff.
+        let apic_id = topology.apic_id(id) as u8;
+        madt.add_structure(ProcessorLocalApic::new(id, apic_id, EnabledStatus::Enabled));
     }
     madt.add_structure(IoApic::new(IOAPIC_ID, layout::IOAPIC_START as u32, 0));
 

@@ -179,7 +179,7 @@ fn structure_table(platform: &PlatformConfig) -> Vec<u8> {
     let uuid = platform
         .uuid
         .as_deref()
-        .and_then(|u| parse_uuid(u).ok())
+        .and_then(parse_uuid)
         .unwrap_or([0; 16]);
     Structure::new(TYPE_SYSTEM, 0x100)
         .string(MAKER) // manufacturer
@@ -206,22 +206,22 @@ fn structure_table(platform: &PlatformConfig) -> Vec<u8> {
     out
 }
 
-/// Parses a UUID written as 8-4-4-4-12 hex digits into its 16 bytes, in the order written.
-pub fn parse_uuid(s: &str) -> Result<[u8; 16], ()> {
+/// Parses a UUID written as 8-4-4-4-12 hex digits into its 16 bytes, in the order written;
+/// `None` when it is not one.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     let b = s.as_bytes();
     if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
-        return Err(());
+        return None;
     }
     let hex: Vec<u8> = b.iter().copied().filter(|&c| c != b'-').collect();
     if hex.len() != 32 || !hex.iter().all(u8::is_ascii_hexdigit) {
-        return Err(());
+        return None;
     }
     let mut out = [0u8; 16];
     for (i, pair) in hex.chunks(2).enumerate() {
-        let text = std::str::from_utf8(pair).map_err(|_| ())?;
-        out[i] = u8::from_str_radix(text, 16).map_err(|_| ())?;
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
     }
-    Ok(out)
+    Some(out)
 }
 
 /// SMBIOS 2.6 and later store the UUID's first three fields little-endian (as EFI GUIDs), so
@@ -389,7 +389,7 @@ mod tests {
             "00112233-4455-6677-8899-aabbccddeeff0",
             "+0112233-4455-6677-8899-aabbccddeeff",
         ] {
-            assert!(parse_uuid(bad).is_err(), "{bad}");
+            assert!(parse_uuid(bad).is_none(), "{bad}");
         }
     }
 }

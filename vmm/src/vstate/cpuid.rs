@@ -1,7 +1,11 @@
-//! Per-vCPU CPUID: what KVM supports, with the topology rewritten to describe `vcpus`
-//! single-threaded cores in one socket and the hypervisor bit set.
+//! Per-vCPU CPUID: what KVM supports, with the topology rewritten to describe the VM's
+//! [`Topology`] (threads, cores, dies, packages; each vCPU's APIC ID) and the hypervisor bit
+//! set. Intel's leaves (0x1, 0x4, 0xB, 0x1F) and AMD's (0x8000_0001, _0008, _001D, _001E) both
+//! say it, whichever the host has.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+
+use super::topology::Topology;
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -9,6 +13,8 @@ const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_EXT_ADDR_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_CACHE_PARAMS: u32 = 0x8000_001d;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
@@ -18,92 +24,134 @@ const ECX_CMP_LEGACY: u32 = 1 << 1;
 const LEVEL_TYPE_INVALID: u32 = 0;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
+const LEVEL_TYPE_DIE: u32 = 5;
 
-/// Bits of the APIC ID needed to number `vcpus` cores.
-fn core_id_bits(vcpus: u8) -> u32 {
-    u32::from(vcpus.max(1)).next_power_of_two().trailing_zeros()
-}
+/// Cache parameter leaves: bits 25:14 of EAX count the logical processors sharing the cache,
+/// minus one; bits 7:5 are the cache level.
+const EAX_CACHE_SHARING: u32 = 0xfff << 14;
 
-/// Rewrites `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `cpu_id` of `vcpus`.
-pub fn filter(cpuid: &mut CpuId, cpu_id: u8, vcpus: u8) {
-    let apic_id = u32::from(cpu_id);
-    let count = u32::from(vcpus);
-    let core_bits = core_id_bits(vcpus);
+/// Rewrites `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `topology`.
+pub fn filter(cpuid: &mut CpuId, index: u8, topology: &Topology) {
+    let apic_id = topology.apic_id(index);
+    let (_, core, _, package) = topology.place(index);
+    let threads = u32::from(topology.threads_per_core);
+    let per_package = topology.threads_per_package();
+    let package_ids = 1u32 << topology.package_shift();
+    // Logical processors sharing a cache of `level`: a core's threads share L1 and L2, the
+    // package's share L3.
+    let sharing = |eax: u32, ids: bool| {
+        let level = (eax >> 5) & 7;
+        let n = match (level <= 2, ids) {
+            (true, true) => 1 << topology.thread_bits(),
+            (true, false) => threads,
+            (false, true) => package_ids,
+            (false, false) => per_package,
+        };
+        (eax & !EAX_CACHE_SHARING) | ((n - 1).min(0xfff) << 14)
+    };
     for e in cpuid.as_mut_slice() {
         match e.function {
             LEAF_FEATURES => {
-                // APIC ID, logical processors per package, CLFLUSH line size (8 * 8 bytes).
-                e.ebx = (apic_id << 24) | ((count.min(255)) << 16) | (8 << 8) | (e.ebx & 0xff);
+                // APIC ID, addressable logical processor IDs per package, CLFLUSH line size
+                // (8 * 8 bytes).
+                e.ebx = (apic_id << 24) | (package_ids.min(255) << 16) | (8 << 8) | (e.ebx & 0xff);
                 e.ecx |= ECX_HYPERVISOR;
-                if count > 1 {
+                if per_package > 1 {
                     e.edx |= EDX_HTT;
                 } else {
                     e.edx &= !EDX_HTT;
                 }
             }
             LEAF_CACHE_PARAMS => {
-                // Cores per package - 1 in bits 31:26; caches are not shared between threads.
-                e.eax = (e.eax & 0x3ff) | ((count - 1).min(63) << 26);
+                // Addressable core IDs per package - 1 in bits 31:26.
+                let core_ids = 1u32 << (topology.package_shift() - topology.thread_bits());
+                e.eax = (sharing(e.eax, true) & 0x03ff_ffff) | ((core_ids - 1).min(63) << 26);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+                let levels = levels(topology, e.function);
+                let (eax, ebx, level) =
+                    levels
+                        .get(e.index as usize)
+                        .copied()
+                        .unwrap_or((0, 0, LEVEL_TYPE_INVALID));
+                e.eax = eax;
+                e.ebx = ebx;
+                e.ecx = (level << 8) | e.index;
                 e.edx = apic_id;
-                match e.index {
-                    0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = (LEVEL_TYPE_SMT << 8) | e.index;
-                    }
-                    1 => {
-                        e.eax = core_bits;
-                        e.ebx = count;
-                        e.ecx = (LEVEL_TYPE_CORE << 8) | e.index;
-                    }
-                    _ => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = (LEVEL_TYPE_INVALID << 8) | e.index;
-                    }
-                }
             }
             LEAF_EXT_FEATURES => {
-                if count > 1 {
+                if per_package > 1 {
                     e.ecx |= ECX_CMP_LEGACY;
                 } else {
                     e.ecx &= !ECX_CMP_LEGACY;
                 }
             }
             LEAF_EXT_ADDR_SIZES => {
-                // AMD: number of cores - 1 and APIC ID size.
-                e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
+                // AMD: logical processors per package - 1, and the APIC ID bits of a package.
+                e.ecx = (e.ecx & !0xf0ff)
+                    | (topology.package_shift() << 12)
+                    | (per_package - 1).min(255);
+            }
+            LEAF_AMD_CACHE_PARAMS => e.eax = sharing(e.eax, false),
+            LEAF_AMD_TOPOLOGY => {
+                // Extended APIC ID; threads per core - 1 and the core's number; one node per
+                // package.
+                e.eax = apic_id;
+                e.ebx = (e.ebx & !0xffff) | ((threads - 1) << 8) | (core & 0xff);
+                e.ecx = (e.ecx & !0x7ff) | (package & 0xff);
+                e.edx = 0;
             }
             _ => {}
         }
     }
-    ensure_topology_levels(cpuid, apic_id, count, core_bits);
+    for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
+        ensure_topology_levels(cpuid, leaf, apic_id, &levels(topology, leaf));
+    }
 }
 
-/// KVM lists leaf 0xB with however many subleaves the host has; make sure the SMT and core
-/// levels both exist so the guest never sees a partial topology.
-fn ensure_topology_levels(cpuid: &mut CpuId, apic_id: u32, count: u32, core_bits: u32) {
-    let has_leaf = cpuid.as_slice().iter().any(|e| e.function == LEAF_TOPOLOGY);
+/// The levels of extended topology leaf `leaf`, from subleaf 0: (EAX: APIC ID bits below the
+/// next level, EBX: logical processors at this level, level type). Leaf 0xB has no die level:
+/// its core level spans the package.
+fn levels(topology: &Topology, leaf: u32) -> Vec<(u32, u32, u32)> {
+    let threads = u32::from(topology.threads_per_core);
+    let smt = (topology.thread_bits(), threads, LEVEL_TYPE_SMT);
+    let package = topology.package_shift();
+    let per_package = topology.threads_per_package();
+    if leaf == LEAF_TOPOLOGY_V2 && topology.dies_per_package > 1 {
+        let per_die = threads * u32::from(topology.cores_per_die);
+        vec![
+            smt,
+            (topology.die_shift(), per_die, LEVEL_TYPE_CORE),
+            (package, per_package, LEVEL_TYPE_DIE),
+        ]
+    } else {
+        vec![smt, (package, per_package, LEVEL_TYPE_CORE)]
+    }
+}
+
+/// KVM lists leaves 0xB and 0x1F (when the host has them) with however many subleaves the host
+/// has; make sure every level and the invalid one after them exist, so the guest never sees a
+/// partial topology.
+fn ensure_topology_levels(cpuid: &mut CpuId, leaf: u32, apic_id: u32, levels: &[(u32, u32, u32)]) {
+    let has_leaf = cpuid.as_slice().iter().any(|e| e.function == leaf);
     if !has_leaf {
         return;
     }
-    for index in 0..3u32 {
+    for index in 0..=levels.len() as u32 {
         let present = cpuid
             .as_slice()
             .iter()
-            .any(|e| e.function == LEAF_TOPOLOGY && e.index == index);
+            .any(|e| e.function == leaf && e.index == index);
         if present {
             continue;
         }
-        let (eax, ebx, level) = match index {
-            0 => (0, 1, LEVEL_TYPE_SMT),
-            1 => (core_bits, count, LEVEL_TYPE_CORE),
-            _ => (0, 0, LEVEL_TYPE_INVALID),
-        };
+        let (eax, ebx, level) =
+            levels
+                .get(index as usize)
+                .copied()
+                .unwrap_or((0, 0, LEVEL_TYPE_INVALID));
         let entry = kvm_cpuid_entry2 {
-            function: LEAF_TOPOLOGY,
+            function: leaf,
             index,
             flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
             eax,
@@ -222,10 +270,24 @@ mod tests {
         .unwrap()
     }
 
+    /// `n` single-threaded cores in one package.
+    fn flat(n: u8) -> Topology {
+        Topology::of(&crate::config::CpusConfig::new(n))
+    }
+
+    fn topo(t: u8, c: u8, d: u8, p: u8) -> Topology {
+        Topology {
+            threads_per_core: t,
+            cores_per_die: c,
+            dies_per_package: d,
+            packages: p,
+        }
+    }
+
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
         let mut c = sample();
-        filter(&mut c, 3, 4);
+        filter(&mut c, 3, &flat(4));
         let e = find(&c, 1, 0);
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
@@ -237,7 +299,7 @@ mod tests {
     fn single_vcpu_has_no_htt() {
         let mut c = sample();
         c.as_mut_slice()[0].edx = EDX_HTT;
-        filter(&mut c, 0, 1);
+        filter(&mut c, 0, &flat(1));
         assert_eq!(find(&c, 1, 0).edx & EDX_HTT, 0);
         assert_eq!(find(&c, 0x8000_0008, 0).ecx & 0xff, 0);
     }
@@ -245,7 +307,7 @@ mod tests {
     #[test]
     fn extended_topology_describes_cores() {
         let mut c = sample();
-        filter(&mut c, 2, 3);
+        filter(&mut c, 2, &flat(3));
         let smt = find(&c, 0xb, 0);
         assert_eq!(
             (smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff, smt.edx),
@@ -264,7 +326,7 @@ mod tests {
     #[test]
     fn amd_core_count() {
         let mut c = sample();
-        filter(&mut c, 0, 8);
+        filter(&mut c, 0, &flat(8));
         let e = find(&c, 0x8000_0008, 0);
         assert_eq!(e.ecx & 0xff, 7);
         assert_eq!((e.ecx >> 12) & 0xf, 3);
@@ -273,11 +335,70 @@ mod tests {
     }
 
     #[test]
-    fn core_bits() {
-        assert_eq!(core_id_bits(1), 0);
-        assert_eq!(core_id_bits(2), 1);
-        assert_eq!(core_id_bits(5), 3);
-        assert_eq!(core_id_bits(254), 8);
+    fn threads_and_packages_reach_every_leaf() {
+        // 2 threads × 2 cores × 1 die × 2 packages; vCPU 5 is thread 1 of core 0 of package 1.
+        let mut c = CpuId::from_entries(&[
+            entry(0x1, 0),
+            kvm_cpuid_entry2 {
+                eax: 1 << 5, // L1
+                ..entry(0x4, 0)
+            },
+            kvm_cpuid_entry2 {
+                eax: 3 << 5, // L3
+                ..entry(0x4, 3)
+            },
+            entry(0xb, 0),
+            entry(0x8000_0008, 0),
+            kvm_cpuid_entry2 {
+                eax: 3 << 5,
+                ..entry(0x8000_001d, 3)
+            },
+            kvm_cpuid_entry2 {
+                ebx: 0xdead_0000,
+                ..entry(0x8000_001e, 0)
+            },
+        ])
+        .unwrap();
+        let t = topo(2, 2, 1, 2);
+        assert_eq!(t.apic_id(5), 5);
+        filter(&mut c, 5, &t);
+        let e = find(&c, 1, 0);
+        assert_eq!((e.ebx >> 24, (e.ebx >> 16) & 0xff), (5, 4));
+        let smt = find(&c, 0xb, 0);
+        assert_eq!(
+            (smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff, smt.edx),
+            (1, 2, 1, 5)
+        );
+        let core = find(&c, 0xb, 1);
+        assert_eq!((core.eax, core.ebx, (core.ecx >> 8) & 0xff), (2, 4, 2));
+        assert_eq!((find(&c, 0xb, 2).ecx >> 8) & 0xff, LEVEL_TYPE_INVALID);
+        // Cores per package, and who shares a cache: a core's two threads L1, the package L3.
+        let l1 = find(&c, 0x4, 0).eax;
+        assert_eq!((l1 >> 26, (l1 >> 14) & 0xfff), (1, 1));
+        assert_eq!((find(&c, 0x4, 3).eax >> 14) & 0xfff, 3);
+        assert_eq!((find(&c, 0x8000_001d, 3).eax >> 14) & 0xfff, 3);
+        let amd = find(&c, 0x8000_001e, 0);
+        assert_eq!((amd.eax, amd.ebx, amd.ecx & 0xff), (5, 0xdead_0100, 1));
+        let sizes = find(&c, 0x8000_0008, 0).ecx;
+        assert_eq!((sizes & 0xff, (sizes >> 12) & 0xf), (3, 2));
+    }
+
+    #[test]
+    fn leaf_1f_has_a_die_level_when_there_are_dies() {
+        let mut c = CpuId::from_entries(&[entry(0xb, 0), entry(0x1f, 0)]).unwrap();
+        let t = topo(1, 2, 2, 1);
+        filter(&mut c, 3, &t);
+        let level = |leaf, i| {
+            let e = find(&c, leaf, i);
+            (e.eax, e.ebx, (e.ecx >> 8) & 0xff, e.edx)
+        };
+        assert_eq!(level(0x1f, 0), (0, 1, LEVEL_TYPE_SMT, 3));
+        assert_eq!(level(0x1f, 1), (1, 2, LEVEL_TYPE_CORE, 3));
+        assert_eq!(level(0x1f, 2), (2, 4, LEVEL_TYPE_DIE, 3));
+        assert_eq!(level(0x1f, 3).2, LEVEL_TYPE_INVALID);
+        // 0xB folds the dies into the core level.
+        assert_eq!(level(0xb, 1), (2, 4, LEVEL_TYPE_CORE, 3));
+        assert_eq!(level(0xb, 2).2, LEVEL_TYPE_INVALID);
     }
 
     #[test]

@@ -6,4 +6,5 @@ pub mod interrupts;
 pub mod kvm;
 pub mod memory;
 pub mod regs;
+pub mod topology;
 pub mod vcpu;

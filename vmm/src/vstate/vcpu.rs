@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::EntryPoint;
+use crate::vstate::topology::Topology;
 use crate::vstate::{cpuid, regs};
 
 /// Failures to create, configure or run a vCPU.
@@ -202,15 +203,17 @@ pub struct VcpuState {
 
 /// A KVM vCPU.
 pub struct Vcpu {
+    /// Its index among the VM's vCPUs (0 boots).
     id: u8,
     fd: VcpuFd,
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` (its APIC ID is the same number).
-    pub fn new(vm: &VmFd, id: u8) -> Result<Self, VcpuError> {
+    /// Creates vCPU `id` of `topology`; KVM's vCPU ID, and so its APIC ID, is the one the
+    /// topology gives it.
+    pub fn new(vm: &VmFd, id: u8, topology: &Topology) -> Result<Self, VcpuError> {
         let fd = vm
-            .create_vcpu(u64::from(id))
+            .create_vcpu(u64::from(topology.apic_id(id)))
             .map_err(|source| VcpuError::Create { id, source })?;
         Ok(Vcpu { id, fd })
     }
@@ -229,11 +232,11 @@ impl Vcpu {
     pub fn configure(
         &self,
         supported_cpuid: &CpuId,
-        vcpus: u8,
+        topology: &Topology,
         supported_msrs: &[u32],
     ) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
-        cpuid::filter(&mut cpuid, self.id, vcpus);
+        cpuid::filter(&mut cpuid, self.id, topology);
         self.fd.set_cpuid2(&cpuid).map_err(self.cfg_err("CPUID"))?;
 
         let msrs = regs::boot_msrs(supported_msrs);

@@ -58,6 +58,19 @@ impl Asm {
         self.0.extend([0x8b, 0x43, disp]);
         self
     }
+    /// `mov eax, leaf; mov ecx, subleaf; cpuid`
+    pub fn cpuid(mut self, leaf: u32, subleaf: u32) -> Self {
+        self = self.mov_eax(leaf);
+        self.0.push(0xb9);
+        self.0.extend(subleaf.to_le_bytes());
+        self.0.extend([0x0f, 0xa2]);
+        self
+    }
+    /// `mov eax, ebx`
+    pub fn mov_eax_ebx(mut self) -> Self {
+        self.0.extend([0x89, 0xd8]);
+        self
+    }
     /// `shr eax, n`
     pub fn shr_eax(mut self, n: u8) -> Self {
         self.0.extend([0xc1, 0xe8, n]);

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use vmm::config::{
-    ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, PlatformConfig, RngConfig, VmConfig,
-    MAX_VCPUS,
+    ConsoleConfig, CpuTopology, CpusConfig, MemoryConfig, PayloadConfig, PlatformConfig, RngConfig,
+    VmConfig, MAX_VCPUS,
 };
 
 mod disks;
@@ -132,10 +132,7 @@ const HARMLESS: &[(&str, &[&str])] = &[
         "spec.domain",
         &["machine", "features", "clock", "chassis", "ioThreadsPolicy"],
     ),
-    (
-        "spec.domain.resources",
-        &["overcommitGuestOverhead", "limits"],
-    ),
+    ("spec.domain.resources", &["overcommitGuestOverhead"]),
     (
         "spec.domain.devices",
         &[
@@ -283,10 +280,7 @@ impl Translator<'_> {
         Launch {
             config: VmConfig {
                 payload,
-                cpus: CpusConfig {
-                    boot_vcpus: vcpus,
-                    max_vcpus: None,
-                },
+                cpus: vcpus,
                 memory: MemoryConfig { size: memory },
                 serial: ConsoleConfig::Tty,
                 disks,
@@ -304,33 +298,78 @@ impl Translator<'_> {
         }
     }
 
-    fn vcpus(&mut self, vmi: &Vmi) -> u8 {
-        let Some(cpu) = &vmi.spec.domain.cpu else {
-            return 1;
-        };
-        self.rest("spec.domain.cpu", "spec.domain.cpu", &cpu.rest);
-        if let Some(model) = cpu.model.as_deref() {
-            if model != "host-passthrough" && model != "host-model" {
-                self.warnings.push(format!(
-                    "spec.domain.cpu.model: '{model}' ignored: the guest sees the host's CPU \
-                     (host-passthrough)"
-                ));
+    /// The vCPUs and their topology: `cpu.sockets` × `cpu.cores` × `cpu.threads`; without
+    /// sockets and cores, as KubeVirt does, as many sockets as the CPU limit (or request)
+    /// counts whole CPUs.
+    fn vcpus(&mut self, vmi: &Vmi) -> CpusConfig {
+        let domain = &vmi.spec.domain;
+        let cpu = domain.cpu.as_ref();
+        if let Some(cpu) = cpu {
+            self.rest("spec.domain.cpu", "spec.domain.cpu", &cpu.rest);
+            if let Some(model) = cpu.model.as_deref() {
+                if model != "host-passthrough" && model != "host-model" {
+                    self.warnings.push(format!(
+                        "spec.domain.cpu.model: '{model}' ignored: the guest sees the host's CPU \
+                         (host-passthrough)"
+                    ));
+                }
             }
         }
-        let count = [cpu.cores, cpu.sockets, cpu.threads]
-            .iter()
-            .map(|n| u64::from(n.unwrap_or(1)))
-            .product::<u64>();
-        match u8::try_from(count) {
+        let (mut cores, mut sockets, threads) = cpu
+            .map(|c| (c.cores, c.sockets, c.threads))
+            .unwrap_or_default();
+        if cores.is_none() && sockets.is_none() {
+            let resources = domain.resources.as_ref();
+            let counted = ["limits", "requests"].into_iter().find_map(|kind| {
+                let map = resources.map(|r| {
+                    if kind == "limits" {
+                        &r.limits
+                    } else {
+                        &r.requests
+                    }
+                })?;
+                let value = map.get("cpu")?;
+                let path = format!("spec.domain.resources.{kind}.cpu");
+                match quantity::cpus(value).and_then(|n| u32::try_from(n).ok()) {
+                    Some(n) => Some(n.max(1)),
+                    None => {
+                        self.error(
+                            &path,
+                            format!("{value} is not a CPU quantity (e.g. 2, 500m)"),
+                        );
+                        Some(1)
+                    }
+                }
+            });
+            sockets = counted;
+            cores = Some(1);
+        }
+        let [cores, sockets, threads] = [cores, sockets, threads].map(|n| n.unwrap_or(1));
+        let count = u64::from(cores) * u64::from(sockets) * u64::from(threads);
+        let boot = match u8::try_from(count) {
             Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
             _ => {
                 self.error(
                     "spec.domain.cpu",
                     format!("cores × sockets × threads is {count}; podvisor runs 1 to {MAX_VCPUS} vCPUs"),
                 );
-                1
+                return CpusConfig::new(1);
             }
+        };
+        let config = CpusConfig {
+            boot_vcpus: boot,
+            max_vcpus: None,
+            topology: Some(CpuTopology {
+                threads_per_core: threads as u8,
+                cores_per_die: cores as u8,
+                dies_per_package: 1,
+                packages: sockets as u8,
+            }),
+        };
+        if let Err(e) = config.validate() {
+            self.error("spec.domain.cpu", e);
         }
+        config
     }
 
     fn memory(&mut self, vmi: &Vmi) -> u64 {
@@ -364,6 +403,12 @@ impl Translator<'_> {
                 "spec.domain.resources",
                 &resources.rest,
             );
+            for key in resources.limits.keys().filter(|k| *k != "cpu") {
+                self.warnings.push(format!(
+                    "spec.domain.resources.limits.{key}: ignored (a limit of the pod, not the \
+                     guest's size)"
+                ));
+            }
             if guest.is_none() {
                 guest = resources
                     .requests
@@ -411,7 +456,7 @@ impl Translator<'_> {
         if let Some(uuid) = firmware
             .uuid
             .as_deref()
-            .filter(|u| vmm::boot::smbios::parse_uuid(u).is_err())
+            .filter(|u| vmm::boot::smbios::parse_uuid(u).is_none())
         {
             self.error(
                 "spec.domain.firmware.uuid",

@@ -1,6 +1,7 @@
 //! Builds the tables into guest memory and parses them back.
 
 use super::*;
+use crate::config::CpuTopology;
 use devices::GuestMemoryMmap;
 
 const FADT_FLAGS: usize = 112;
@@ -64,7 +65,7 @@ struct Tables {
 /// Builds the tables for `vcpus` in 2 MiB of guest memory and parses them back.
 fn build(vcpus: u8) -> Tables {
     let mem = memory(2 << 20);
-    let rsdp_addr = create_acpi_tables(&mem, &AcpiConfig { vcpus }).unwrap();
+    let rsdp_addr = create_acpi_tables(&mem, &AcpiConfig::new(&CpusConfig::new(vcpus))).unwrap();
     assert_eq!(rsdp_addr, GuestAddress(layout::RSDP_START));
 
     let rsdp = read(&mem, rsdp_addr.0, 36);
@@ -228,6 +229,43 @@ fn madt_lists_every_vcpu_and_the_ioapic() {
 }
 
 #[test]
+fn madt_numbers_apics_by_the_topology() {
+    let mem = memory(2 << 20);
+    // 2 threads × 3 cores: the core number starts at bit 1 and takes two bits.
+    let mut cpus = CpusConfig::new(6);
+    cpus.topology = Some(CpuTopology {
+        threads_per_core: 2,
+        cores_per_die: 3,
+        dies_per_package: 1,
+        packages: 1,
+    });
+    create_acpi_tables(&mem, &AcpiConfig::new(&cpus)).unwrap();
+    let rsdp = read(&mem, layout::RSDP_START, 36);
+    let xsdt = table(&mem, u64_at(&rsdp, 24), b"XSDT");
+    let madt = table(&mem, u64_at(&xsdt, 44), b"APIC");
+    let ids: Vec<(u8, u8)> = madt_structures(&madt)
+        .iter()
+        .filter(|(kind, _)| *kind == 0)
+        .map(|(_, s)| (s[2], s[3]))
+        .collect();
+    assert_eq!(ids, [(0, 0), (1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]);
+    cpus.topology = Some(CpuTopology {
+        threads_per_core: 1,
+        cores_per_die: 3,
+        dies_per_package: 1,
+        packages: 2,
+    });
+    create_acpi_tables(&mem, &AcpiConfig::new(&cpus)).unwrap();
+    let madt = table(&mem, u64_at(&xsdt, 44), b"APIC");
+    let ids: Vec<u8> = madt_structures(&madt)
+        .iter()
+        .filter(|(kind, _)| *kind == 0)
+        .map(|(_, s)| s[3])
+        .collect();
+    assert_eq!(ids, [0, 1, 2, 4, 5, 6], "package 1 starts at APIC ID 4");
+}
+
+#[test]
 fn dsdt_has_s5_and_the_legacy_devices() {
     let dsdt = build(4).dsdt;
     // Name (_S5_, Package (4) { 5, 0, 0, 0 })
@@ -252,7 +290,7 @@ fn dsdt_has_s5_and_the_legacy_devices() {
 #[test]
 fn memory_ending_below_the_acpi_area_is_an_error() {
     let mem = memory(layout::RSDP_START);
-    let err = create_acpi_tables(&mem, &AcpiConfig { vcpus: 1 }).unwrap_err();
+    let err = create_acpi_tables(&mem, &AcpiConfig::new(&CpusConfig::new(1))).unwrap_err();
     assert!(
         matches!(err, AcpiError::NotInGuestMemory { start, .. } if start == layout::RSDP_START),
         "{err}"
@@ -262,7 +300,7 @@ fn memory_ending_below_the_acpi_area_is_an_error() {
 #[test]
 fn memory_ending_inside_the_acpi_area_is_an_error_and_untouched() {
     let mem = memory(layout::RSDP_START + 0x100);
-    let err = create_acpi_tables(&mem, &AcpiConfig { vcpus: 1 }).unwrap_err();
+    let err = create_acpi_tables(&mem, &AcpiConfig::new(&CpusConfig::new(1))).unwrap_err();
     assert!(matches!(err, AcpiError::NotInGuestMemory { .. }), "{err}");
     assert!(read(&mem, layout::RSDP_START, 0x100)
         .iter()
@@ -272,7 +310,7 @@ fn memory_ending_inside_the_acpi_area_is_an_error_and_untouched() {
 #[test]
 fn zero_vcpus_is_an_error() {
     let mem = memory(2 << 20);
-    let err = create_acpi_tables(&mem, &AcpiConfig { vcpus: 0 }).unwrap_err();
+    let err = create_acpi_tables(&mem, &AcpiConfig::new(&CpusConfig::new(0))).unwrap_err();
     assert!(matches!(err, AcpiError::NoVcpus), "{err}");
 }
 
