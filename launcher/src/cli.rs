@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{
-    parse_size, ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    PlatformConfig, RngConfig, VmConfig,
+    ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, PlatformConfig,
+    RngConfig, VmConfig,
 };
 
 /// Default kernel command line when none is given.
@@ -123,8 +123,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "N|boot=N,topology=T:C:D:P", default_value = "1",
           value_parser = |s: &str| CpusConfig::parse(s).map_err(|e| e.to_string()))]
     pub cpus: CpusConfig,
-    /// Guest RAM, e.g. 512M or 2G (a bare number is MiB).
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    /// Guest RAM, e.g. 512M or 2G (a bare number is MiB); or
+    /// size=SIZE[,hugepages=on][,hugepage_size=2M|1G] for the host's reserved huge pages.
+    #[arg(long, value_name = "SIZE|size=SIZE,...", default_value = "512M")]
     pub memory: String,
     /// Where COM1 goes: stdio (output to stdout, input from stdin), file=PATH,
     /// socket=PATH (attach with `podvisor ctl console`), or off.
@@ -191,7 +192,6 @@ impl RunArgs {
 impl RunArgs {
     /// The VM these flags describe.
     pub fn to_config(&self) -> Result<VmConfig, String> {
-        let size = parse_size(&self.memory).map_err(|e| format!("--memory: {e}"))?;
         Ok(VmConfig {
             payload: PayloadConfig {
                 kernel: self.kernel.clone().unwrap_or_default(),
@@ -199,7 +199,7 @@ impl RunArgs {
                 cmdline: self.cmdline.clone(),
             },
             cpus: self.cpus.clone(),
-            memory: MemoryConfig { size },
+            memory: MemoryConfig::parse(&self.memory).map_err(|e| e.to_string())?,
             serial: parse_serial(&self.serial)?,
             disks: self
                 .disk

@@ -36,7 +36,7 @@ pub fn build(
     console: &Console,
     backends: &Backends,
 ) -> Result<Vm, Error> {
-    let memory = memory::create_guest_memory(config.memory.size)?;
+    let memory = memory::create_guest_memory(&config.memory)?;
     build_on(kvm, template, config, console, backends, memory)
 }
 

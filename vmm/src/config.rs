@@ -188,8 +188,79 @@ impl CpusConfig {
 /// Guest RAM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryConfig {
-    /// Bytes; a multiple of 4 KiB.
+    /// Bytes; a multiple of 4 KiB (of the huge page size with `hugepages`).
     pub size: u64,
+    /// Back guest RAM with the host's reserved huge pages (hugetlbfs), not ordinary memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hugepages: bool,
+    /// Their size in bytes, 2 MiB or 1 GiB; without it, the host's default huge page size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepage_size: Option<u64>,
+}
+
+/// Huge page sizes x86_64 hosts have.
+pub const HUGEPAGE_SIZES: [u64; 2] = [2 << 20, 1 << 30];
+
+impl MemoryConfig {
+    /// `size` bytes of ordinary memory.
+    pub fn new(size: u64) -> Self {
+        MemoryConfig {
+            size,
+            hugepages: false,
+            hugepage_size: None,
+        }
+    }
+
+    /// Parses the CLI's `--memory`: `SIZE`, or `size=SIZE[,hugepages=on]
+    /// [,hugepage_size=2M|1G]` (as Cloud Hypervisor's).
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let what = "--memory";
+        if !s.contains('=') {
+            return parse_size(s)
+                .map(MemoryConfig::new)
+                .map_err(|e| ConfigError::Options(format!("{what}: {e}")));
+        }
+        let mut size = None;
+        let mut memory = MemoryConfig::new(0);
+        for (key, value) in parse_options(what, s, &["size", "hugepages", "hugepage_size"])? {
+            let bytes = |v: &str| {
+                parse_size(v).map_err(|e| ConfigError::Options(format!("{what}: {key}=: {e}")))
+            };
+            match key {
+                "size" => size = Some(bytes(value)?),
+                "hugepages" => memory.hugepages = parse_on_off(what, key, value)?,
+                _ => memory.hugepage_size = Some(bytes(value)?),
+            }
+        }
+        memory.size =
+            size.ok_or_else(|| ConfigError::Options(format!("{what}: size=SIZE is required")))?;
+        Ok(memory)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.size < MIN_MEMORY_BYTES {
+            return Err(ConfigError::MemoryTooSmall(self.size));
+        }
+        if !self.size.is_multiple_of(4096) {
+            return Err(ConfigError::MemoryUnaligned(self.size));
+        }
+        match (self.hugepages, self.hugepage_size) {
+            (false, Some(_)) => Err(ConfigError::Hugepages(
+                "hugepage_size is given without hugepages".into(),
+            )),
+            (true, Some(page)) if !HUGEPAGE_SIZES.contains(&page) => Err(ConfigError::Hugepages(
+                format!("hugepage_size {page} is not 2 MiB or 1 GiB"),
+            )),
+            (true, Some(page)) if !self.size.is_multiple_of(page) => {
+                Err(ConfigError::Hugepages(format!(
+                    "size {} MiB is not a multiple of the {} MiB huge pages",
+                    self.size >> 20,
+                    page >> 20
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Where COM1's output goes and whether it takes input. In JSON, Cloud Hypervisor's shape:
@@ -501,6 +572,8 @@ pub enum ConfigError {
     Platform(String),
     #[error("cpus: topology: {0}")]
     Topology(String),
+    #[error("memory: {0}")]
+    Hugepages(String),
     #[error("{0}")]
     Options(String),
 }
@@ -517,12 +590,7 @@ impl VmConfig {
                 return Err(ConfigError::VirtioConsole(console.mode.clone()));
             }
         }
-        if self.memory.size < MIN_MEMORY_BYTES {
-            return Err(ConfigError::MemoryTooSmall(self.memory.size));
-        }
-        if !self.memory.size.is_multiple_of(4096) {
-            return Err(ConfigError::MemoryUnaligned(self.memory.size));
-        }
+        self.memory.validate()?;
         if self.payload.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.payload.cmdline.len()));
         }
@@ -726,7 +794,7 @@ mod tests {
                 cmdline: "console=ttyS0".into(),
             },
             cpus: CpusConfig::new(2),
-            memory: MemoryConfig { size: 512 << 20 },
+            memory: MemoryConfig::new(512 << 20),
             serial: ConsoleConfig::Tty,
             disks: Vec::new(),
             net: Vec::new(),
@@ -888,6 +956,53 @@ mod tests {
         let mut c = config();
         c.payload.cmdline = "x".repeat(4000);
         assert_eq!(c.validate(), Err(ConfigError::CmdlineTooLong(4000)));
+    }
+
+    #[test]
+    fn memory_options() {
+        assert_eq!(
+            MemoryConfig::parse("1G").unwrap(),
+            MemoryConfig::new(1 << 30)
+        );
+        let m = MemoryConfig::parse("size=2G,hugepages=on,hugepage_size=1G").unwrap();
+        assert_eq!(
+            (m.size, m.hugepages, m.hugepage_size),
+            (2 << 30, true, Some(1 << 30))
+        );
+        m.validate().unwrap();
+        let m = MemoryConfig::parse("size=512M,hugepages=on").unwrap();
+        assert_eq!((m.hugepages, m.hugepage_size), (true, None));
+        m.validate().unwrap();
+        for bad in [
+            "size=1G,hugepages=maybe",
+            "hugepages=on",
+            "12Q",
+            "size=1G,thp=on",
+        ] {
+            assert!(MemoryConfig::parse(bad).is_err(), "{bad}");
+        }
+        for (bad, why) in [
+            ("size=1G,hugepage_size=2M", "without hugepages"),
+            (
+                "size=1G,hugepages=on,hugepage_size=4M",
+                "not 2 MiB or 1 GiB",
+            ),
+            ("size=1536M,hugepages=on,hugepage_size=1G", "not a multiple"),
+        ] {
+            match MemoryConfig::parse(bad).unwrap().validate() {
+                Err(ConfigError::Hugepages(m)) => assert!(m.contains(why), "{bad}: {m}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        // JSON as Cloud Hypervisor writes it; ordinary memory writes no hugepage fields.
+        let m: MemoryConfig =
+            serde_json::from_str(r#"{"size":2097152000,"hugepages":true,"hugepage_size":2097152}"#)
+                .unwrap();
+        assert_eq!(m.hugepage_size, Some(2 << 20));
+        assert_eq!(
+            serde_json::to_string(&MemoryConfig::new(1 << 30)).unwrap(),
+            r#"{"size":1073741824}"#
+        );
     }
 
     #[test]

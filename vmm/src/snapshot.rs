@@ -636,7 +636,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let size = 3 * CHUNK;
-        let memory = create_guest_memory(size).unwrap();
+        let memory = create_guest_memory(&crate::config::MemoryConfig::new(size)).unwrap();
         let marks = [
             (0x1234u64, 0xa5u8),
             (CHUNK + 7 * PIECE as u64, 0x5a),
@@ -661,7 +661,7 @@ mod tests {
             "memory.bin is not sparse"
         );
 
-        let copy = create_guest_memory(size).unwrap();
+        let copy = create_guest_memory(&crate::config::MemoryConfig::new(size)).unwrap();
         load_memory(&dir, &section, &copy).unwrap();
         for &(gpa, byte) in &marks {
             assert_eq!(copy.read_obj::<u8>(GuestAddress(gpa)).unwrap(), byte);
@@ -680,7 +680,12 @@ mod tests {
             .unwrap();
         file.write_all_at(&[0x77], CHUNK + 7 * PIECE as u64)
             .unwrap();
-        let err = load_memory(&dir, &section, &create_guest_memory(size).unwrap()).unwrap_err();
+        let err = load_memory(
+            &dir,
+            &section,
+            &create_guest_memory(&crate::config::MemoryConfig::new(size)).unwrap(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

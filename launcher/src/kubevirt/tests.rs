@@ -205,6 +205,33 @@ fn memory_from_requests_cpu_topology_and_defaults() {
 }
 
 #[test]
+fn hugepages_back_the_guest_memory() {
+    let vmi = |memory: &str| {
+        launch(&format!(
+            r#"{{"metadata": {{"name": "h"}},
+                "spec": {{"domain": {{"memory": {memory},
+                                    "firmware": {{"kernelBoot": {{"container": {{
+                                        "image": "k", "kernelPath": "/vmlinux"}}}}}}}}}}}}"#
+        ))
+    };
+    let m = vmi(r#"{"guest": "1Gi", "hugepages": {"pageSize": "2Mi"}}"#)
+        .unwrap()
+        .config
+        .memory;
+    assert_eq!(
+        (m.size, m.hugepages, m.hugepage_size),
+        (1 << 30, true, Some(2 << 20))
+    );
+    let errs = vmi(r#"{"guest": "1536Mi", "hugepages": {"pageSize": "1Gi"}}"#).unwrap_err();
+    assert_all_start(
+        &errs,
+        &["spec.domain.memory.guest: 1536 MiB is not a whole number of 1024 MiB huge pages"],
+    );
+    let errs = vmi(r#"{"guest": "1Gi", "hugepages": {}}"#).unwrap_err();
+    assert_all_start(&errs, &["spec.domain.memory.hugepages.pageSize: missing"]);
+}
+
+#[test]
 fn without_sockets_and_cores_the_cpu_limit_counts_sockets() {
     let vmi = |resources: &str, cpu: &str| {
         launch(&format!(
@@ -255,7 +282,7 @@ metadata: {name: Bad_Name}
 spec:
   domain:
     cpu: {cores: 300}
-    memory: {guest: 16Mi, hugepages: {pageSize: 2Mi}}
+    memory: {guest: 16Mi, hugepages: {pageSize: 4Mi}}
     firmware:
       uuid: 5d307ca9-b3ef-428c-8861
       bootloader: {efi: {}}
@@ -296,7 +323,7 @@ spec:
         "metadata.name: 'Bad_Name' is not a DNS label",
         "spec.domain.cpu: cores × sockets × threads is 300",
         "spec.domain.memory.guest: 16777216 bytes; podvisor needs at least 32 MiB",
-        "spec.domain.memory.hugepages: guest memory on 2Mi huge pages",
+        "spec.domain.memory.hugepages.pageSize: 4Mi is not 2Mi or 1Gi",
         "spec.domain.firmware.bootloader: not supported by podvisor",
         "spec.domain.firmware.uuid: '5d307ca9-b3ef-428c-8861' is not a UUID",
         "spec.domain.firmware.kernelBoot.container.kernelPath: '../etc/shadow' must be an absolute path",

@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn sendfile_lands_in_guest_memory_at_the_right_place() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = create_guest_memory(&crate::config::MemoryConfig::new(16 << 20)).unwrap();
         let data: Vec<u8> = (0..3 * 4096 + 123).map(|i| (i * 7 + 3) as u8).collect();
         let mut src = PayloadFile::with_sendfile(payload(&data), &mem, true);
         // Skip a header the way a loader seeks to a segment.
@@ -332,7 +332,7 @@ mod tests {
     #[test]
     fn large_segments_load_in_parallel_and_land_exactly() {
         let data = large_payload();
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(&crate::config::MemoryConfig::new(64 << 20)).unwrap();
         let mut src = PayloadFile::with_sendfile(payload(&data), &mem, false);
         src.seek(SeekFrom::Start(PAGE as u64 + 5)).unwrap();
         let want = data.len() - PAGE - 5;
@@ -352,7 +352,7 @@ mod tests {
     #[test]
     fn large_read_past_the_end_stops_at_the_end() {
         let data = large_payload();
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(&crate::config::MemoryConfig::new(64 << 20)).unwrap();
         let mut src = PayloadFile::with_sendfile(payload(&data), &mem, false);
         let mut slice = mem
             .get_slice(GuestAddress(0), data.len() + 4 * SHARE_ALIGN)
@@ -366,7 +366,7 @@ mod tests {
 
     #[test]
     fn short_file_reads_what_is_there() {
-        let mem = create_guest_memory(4 << 20).unwrap();
+        let mem = create_guest_memory(&crate::config::MemoryConfig::new(4 << 20)).unwrap();
         let mut src = PayloadFile::with_sendfile(payload(b"abc"), &mem, true);
         let mut slice = mem.get_slice(GuestAddress(0x1000), 4096).unwrap();
         assert_eq!(src.read_volatile(&mut slice).unwrap(), 3);

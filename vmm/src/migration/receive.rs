@@ -90,7 +90,7 @@ fn receive_on(
         let memfd = stream.recv_file()?;
         memory::guest_memory_from_memfd(&memfd, config.memory.size)
     } else {
-        memory::create_guest_memory(config.memory.size)
+        memory::create_guest_memory(&config.memory)
     }
     .map_err(|e| MigrationError::Vm(e.to_string()))?;
     let console = Console::new(&config.serial).map_err(|e| failed("the console")(e.into()))?;
@@ -265,7 +265,8 @@ mod tests {
 
     #[test]
     fn memory_arrives_straight_in_and_damage_is_refused() {
-        let memory = memory::create_guest_memory(8 << 20).unwrap();
+        let memory =
+            memory::create_guest_memory(&crate::config::MemoryConfig::new(8 << 20)).unwrap();
         memory
             .write_slice(&[9u8; 4096], GuestAddress(0x4000))
             .unwrap();

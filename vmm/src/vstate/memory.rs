@@ -9,6 +9,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress};
 
+use crate::config::MemoryConfig;
 use crate::layout::{FOUR_GIB, MMIO_HOLE_START};
 
 /// Failures to provide guest RAM.
@@ -39,6 +40,9 @@ pub enum MemoryError {
     /// A guest memory file handed over by another VMM does not fit.
     #[error("the guest memory file handed over {0}")]
     Handed(String),
+    /// The host cannot give the huge pages asked for.
+    #[error("guest memory on huge pages: {0}")]
+    HugePages(String),
 }
 
 /// The guest-physical RAM ranges for `size` bytes of RAM: below the 32-bit MMIO hole, then the
@@ -82,11 +86,15 @@ pub fn check_host_capacity(size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
-fn memfd(name: &std::ffi::CStr) -> Result<File, MemoryError> {
+/// A new memfd; on hugetlbfs when `huge_page` (bytes) is given.
+fn memfd(name: &std::ffi::CStr, huge_page: Option<u64>) -> Result<File, MemoryError> {
+    let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    if let Some(page) = huge_page {
+        flags |= libc::MFD_HUGETLB | (page.trailing_zeros() << libc::MFD_HUGE_SHIFT);
+    }
     // SAFETY: `name` is a valid NUL-terminated string and the flags are valid; the returned
     // descriptor is checked before use.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }
@@ -185,12 +193,65 @@ fn seals(file: &File) -> std::io::Result<libc::c_int> {
     Ok(seals)
 }
 
-/// Creates `size` bytes of zeroed, memfd-backed guest RAM laid out by [`ram_ranges`]. The
-/// memfd is sealed at its size, so that it can be handed to another VMM ([`memfd_of`]).
-pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+/// The huge page size `config` asks for (its own, or the host's default), None for ordinary
+/// memory; checks that the RAM is a whole number of them and that the host has that many
+/// free.
+fn huge_page_size(config: &MemoryConfig) -> Result<Option<u64>, MemoryError> {
+    if !config.hugepages {
+        return Ok(None);
+    }
+    let page = match config.hugepage_size {
+        Some(page) => page,
+        None => std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Hugepagesize:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb << 10)
+            .ok_or_else(|| {
+                MemoryError::HugePages(
+                    "the host has no huge pages (no Hugepagesize in /proc/meminfo)".into(),
+                )
+            })?,
+    };
+    let mib = page >> 20;
+    if page == 0 || !config.size.is_multiple_of(page) {
+        return Err(MemoryError::HugePages(format!(
+            "{} MiB is not a whole number of {mib} MiB pages",
+            config.size >> 20
+        )));
+    }
+    let dir = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page >> 10);
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{dir}/{name}"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let (Some(free), Some(reserved)) = (read("free_hugepages"), read("resv_hugepages")) else {
+        return Err(MemoryError::HugePages(format!(
+            "the host has no {mib} MiB huge pages ({dir} is missing)"
+        )));
+    };
+    let needed = config.size / page;
+    let available = free.saturating_sub(reserved);
+    if needed > available {
+        return Err(MemoryError::HugePages(format!(
+            "{needed} pages of {mib} MiB are needed and the host has {available} free \
+             (reserve more in {dir}/nr_hugepages)"
+        )));
+    }
+    Ok(Some(page))
+}
+
+/// Creates the zeroed, memfd-backed guest RAM `config` asks for (ordinary memory, or the
+/// host's huge pages), laid out by [`ram_ranges`]. The memfd is sealed at its size, so that it
+/// can be handed to another VMM ([`memfd_of`]).
+pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap, MemoryError> {
+    let size = config.size;
     check_host_capacity(size)?;
-    let file = memfd(c"podvisor-guest-ram")?;
-    if !shmem_huge_pages() {
+    let huge_page = huge_page_size(config)?;
+    let file = memfd(c"podvisor-guest-ram", huge_page)?;
+    if huge_page.is_none() && !shmem_huge_pages() {
         tracing::info!(
             "guest RAM on 4 KiB pages: the host's \
              /sys/kernel/mm/transparent_hugepage/shmem_enabled does not allow huge pages \
@@ -235,8 +296,26 @@ pub fn memfd_of(memory: &GuestMemoryMmap) -> Option<&File> {
         .map(|f| f.file())
 }
 
+/// Whether `file` lives on hugetlbfs (its pages are the host's reserved huge pages).
+pub fn is_hugetlb(file: &File) -> bool {
+    const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `st`, which outlives the call, about a descriptor `file` owns.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type as libc::c_long == HUGETLBFS_MAGIC
+}
+
 /// Maps `file` (`size` bytes) as guest RAM laid out by [`ram_ranges`].
 fn map_guest_memory(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    // Huge pages are reserved when mapped (so a host that runs short refuses here instead of
+    // killing the guest at its first touch); ordinary memory is allocated as the guest writes.
+    let hugetlb = is_hugetlb(file);
+    let flags = if hugetlb {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_SHARED | libc::MAP_NORESERVE
+    };
     let mut regions = Vec::new();
     let mut offset = 0;
     for (addr, len) in ram_ranges(size) {
@@ -245,10 +324,12 @@ fn map_guest_memory(file: &File, size: u64) -> Result<GuestMemoryMmap, MemoryErr
             Some(file_offset),
             len as usize,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            flags,
         )
         .map_err(|source| MemoryError::Mmap { size: len, source })?;
-        advise_huge_pages(&mapping);
+        if !hugetlb {
+            advise_huge_pages(&mapping);
+        }
         regions.push(
             GuestRegionMmap::new(mapping, addr).ok_or_else(|| {
                 MemoryError::Regions(format!("region at {:#x} overflows", addr.0))
@@ -283,8 +364,54 @@ mod tests {
     }
 
     #[test]
+    fn huge_pages_come_from_the_hosts_reserve_or_are_refused_clearly() {
+        let config = |size: u64, page: Option<u64>| MemoryConfig {
+            size,
+            hugepages: true,
+            hugepage_size: page,
+        };
+        let err = create_guest_memory(&config(1536 << 20, Some(1 << 30))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "guest memory on huge pages: 1536 MiB is not a whole number of 1024 MiB pages"
+        );
+        // As many 2 MiB pages as this host has free decides which answer is right.
+        let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+        let read = |name: &str| -> u64 {
+            std::fs::read_to_string(format!("{dir}/{name}"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0)
+        };
+        let available = read("free_hugepages") - read("resv_hugepages");
+        match create_guest_memory(&config(64 << 20, Some(2 << 20))) {
+            Ok(mem) => {
+                assert!(
+                    available >= 32,
+                    "{available} free pages, yet 32 were mapped"
+                );
+                assert!(is_hugetlb(memfd_of(&mem).unwrap()));
+                mem.write_obj(7u64, GuestAddress(0x20_0000)).unwrap();
+                assert_eq!(mem.read_obj::<u64>(GuestAddress(0x20_0000)).unwrap(), 7);
+            }
+            Err(e) => {
+                assert!(available < 32, "{available} free pages, yet: {e}");
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "guest memory on huge pages: 32 pages of 2 MiB are needed and the host \
+                         has {available} free (reserve more in {dir}/nr_hugepages)"
+                    )
+                );
+            }
+        }
+        assert!(!is_hugetlb(
+            memfd_of(&create_guest_memory(&MemoryConfig::new(64 << 20)).unwrap()).unwrap()
+        ));
+    }
+
+    #[test]
     fn memory_is_memfd_backed_and_usable() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(&crate::config::MemoryConfig::new(64 << 20)).unwrap();
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .unwrap();
@@ -298,7 +425,7 @@ mod tests {
 
     #[test]
     fn only_written_pages_are_data() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(&crate::config::MemoryConfig::new(64 << 20)).unwrap();
         let region = mem.iter().next().unwrap();
         assert!(data_ranges(region).is_empty(), "fresh memory is all hole");
         mem.write_obj(1u8, GuestAddress(0x30_0000)).unwrap();
@@ -313,7 +440,7 @@ mod tests {
 
     #[test]
     fn memory_handed_over_is_the_same_pages_and_must_fit() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = create_guest_memory(&crate::config::MemoryConfig::new(64 << 20)).unwrap();
         let file = memfd_of(&mem).unwrap();
         let other = guest_memory_from_memfd(file, 64 << 20).unwrap();
         mem.write_obj(0x5au8, GuestAddress(0x12_3456)).unwrap();
@@ -323,7 +450,7 @@ mod tests {
         let err = guest_memory_from_memfd(file, 128 << 20).unwrap_err();
         assert!(err.to_string().contains("holds 67108864 bytes"), "{err}");
         // A file that could shrink is refused.
-        let loose = memfd(c"test-unsealed").unwrap();
+        let loose = memfd(c"test-unsealed", None).unwrap();
         loose.set_len(64 << 20).unwrap();
         let err = guest_memory_from_memfd(&loose, 64 << 20).unwrap_err();
         assert!(err.to_string().contains("not sealed"), "{err}");

@@ -231,7 +231,7 @@ pub fn config(kernel: &Path, serial: &Path, vcpus: u8) -> VmConfig {
             cmdline: String::new(),
         },
         cpus: CpusConfig::new(vcpus),
-        memory: MemoryConfig { size: 64 << 20 },
+        memory: MemoryConfig::new(64 << 20),
         serial: ConsoleConfig::File(serial.to_owned()),
         disks: Vec::new(),
         net: Vec::new(),

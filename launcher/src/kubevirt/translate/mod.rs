@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use vmm::config::{
     ConsoleConfig, CpuTopology, CpusConfig, MemoryConfig, PayloadConfig, PlatformConfig, RngConfig,
-    VmConfig, MAX_VCPUS,
+    VmConfig, HUGEPAGE_SIZES, MAX_VCPUS,
 };
 
 mod disks;
@@ -281,7 +281,7 @@ impl Translator<'_> {
             config: VmConfig {
                 payload,
                 cpus: vcpus,
-                memory: MemoryConfig { size: memory },
+                memory,
                 serial: ConsoleConfig::Tty,
                 disks,
                 net: Vec::new(),
@@ -372,9 +372,11 @@ impl Translator<'_> {
         config
     }
 
-    fn memory(&mut self, vmi: &Vmi) -> u64 {
+    /// Guest RAM: `memory.guest` or the memory request, on the spec's huge pages if any.
+    fn memory(&mut self, vmi: &Vmi) -> MemoryConfig {
         let domain = &vmi.spec.domain;
         let mut guest = None;
+        let mut hugepage_size = None;
         if let Some(memory) = &domain.memory {
             self.rest("spec.domain.memory", "spec.domain.memory", &memory.rest);
             if let Some(hp) = &memory.hugepages {
@@ -383,14 +385,18 @@ impl Translator<'_> {
                     "spec.domain.memory.hugepages",
                     &hp.rest,
                 );
-                self.error(
-                    "spec.domain.memory.hugepages",
-                    format!(
-                        "guest memory on {} huge pages (hugetlbfs) is not supported yet; \
-                         podvisor asks for transparent huge pages on its own",
-                        hp.page_size.as_deref().unwrap_or("?")
-                    ),
-                );
+                let path = "spec.domain.memory.hugepages.pageSize";
+                match hp
+                    .page_size
+                    .as_ref()
+                    .map(|q| (q, quantity::bytes(&serde_json::Value::String(q.clone()))))
+                {
+                    Some((_, Some(size))) if HUGEPAGE_SIZES.contains(&size) => {
+                        hugepage_size = Some(size)
+                    }
+                    Some((q, _)) => self.error(path, format!("{q} is not 2Mi or 1Gi")),
+                    None => self.error(path, "missing (2Mi or 1Gi)"),
+                }
             }
             guest = memory
                 .guest
@@ -421,9 +427,9 @@ impl Translator<'_> {
                 "spec.domain.memory.guest",
                 "no guest memory: set it, or spec.domain.resources.requests.memory",
             );
-            return 0;
+            return MemoryConfig::new(0);
         };
-        match quantity::bytes(quantity) {
+        let size = match quantity::bytes(quantity) {
             // libvirt and QEMU take memory in whole MiB as well: round up.
             Some(bytes) if bytes >= vmm::config::MIN_MEMORY_BYTES => bytes.div_ceil(1 << 20) << 20,
             Some(bytes) => {
@@ -443,6 +449,21 @@ impl Translator<'_> {
                 );
                 0
             }
+        };
+        if let Some(page) = hugepage_size.filter(|&p| size > 0 && !size.is_multiple_of(p)) {
+            self.error(
+                path,
+                format!(
+                    "{} MiB is not a whole number of {} MiB huge pages",
+                    size >> 20,
+                    page >> 20
+                ),
+            );
+        }
+        MemoryConfig {
+            size,
+            hugepages: hugepage_size.is_some(),
+            hugepage_size,
         }
     }
 
