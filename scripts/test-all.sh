@@ -12,6 +12,8 @@ pv_qemu
 pv_need qemu-img:qemu-utils qemu-io:qemu-utils
 # The cloud-init seed disks are read back with libarchive (their Joliet names) and blkid.
 pv_need bsdtar:libarchive-tools blkid:util-linux
+# The launcher's container image is built and run with Debian's podman (crun runs it).
+pv_need podman:podman crun:crun
 if ! pv_hw_kvm; then
     vfsd="$(pv_virtiofsd)"
     pv_say "test host: $(qemu-system-x86_64 --version | head -n1), virtiofsd $vfsd"

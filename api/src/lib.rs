@@ -36,9 +36,10 @@ mod types;
 pub use client::{Client, Reply};
 pub use error::Error;
 pub use routes::{
-    allowed_method, encode_response, parse_request, Route, API_PREFIX, MAX_BODY_BYTES, ROUTES,
+    allowed_method, encode_response, parse_request, readiness, Route, API_PREFIX, MAX_BODY_BYTES,
+    READYZ, ROUTES,
 };
-pub use server::{serve, serve_with, ApiServer, ServerOptions};
+pub use server::{serve, serve_probes, serve_with, ApiServer, ServerOptions};
 pub use types::{
     ApiError, ApiRequest, ApiResponse, ErrorBody, ErrorStatus, VmCounters, VmInfo, VmmBackend,
     VmmPingResponse,

@@ -13,6 +13,23 @@ use crate::types::{
 /// Every endpoint lives under this path.
 pub const API_PREFIX: &str = "/api/v1/";
 
+/// Where a readiness probe asks whether the VM runs (outside [`API_PREFIX`], as `/metrics`).
+pub const READYZ: &str = "/readyz";
+
+/// The answer to `GET /readyz` from `vm.info`'s: 200 `ok` while the VM runs, else 503 with the
+/// reason (no VM yet, paused, shut down, ...).
+pub fn readiness(info: &Result<ApiResponse, ApiError>) -> (u16, String) {
+    match info {
+        Ok(ApiResponse::Info(info)) if info.state == vmm::lifecycle::VmState::Running => {
+            (200, "ok\n".into())
+        }
+        Ok(ApiResponse::Info(info)) => (503, format!("not ready: the VM is {:?}\n", info.state)),
+        Ok(_) => (503, "not ready\n".into()),
+        Err(e) if e.status == ErrorStatus::NotFound => (503, "not ready: no VM yet\n".into()),
+        Err(e) => (503, format!("not ready: {}\n", e.message)),
+    }
+}
+
 /// Largest request body accepted; larger ones get 413 before they are read.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
@@ -51,17 +68,19 @@ pub const ROUTES: &[Route] = &[
     route("vm.cancel-migration", "PUT"),
 ];
 
+/// The endpoint a path names: the part after [`API_PREFIX`], or `vmm.metrics` for
+/// `/metrics` (where Prometheus looks by default).
+fn endpoint_of(path: &str) -> Option<&str> {
+    if path == "/metrics" {
+        return Some("vmm.metrics");
+    }
+    path.strip_prefix(API_PREFIX)
+}
+
 /// Decodes one request. Bodies of endpoints that take none are ignored, as Cloud Hypervisor
 /// does; `vm.create`'s body must be a valid `VmConfig` (JSON, then [`VmConfig::validate`]).
 pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
-    // Where Prometheus looks by default.
-    let path = if path == "/metrics" {
-        "/api/v1/vmm.metrics"
-    } else {
-        path
-    };
-    let endpoint = path
-        .strip_prefix(API_PREFIX)
+    let endpoint = endpoint_of(path)
         .ok_or_else(|| ApiError::not_found(format!("no such path '{}'", printable(path))))?;
     let route = ROUTES
         .iter()
@@ -155,7 +174,7 @@ pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest
 
 /// The methods a path is served with (for a 405's `Allow` header).
 pub fn allowed_method(path: &str) -> Option<&'static str> {
-    let endpoint = path.strip_prefix(API_PREFIX)?;
+    let endpoint = endpoint_of(path)?;
     ROUTES
         .iter()
         .find(|r| r.endpoint == endpoint)
@@ -462,6 +481,8 @@ mod tests {
 
     #[test]
     fn metrics_at_prometheus_path_too() {
+        assert_eq!(allowed_method("/metrics"), Some("GET"));
+        assert_eq!(allowed_method("/api/v1/vmm.metrics"), Some("GET"));
         for path in ["/metrics", "/api/v1/vmm.metrics"] {
             assert_eq!(parse_request("GET", path, b""), Ok(ApiRequest::VmmMetrics));
         }

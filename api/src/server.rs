@@ -1,8 +1,11 @@
 //! The HTTP/1.1 server: hyper on a small tokio runtime on its own thread, one task per
 //! connection, backend calls on blocking threads so a slow VM action never stalls the others.
+//! The control API is served on a Unix socket ([`serve`]); the pod's probes and Prometheus'
+//! scrape may also be served on a TCP address ([`serve_probes`]), which answers nothing else.
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::error::Error;
 use crate::routes::{self, MAX_BODY_BYTES};
 use crate::socket::{self, SocketFile};
-use crate::types::{ApiError, ErrorStatus, VmmBackend};
+use crate::types::{ApiError, ApiRequest, ErrorStatus, VmmBackend};
 
 /// Limits of the server. The defaults suit a pod's control socket.
 #[derive(Clone, Debug)]
@@ -32,6 +35,9 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// How long [`ApiServer::shutdown`] waits for answers in flight.
     pub drain_timeout: Duration,
+    /// Answer only `GET /readyz` and `GET /metrics` (a TCP listener anyone in the pod's
+    /// network can reach must not control the VM).
+    pub probes_only: bool,
 }
 
 impl Default for ServerOptions {
@@ -41,21 +47,23 @@ impl Default for ServerOptions {
             body_read_timeout: Duration::from_secs(10),
             max_connections: 64,
             drain_timeout: Duration::from_secs(2),
+            probes_only: false,
         }
     }
 }
 
 /// A running API server. Dropping it stops it, as [`ApiServer::shutdown`] does.
 pub struct ApiServer {
-    socket: SocketFile,
+    /// The Unix socket's file, removed at the end; None on TCP.
+    socket: Option<SocketFile>,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ApiServer {
-    /// The socket it listens on.
-    pub fn socket_path(&self) -> &Path {
-        &self.socket.path
+    /// The Unix socket it listens on (None: a TCP listener).
+    pub fn socket_path(&self) -> Option<&Path> {
+        self.socket.as_ref().map(|s| s.path.as_path())
     }
 
     /// Stops accepting, waits (up to [`ServerOptions::drain_timeout`]) for answers in flight,
@@ -69,7 +77,9 @@ impl ApiServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        self.socket.remove_file();
+        if let Some(socket) = &self.socket {
+            socket.remove_file();
+        }
     }
 }
 
@@ -90,14 +100,7 @@ pub fn serve_with(
     backend: Arc<dyn VmmBackend>,
     options: ServerOptions,
 ) -> Result<ApiServer, Error> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(8)
-        .thread_name("api")
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(Error::Runtime)?;
+    let runtime = runtime()?;
     let (std_listener, file) = socket::bind(socket)?;
     let listener = {
         let _guard = runtime.enter();
@@ -109,16 +112,63 @@ pub fn serve_with(
             }
         })?
     };
+    let name = socket.display().to_string();
+    start(runtime, listener, name, backend, options, Some(file))
+}
+
+/// Serves `GET /readyz` (200 `ok` while the VM runs, 503 with the reason otherwise) and `GET
+/// /metrics` on the TCP address `addr`, for a kubelet's `httpGet` readiness probe and a
+/// Prometheus scrape; every other request gets 404. Returns once it listens.
+pub fn serve_probes(addr: SocketAddr, backend: Arc<dyn VmmBackend>) -> Result<ApiServer, Error> {
+    let runtime = runtime()?;
+    let bind_error = |source| Error::Bind {
+        path: addr.to_string().into(),
+        source,
+    };
+    let std_listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    std_listener.set_nonblocking(true).map_err(bind_error)?;
+    let listener = {
+        let _guard = runtime.enter();
+        tokio::net::TcpListener::from_std(std_listener).map_err(bind_error)?
+    };
+    let options = ServerOptions {
+        probes_only: true,
+        ..ServerOptions::default()
+    };
+    start(runtime, listener, addr.to_string(), backend, options, None)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .thread_name("api")
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(Error::Runtime)
+}
+
+/// Runs the accept loop of `listener` on `runtime`'s own thread.
+fn start<L: Listener>(
+    runtime: tokio::runtime::Runtime,
+    listener: L,
+    name: String,
+    backend: Arc<dyn VmmBackend>,
+    options: ServerOptions,
+    file: Option<SocketFile>,
+) -> Result<ApiServer, Error> {
     let (stop, stopped) = watch::channel(false);
-    let path = socket.to_owned();
     let thread = std::thread::Builder::new()
         .name("api-server".into())
         .spawn(move || {
-            runtime.block_on(accept_loop(listener, backend, options, stopped, path));
+            runtime.block_on(accept_loop(listener, backend, options, stopped, name));
             runtime.shutdown_timeout(Duration::from_millis(100));
         })
         .map_err(|e| {
-            file.remove_file();
+            if let Some(file) = &file {
+                file.remove_file();
+            }
             Error::Runtime(e)
         })?;
     Ok(ApiServer {
@@ -128,12 +178,32 @@ pub fn serve_with(
     })
 }
 
-async fn accept_loop(
-    listener: tokio::net::UnixListener,
+/// A listening socket the server accepts connections on: Unix or TCP.
+trait Listener: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn next(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+async fn accept_loop<L: Listener>(
+    listener: L,
     backend: Arc<dyn VmmBackend>,
     options: ServerOptions,
     mut stopped: watch::Receiver<bool>,
-    path: PathBuf,
+    name: String,
 ) {
     let options = Arc::new(options);
     let slots = Arc::new(Semaphore::new(options.max_connections));
@@ -148,14 +218,18 @@ async fn accept_loop(
         .header_read_timeout(options.header_read_timeout)
         .half_close(true)
         .max_buf_size(64 << 10);
-    tracing::info!("API listening on {}", path.display());
+    if options.probes_only {
+        tracing::info!("readiness and metrics on http://{name}/readyz, /metrics");
+    } else {
+        tracing::info!("API listening on {name}");
+    }
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            accepted = listener.next() => match accepted {
+                Ok(stream) => stream,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!("API socket {}: accept failed: {e}", path.display());
+                    tracing::warn!("API socket {name}: accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -164,8 +238,7 @@ async fn accept_loop(
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(
-                "API socket {}: {} connections open, refusing another",
-                path.display(),
+                "API socket {name}: {} connections open, refusing another",
                 options.max_connections
             );
             continue;
@@ -202,6 +275,19 @@ async fn answer(
 ) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
+    if path == routes::READYZ && method == "GET" {
+        let info = tokio::task::spawn_blocking(move || backend.handle(ApiRequest::VmInfo)).await;
+        let info = info.unwrap_or_else(|e| Err(ApiError::internal(e.to_string())));
+        let (code, body) = routes::readiness(&info);
+        return text(code, body);
+    }
+    if options.probes_only && !(method == "GET" && path == "/metrics") {
+        return respond(&Err(ApiError::not_found(format!(
+            "only GET {} and GET /metrics are served here; the control API is on the VMM's \
+             Unix socket",
+            routes::READYZ
+        ))));
+    }
     // Route first, so a wrong path or method is answered without reading the body.
     let allowed = routes::allowed_method(&path);
     if allowed != Some(method.as_str()) {
@@ -267,6 +353,17 @@ async fn answer(
         ))),
     };
     respond(&result)
+}
+
+/// A plain-text answer.
+fn text(code: u16, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
 }
 
 fn respond(result: &Result<crate::types::ApiResponse, ApiError>) -> Response<Full<Bytes>> {

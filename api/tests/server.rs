@@ -168,6 +168,78 @@ fn lifecycle_over_the_socket() {
     );
 }
 
+/// Sends `request` over TCP to `addr`; the whole answer.
+fn raw_tcp(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn readiness_on_the_socket_and_probes_on_tcp() {
+    let dir = TempDir::new("readyz");
+    let vmm = Arc::new(FakeVmm::new());
+    let _server = start(&dir, vmm.clone());
+    let get = "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let no_vm = raw(&dir.sock(), get.as_bytes());
+    assert_eq!(status_of(&no_vm), 503, "{no_vm}");
+    assert!(no_vm.ends_with("not ready: no VM yet\n"), "{no_vm}");
+
+    // The probe listener on a free port of the loopback.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let probes = api::serve_probes(port, vmm.clone()).unwrap();
+    assert_eq!(probes.socket_path(), None);
+    let mut c = Client::connect(&dir.sock()).unwrap();
+    let created = c
+        .request("PUT", "vm.create", Some(CONFIG.as_bytes()))
+        .unwrap();
+    assert_eq!(created.status, 204);
+    let created = raw_tcp(port, get);
+    assert_eq!(status_of(&created), 503);
+    assert!(
+        created.ends_with("not ready: the VM is Created\n"),
+        "{created}"
+    );
+    assert_eq!(c.request("PUT", "vm.boot", None).unwrap().status, 204);
+    for ready in [raw_tcp(port, get), raw(&dir.sock(), get.as_bytes())] {
+        assert_eq!(status_of(&ready), 200, "{ready}");
+        assert!(ready.ends_with("\r\n\r\nok\n"), "{ready}");
+    }
+    let metrics = raw_tcp(
+        port,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status_of(&metrics), 200);
+    assert!(
+        metrics.contains("kubevirt_vmi_state{state=\"Running\"} 1"),
+        "{metrics}"
+    );
+    // Nothing that controls the VM is served on TCP.
+    for request in [
+        "PUT /api/v1/vm.shutdown HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "PUT /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    ] {
+        let refused = raw_tcp(port, request);
+        assert_eq!(status_of(&refused), 404, "{request}: {refused}");
+    }
+    assert_eq!(c.request("GET", "vm.info", None).unwrap().status, 200);
+    let info: serde_json::Value =
+        serde_json::from_slice(&c.request("GET", "vm.info", None).unwrap().body).unwrap();
+    assert_eq!(info["state"], "Running", "the refused shutdown did nothing");
+    probes.shutdown();
+    assert!(
+        std::net::TcpStream::connect(port).is_err(),
+        "the port is closed"
+    );
+}
+
 #[test]
 fn bad_requests_get_4xx() {
     let dir = TempDir::new("bad");

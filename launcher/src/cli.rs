@@ -64,6 +64,11 @@ pub struct LauncherArgs {
     /// The API socket (default: POD_ROOT/var/run/kubevirt/sockets/NAMESPACE_NAME.sock).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Also serve GET /readyz (200 while the VM runs) and GET /metrics over plain HTTP on
+    /// this TCP address, e.g. 0.0.0.0:8080, for a kubelet httpGet probe and Prometheus;
+    /// nothing else is served there.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Write one JSON object per lifecycle event: path=FILE or fd=N.
     #[arg(long, value_name = "path=FILE|fd=N")]
     pub event_monitor: Option<String>,
@@ -77,6 +82,11 @@ pub struct ServeArgs {
     /// The Unix socket to serve the REST API on (created mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: PathBuf,
+    /// Also serve GET /readyz (200 while the VM runs) and GET /metrics over plain HTTP on
+    /// this TCP address, e.g. 0.0.0.0:8080, for a kubelet httpGet probe and Prometheus;
+    /// nothing else is served there.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// Write one JSON object per lifecycle event: path=FILE or fd=N.
     #[arg(long, value_name = "path=FILE|fd=N")]
     pub event_monitor: Option<String>,
@@ -181,6 +191,7 @@ impl RunArgs {
     pub fn vmm(&self) -> crate::VmmArgs {
         crate::VmmArgs {
             api_socket: self.api_socket.clone(),
+            http_listen: None,
             event_monitor: self.event_monitor.clone(),
             pvm_guest: self.pvm_guest,
             grace_period: None,

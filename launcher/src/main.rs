@@ -55,7 +55,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Run(args) => run(*args),
         cli::Command::Serve(args) => serve(args),
-        cli::Command::Ctl(args) => ctl::run(&args, &mut std::io::stdout().lock()),
+        // Stdout unlocked: `ctl console` writes the guest's output from a thread of its own.
+        cli::Command::Ctl(args) => ctl::run(&args, &mut std::io::stdout()),
         cli::Command::Launcher(args) => match launcher(args) {
             Ok(code) => return code,
             Err(e) => Err(e),
@@ -177,6 +178,7 @@ fn launcher(args: cli::LauncherArgs) -> Result<ExitCode, String> {
     files.folders_for(&api_socket)?;
     let vmm = VmmArgs {
         api_socket: Some(api_socket),
+        http_listen: args.http_listen,
         event_monitor,
         pvm_guest: args.pvm_guest,
         grace_period: Some(std::time::Duration::from_secs(launch.grace_period_s)),
@@ -249,6 +251,8 @@ pub enum Outcome {
 /// How a VM thread is started and served, whichever command asks.
 pub struct VmmArgs {
     pub api_socket: Option<std::path::PathBuf>,
+    /// Where to serve `/readyz` and `/metrics` over TCP, if anywhere.
+    pub http_listen: Option<std::net::SocketAddr>,
     pub event_monitor: Option<String>,
     pub pvm_guest: bool,
     /// After SIGTERM (which presses the power button), how long the guest has to power off
@@ -293,7 +297,12 @@ fn run_vm_then(
         .grace_period
         .map(|grace| stop_after_grace(grace, controller.clone()))
         .transpose()?;
-    vmm_service::serve_until_end(args.api_socket.as_deref(), controller, thread)?;
+    vmm_service::serve_until_end(
+        args.api_socket.as_deref(),
+        args.http_listen,
+        controller,
+        thread,
+    )?;
     if stopped_hard.is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire)) {
         return Ok(Outcome::StoppedHard);
     }
@@ -333,7 +342,7 @@ fn serve(args: cli::ServeArgs) -> Result<(), String> {
     let options = run_options(args.pvm_guest, false)?;
     let (controller, thread) =
         Controller::start(options, events, false).map_err(|e| e.to_string())?;
-    vmm_service::serve_until_end(Some(&args.api_socket), controller, thread)
+    vmm_service::serve_until_end(Some(&args.api_socket), args.http_listen, controller, thread)
 }
 
 fn event_monitor(spec: Option<&str>) -> Result<vmm::events::EventMonitor, String> {

@@ -175,23 +175,35 @@ fn process_stats() -> api::metrics::ProcessStats {
     }
 }
 
-/// Serves the API on `socket` for `controller` until the VMM ends; returns how it ended.
+/// Serves the API on `socket` (and `/readyz` and `/metrics` on the TCP address `http_listen`)
+/// for `controller` until the VMM ends; returns how it ended.
 pub fn serve_until_end(
     socket: Option<&Path>,
+    http_listen: Option<std::net::SocketAddr>,
     controller: Controller,
     vmm_thread: std::thread::JoinHandle<Result<vmm::controller::Ended, vmm::Error>>,
 ) -> Result<(), String> {
+    let service = Arc::new(VmmService::new(controller.clone()));
     let server = socket
-        .map(|path| {
-            api::serve(path, Arc::new(VmmService::new(controller.clone())))
-                .map_err(|e| e.to_string())
-        })
-        .transpose()?;
+        .map(|path| api::serve(path, service.clone()).map_err(|e| e.to_string()))
+        .transpose();
+    let probes = http_listen
+        .map(|addr| api::serve_probes(addr, service).map_err(|e| e.to_string()))
+        .transpose();
+    let (server, probes) = match (server, probes) {
+        (Ok(server), Ok(probes)) => (server, probes),
+        (Err(e), _) | (_, Err(e)) => {
+            // Nothing serves the VM: end it rather than run it unreachable.
+            let _ = controller.handle(vmm::controller::Request::ShutdownVmm);
+            let _ = vmm_thread.join();
+            return Err(e);
+        }
+    };
     let result = vmm_thread
         .join()
         .map_err(|_| "the VMM thread panicked".to_owned())
         .and_then(|r| r.map_err(|e| e.to_string()));
-    if let Some(server) = server {
+    for server in [server, probes].into_iter().flatten() {
         server.shutdown();
     }
     result.map(|_| ())

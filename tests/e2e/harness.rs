@@ -75,7 +75,9 @@ impl Vm {
         Vm::spawn_command(cmd)
     }
 
-    fn spawn_command(mut cmd: Command) -> Vm {
+    /// Starts `cmd` (a program that runs podvisor, e.g. a container engine) with its output
+    /// captured as [`Vm::spawn`] does.
+    pub fn spawn_command(mut cmd: Command) -> Vm {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -19,6 +19,9 @@ const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const ECX_CMP_LEGACY: u32 = 1 << 1;
+/// AMD's topology extensions (leaves 0x8000_001D and _001E), in leaf 0x8000_0001 ECX.
+const ECX_TOPOEXT: u32 = 1 << 22;
+const LEAF_EXT_MAX: u32 = 0x8000_0000;
 
 /// Topology level types of leaves 0xB and 0x1F.
 const LEVEL_TYPE_INVALID: u32 = 0;
@@ -106,6 +109,51 @@ pub fn filter(cpuid: &mut CpuId, index: u8, topology: &Topology) {
     }
     for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
         ensure_topology_levels(cpuid, leaf, apic_id, &levels(topology, leaf));
+    }
+    if threads > 1 && is_amd(cpuid.as_slice()) {
+        ensure_amd_topology_leaf(cpuid, apic_id, threads, core, package);
+    }
+}
+
+/// Whether the CPU is AMD's (or Hygon's, which follows AMD's leaves).
+fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
+    find(entries, 0, 0).is_some_and(|e| {
+        let vendor: Vec<u8> = [e.ebx, e.edx, e.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+    })
+}
+
+/// An AMD guest (Linux) counts a core's threads only through the topology extensions: set
+/// their flag and make sure leaf 0x8000_001E is there (a host CPU without them, e.g. an
+/// emulated one, has none to pass on); the guest then reads leaf 0xB as well.
+fn ensure_amd_topology_leaf(
+    cpuid: &mut CpuId,
+    apic_id: u32,
+    threads: u32,
+    core: u32,
+    package: u32,
+) {
+    let mut has_leaf = false;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            LEAF_EXT_MAX => e.eax = e.eax.max(LEAF_AMD_TOPOLOGY),
+            LEAF_EXT_FEATURES => e.ecx |= ECX_TOPOEXT,
+            LEAF_AMD_TOPOLOGY => has_leaf = true,
+            _ => {}
+        }
+    }
+    if !has_leaf {
+        // A full table only loses the leaf; the guest then sees single-threaded cores.
+        let _ = cpuid.push(kvm_cpuid_entry2 {
+            function: LEAF_AMD_TOPOLOGY,
+            eax: apic_id,
+            ebx: ((threads - 1) << 8) | (core & 0xff),
+            ecx: package & 0xff,
+            ..Default::default()
+        });
     }
 }
 
@@ -381,6 +429,45 @@ mod tests {
         assert_eq!((amd.eax, amd.ebx, amd.ecx & 0xff), (5, 0xdead_0100, 1));
         let sizes = find(&c, 0x8000_0008, 0).ecx;
         assert_eq!((sizes & 0xff, (sizes >> 12) & 0xf), (3, 2));
+    }
+
+    #[test]
+    fn an_amd_cpu_without_topology_extensions_gets_them_for_threads() {
+        let vendor = |v: &[u8; 12]| kvm_cpuid_entry2 {
+            ebx: u32::from_le_bytes(v[0..4].try_into().unwrap()),
+            edx: u32::from_le_bytes(v[4..8].try_into().unwrap()),
+            ecx: u32::from_le_bytes(v[8..12].try_into().unwrap()),
+            ..entry(0, 0)
+        };
+        let table = |v: &[u8; 12]| {
+            CpuId::from_entries(&[
+                vendor(v),
+                entry(0x1, 0),
+                entry(0xb, 0),
+                kvm_cpuid_entry2 {
+                    eax: 0x8000_0008,
+                    ..entry(0x8000_0000, 0)
+                },
+                entry(0x8000_0001, 0),
+                entry(0x8000_0008, 0),
+            ])
+            .unwrap()
+        };
+        let t = topo(2, 2, 1, 1);
+        let mut c = table(b"AuthenticAMD");
+        filter(&mut c, 3, &t);
+        assert_ne!(find(&c, 0x8000_0001, 0).ecx & ECX_TOPOEXT, 0);
+        assert_eq!(find(&c, 0x8000_0000, 0).eax, 0x8000_001e);
+        let e = find(&c, 0x8000_001e, 0);
+        assert_eq!((e.eax, e.ebx, e.ecx), (3, 0x101, 0));
+        // Intel's guests read leaf 0xB alone; single-threaded AMD cores need nothing more.
+        let mut c = table(b"GenuineIntel");
+        filter(&mut c, 3, &t);
+        assert_eq!(find(&c, 0x8000_0001, 0).ecx & ECX_TOPOEXT, 0);
+        let mut c = table(b"AuthenticAMD");
+        filter(&mut c, 3, &topo(1, 4, 1, 1));
+        assert_eq!(find(&c, 0x8000_0001, 0).ecx & ECX_TOPOEXT, 0);
+        assert_eq!(find(&c, 0x8000_0000, 0).eax, 0x8000_0008);
     }
 
     #[test]
