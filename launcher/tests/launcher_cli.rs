@@ -1,4 +1,5 @@
-//! `podvisor launcher --validate` and `--dry-run`, as a user runs them: no VM, no KVM.
+//! `podvisor launcher --validate` and `--dry-run`, and refused specs, as a user runs them: no
+//! VM, no KVM.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -145,4 +146,63 @@ fn the_example_vmis_validate() {
         seen += 1;
     }
     assert!(seen >= 5, "{seen} examples");
+}
+
+/// Every file and folder under `dir`, sorted.
+fn tree(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path.clone());
+            }
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A spec that is refused, or whose volumes cannot be prepared, leaves the pod's folders as
+/// they were: nothing made for it stays behind.
+#[test]
+fn a_refused_vmi_leaves_nothing_behind() {
+    let root = std::env::temp_dir().join(format!("podvisor-refused-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("var/run/kubevirt-private")).unwrap();
+    let before = tree(&root);
+    let pod = root.to_str().unwrap();
+    let bad = VMI.replace("bus: virtio", "bus: sata");
+    let (rc, _, err) = podvisor(&["launcher", "--vmi", "-", "--pod-root", pod], &bad);
+    assert_eq!(rc, 1, "{err}");
+    assert_eq!(tree(&root), before);
+    // Valid, but its containerDisk's image is not where the pod should hold it; an emptyDisk
+    // and a cloud-init seed would be made before it is found missing.
+    let missing = r##"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {name: demo}
+spec:
+  domain:
+    resources: {requests: {memory: 256Mi}}
+    firmware: {kernelBoot: {container: {image: k, kernelPath: /vmlinux}}}
+  volumes:
+  - {name: scratch, emptyDisk: {capacity: 64Mi}}
+  - {name: seed, cloudInitNoCloud: {userData: "#cloud-config"}}
+  - {name: root, containerDisk: {image: img}}
+"##;
+    let (rc, _, err) = podvisor(
+        &["launcher", "--vmi", "-", "--pod-root", pod, "--no-network"],
+        missing,
+    );
+    assert_eq!(rc, 1, "{err}");
+    assert!(
+        err.starts_with("podvisor: error: volume 'root': the image "),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(tree(&root), before, "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
 }

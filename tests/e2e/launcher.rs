@@ -7,12 +7,13 @@ use crate::api::ctl_ok;
 use crate::harness::*;
 
 /// A VMI with a kernelBoot kernel, a containerDisk (a qcow2 overlay over a raw base), an
-/// emptyDisk, a host disk made on demand and a cloudInitNoCloud seed boots; the guest reads the
+/// emptyDisk, a host disk made on demand, a cloudInitNoCloud seed and a claim boots; the guest reads the
 /// base through the overlay and writes over it, and mounts the seed (cidata) and reads its
 /// user-data and meta-data; it sees one core of two threads, the firmware's UUID and serial
 /// (SMBIOS); `/readyz` answers on TCP; SIGTERM (the pod being deleted) powers the guest off
 /// within the grace period and the launcher exits 0; the base is unchanged, the overlay, the empty disk
-/// and the folders made for them are gone, and the host disk (the user's data) stays. A
+/// and the folders made for them are gone, and the host disk and the claim (the user's data)
+/// stay, the claim with what the guest wrote. A
 /// second run, whose guest ignores the button, is stopped at the end of a 3 s grace period
 /// (exit status 3), leaving the pod's files as found too; that run has its memory on huge
 /// pages and its console on the socket `ctl console` attaches to.
@@ -28,6 +29,12 @@ fn a_vmi_boots_from_a_container_disk_and_leaves_the_pod_as_it_found_it() -> Resu
     image[4096..4096 + 14].copy_from_slice(b"from-the-image");
     std::fs::write(&base, &image)?;
     std::fs::create_dir_all(root.join("var/run/kubevirt-ephemeral-disks"))?;
+    // A claim as Kubernetes mounts it (filesystem mode), its disk.img already there.
+    let claim = root.join("var/run/kubevirt-private/vmi-disks/claim/disk.img");
+    std::fs::create_dir_all(claim.parent().unwrap())?;
+    let mut claim_data = vec![0u8; 8 << 20];
+    claim_data[..10].copy_from_slice(b"claim-data");
+    std::fs::write(&claim, &claim_data)?;
     let host_disk = dir.path("host-data.img");
     let before: Vec<_> = walk(&root);
 
@@ -53,10 +60,12 @@ spec:
       - {{name: scratch, disk: {{}}}}
       - {{name: data, disk: {{}}, serial: data-1}}
       - {{name: seed, cdrom: {{bus: virtio}}}}
+      - {{name: claim, disk: {{bus: virtio}}}}
   volumes:
   - {{name: root, containerDisk: {{image: images:1}}}}
   - {{name: scratch, emptyDisk: {{capacity: 64Mi}}}}
   - {{name: data, hostDisk: {{path: {}, type: DiskOrCreate, capacity: 16Mi}}}}
+  - {{name: claim, persistentVolumeClaim: {{claimName: pvc-1}}}}
   - name: seed
     cloudInitNoCloud:
       userData: |
@@ -99,6 +108,14 @@ spec:
         }
     }
     vm.shell_ok("printf guest-wrote | dd of=/dev/vda bs=4096 seek=2 conv=sync,fsync 2>/dev/null")?;
+    // The claim's disk: read, and written for good.
+    let on_claim = vm.shell_ok(
+        "head -c 10 /dev/vde; echo; \
+         printf guest-claim | dd of=/dev/vde bs=4096 seek=1 conv=sync,fsync 2>/dev/null",
+    )?;
+    if !on_claim.contains("claim-data") {
+        return Err(vm.failure(&format!("the claim's disk: {on_claim}")));
+    }
     // cores: 1, threads: 2 — one core with two threads; the firmware's UUID and serial are
     // the machine's (SMBIOS).
     let machine = vm.shell_ok(
@@ -206,6 +223,10 @@ spec:
     }
     if std::fs::metadata(&host_disk)?.len() != 16 << 20 {
         return Err("the host disk is gone or not 16 MiB".into());
+    }
+    let claim_now = std::fs::read(&claim)?;
+    if claim_now.len() != 8 << 20 || !claim_now[4096..].starts_with(b"guest-claim") {
+        return Err("the claim's disk.img does not hold the guest's write".into());
     }
 
     // Again as in a pod, the console on its socket and the events on stdout, on 2 MiB huge
