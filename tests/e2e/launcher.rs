@@ -370,7 +370,8 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// The launcher's container image (resources/k8s/Containerfile), built offline with Debian's
 /// podman from the podvisor binary under test, runs a VMI handed over in `PODVISOR_VMI` with
 /// the pod's folders mounted where KubeVirt mounts them and `/dev/kvm` passed in: the guest
-/// boots, answers on the console, and its power-off ends the container with status 0.
+/// boots, reads its containerDisk through the overlay the launcher makes in the pod's folder,
+/// and its power-off ends the container with status 0 and the overlay removed.
 fn the_launcher_image_runs_a_vmi_under_podman() -> Result<(), Failed> {
     let dir = Scratch::new("podman");
     let context = dir.path("context");
@@ -388,6 +389,10 @@ fn the_launcher_image_runs_a_vmi_under_podman() -> Result<(), Failed> {
     ] {
         std::fs::create_dir_all(root.join("var/run").join(folder))?;
     }
+    let base = root.join("var/run/kubevirt/container-disks/disk_0.img");
+    let mut base_image = vec![0u8; 8 << 20];
+    base_image[..12].copy_from_slice(b"boxed-image!");
+    std::fs::write(&base, &base_image)?;
     // Storage of its own, on the scratch folder, so nothing is left in the test host's.
     let storage = [
         "--root".to_owned(),
@@ -433,6 +438,11 @@ spec:
       serial: in-a-container
       kernelBoot:
         container: {image: kernels:1, kernelPath: /boot/vmlinuz, initrdPath: /boot/initrd.img}
+    devices:
+      disks:
+      - {name: root, disk: {bus: virtio}}
+  volumes:
+  - {name: root, containerDisk: {image: images:1}}
 "#;
     let mut mounts = Vec::new();
     for folder in ["kubevirt", "kubevirt-ephemeral-disks", "kubevirt-private"] {
@@ -457,14 +467,20 @@ spec:
     let mut vm = Vm::spawn_command(run);
     vm.expect("podvisor-guest ready:")?;
     vm.wait_for_shell()?;
-    let serial = vm.shell_ok("cat /sys/class/dmi/id/product_serial")?;
-    if serial.trim() != "in-a-container" {
-        return Err(vm.failure(&format!("the guest's serial number: {serial}")));
+    let seen = vm.shell_ok("cat /sys/class/dmi/id/product_serial; head -c 12 /dev/vda; echo")?;
+    if !seen.contains("in-a-container") || !seen.contains("boxed-image!") {
+        return Err(vm.failure(&format!("the guest's serial number and disk: {seen}")));
     }
     // The guest's power-off ends the launcher, and with it the container, with status 0.
     vm.poweroff()?;
     // The engine's storage goes with the scratch folder (vfs layers are plain folders).
-    let _ = podman(&["system", "reset", "--force"]).output();
+    if std::fs::read(&base)? != base_image {
+        return Err("the containerDisk's base image changed".into());
+    }
+    let overlays = root.join("var/run/kubevirt-ephemeral-disks");
+    if std::fs::read_dir(&overlays)?.next().is_some() {
+        return Err("the container left files in the pod's ephemeral-disks folder".into());
+    }
     Ok(())
 }
 
