@@ -343,15 +343,7 @@ mod tests {
         let a = run_args(&["run", "--kernel", "k", "--cpus", "topology=2:2:1:2"]);
         let t = a.cpus.topology.unwrap();
         assert_eq!(a.cpus.boot_vcpus, 8);
-        assert_eq!(
-            (
-                t.threads_per_core,
-                t.cores_per_die,
-                t.dies_per_package,
-                t.packages
-            ),
-            (2, 2, 1, 2)
-        );
+        assert_eq!(t, vmm::config::CpuTopology::new(2, 2, 1, 2));
         for bad in [
             "boot=2,topology=2:2",
             "boot=x",

@@ -47,6 +47,20 @@ pub struct CpuTopology {
 }
 
 impl CpuTopology {
+    pub const fn new(
+        threads_per_core: u8,
+        cores_per_die: u8,
+        dies_per_package: u8,
+        packages: u8,
+    ) -> Self {
+        CpuTopology {
+            threads_per_core,
+            cores_per_die,
+            dies_per_package,
+            packages,
+        }
+    }
+
     /// How many vCPUs it holds.
     pub fn vcpus(&self) -> u32 {
         [
@@ -1007,12 +1021,7 @@ mod tests {
 
     #[test]
     fn topologies() {
-        let t = |t, c, d, p| CpuTopology {
-            threads_per_core: t,
-            cores_per_die: c,
-            dies_per_package: d,
-            packages: p,
-        };
+        let t = CpuTopology::new;
         let parsed = CpusConfig::parse("boot=4,topology=2:2:1:1").unwrap();
         assert_eq!(parsed.topology, Some(t(2, 2, 1, 1)));
         parsed.validate().unwrap();

@@ -184,15 +184,9 @@ fn memory_from_requests_cpu_topology_and_defaults() {
     assert_eq!(l.namespace, "default");
     assert_eq!(l.grace_period_s, 30);
     assert_eq!(l.config.cpus.boot_vcpus, 8);
-    let t = l.config.cpus.topology.unwrap();
     assert_eq!(
-        (
-            t.threads_per_core,
-            t.cores_per_die,
-            t.dies_per_package,
-            t.packages
-        ),
-        (2, 2, 1, 2)
+        l.config.cpus.topology,
+        Some(vmm::config::CpuTopology::new(2, 2, 1, 2))
     );
     // 1G = 10^9 bytes, rounded up to whole MiB.
     assert_eq!(l.config.memory.size, 954 << 20);

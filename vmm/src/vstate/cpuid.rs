@@ -323,14 +323,7 @@ mod tests {
         Topology::of(&crate::config::CpusConfig::new(n))
     }
 
-    fn topo(t: u8, c: u8, d: u8, p: u8) -> Topology {
-        Topology {
-            threads_per_core: t,
-            cores_per_die: c,
-            dies_per_package: d,
-            packages: p,
-        }
-    }
+    use super::Topology as T;
 
     #[test]
     fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
@@ -407,7 +400,7 @@ mod tests {
             },
         ])
         .unwrap();
-        let t = topo(2, 2, 1, 2);
+        let t = T::new(2, 2, 1, 2);
         assert_eq!(t.apic_id(5), 5);
         filter(&mut c, 5, &t);
         let e = find(&c, 1, 0);
@@ -453,7 +446,7 @@ mod tests {
             ])
             .unwrap()
         };
-        let t = topo(2, 2, 1, 1);
+        let t = T::new(2, 2, 1, 1);
         let mut c = table(b"AuthenticAMD");
         filter(&mut c, 3, &t);
         assert_ne!(find(&c, 0x8000_0001, 0).ecx & ECX_TOPOEXT, 0);
@@ -465,7 +458,7 @@ mod tests {
         filter(&mut c, 3, &t);
         assert_eq!(find(&c, 0x8000_0001, 0).ecx & ECX_TOPOEXT, 0);
         let mut c = table(b"AuthenticAMD");
-        filter(&mut c, 3, &topo(1, 4, 1, 1));
+        filter(&mut c, 3, &T::new(1, 4, 1, 1));
         assert_eq!(find(&c, 0x8000_0001, 0).ecx & ECX_TOPOEXT, 0);
         assert_eq!(find(&c, 0x8000_0000, 0).eax, 0x8000_0008);
     }
@@ -473,7 +466,7 @@ mod tests {
     #[test]
     fn leaf_1f_has_a_die_level_when_there_are_dies() {
         let mut c = CpuId::from_entries(&[entry(0xb, 0), entry(0x1f, 0)]).unwrap();
-        let t = topo(1, 2, 2, 1);
+        let t = T::new(1, 2, 2, 1);
         filter(&mut c, 3, &t);
         let level = |leaf, i| {
             let e = find(&c, leaf, i);

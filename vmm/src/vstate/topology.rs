@@ -11,40 +11,24 @@
 //!
 //! so the IDs have gaps when a count is not a power of two.
 
-use crate::config::CpusConfig;
+use crate::config::{CpuTopology, CpusConfig};
 
-/// The arrangement of a VM's vCPUs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Topology {
-    pub threads_per_core: u8,
-    pub cores_per_die: u8,
-    pub dies_per_package: u8,
-    pub packages: u8,
-}
+/// The arrangement of a VM's vCPUs: the configuration's [`CpuTopology`], always present (see
+/// [`CpuTopology::of`]).
+pub type Topology = CpuTopology;
 
 /// Bits needed to number `n` things (0 for one).
 fn bits(n: u8) -> u32 {
     u32::from(n.max(1)).next_power_of_two().trailing_zeros()
 }
 
-impl Topology {
+impl CpuTopology {
     /// The topology `config` asks for; without one, every vCPU is a single-threaded core of
     /// one package.
     pub fn of(config: &CpusConfig) -> Self {
-        match &config.topology {
-            Some(t) => Topology {
-                threads_per_core: t.threads_per_core,
-                cores_per_die: t.cores_per_die,
-                dies_per_package: t.dies_per_package,
-                packages: t.packages,
-            },
-            None => Topology {
-                threads_per_core: 1,
-                cores_per_die: config.boot_vcpus.max(1),
-                dies_per_package: 1,
-                packages: 1,
-            },
-        }
+        config
+            .topology
+            .unwrap_or_else(|| CpuTopology::new(1, config.boot_vcpus.max(1), 1, 1))
     }
 
     /// APIC ID bits of the thread number.
@@ -106,21 +90,13 @@ impl Topology {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CpuTopology;
 
-    fn topo(t: u8, c: u8, d: u8, p: u8) -> Topology {
-        Topology {
-            threads_per_core: t,
-            cores_per_die: c,
-            dies_per_package: d,
-            packages: p,
-        }
-    }
+    use super::Topology as T;
 
     #[test]
     fn without_a_topology_every_vcpu_is_a_core() {
         let t = Topology::of(&CpusConfig::new(6));
-        assert_eq!(t, topo(1, 6, 1, 1));
+        assert_eq!(t, T::new(1, 6, 1, 1));
         let ids: Vec<u32> = (0..6).map(|i| t.apic_id(i)).collect();
         assert_eq!(ids, [0, 1, 2, 3, 4, 5]);
         assert_eq!((t.thread_bits(), t.package_shift()), (0, 3));
@@ -129,7 +105,7 @@ mod tests {
     #[test]
     fn ids_pack_thread_core_die_package() {
         // 2 threads × 3 cores × 1 die × 2 packages: thread 1 bit, core 2 bits, package from 3.
-        let t = topo(2, 3, 1, 2);
+        let t = T::new(2, 3, 1, 2);
         assert_eq!(
             (t.core_shift(), t.die_shift(), t.package_shift()),
             (1, 3, 3)
@@ -139,11 +115,11 @@ mod tests {
         assert_eq!(t.place(7), (1, 0, 0, 1));
         assert_eq!(t.max_apic_id(12), 13);
         // Dies: 1 thread × 2 cores × 2 dies × 1 package.
-        let d = topo(1, 2, 2, 1);
+        let d = T::new(1, 2, 2, 1);
         let ids: Vec<u32> = (0..4).map(|i| d.apic_id(i)).collect();
         assert_eq!(ids, [0, 1, 2, 3]);
         assert_eq!(d.place(3), (0, 3, 1, 0));
-        let d3 = topo(1, 3, 2, 1);
+        let d3 = T::new(1, 3, 2, 1);
         let ids: Vec<u32> = (0..6).map(|i| d3.apic_id(i)).collect();
         assert_eq!(ids, [0, 1, 2, 4, 5, 6]);
     }
@@ -151,12 +127,7 @@ mod tests {
     #[test]
     fn a_configured_topology_is_taken_as_is() {
         let mut c = CpusConfig::new(4);
-        c.topology = Some(CpuTopology {
-            threads_per_core: 2,
-            cores_per_die: 2,
-            dies_per_package: 1,
-            packages: 1,
-        });
-        assert_eq!(Topology::of(&c), topo(2, 2, 1, 1));
+        c.topology = Some(CpuTopology::new(2, 2, 1, 1));
+        assert_eq!(Topology::of(&c), T::new(2, 2, 1, 1));
     }
 }
