@@ -319,30 +319,22 @@ impl Translator<'_> {
             .map(|c| (c.cores, c.sockets, c.threads))
             .unwrap_or_default();
         if cores.is_none() && sockets.is_none() {
-            let resources = domain.resources.as_ref();
-            let counted = ["limits", "requests"].into_iter().find_map(|kind| {
-                let map = resources.map(|r| {
-                    if kind == "limits" {
-                        &r.limits
-                    } else {
-                        &r.requests
-                    }
-                })?;
-                let value = map.get("cpu")?;
-                let path = format!("spec.domain.resources.{kind}.cpu");
-                match quantity::cpus(value).and_then(|n| u32::try_from(n).ok()) {
-                    Some(n) => Some(n.max(1)),
-                    None => {
-                        self.error(
-                            &path,
-                            format!("{value} is not a CPU quantity (e.g. 2, 500m)"),
-                        );
-                        Some(1)
-                    }
-                }
+            let counted = domain.resources.as_ref().and_then(|r| {
+                [("limits", &r.limits), ("requests", &r.requests)]
+                    .into_iter()
+                    .find_map(|(kind, map)| Some((kind, map.get("cpu")?)))
             });
-            sockets = counted;
-            cores = Some(1);
+            if let Some((kind, value)) = counted {
+                let n = quantity::cpus(value).and_then(|n| u32::try_from(n).ok());
+                if n.is_none() {
+                    self.error(
+                        &format!("spec.domain.resources.{kind}.cpu"),
+                        format!("{value} is not a CPU quantity (e.g. 2, 500m)"),
+                    );
+                }
+                sockets = Some(n.unwrap_or(1).max(1));
+                cores = Some(1);
+            }
         }
         let [cores, sockets, threads] = [cores, sockets, threads].map(|n| n.unwrap_or(1));
         let count = u64::from(cores) * u64::from(sockets) * u64::from(threads);
@@ -356,15 +348,16 @@ impl Translator<'_> {
                 return CpusConfig::new(1);
             }
         };
+        // Each count is at most the product, which fits a u8.
         let config = CpusConfig {
             boot_vcpus: boot,
             max_vcpus: None,
-            topology: Some(CpuTopology {
-                threads_per_core: threads as u8,
-                cores_per_die: cores as u8,
-                dies_per_package: 1,
-                packages: sockets as u8,
-            }),
+            topology: Some(CpuTopology::new(
+                threads as u8,
+                cores as u8,
+                1,
+                sockets as u8,
+            )),
         };
         if let Err(e) = config.validate() {
             self.error("spec.domain.cpu", e);
