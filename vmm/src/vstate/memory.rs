@@ -61,14 +61,19 @@ pub fn low_ram_end(size: u64) -> u64 {
     size.min(MMIO_HOLE_START)
 }
 
+/// The value of `key` (e.g. `MemTotal:`) in /proc/meminfo, in bytes.
+fn meminfo_bytes(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb << 10)
+}
+
 /// Refuses a guest larger than the host (or this process's cgroup) could ever back.
 pub fn check_host_capacity(size: u64) -> Result<(), MemoryError> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_total = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024);
+    let mem_total = meminfo_bytes("MemTotal:");
     let cgroup_max = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok());
@@ -202,17 +207,11 @@ fn huge_page_size(config: &MemoryConfig) -> Result<Option<u64>, MemoryError> {
     }
     let page = match config.hugepage_size {
         Some(page) => page,
-        None => std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("Hugepagesize:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb << 10)
-            .ok_or_else(|| {
-                MemoryError::HugePages(
-                    "the host has no huge pages (no Hugepagesize in /proc/meminfo)".into(),
-                )
-            })?,
+        None => meminfo_bytes("Hugepagesize:").ok_or_else(|| {
+            MemoryError::HugePages(
+                "the host has no huge pages (no Hugepagesize in /proc/meminfo)".into(),
+            )
+        })?,
     };
     let mib = page >> 20;
     if page == 0 || !config.size.is_multiple_of(page) {
