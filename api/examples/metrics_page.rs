@@ -17,7 +17,8 @@ fn main() {
     .expect("a VmInfo");
     let counters: VmCounters = serde_json::from_value(serde_json::json!({
         "root": {"read_bytes": 1, "write_bytes": 2, "read_ops": 3, "write_ops": 4,
-                 "flushes": 5, "discards": 6, "write_zeroes": 7, "errors": 0},
+                 "flushes": 5, "discards": 6, "write_zeroes": 7, "errors": 0,
+                 "read_ns": 8_000_000, "write_ns": 9_000_000, "flush_ns": 10_000_000},
         "_net0": {"rx_bytes": 1, "tx_bytes": 2, "rx_frames": 3, "tx_frames": 4,
                   "rx_drops": 0, "tx_drops": 0, "rx_errors": 0, "tx_errors": 0},
     }))

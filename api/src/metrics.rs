@@ -47,81 +47,134 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Disk counters (virtio-blk) → metric name, type, help.
-const DISK: &[(&str, &str, &str)] = &[
+/// A device counter as the VMM keeps it → its metric's name and help, and the counter's unit.
+type Counter = (&'static str, &'static str, &'static str, Unit);
+
+/// How a counter's value becomes a sample.
+#[derive(Clone, Copy)]
+enum Unit {
+    /// As it is (bytes, requests, packets).
+    Count,
+    /// Nanoseconds, shown as seconds.
+    Nanos,
+}
+
+impl Unit {
+    fn show(self, value: u64) -> String {
+        match self {
+            Unit::Count => value.to_string(),
+            Unit::Nanos => format!("{:.9}", value as f64 / 1e9),
+        }
+    }
+}
+
+/// Disk counters (virtio-blk) → metric name, help, unit.
+const DISK: &[Counter] = &[
     (
         "read_bytes",
         "kubevirt_vmi_storage_read_traffic_bytes_total",
         "Bytes the guest read from the disk.",
+        Unit::Count,
     ),
     (
         "write_bytes",
         "kubevirt_vmi_storage_write_traffic_bytes_total",
         "Bytes the guest wrote to the disk.",
+        Unit::Count,
     ),
     (
         "read_ops",
         "kubevirt_vmi_storage_iops_read_total",
         "Read requests the guest made of the disk.",
+        Unit::Count,
     ),
     (
         "write_ops",
         "kubevirt_vmi_storage_iops_write_total",
         "Write requests the guest made of the disk.",
+        Unit::Count,
     ),
     (
         "flushes",
         "kubevirt_vmi_storage_flush_requests_total",
         "Flush requests the guest made of the disk.",
+        Unit::Count,
     ),
     (
         "errors",
         "kubevirt_vmi_storage_errors_total",
         "Disk requests that failed.",
+        Unit::Count,
+    ),
+    (
+        "read_ns",
+        "kubevirt_vmi_storage_read_times_seconds_total",
+        "Time the disk's successful reads took, from the device taking each to its completion.",
+        Unit::Nanos,
+    ),
+    (
+        "write_ns",
+        "kubevirt_vmi_storage_write_times_seconds_total",
+        "Time the disk's successful writes took, from the device taking each to its completion.",
+        Unit::Nanos,
+    ),
+    (
+        "flush_ns",
+        "kubevirt_vmi_storage_flush_times_seconds_total",
+        "Time the disk's successful flushes took, from the device taking each to its completion.",
+        Unit::Nanos,
     ),
 ];
 
 /// Network counters (virtio-net) → metric name, help.
-const NET: &[(&str, &str, &str)] = &[
+const NET: &[Counter] = &[
     (
         "rx_bytes",
         "kubevirt_vmi_network_receive_bytes_total",
         "Bytes the interface received.",
+        Unit::Count,
     ),
     (
         "tx_bytes",
         "kubevirt_vmi_network_transmit_bytes_total",
         "Bytes the interface sent.",
+        Unit::Count,
     ),
     (
         "rx_frames",
         "kubevirt_vmi_network_receive_packets_total",
         "Frames the interface received.",
+        Unit::Count,
     ),
     (
         "tx_frames",
         "kubevirt_vmi_network_transmit_packets_total",
         "Frames the interface sent.",
+        Unit::Count,
     ),
     (
         "rx_drops",
         "kubevirt_vmi_network_receive_packets_dropped_total",
         "Received frames dropped.",
+        Unit::Count,
     ),
     (
         "tx_drops",
         "kubevirt_vmi_network_transmit_packets_dropped_total",
         "Frames to send that were dropped.",
+        Unit::Count,
     ),
     (
         "rx_errors",
         "kubevirt_vmi_network_receive_errors_total",
         "Receive errors.",
+        Unit::Count,
     ),
     (
         "tx_errors",
         "kubevirt_vmi_network_transmit_errors_total",
         "Transmit errors.",
+        Unit::Count,
     ),
 ];
 
@@ -188,10 +241,11 @@ pub fn render(info: Option<&VmInfo>, counters: &VmCounters, process: &ProcessSta
         if devices.is_empty() {
             continue;
         }
-        for (key, name, help) in table {
+        for (key, name, help, unit) in table {
             let mut f = family(&mut out, name, "counter", help);
             for (device, c) in &devices {
-                f.sample(name, &[(label, device)], c.get(*key).copied().unwrap_or(0));
+                let value = c.get(*key).copied().unwrap_or(0);
+                f.sample(name, &[(label, device)], unit.show(value));
             }
         }
     }
@@ -234,7 +288,8 @@ mod tests {
         .unwrap();
         let counters: VmCounters = serde_json::from_value(serde_json::json!({
             "root": {"read_bytes": 4096, "write_bytes": 512, "read_ops": 1, "write_ops": 1,
-                     "flushes": 3, "errors": 0, "discards": 0, "write_zeroes": 0},
+                     "flushes": 3, "errors": 0, "discards": 0, "write_zeroes": 0,
+                     "read_ns": 1_500_000, "write_ns": 2_000_000_000, "flush_ns": 0},
             "_net0": {"rx_bytes": 100, "tx_bytes": 200, "rx_frames": 1, "tx_frames": 2,
                       "rx_drops": 0, "tx_drops": 0, "rx_errors": 0, "tx_errors": 0},
             "_rng": {"bytes": 64},
@@ -253,6 +308,8 @@ mod tests {
             "kubevirt_vmi_vcpu_seconds_total{id=\"1\"} 0.250",
             "kubevirt_vmi_storage_read_traffic_bytes_total{drive=\"root\"} 4096",
             "kubevirt_vmi_storage_flush_requests_total{drive=\"root\"} 3",
+            "kubevirt_vmi_storage_read_times_seconds_total{drive=\"root\"} 0.001500000",
+            "kubevirt_vmi_storage_write_times_seconds_total{drive=\"root\"} 2.000000000",
             "kubevirt_vmi_network_transmit_bytes_total{interface=\"_net0\"} 200",
         ] {
             assert!(page.lines().any(|l| l == line), "no '{line}' in:\n{page}");

@@ -208,6 +208,16 @@ spec:
             return Err(vm.failure(&format!("no '{expected}' in the metrics:\n{metrics}")));
         }
     }
+    // The guest read its root disk to boot: that took time, and the metric says how much.
+    let read_seconds = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("kubevirt_vmi_storage_read_times_seconds_total{drive=\"root\"} ")
+        })
+        .and_then(|v| v.parse::<f64>().ok());
+    if !read_seconds.is_some_and(|s| s > 0.0) {
+        return Err(vm.failure(&format!("no read time for the root disk:\n{metrics}")));
+    }
     vm.shell_ok("pidof acpid")?;
     vm.terminate()?;
     let status = vm.wait()?;

@@ -11,6 +11,7 @@
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
@@ -25,6 +26,8 @@ pub(super) struct InFlight {
     pub(super) req: Request,
     /// Where in the file.
     pub(super) offset: u64,
+    /// When the device took the request from its queue.
+    pub(super) started: Instant,
     /// The guest buffers, read or written by the kernel until the completion arrives; kept
     /// here so the array outlives the operation.
     iovecs: Vec<libc::iovec>,
@@ -32,12 +35,13 @@ pub(super) struct InFlight {
 
 impl InFlight {
     /// A read or write of `iovecs` at `offset` in the file, for request `req` (chain `head`
-    /// of worker queue `queue`).
+    /// of worker queue `queue`), taken from the queue at `started`.
     pub(super) fn new(
         queue: usize,
         head: u16,
         req: Request,
         offset: u64,
+        started: Instant,
         iovecs: Vec<libc::iovec>,
     ) -> Self {
         InFlight {
@@ -45,6 +49,7 @@ impl InFlight {
             head,
             req,
             offset,
+            started,
             iovecs,
         }
     }

@@ -10,6 +10,7 @@
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -316,6 +317,7 @@ impl BlkWorker {
         queue: usize,
         head: u16,
         req: Request,
+        started: Instant,
         disk: &mut dyn DiskImage,
     ) -> Result<(), Request> {
         let write = match req.kind {
@@ -352,7 +354,7 @@ impl BlkWorker {
         ring.push(
             fd,
             write,
-            InFlight::new(queue, head, req, file_offset, iovecs),
+            InFlight::new(queue, head, req, file_offset, started, iovecs),
         )
     }
 
@@ -392,7 +394,7 @@ impl BlkWorker {
         done: &mut Vec<Done>,
     ) {
         for (op, result) in finished {
-            let used_len = self.complete_async(op.req, op.offset, result, disk);
+            let used_len = self.complete_async(op.req, op.offset, op.started, result, disk);
             done.push(Done {
                 queue: op.queue,
                 head: op.head,
@@ -407,6 +409,7 @@ impl BlkWorker {
         &self,
         req: Request,
         offset: u64,
+        started: Instant,
         result: i32,
         disk: &mut dyn DiskImage,
     ) -> u32 {
@@ -450,14 +453,26 @@ impl BlkWorker {
                 }
             }
         };
+        if done.status == S_OK {
+            self.counters.time(req.kind, started);
+        }
         self.write_status(status, done)
     }
 
-    /// Executes a parsed (or unparsable) request and completes it; returns the used length.
-    fn finish(&self, parsed: Result<Request, ParseError>, disk: &mut dyn DiskImage) -> u32 {
+    /// Executes a parsed (or unparsable) request, taken from its queue at `started`, and
+    /// completes it; returns the used length.
+    fn finish(
+        &self,
+        parsed: Result<Request, ParseError>,
+        started: Instant,
+        disk: &mut dyn DiskImage,
+    ) -> u32 {
         let (status_addr, done) = match parsed {
             Ok(req) => {
                 let done = self.execute(&req, disk);
+                if done.status == S_OK {
+                    self.counters.time(req.kind, started);
+                }
                 mark_data_dirty(&self.mem, &req);
                 (req.status, done)
             }
@@ -684,10 +699,12 @@ impl ChainServer for Server<'_> {
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<(), virtio_queue::Error> {
         let head = chain.head_index();
+        let started = Instant::now();
         let worker = self.worker;
         let parsed = request::parse(chain, &worker.mem);
         let parsed = match (self.ring.as_deref_mut(), parsed) {
-            (Some(r), Ok(req)) => match worker.submit(r, self.queue, head, req, self.disk) {
+            (Some(r), Ok(req)) => match worker.submit(r, self.queue, head, req, started, self.disk)
+            {
                 Ok(()) => return Ok(()),
                 Err(req) => Ok(req),
             },
@@ -697,7 +714,7 @@ impl ChainServer for Server<'_> {
         if let Some(r) = self.ring.as_deref_mut() {
             worker.drain(r, self.disk, &mut self.done);
         }
-        let used_len = worker.finish(parsed, self.disk);
+        let used_len = worker.finish(parsed, started, self.disk);
         q.add_used(&worker.mem, head, used_len)?;
         self.used += 1;
         Ok(())

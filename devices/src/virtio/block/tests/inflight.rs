@@ -96,6 +96,11 @@ fn mixed_batch_of_reads_writes_and_flushes() {
         let c = r.blk.counters();
         assert_eq!((c.write_ops(), c.read_ops(), c.flushes()), (40, 38, 9));
         assert_eq!(c.errors(), 0);
+        // Each kind's time is counted, whichever path served it.
+        assert!(
+            c.read_ns() > 0 && c.write_ns() > 0 && c.flush_ns() > 0,
+            "{mode}"
+        );
         // With EVENT_IDX, the whole batch raised interrupts only as the driver asked.
         assert!(r.irq.wait_used(1));
     }
