@@ -36,6 +36,12 @@ WORKLOADS = {
     # and QEMU side by side, shortened: where the 7.2 test host locked up.
     "io": ["python3", "resources/bench/io_bench.py", "--runs", "1", "--ramp", "1", "--runtime", "6",
            "--net-secs", "6", "--timeout", "300"],
+    # The disk half of "io" inside a storm of inter-processor interrupts (ipistorm.py): the
+    # test host's deaths start with an interrupt taken as a nested guest exits; more of those
+    # interrupts, sooner deaths, fewer sessions to tell candidates apart.
+    "storm": ["python3", "resources/testhost/ipistorm.py", "--",
+              "python3", "resources/bench/io_bench.py", "--only", "disk", "--runs", "1", "--ramp", "1",
+              "--runtime", "6", "--timeout", "400"],
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# soak.sh [--sessions N] [--workload io] [--stall S] [--record FILE] CANDIDATE...
+# soak.sh [--sessions N] [--workload io|storm] [--stall S] [--record FILE] CANDIDATE...
 # Runs N long test-host sessions per candidate, interleaved, and prints a table of how many
 # finished, failed, locked up, died or froze (docs/testhost-stability.md).
 #
@@ -9,7 +9,9 @@
 # (an older QEMU can be unpacked from its .deb beside the system's: dpkg-deb -x; run.sh finds
 # its firmware in ../share/qemu). The run record (default target/soak/soak-DATE.jsonl) keeps
 # every finished session; run again with --record FILE to carry on. Workload "io": the I/O
-# benchmark's six boots, shortened (~6 min per session on an idle machine).
+# benchmark's six boots, shortened (~6 min per session on an idle machine). Workload "storm":
+# its four disk boots while ipistorm.py floods the test host's CPUs with inter-processor
+# interrupts, which brings the test host's known death sooner.
 # Run it on an idle machine: a busy one changes the odds.
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/../../scripts/common.sh"
