@@ -5,6 +5,7 @@ mod cli;
 mod cloudinit;
 mod ctl;
 mod kubevirt;
+mod podnet;
 mod terminal;
 mod vmm_service;
 
@@ -160,6 +161,13 @@ fn launcher(args: cli::LauncherArgs) -> Result<ExitCode, String> {
     }
     reap_orphans_as_pid_1();
     let mut files = kubevirt::volumes::prepare(&launch.prepare, &mut config)?;
+    // The guest's taps on the pod's networks, before the VM opens them; unwired when this
+    // ends (declared after `files`: dropped before it, while its folders still exist).
+    let specs = kubevirt::network::bridge_specs(&launch.nics, &options.layout, &launch.name);
+    for spec in &specs {
+        files.folders_for(&spec.saved)?;
+    }
+    let _network = podnet::PodNetwork::wire(specs).map_err(|e| e.to_string())?;
     // In a pod the console is a socket and stdout is the pod's log, of events.
     let mut event_monitor = args.event_monitor.clone();
     if !args.console_stdio {

@@ -6,7 +6,8 @@
 //! workers) start without them. `no_new_privs` keeps any of them from gaining privileges
 //! again.
 
-use caps::{CapSet, Capability, CapsHashSet};
+pub use caps::Capability;
+use caps::{CapSet, CapsHashSet};
 
 /// The capabilities kept: reading and writing files whatever their owner.
 pub const KEPT: &[Capability] = &[
@@ -18,10 +19,16 @@ pub const KEPT: &[Capability] = &[
 /// permitted and effective sets) and sets its `no_new_privs`. The threads it starts from now
 /// on inherit the rest.
 pub fn drop_after_setup() -> Result<(), String> {
+    keep_only(KEPT)
+}
+
+/// Drops every capability but `keep` from the calling thread, as [`drop_after_setup`] does
+/// (for a thread that must keep another capability, or none at all).
+pub fn keep_only(keep: &[Capability]) -> Result<(), String> {
     fn fail(what: &'static str) -> impl Fn(caps::errors::CapsError) -> String {
         move |e| format!("cannot {what}: {e}")
     }
-    let keep: CapsHashSet = KEPT.iter().copied().collect();
+    let keep: CapsHashSet = keep.iter().copied().collect();
     // The bounding set first: narrowing it needs CAP_SETPCAP, which goes below (a VMM run
     // without it has nothing there to give up that no_new_privs does not already hold back).
     if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).unwrap_or(false) {

@@ -86,6 +86,20 @@ impl PodLayout {
         self.at("/var/run/kubevirt-infra/healthy")
     }
 
+    /// What a pod interface had before its bridge binding took its address (kept while the
+    /// binding holds it, for the next launcher if this one is killed).
+    pub fn pod_interface_record(&self, interface: &str) -> PathBuf {
+        self.at(&format!(
+            "/var/run/kubevirt-private/podnet/{interface}.json"
+        ))
+    }
+
+    /// The pod's resolver configuration, whose name servers and search domains the guest
+    /// is given.
+    pub fn resolv_conf(&self) -> PathBuf {
+        self.at("/etc/resolv.conf")
+    }
+
     /// The API socket the node talks to.
     pub fn api_socket(&self, namespace: &str, name: &str) -> PathBuf {
         self.at(&format!(

@@ -1,8 +1,10 @@
 //! KubeVirt: a `VirtualMachineInstance` (kubevirt.io/v1, YAML or JSON) read ([`spec`]),
 //! turned into the VM podvisor runs and the files its volumes need ([`translate`]), at the
-//! paths KubeVirt gives them in a pod ([`layout`]).
+//! paths KubeVirt gives them in a pod ([`layout`]), and its NICs' places on the pod's
+//! networks ([`network`]).
 
 pub mod layout;
+pub mod network;
 pub mod quantity;
 pub mod spec;
 pub mod translate;

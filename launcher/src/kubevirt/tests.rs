@@ -339,7 +339,7 @@ spec:
 }
 
 #[test]
-fn interfaces_are_checked_and_refused_until_the_pod_network_is_wired() {
+fn interfaces_are_checked_and_masquerade_refused_until_it_is_wired() {
     let yaml = r#"
 metadata: {name: net}
 spec:
@@ -393,12 +393,70 @@ spec:
     // A right spec, which this podvisor cannot wire yet: valid, with the reason not to run it.
     let l = launch(good).unwrap();
     assert_eq!(l.limits.len(), 1, "{:?}", l.limits);
-    assert!(l.limits[0].starts_with("spec.domain.devices.interfaces: the pod network is not wired"));
+    assert!(l.limits[0].starts_with(
+        "spec.domain.devices.interfaces[0].masquerade: the masquerade binding is not wired"
+    ));
     assert!(l.limits[0].contains("--no-network"));
     let l = translate(&parse(good).unwrap(), &options(true)).unwrap();
     assert!(l.limits.is_empty());
-    assert!(l.config.net.is_empty());
+    assert!(l.config.net.is_empty() && l.nics.is_empty());
     assert!(l.warnings.iter().any(|w| w.contains("--no-network")));
+}
+
+#[test]
+fn bridge_bindings_become_nics_on_taps_bridged_to_their_pod_interfaces() {
+    let yaml = r#"
+metadata: {name: web, namespace: shop}
+spec:
+  domain:
+    memory: {guest: 256Mi}
+    firmware: {kernelBoot: {container: {image: k, kernelPath: /k}}}
+    devices:
+      interfaces:
+      - {name: default, bridge: {}}
+      - {name: storage, bridge: {}, macAddress: "02-aa-bb-cc-dd-ee"}
+      - {name: blue, bridge: {}}
+  networks:
+  - {name: default, pod: {}}
+  - {name: blue, multus: {networkName: blue-net}}
+  - {name: storage, multus: {networkName: storage-net}}
+"#;
+    let l = launch(yaml).unwrap();
+    assert!(l.limits.is_empty(), "{:?}", l.limits);
+    let wired: Vec<(&str, &str, &str)> = l
+        .nics
+        .iter()
+        .map(|n| (n.pod_interface.as_str(), n.bridge.as_str(), n.tap.as_str()))
+        .collect();
+    // Multus networks are net1, net2, ... in the order of spec.networks.
+    assert_eq!(
+        wired,
+        [
+            ("eth0", "k6t-eth0", "tap0"),
+            ("net2", "k6t-net2", "tap1"),
+            ("net1", "k6t-net1", "tap2"),
+        ]
+    );
+    assert_eq!(l.nics[1].mac, [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]);
+    let macs: Vec<_> = l
+        .config
+        .net
+        .iter()
+        .map(|n| n.mac.clone().unwrap())
+        .collect();
+    assert_eq!(macs[1], "02:aa:bb:cc:dd:ee");
+    assert_eq!(l.config.net[0].tap.as_deref(), Some("tap0"));
+    // A derived MAC: locally administered, unicast, the same for the same VMI anywhere, and
+    // another for another VMI.
+    assert_eq!(l.nics[0].mac[0], 0x02);
+    assert_eq!(launch(yaml).unwrap().nics[0].mac, l.nics[0].mac);
+    let other = launch(&yaml.replace("name: web", "name: db")).unwrap();
+    assert_ne!(other.nics[0].mac, l.nics[0].mac);
+    let multicast = yaml.replace("02-aa-bb-cc-dd-ee", "03:00:00:00:00:01");
+    assert_all_start(
+        &errors(&multicast),
+        &["spec.domain.devices.interfaces[1].macAddress: '03:00:00:00:00:01' is a multicast address"],
+    );
 }
 
 #[test]

@@ -27,6 +27,7 @@ const IFF_VNET_HDR: i16 = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
 const SIOCSIFFLAGS: libc::c_ulong = 0x8914;
 const SIOCSIFADDR: libc::c_ulong = 0x8916;
@@ -193,6 +194,24 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Makes the tap outlive its file descriptors (until deleted, or made non-persistent and
+    /// closed): a pod's launcher makes its guest's tap so, to put it on a bridge before the
+    /// VMM opens it.
+    pub fn set_persistent(&self, persistent: bool) -> Result<(), NetError> {
+        // SAFETY: TUNSETPERSIST takes its argument by value (0 or 1); the fd is our tap's.
+        let ret = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETPERSIST,
+                libc::c_ulong::from(persistent),
+            )
+        };
+        if ret < 0 {
+            return Err(self.error("setting it persistent"));
+        }
+        Ok(())
     }
 
     /// Whether the kernel accepts UDP fragmentation offload on this tap.

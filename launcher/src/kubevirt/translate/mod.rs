@@ -31,6 +31,8 @@ pub struct Launch {
     pub config: VmConfig,
     /// Files to make before the VM boots, in order.
     pub prepare: Vec<Prepare>,
+    /// The guest's NICs' places on the pod's networks, to wire before the VM boots.
+    pub nics: Vec<PodNic>,
     /// `spec.terminationGracePeriodSeconds` (KubeVirt's default: 30).
     pub grace_period_s: u64,
     /// Fields left aside, one line each.
@@ -38,6 +40,19 @@ pub struct Launch {
     /// What the spec rightly asks but this podvisor cannot do yet (a VMI that boots from its
     /// disk, the pod network): it validates, but does not run.
     pub limits: Vec<String>,
+}
+
+/// A guest NIC on a pod network (bridge binding): its tap and the pod interface it is bridged
+/// to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodNic {
+    /// `eth0` (the pod network), `net1`, ... (Multus networks).
+    pub pod_interface: String,
+    /// `k6t-<pod interface>`, as KubeVirt names it.
+    pub bridge: String,
+    pub tap: String,
+    /// The guest's MAC (the spec's, or one derived from the VMI and its network).
+    pub mac: [u8; 6],
 }
 
 /// A file a volume needs before the VM boots.
@@ -269,7 +284,7 @@ impl Translator<'_> {
         let payload = self.payload(vmi);
         let platform = self.platform(vmi);
         let (disks, prepare) = self.disks(vmi, &name, &namespace);
-        self.network(vmi);
+        let (net, nics) = self.network(vmi, &name, &namespace);
         let rng = domain.devices.rng.as_ref().map(|_| RngConfig::default());
         self.rest(
             "spec.domain.devices",
@@ -284,12 +299,13 @@ impl Translator<'_> {
                 memory,
                 serial: ConsoleConfig::Tty,
                 disks,
-                net: Vec::new(),
+                net,
                 rng,
                 console: None,
                 platform,
             },
             prepare,
+            nics,
             grace_period_s: spec.termination_grace_period_seconds.unwrap_or(30),
             warnings: Vec::new(),
             limits: Vec::new(),

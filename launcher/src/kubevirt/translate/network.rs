@@ -1,23 +1,41 @@
-//! A VMI's interfaces and networks: checked whole (bindings, names, MACs, ports), though the
-//! pod network is not wired yet.
+//! A VMI's interfaces and networks: checked whole (bindings, names, MACs, ports); the ones
+//! with a bridge binding become the guest's NICs, each on a tap bridged to its pod interface
+//! (`eth0` for the pod network, `net1`, `net2`, ... for Multus networks, in their order).
 
 use std::collections::BTreeMap;
 
 use serde_json::Value;
+use vmm::config::NetConfig;
 
-use super::{Translator, OTHER_BINDINGS};
+use super::{PodNic, Translator, OTHER_BINDINGS};
 use crate::kubevirt::spec::Vmi;
 
 impl Translator<'_> {
-    pub(super) fn network(&mut self, vmi: &Vmi) {
+    /// The guest's NICs and the pod interfaces they are bridged to.
+    pub(super) fn network(
+        &mut self,
+        vmi: &Vmi,
+        name: &str,
+        namespace: &str,
+    ) -> (Vec<NetConfig>, Vec<PodNic>) {
         let spec = &vmi.spec;
         let mut networks: BTreeMap<&str, usize> = BTreeMap::new();
+        // The pod interface of each network: Multus ones are numbered in their order.
+        let mut pod_interfaces: BTreeMap<&str, String> = BTreeMap::new();
+        let mut multus = 0;
         for (i, net) in spec.networks.iter().enumerate() {
             let path = format!("spec.networks[{i}]");
             self.rest(&path, "spec.networks[]", &net.rest);
             match net.name.as_deref().filter(|n| !n.is_empty()) {
                 None => self.error(&format!("{path}.name"), "missing"),
                 Some(n) => {
+                    let interface = if net.multus.is_some() {
+                        multus += 1;
+                        format!("net{multus}")
+                    } else {
+                        "eth0".to_owned()
+                    };
+                    pod_interfaces.entry(n).or_insert(interface);
                     if networks.insert(n, i).is_some() {
                         self.error(
                             &format!("{path}.name"),
@@ -31,6 +49,8 @@ impl Translator<'_> {
             }
         }
         let mut taken: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut nets = Vec::new();
+        let mut nics = Vec::new();
         for (i, iface) in spec.domain.devices.interfaces.iter().enumerate() {
             let path = format!("spec.domain.devices.interfaces[{i}]");
             let mut bindings: Vec<&str> = Vec::new();
@@ -79,11 +99,19 @@ impl Translator<'_> {
                     format!("'{model}' is not supported (virtio)"),
                 );
             }
-            if let Some(mac) = &iface.mac_address {
-                if !is_mac(mac) {
+            let mut mac = None;
+            if let Some(given) = &iface.mac_address {
+                mac = parse_mac(given);
+                if mac.is_some_and(|m| m[0] & 1 == 1) {
+                    mac = None;
                     self.error(
                         &format!("{path}.macAddress"),
-                        format!("'{mac}' is not a MAC address"),
+                        format!("'{given}' is a multicast address"),
+                    );
+                } else if mac.is_none() {
+                    self.error(
+                        &format!("{path}.macAddress"),
+                        format!("'{given}' is not a MAC address"),
                     );
                 }
             }
@@ -100,31 +128,69 @@ impl Translator<'_> {
                             format!("network '{n}' already has interfaces[{first}]"),
                         );
                     }
+                    if iface.masquerade.is_some() && !self.options.no_network {
+                        self.limit(
+                            &format!("{path}.masquerade"),
+                            "the masquerade binding is not wired by podvisor yet (bridge is); \
+                             start with --no-network to run the VM without NICs",
+                        );
+                    }
+                    if iface.bridge.is_some() {
+                        let pod_interface = pod_interfaces.get(n).cloned().unwrap_or_default();
+                        // The same on any node (a migrated guest keeps its neighbours' view).
+                        let mac = mac.unwrap_or_else(|| derived_mac(namespace, name, n));
+                        nets.push(NetConfig {
+                            tap: Some(format!("tap{i}")),
+                            mac: Some(show_mac(mac)),
+                            id: Some(format!("_net{i}")),
+                            ..NetConfig::default()
+                        });
+                        nics.push(PodNic {
+                            bridge: format!("k6t-{pod_interface}"),
+                            pod_interface,
+                            tap: format!("tap{i}"),
+                            mac,
+                        });
+                    }
                 }
             }
         }
-        if !spec.domain.devices.interfaces.is_empty() {
-            if self.options.no_network {
-                self.warnings.push(
-                    "spec.domain.devices.interfaces: left out (--no-network): the VM has no NICs"
-                        .into(),
-                );
-            } else {
-                self.limit(
-                    "spec.domain.devices.interfaces",
-                    "the pod network is not wired by podvisor yet; start with --no-network to \
-                     run the VM without NICs",
-                );
-            }
+        if !spec.domain.devices.interfaces.is_empty() && self.options.no_network {
+            self.warnings.push(
+                "spec.domain.devices.interfaces: left out (--no-network): the VM has no NICs"
+                    .into(),
+            );
+            return (Vec::new(), Vec::new());
         }
+        (nets, nics)
     }
 }
 
-/// `52:54:00:12:34:56`: six pairs of hex digits.
-fn is_mac(s: &str) -> bool {
-    let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+/// A locally administered unicast MAC from the VMI's namespace, name and network (FNV-1a):
+/// the same wherever the VMI runs.
+fn derived_mac(namespace: &str, name: &str, network: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{namespace}/{name}/{network}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+fn show_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// `52:54:00:12:34:56` (or with dashes): six pairs of hex digits.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
 }

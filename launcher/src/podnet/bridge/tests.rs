@@ -1,0 +1,336 @@
+//! The bridge binding in network namespaces: a "node" namespace plays the CNI's side of the pod
+//! interface (a veth), a "guest" namespace holds the far end of a veth standing in for the tap,
+//! and a DHCP exchange and a TCP connection run over it. Nothing leaves these namespaces.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use dhcproto::v4::{self, DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+use ipnet::Ipv4Net;
+
+use super::*;
+use crate::podnet::netns::Netns;
+
+const GUEST_MAC: [u8; 6] = [0x02, 0x6b, 0x36, 0x00, 0x00, 0x07];
+const POD_IP: &str = "10.244.1.7/24";
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+
+fn spec(pod_interface: &str, dir: &std::path::Path) -> BridgeSpec {
+    BridgeSpec {
+        pod_interface: pod_interface.into(),
+        bridge: "k6t-eth0".into(),
+        guest_link: "tap0".into(),
+        make_tap: false,
+        saved: dir.join("podnet-eth0.json"),
+        guest_mac: GUEST_MAC,
+        hostname: Some("testvmi".into()),
+        dns: vec![Ipv4Addr::new(10, 96, 0, 10)],
+        search: vec!["default.svc.cluster.local".into()],
+    }
+}
+
+/// Three namespaces wired as a pod on a node, or `None` when this process may not make them.
+fn pod_on_a_node() -> Option<(Netns, Netns, Netns)> {
+    let (Some(node), Some(pod), Some(guest)) = (Netns::new(), Netns::new(), Netns::new()) else {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_ne!(euid, 0, "root, and no network namespace");
+        eprintln!("skipped: network namespaces need root");
+        return None;
+    };
+    let (node_fd, guest_fd) = (node.fd(), guest.fd());
+    pod.run(move || {
+        let nl = Netlink::open().unwrap();
+        nl.add_veth("eth0", "node0").unwrap();
+        nl.add_veth("tap0", "guest0").unwrap();
+        nl.move_to_netns(nl.existing("node0").unwrap().index, node_fd)
+            .unwrap();
+        nl.move_to_netns(nl.existing("guest0").unwrap().index, guest_fd)
+            .unwrap();
+        let eth0 = nl.existing("eth0").unwrap().index;
+        nl.up(eth0, Some(1450)).unwrap();
+        nl.add_address(eth0, POD_IP.parse().unwrap()).unwrap();
+        for (dest, gw) in [("0.0.0.0/0", NODE_IP), ("10.96.0.0/12", NODE_IP)] {
+            let route = Route {
+                destination: dest.parse().unwrap(),
+                gateway: Some(gw),
+                interface: Some(eth0),
+                connected: false,
+            };
+            nl.add_route(&route).unwrap();
+        }
+    });
+    node.run(|| {
+        let nl = Netlink::open().unwrap();
+        let node0 = nl.existing("node0").unwrap().index;
+        nl.add_address(node0, Ipv4Net::new(NODE_IP, 24).unwrap())
+            .unwrap();
+        nl.up(node0, Some(1450)).unwrap();
+    });
+    guest.run(|| {
+        let nl = Netlink::open().unwrap();
+        let guest0 = nl.existing("guest0").unwrap().index;
+        nl.up(guest0, Some(1450)).unwrap();
+    });
+    Some((node, pod, guest))
+}
+
+/// What the pod's namespace holds that the binding touches.
+#[derive(Debug, PartialEq)]
+struct PodState {
+    links: Vec<(String, Option<u32>)>,
+    eth0_addresses: Vec<Ipv4Net>,
+    routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
+}
+
+fn pod_state(pod: &Netns) -> PodState {
+    pod.run(|| {
+        let nl = Netlink::open().unwrap();
+        let mut links = Vec::new();
+        for name in ["eth0", "tap0", "k6t-eth0"] {
+            if let Some(l) = nl.link(name).unwrap() {
+                links.push((l.name, l.controller));
+            }
+        }
+        let eth0 = nl.existing("eth0").unwrap().index;
+        let mut routes: Vec<_> = nl
+            .routes()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.destination, r.gateway))
+            .collect();
+        routes.sort();
+        PodState {
+            links,
+            eth0_addresses: nl.addresses(eth0).unwrap(),
+            routes,
+        }
+    })
+}
+
+/// DISCOVER, then REQUEST what was offered, from the guest's namespace; returns the ACK.
+fn dhcp_exchange(guest: &Netns) -> Message {
+    guest.run(|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .unwrap();
+        socket.set_broadcast(true).unwrap();
+        socket.bind_device(Some(b"guest0")).unwrap();
+        let any = std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68));
+        socket.bind(&any.into()).unwrap();
+        let socket: UdpSocket = socket.into();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let server = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
+        let ask = |kind: MessageType, extra: Vec<DhcpOption>| -> Option<Message> {
+            let mut m = Message::default();
+            m.set_opcode(Opcode::BootRequest)
+                .set_htype(v4::HType::Eth)
+                .set_xid(7)
+                .set_flags(Flags::default().set_broadcast())
+                .set_chaddr(&GUEST_MAC);
+            m.opts_mut().insert(DhcpOption::MessageType(kind));
+            for o in extra {
+                m.opts_mut().insert(o);
+            }
+            let mut out = Vec::new();
+            m.encode(&mut Encoder::new(&mut out)).unwrap();
+            let mut buf = [0u8; 1500];
+            for _ in 0..20 {
+                socket.send_to(&out, server).unwrap();
+                if let Ok(n) = socket.recv(&mut buf) {
+                    return Message::decode(&mut Decoder::new(&buf[..n])).ok();
+                }
+            }
+            None
+        };
+        let offer = ask(MessageType::Discover, vec![]).expect("no DHCPOFFER");
+        assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+        let Some(DhcpOption::ServerIdentifier(id)) = offer.opts().get(OptionCode::ServerIdentifier)
+        else {
+            panic!("no server identifier in {offer:?}");
+        };
+        let request = vec![
+            DhcpOption::RequestedIpAddress(offer.yiaddr()),
+            DhcpOption::ServerIdentifier(*id),
+        ];
+        ask(MessageType::Request, request).expect("no DHCPACK")
+    })
+}
+
+#[test]
+fn the_guest_takes_the_pods_address_and_reaches_the_node_and_all_is_undone() {
+    let Some((node, pod, guest)) = pod_on_a_node() else {
+        return;
+    };
+    let before = pod_state(&pod);
+    assert!(before.eth0_addresses.contains(&POD_IP.parse().unwrap()));
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec("eth0", dir.path());
+    // Twice: a second launcher in the same pod (a container restart) finds it as the first did.
+    for round in 0..2 {
+        let this = s.clone();
+        let binding = pod.run(move || BridgeBinding::wire(&this).map_err(|e| e.to_string()));
+        let binding = binding.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let lease = binding.lease().unwrap().clone();
+        assert_eq!(lease.address, POD_IP.parse().unwrap());
+        assert_eq!(lease.gateway, Some(NODE_IP));
+        assert_eq!(lease.mtu, Some(1450));
+        let during = pod_state(&pod);
+        assert!(during.eth0_addresses.is_empty(), "{during:?}");
+        let bridge = pod.run(|| Netlink::open().unwrap().existing("k6t-eth0").unwrap().index);
+        for (name, controller) in &during.links {
+            if name != "k6t-eth0" {
+                assert_eq!(*controller, Some(bridge), "{name} is not on the bridge");
+            }
+        }
+
+        let ack = dhcp_exchange(&guest);
+        assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(ack.yiaddr(), Ipv4Addr::new(10, 244, 1, 7));
+        let get = |c| ack.opts().get(c).cloned();
+        assert_eq!(
+            get(OptionCode::Router),
+            Some(DhcpOption::Router(vec![NODE_IP]))
+        );
+        assert_eq!(
+            get(OptionCode::InterfaceMtu),
+            Some(DhcpOption::InterfaceMtu(1450))
+        );
+        assert_eq!(
+            get(OptionCode::SubnetMask),
+            Some(DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)))
+        );
+        let Some(DhcpOption::ClasslessStaticRoute(routes)) = get(OptionCode::ClasslessStaticRoute)
+        else {
+            panic!("no routes in {ack:?}");
+        };
+        assert!(
+            routes.contains(&("10.96.0.0/12".parse().unwrap(), NODE_IP)),
+            "{routes:?}"
+        );
+
+        // The guest, configured as told, reaches the node through the bridge and the pod's
+        // interface, and the node sees it at the pod's address.
+        let listener = node.run(|| TcpListener::bind((NODE_IP, 8080)).unwrap());
+        let accept = std::thread::spawn(move || {
+            let (mut s, peer) = listener.accept().unwrap();
+            let mut buf = [0u8; 5];
+            s.read_exact(&mut buf).unwrap();
+            (peer, buf)
+        });
+        guest.run(move || {
+            let nl = Netlink::open().unwrap();
+            let guest0 = nl.existing("guest0").unwrap().index;
+            let address: Ipv4Net = POD_IP.parse().unwrap();
+            if round == 0 {
+                nl.add_address(guest0, address).unwrap();
+                let default = Route {
+                    destination: Ipv4Net::default(),
+                    gateway: Some(NODE_IP),
+                    interface: Some(guest0),
+                    connected: false,
+                };
+                nl.add_route(&default).unwrap();
+            }
+            let mut s = TcpStream::connect_timeout(&(NODE_IP, 8080).into(), Duration::from_secs(5))
+                .unwrap();
+            s.write_all(b"hello").unwrap();
+        });
+        let (peer, said) = accept.join().unwrap();
+        assert_eq!(&said, b"hello");
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(Ipv4Addr::new(10, 244, 1, 7))
+        );
+
+        assert!(
+            s.saved.exists(),
+            "no record of the pod interface while wired"
+        );
+        drop(binding);
+        assert_eq!(
+            pod_state(&pod),
+            before,
+            "round {round}: the pod is not as it was"
+        );
+        assert!(!s.saved.exists(), "the record outlived the binding");
+    }
+}
+
+#[test]
+fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
+    let Some((_node, pod, _guest)) = pod_on_a_node() else {
+        return;
+    };
+    let before = pod_state(&pod);
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec("eth0", dir.path());
+    // The launcher makes its own tap.
+    s.guest_link = "tap7".into();
+    s.make_tap = true;
+    let first = s.clone();
+    pod.run(move || {
+        let binding = BridgeBinding::wire(&first).unwrap();
+        assert!(Netlink::open().unwrap().link("tap7").unwrap().is_some());
+        // kill -9: nothing is undone.
+        std::mem::forget(binding);
+    });
+    assert_ne!(pod_state(&pod), before);
+    let second = s.clone();
+    let binding = pod.run(move || BridgeBinding::wire(&second).map_err(|e| e.to_string()));
+    let binding = binding.expect("a launcher after a killed one");
+    assert_eq!(binding.lease().unwrap().address, POD_IP.parse().unwrap());
+    drop(binding);
+    assert_eq!(pod_state(&pod), before);
+    assert!(pod.run(|| Netlink::open().unwrap().link("tap7").unwrap().is_none()));
+    assert!(!s.saved.exists());
+}
+
+#[test]
+fn a_missing_interface_or_a_taken_bridge_is_refused_and_nothing_is_left() {
+    let Some((_node, pod, _guest)) = pod_on_a_node() else {
+        return;
+    };
+    let before = pod_state(&pod);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let p = path.clone();
+    let e = pod.run(move || {
+        BridgeBinding::wire(&spec("net1", &p))
+            .err()
+            .map(|e| e.to_string())
+    });
+    let e = e.expect("a binding of a missing interface");
+    assert!(e.contains("net1"), "{e}");
+    assert_eq!(pod_state(&pod), before);
+    // The guest's tap missing: found before anything is changed.
+    let mut no_tap = spec("eth0", &path);
+    no_tap.guest_link = "tap9".into();
+    let e = pod.run(move || BridgeBinding::wire(&no_tap).err().map(|e| e.to_string()));
+    assert!(e.expect("a binding without a tap").contains("tap9"));
+    assert_eq!(pod_state(&pod), before);
+    // A bridge of that name already there (a crashed launcher's): refused, left alone.
+    pod.run(|| {
+        Netlink::open()
+            .unwrap()
+            .add_bridge("k6t-eth0", 1500)
+            .unwrap();
+    });
+    let with_bridge = pod_state(&pod);
+    let p = path.clone();
+    let e = pod.run(move || {
+        BridgeBinding::wire(&spec("eth0", &p))
+            .err()
+            .map(|e| e.to_string())
+    });
+    assert!(e.expect("a second bridge").contains("k6t-eth0 exists"));
+    assert_eq!(pod_state(&pod), with_bridge);
+    assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0, "files left");
+}
