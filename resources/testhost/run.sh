@@ -49,6 +49,7 @@ MODULES=(
     irqbypass kvm kvm_amd kvm_intel
     virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     fuse virtiofs virtio_console tun
+    veth bridge
 )
 kpkg="${PODVISOR_TESTHOST_KERNEL_PKG:-}"
 if [[ -n "$kpkg" ]]; then

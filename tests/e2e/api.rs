@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Failed, Trial};
 
-use crate::harness::{guest, hang_tolerant, host, host_ok, podvisor, Scratch, Vm};
+use crate::harness::{guest, hang_tolerant, host, host_ok, podvisor, NetNs, Scratch, Vm};
 
 /// `podvisor ctl --api-socket SOCKET ARGS...`: exit code and output.
 fn ctl(socket: &str, args: &[&str]) -> Result<(i32, String), Failed> {
@@ -427,23 +427,6 @@ fn listening(path: &std::path::Path, mut alive: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     true
-}
-
-/// A network namespace of its own (another pod), deleted when dropped.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(name: String) -> Result<NetNs, Failed> {
-        let _ = host("ip", &["netns", "del", &name]);
-        host_ok("ip", &["netns", "add", &name])?;
-        Ok(NetNs(name))
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = host("ip", &["netns", "del", &self.0]);
-    }
 }
 
 /// A VM with a disk, a network interface, a counter and a loop that keeps rewriting 8 MiB of

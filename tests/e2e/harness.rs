@@ -640,3 +640,27 @@ pub fn find_sha256(text: &str) -> Option<String> {
         .find(|w| w.len() == 64)
         .map(str::to_owned)
 }
+
+/// A network namespace of its own (another pod, a node), deleted when dropped.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    pub fn new(name: String) -> Result<NetNs, Failed> {
+        let _ = host("ip", &["netns", "del", &name]);
+        host_ok("ip", &["netns", "add", &name])?;
+        Ok(NetNs(name))
+    }
+
+    /// `ip -n NAME ARGS...`, which must succeed.
+    pub fn ip(&self, args: &str) -> Result<String, Failed> {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend(args.split_whitespace());
+        host_ok("ip", &all)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = host("ip", &["netns", "del", &self.0]);
+    }
+}

@@ -360,7 +360,7 @@ impl Drop for HugePages {
 }
 
 /// Every file and folder under `dir`, sorted.
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     let mut todo = vec![dir.to_owned()];
     while let Some(d) = todo.pop() {

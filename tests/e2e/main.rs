@@ -13,6 +13,7 @@ mod disks;
 mod harness;
 mod launcher;
 mod net;
+mod podnet;
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -36,6 +37,7 @@ fn scenarios() -> Vec<Trial> {
     trials.extend(net::trials());
     trials.extend(api::trials());
     trials.extend(launcher::trials());
+    trials.extend(podnet::trials());
     trials
 }
 

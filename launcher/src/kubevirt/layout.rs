@@ -90,7 +90,7 @@ impl PodLayout {
     /// binding holds it, for the next launcher if this one is killed).
     pub fn pod_interface_record(&self, interface: &str) -> PathBuf {
         self.at(&format!(
-            "/var/run/kubevirt-private/podnet/{interface}.json"
+            "/var/run/kubevirt-private/podnet-{interface}.json"
         ))
     }
 

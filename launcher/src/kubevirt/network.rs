@@ -93,7 +93,7 @@ mod tests {
         assert!(specs[0].make_tap);
         assert_eq!(
             specs[0].saved,
-            dir.path().join("var/run/kubevirt-private/podnet/eth0.json")
+            dir.path().join("var/run/kubevirt-private/podnet-eth0.json")
         );
     }
 }

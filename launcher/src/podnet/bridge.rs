@@ -60,8 +60,8 @@ enum Undo {
 struct Saved {
     interface: String,
     address: String,
-    /// (destination, gateway) of the routes that leave by the interface.
-    routes: Vec<(String, Option<Ipv4Addr>)>,
+    /// (destination, gateway, protocol) of the routes that leave by the interface.
+    routes: Vec<(String, Option<Ipv4Addr>, u8)>,
     bridge: String,
     tap: Option<String>,
 }
@@ -165,7 +165,7 @@ impl BridgeBinding {
             routes: routes
                 .iter()
                 .filter(|r| !r.connected)
-                .map(|r| (r.destination.to_string(), r.gateway))
+                .map(|r| (r.destination.to_string(), r.gateway, r.protocol))
                 .collect(),
             bridge: spec.bridge.clone(),
             tap: spec.make_tap.then(|| spec.guest_link.clone()),
@@ -251,13 +251,14 @@ impl BridgeBinding {
         }
         nl.up(pod.index, None)?;
         let present = nl.routes()?;
-        for (destination, gateway) in &saved.routes {
+        for (destination, gateway, protocol) in &saved.routes {
             let route = Route {
                 destination: destination
                     .parse()
                     .map_err(|e: ipnet::AddrParseError| unreadable(e.to_string()))?,
                 gateway: *gateway,
                 interface: Some(pod.index),
+                protocol: *protocol,
                 connected: false,
             };
             let there = present

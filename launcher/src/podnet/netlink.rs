@@ -57,6 +57,9 @@ pub struct Route {
     pub gateway: Option<Ipv4Addr>,
     /// The interface it leaves by.
     pub interface: Option<u32>,
+    /// Who made it (rtnetlink's protocol: 3 `ip route`'s default, 4 static, ...); put back
+    /// as it was.
+    pub protocol: u8,
     /// Made by the kernel for an address (the connected route): it comes back with the address.
     pub connected: bool,
 }
@@ -257,6 +260,9 @@ impl Netlink {
         if let Some(oif) = route.interface {
             b = b.output_interface(oif);
         }
+        if route.protocol != 0 {
+            b = b.protocol(RouteProtocol::from(route.protocol));
+        }
         self.runtime
             .block_on(self.handle.route().add(b.build()).execute())
             .map_err(failed(format!("add route to {}", route.destination)))
@@ -300,6 +306,7 @@ fn route_of(msg: &RouteMessage) -> Option<Route> {
         destination: Ipv4Net::new(destination, msg.header.destination_prefix_length).ok()?,
         gateway,
         interface,
+        protocol: u8::from(msg.header.protocol),
         connected: msg.header.protocol == RouteProtocol::Kernel,
     })
 }

@@ -57,6 +57,7 @@ fn pod_on_a_node() -> Option<(Netns, Netns, Netns)> {
                 destination: dest.parse().unwrap(),
                 gateway: Some(gw),
                 interface: Some(eth0),
+                protocol: 3,
                 connected: false,
             };
             nl.add_route(&route).unwrap();
@@ -82,7 +83,7 @@ fn pod_on_a_node() -> Option<(Netns, Netns, Netns)> {
 struct PodState {
     links: Vec<(String, Option<u32>)>,
     eth0_addresses: Vec<Ipv4Net>,
-    routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
+    routes: Vec<(Ipv4Net, Option<Ipv4Addr>, u8)>,
 }
 
 fn pod_state(pod: &Netns) -> PodState {
@@ -99,7 +100,7 @@ fn pod_state(pod: &Netns) -> PodState {
             .routes()
             .unwrap()
             .into_iter()
-            .map(|r| (r.destination, r.gateway))
+            .map(|r| (r.destination, r.gateway, r.protocol))
             .collect();
         routes.sort();
         PodState {
@@ -235,6 +236,7 @@ fn the_guest_takes_the_pods_address_and_reaches_the_node_and_all_is_undone() {
                     destination: Ipv4Net::default(),
                     gateway: Some(NODE_IP),
                     interface: Some(guest0),
+                    protocol: 0,
                     connected: false,
                 };
                 nl.add_route(&default).unwrap();

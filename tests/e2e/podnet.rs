@@ -1,0 +1,197 @@
+//! The launcher's pod network: a fake pod (a network namespace whose `eth0` is a veth) on a
+//! fake node (another namespace at the veth's other end, the pod's gateway), as a CNI leaves
+//! them. All traffic stays inside the two namespaces this test makes in the test host.
+
+use libtest_mimic::{Failed, Trial};
+
+use crate::harness::*;
+use crate::launcher::walk;
+
+const POD_IP: &str = "10.244.1.7";
+const NODE_IP: &str = "10.244.1.1";
+
+/// What of the pod's network the launcher may change: its links (with their bridge), the
+/// pod interface's addresses and the routes.
+fn pod_network(pod: &NetNs) -> Result<String, Failed> {
+    let links = pod.ip("-o link show")?;
+    let mut names: Vec<String> = links
+        .lines()
+        .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+        .filter_map(|l| {
+            let name = l.split(": ").nth(1)?.split('@').next()?.to_owned();
+            let master = l
+                .split_whitespace()
+                .skip_while(|w| *w != "master")
+                .nth(1)
+                .map(|m| format!(" master {m}"))
+                .unwrap_or_default();
+            Some(format!("{name}{master}"))
+        })
+        .collect();
+    names.sort();
+    let addresses = pod.ip("-o -4 addr show dev eth0")?;
+    let words: Vec<&str> = addresses.split_whitespace().collect();
+    let addresses: Vec<&str> = words
+        .windows(2)
+        .filter(|w| w[0] == "inet")
+        .map(|w| w[1])
+        .collect();
+    Ok(format!(
+        "links {names:?}; eth0 {addresses:?}; routes {}",
+        pod.ip("-4 route show")?.trim()
+    ))
+}
+
+/// A VMI whose interface has the bridge binding on the pod network: the guest (DHCP client in
+/// its init) gets the pod's address, prefix, gateway, MTU and name server from the launcher's
+/// DHCP server, reaches the node, and the node reaches a port in the guest at the pod's
+/// address. The launcher is then killed (`kill -9`): the pod keeps the bridge. A second
+/// launcher in the same pod (the container restarted) puts the pod interface back, wires it
+/// again, and its guest gets the same lease; after SIGTERM the pod's network is as the CNI
+/// left it and the launcher's record of it is gone.
+fn the_guest_takes_the_pods_address_by_dhcp() -> Result<(), Failed> {
+    let id = std::process::id() % 100_000;
+    let pod = NetNs::new(format!("pvpod{id}"))?;
+    let node = NetNs::new(format!("pvnode{id}"))?;
+    pod.ip(&format!(
+        "link add eth0 type veth peer name node0 netns {}",
+        node.0
+    ))?;
+    pod.ip("link set lo up")?;
+    pod.ip("link set eth0 mtu 1400 up")?;
+    pod.ip(&format!("addr add {POD_IP}/24 dev eth0"))?;
+    pod.ip(&format!("route add default via {NODE_IP}"))?;
+    node.ip(&format!("addr add {NODE_IP}/24 dev node0"))?;
+    node.ip("link set node0 mtu 1400 up")?;
+    let cni_left = pod_network(&pod)?;
+
+    let dir = Scratch::new("podnet");
+    let root = dir.path("pod");
+    let kernel_boot = root.join("var/run/kubevirt/container-disks/kernel-boot/boot");
+    std::fs::create_dir_all(&kernel_boot)?;
+    std::fs::copy(guest("bzImage"), kernel_boot.join("vmlinuz"))?;
+    std::fs::copy(guest("initramfs.cpio.gz"), kernel_boot.join("initrd.img"))?;
+    std::fs::create_dir_all(root.join("etc"))?;
+    // The pod's own folders (emptyDir volumes in a virt-launcher pod): a killed launcher
+    // cannot remove what it makes, so these are there from the start, as in a pod.
+    for dir in ["var/run/kubevirt-private", "var/run/kubevirt-infra"] {
+        std::fs::create_dir_all(root.join(dir))?;
+    }
+    std::fs::write(
+        root.join("etc/resolv.conf"),
+        "search pods.svc.cluster.local\nnameserver 10.96.0.10\n",
+    )?;
+    let files_before = walk(&root);
+    let vmi_file = dir.path("vmi.yaml");
+    std::fs::write(
+        &vmi_file,
+        r#"
+apiVersion: kubevirt.io/v1
+kind: VirtualMachineInstance
+metadata: {name: e2e-net, namespace: pods}
+spec:
+  terminationGracePeriodSeconds: 60
+  domain:
+    memory: {guest: 192Mi}
+    firmware:
+      kernelBoot:
+        kernelArgs: quiet podvisor.dhcp
+        container: {image: kernels:1, kernelPath: /boot/vmlinuz, initrdPath: /boot/initrd.img}
+    devices:
+      interfaces: [{name: default, bridge: {}}]
+  networks: [{name: default, pod: {}}]
+"#,
+    )?;
+    let socket = dir.arg("api.sock");
+    let launcher = || {
+        Vm::spawn_in_netns(
+            &pod.0,
+            "launcher",
+            &[
+                "--vmi",
+                vmi_file.to_str().unwrap(),
+                "--pod-root",
+                root.to_str().unwrap(),
+                "--api-socket",
+                &socket,
+                "--console-stdio",
+            ],
+        )
+    };
+    let lease = format!(
+        "podvisor-guest dhcp: ip={POD_IP}/24 router={NODE_IP} mtu=1400 dns=10.96.0.10 \
+         hostname=e2e-net"
+    );
+    let busybox = guest("cache/busybox-static/bin/busybox");
+    let busybox = busybox.to_str().unwrap();
+
+    let mut vm = launcher();
+    vm.expect("podvisor-guest ready:")?;
+    vm.expect(&lease)?;
+    vm.wait_for_shell()?;
+    let wired = pod_network(&pod)?;
+    for expected in [
+        "k6t-eth0",
+        "tap0 master k6t-eth0",
+        "eth0 master k6t-eth0",
+        "eth0 []",
+    ] {
+        if !wired.contains(expected) {
+            return Err(vm.failure(&format!("the pod while wired: no '{expected}' in {wired}")));
+        }
+    }
+    // The guest reaches its gateway (the node) ...
+    vm.shell_ok(&format!("ping -c 1 -W 5 {NODE_IP}"))?;
+    // ... and the node reaches the guest at the pod's address.
+    vm.shell_ok("(echo from-the-guest | nc -l -p 8080 >/dev/null 2>&1 &)")?;
+    let mut reply = String::new();
+    for _ in 0..20 {
+        let (_, out) = host(
+            "ip",
+            &[
+                "netns", "exec", &node.0, busybox, "nc", "-w", "5", POD_IP, "8080",
+            ],
+        )?;
+        reply = out;
+        if reply.contains("from-the-guest") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    if !reply.contains("from-the-guest") {
+        return Err(vm.failure(&format!("the node could not reach {POD_IP}:8080: {reply}")));
+    }
+    // A launcher killed: nothing is undone.
+    vm.kill()?;
+    let _ = vm.wait();
+    if pod_network(&pod)? == cni_left {
+        return Err("the killed launcher's bridge is gone: nothing to recover from".into());
+    }
+
+    // The container restarted: the next launcher puts the pod back, then wires it again.
+    let mut vm = launcher();
+    vm.expect(&lease)?;
+    vm.wait_for_shell()?;
+    vm.shell_ok(&format!("ping -c 1 -W 5 {NODE_IP}"))?;
+    vm.terminate()?;
+    let status = vm.wait()?;
+    if !status.success() {
+        return Err(vm.failure(&format!("the launcher exited with {status} after SIGTERM")));
+    }
+    let after = pod_network(&pod)?;
+    if after != cni_left {
+        return Err(format!("the pod's network was {cni_left}, is now {after}").into());
+    }
+    let files_after = walk(&root);
+    if files_after != files_before {
+        return Err(format!("the pod's files were {files_before:?}, are {files_after:?}").into());
+    }
+    Ok(())
+}
+
+pub fn trials() -> Vec<Trial> {
+    vec![Trial::test(
+        "launcher_bridges_the_guest_to_the_pod_network",
+        || hang_tolerant(the_guest_takes_the_pods_address_by_dhcp),
+    )]
+}
