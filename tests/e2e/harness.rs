@@ -283,6 +283,14 @@ impl Vm {
         }
     }
 
+    /// Fails (with the VM's output) unless `text` (`what` it is) holds each of `expected`.
+    pub fn check_holds(&mut self, what: &str, text: &str, expected: &[&str]) -> Result<(), Failed> {
+        match expected.iter().find(|e| !text.contains(**e)) {
+            Some(missing) => Err(self.failure(&format!("{what}: no '{missing}' in {text}"))),
+            None => Ok(()),
+        }
+    }
+
     pub fn failure(&mut self, what: &str) -> Failed {
         let lines: Vec<&str> = self.text.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");

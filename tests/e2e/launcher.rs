@@ -102,11 +102,11 @@ spec:
         "dd if=/dev/vda bs=4096 skip=1 count=1 2>/dev/null | head -c 14; echo; \
          cat /sys/block/vdb/size /sys/block/vdc/size /sys/block/vdc/serial",
     )?;
-    for expected in ["from-the-image", "131072", "32768", "data-1"] {
-        if !seen.contains(expected) {
-            return Err(vm.failure(&format!("the guest's disks: no '{expected}' in {seen}")));
-        }
-    }
+    vm.check_holds(
+        "the guest's disks",
+        &seen,
+        &["from-the-image", "131072", "32768", "data-1"],
+    )?;
     vm.shell_ok("printf guest-wrote | dd of=/dev/vda bs=4096 seek=2 conv=sync,fsync 2>/dev/null")?;
     // The claim's disk: read, and written for good.
     let on_claim = vm.shell_ok(
@@ -145,17 +145,17 @@ spec:
         "mkdir -p /seed && mount -t iso9660 -o ro /dev/vdd /seed && ls /seed && \
          cat /seed/user-data /seed/meta-data; umount /seed",
     )?;
-    for expected in [
-        "meta-data",
-        "user-data",
-        "podvisor-seed-marker",
-        "instance-id: e2e-vm.pods",
-        "local-hostname: e2e-vm",
-    ] {
-        if !seed.contains(expected) {
-            return Err(vm.failure(&format!("the cidata disk: no '{expected}' in {seed}")));
-        }
-    }
+    vm.check_holds(
+        "the cidata disk",
+        &seed,
+        &[
+            "meta-data",
+            "user-data",
+            "podvisor-seed-marker",
+            "instance-id: e2e-vm.pods",
+            "local-hostname: e2e-vm",
+        ],
+    )?;
     if seed.contains("network-config") {
         return Err(vm.failure(&format!("a network-config nobody asked for: {seed}")));
     }
@@ -198,16 +198,16 @@ spec:
     }
     // Prometheus metrics on the same socket, as the node agent scrapes them.
     let metrics = ctl_ok(&socket, &["metrics"])?;
-    for expected in [
-        "kubevirt_vmi_state{state=\"Running\"} 1",
-        "kubevirt_vmi_vcpu_seconds_total{id=\"1\"}",
-        "kubevirt_vmi_memory_domain_bytes 268435456",
-        "kubevirt_vmi_storage_write_traffic_bytes_total{drive=\"root\"}",
-    ] {
-        if !metrics.contains(expected) {
-            return Err(vm.failure(&format!("no '{expected}' in the metrics:\n{metrics}")));
-        }
-    }
+    vm.check_holds(
+        "the metrics",
+        &metrics,
+        &[
+            "kubevirt_vmi_state{state=\"Running\"} 1",
+            "kubevirt_vmi_vcpu_seconds_total{id=\"1\"}",
+            "kubevirt_vmi_memory_domain_bytes 268435456",
+            "kubevirt_vmi_storage_write_traffic_bytes_total{drive=\"root\"}",
+        ],
+    )?;
     // The guest read its root disk to boot: that took time, and the metric says how much.
     let read_seconds = metrics
         .lines()

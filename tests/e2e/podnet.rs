@@ -9,6 +9,9 @@ use crate::launcher::walk;
 
 const POD_IP: &str = "10.244.1.7";
 const NODE_IP: &str = "10.244.1.1";
+/// A Multus network's: the pod's second interface (`net1`) and its peer on the node.
+const STORAGE_IP: &str = "192.168.50.7";
+const STORAGE_PEER: &str = "192.168.50.1";
 
 /// What of the pod's network the launcher may change: its links (with their bridge), the
 /// pod interface's addresses and the routes.
@@ -29,23 +32,29 @@ fn pod_network(pod: &NetNs) -> Result<String, Failed> {
         })
         .collect();
     names.sort();
-    let addresses = pod.ip("-o -4 addr show dev eth0")?;
-    let words: Vec<&str> = addresses.split_whitespace().collect();
-    let addresses: Vec<&str> = words
-        .windows(2)
-        .filter(|w| w[0] == "inet")
-        .map(|w| w[1])
-        .collect();
+    let mut addresses = Vec::new();
+    for link in ["eth0", "net1"] {
+        let shown = pod.ip(&format!("-o -4 addr show dev {link}"))?;
+        let words: Vec<&str> = shown.split_whitespace().collect();
+        let on: Vec<&str> = words
+            .windows(2)
+            .filter(|w| w[0] == "inet")
+            .map(|w| w[1])
+            .collect();
+        addresses.push(format!("{link} {on:?}"));
+    }
     Ok(format!(
-        "links {names:?}; eth0 {addresses:?}; routes {}",
+        "links {names:?}; {}; routes {}",
+        addresses.join("; "),
         pod.ip("-4 route show")?.trim()
     ))
 }
 
-/// A VMI whose interface has the bridge binding on the pod network: the guest (DHCP client in
-/// its init) gets the pod's address, prefix, gateway, MTU and name server from the launcher's
-/// DHCP server, reaches the node, and the node reaches a port in the guest at the pod's
-/// address. The launcher is then killed (`kill -9`): the pod keeps the bridge. A second
+/// A VMI whose interfaces have the bridge binding, on the pod network and on a Multus network
+/// (the pod's `net1`): the guest (DHCP client in its init) gets the pod's address, prefix,
+/// gateway, MTU and name server from the launcher's DHCP server on `eth0` and the second
+/// network's address on `eth1`, reaches the node on both, and the node reaches a port in the
+/// guest at the pod's address. The launcher is then killed (`kill -9`): the pod keeps the bridge. A second
 /// launcher in the same pod (the container restarted) puts the pod interface back, wires it
 /// again, and its guest gets the same lease; after SIGTERM the pod's network is as the CNI
 /// left it and the launcher's record of it is gone.
@@ -63,6 +72,14 @@ fn the_guest_takes_the_pods_address_by_dhcp() -> Result<(), Failed> {
     pod.ip(&format!("route add default via {NODE_IP}"))?;
     node.ip(&format!("addr add {NODE_IP}/24 dev node0"))?;
     node.ip("link set node0 mtu 1400 up")?;
+    pod.ip(&format!(
+        "link add net1 type veth peer name store0 netns {}",
+        node.0
+    ))?;
+    pod.ip("link set net1 up")?;
+    pod.ip(&format!("addr add {STORAGE_IP}/24 dev net1"))?;
+    node.ip(&format!("addr add {STORAGE_PEER}/24 dev store0"))?;
+    node.ip("link set store0 up")?;
     let cni_left = pod_network(&pod)?;
 
     let dir = Scratch::new("podnet");
@@ -98,8 +115,10 @@ spec:
         kernelArgs: quiet podvisor.dhcp
         container: {image: kernels:1, kernelPath: /boot/vmlinuz, initrdPath: /boot/initrd.img}
     devices:
-      interfaces: [{name: default, bridge: {}}]
-  networks: [{name: default, pod: {}}]
+      interfaces: [{name: default, bridge: {}}, {name: storage, bridge: {}}]
+  networks:
+  - {name: default, pod: {}}
+  - {name: storage, multus: {networkName: storage-net}}
 "#,
     )?;
     let socket = dir.arg("api.sock");
@@ -119,29 +138,44 @@ spec:
         )
     };
     let lease = format!(
-        "podvisor-guest dhcp: ip={POD_IP}/24 router={NODE_IP} mtu=1400 dns=10.96.0.10 \
+        "podvisor-guest dhcp: eth0 ip={POD_IP}/24 router={NODE_IP} mtu=1400 dns=10.96.0.10 \
          hostname=e2e-net"
     );
+    let storage_lease = format!("podvisor-guest dhcp: eth1 ip={STORAGE_IP}/24 router= mtu=1500");
     let busybox = guest("cache/busybox-static/bin/busybox");
     let busybox = busybox.to_str().unwrap();
 
     let mut vm = launcher();
     vm.expect("podvisor-guest ready:")?;
     vm.expect(&lease)?;
+    vm.expect(&storage_lease)?;
     vm.wait_for_shell()?;
     let wired = pod_network(&pod)?;
-    for expected in [
-        "k6t-eth0",
-        "tap0 master k6t-eth0",
-        "eth0 master k6t-eth0",
-        "eth0 []",
-    ] {
-        if !wired.contains(expected) {
-            return Err(vm.failure(&format!("the pod while wired: no '{expected}' in {wired}")));
+    vm.check_holds(
+        "the pod while wired",
+        &wired,
+        &[
+            "k6t-eth0",
+            "tap0 master k6t-eth0",
+            "eth0 master k6t-eth0",
+            "eth0 []",
+            "tap1 master k6t-net1",
+            "net1 master k6t-net1",
+            "net1 []",
+        ],
+    )?;
+    // The thread that holds the wiring keeps CAP_NET_ADMIN alone, the DHCP servers (which
+    // read the guest's datagrams) nothing.
+    for (thread, wanted) in [("podnet", "0000000000001000"), ("dhcp", "0000000000000000")] {
+        let caps = thread_caps(vm.pid(), thread)?;
+        if caps.is_empty() || caps.iter().any(|c| c != wanted) {
+            return Err(vm.failure(&format!("{thread} threads' CapEff: {caps:?}")));
         }
     }
-    // The guest reaches its gateway (the node) ...
-    vm.shell_ok(&format!("ping -c 1 -W 5 {NODE_IP}"))?;
+    // The guest reaches its gateway (the node), and the storage network's peer ...
+    vm.shell_ok(&format!(
+        "ping -c 1 -W 5 {NODE_IP} && ping -c 1 -W 5 {STORAGE_PEER}"
+    ))?;
     // ... and the node reaches the guest at the pod's address.
     vm.shell_ok("(echo from-the-guest | nc -l -p 8080 >/dev/null 2>&1 &)")?;
     let mut reply = String::new();
@@ -187,6 +221,22 @@ spec:
         return Err(format!("the pod's files were {files_before:?}, are {files_after:?}").into());
     }
     Ok(())
+}
+
+/// The effective capabilities (CapEff, hex) of each thread of `pid` named `name`.
+fn thread_caps(pid: u32, name: &str) -> Result<Vec<String>, Failed> {
+    let mut caps = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        if std::fs::read_to_string(task.join("comm"))?.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status"))?;
+        if let Some(c) = status.lines().find_map(|l| l.strip_prefix("CapEff:")) {
+            caps.push(c.trim().to_owned());
+        }
+    }
+    Ok(caps)
 }
 
 pub fn trials() -> Vec<Trial> {

@@ -172,23 +172,27 @@ impl Netlink {
             .map_err(failed(format!("delete link {index}")))
     }
 
-    /// The IPv4 addresses of link `index`.
-    pub fn addresses(&self, index: u32) -> Result<Vec<Ipv4Net>> {
-        let what = format!("list the addresses of link {index}");
+    /// The address messages of link `index` (only those of address `only`, if given).
+    fn address_messages(&self, index: u32, only: Option<Ipv4Addr>) -> Result<Vec<AddressMessage>> {
+        let mut request = self.handle.address().get().set_link_index_filter(index);
+        if let Some(ip) = only {
+            request = request.set_address_filter(IpAddr::V4(ip));
+        }
         let messages: Vec<AddressMessage> = self
             .runtime
-            .block_on(
-                self.handle
-                    .address()
-                    .get()
-                    .set_link_index_filter(index)
-                    .execute()
-                    .try_collect(),
-            )
-            .map_err(failed(what))?;
+            .block_on(request.execute().try_collect())
+            .map_err(failed(format!("list the addresses of link {index}")))?;
         Ok(messages
-            .iter()
+            .into_iter()
             .filter(|m| m.header.index == index)
+            .collect())
+    }
+
+    /// The IPv4 addresses of link `index`.
+    pub fn addresses(&self, index: u32) -> Result<Vec<Ipv4Net>> {
+        Ok(self
+            .address_messages(index, None)?
+            .iter()
             .filter_map(|m| {
                 let ip = m.attributes.iter().find_map(|a| match a {
                     AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
@@ -211,21 +215,10 @@ impl Netlink {
 
     pub fn delete_address(&self, index: u32, address: Ipv4Net) -> Result<()> {
         let what = format!("remove address {address} from link {index}");
-        let messages: Vec<AddressMessage> = self
-            .runtime
-            .block_on(
-                self.handle
-                    .address()
-                    .get()
-                    .set_link_index_filter(index)
-                    .set_address_filter(IpAddr::V4(address.addr()))
-                    .execute()
-                    .try_collect(),
-            )
-            .map_err(failed(what.clone()))?;
-        for m in messages
+        for m in self
+            .address_messages(index, Some(address.addr()))?
             .into_iter()
-            .filter(|m| m.header.index == index && m.header.prefix_len == address.prefix_len())
+            .filter(|m| m.header.prefix_len == address.prefix_len())
         {
             self.runtime
                 .block_on(self.handle.address().del(m).execute())
