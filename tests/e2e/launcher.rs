@@ -19,11 +19,7 @@ use crate::harness::*;
 /// pages and its console on the socket `ctl console` attaches to.
 fn a_vmi_boots_from_a_container_disk_and_leaves_the_pod_as_it_found_it() -> Result<(), Failed> {
     let dir = Scratch::new("launcher");
-    let root = dir.path("pod");
-    let kernel_boot = root.join("var/run/kubevirt/container-disks/kernel-boot/boot");
-    std::fs::create_dir_all(&kernel_boot)?;
-    std::fs::copy(guest("bzImage"), kernel_boot.join("vmlinuz"))?;
-    std::fs::copy(guest("initramfs.cpio.gz"), kernel_boot.join("initrd.img"))?;
+    let root = pod_with_kernel_boot(&dir)?;
     let base = root.join("var/run/kubevirt/container-disks/disk_0.img");
     let mut image = vec![0u8; 8 << 20];
     image[4096..4096 + 14].copy_from_slice(b"from-the-image");
@@ -305,6 +301,17 @@ spec:
         .into());
     }
     Ok(())
+}
+
+/// A pod root in `dir` holding the default guest's kernel and initramfs where a kernelBoot
+/// container puts them (`/boot/vmlinuz`, `/boot/initrd.img` of image `kernel-boot`).
+pub fn pod_with_kernel_boot(dir: &Scratch) -> Result<std::path::PathBuf, Failed> {
+    let root = dir.path("pod");
+    let kernel_boot = root.join("var/run/kubevirt/container-disks/kernel-boot/boot");
+    std::fs::create_dir_all(&kernel_boot)?;
+    std::fs::copy(guest("bzImage"), kernel_boot.join("vmlinuz"))?;
+    std::fs::copy(guest("initramfs.cpio.gz"), kernel_boot.join("initrd.img"))?;
+    Ok(root)
 }
 
 /// `GET path` over TCP: the whole answer.

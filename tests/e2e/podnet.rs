@@ -5,7 +5,7 @@
 use libtest_mimic::{Failed, Trial};
 
 use crate::harness::*;
-use crate::launcher::walk;
+use crate::launcher::{pod_with_kernel_boot, walk};
 
 const POD_IP: &str = "10.244.1.7";
 const NODE_IP: &str = "10.244.1.1";
@@ -83,11 +83,7 @@ fn the_guest_takes_the_pods_address_by_dhcp() -> Result<(), Failed> {
     let cni_left = pod_network(&pod)?;
 
     let dir = Scratch::new("podnet");
-    let root = dir.path("pod");
-    let kernel_boot = root.join("var/run/kubevirt/container-disks/kernel-boot/boot");
-    std::fs::create_dir_all(&kernel_boot)?;
-    std::fs::copy(guest("bzImage"), kernel_boot.join("vmlinuz"))?;
-    std::fs::copy(guest("initramfs.cpio.gz"), kernel_boot.join("initrd.img"))?;
+    let root = pod_with_kernel_boot(&dir)?;
     std::fs::create_dir_all(root.join("etc"))?;
     // The pod's own folders (emptyDir volumes in a virt-launcher pod): a killed launcher
     // cannot remove what it makes, so these are there from the start, as in a pod.
