@@ -49,7 +49,7 @@ MODULES=(
     irqbypass kvm kvm_amd kvm_intel
     virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
     fuse virtiofs virtio_console tun
-    veth bridge
+    veth bridge nf_tables nft_chain_nat nft_nat nft_masq
 )
 kpkg="${PODVISOR_TESTHOST_KERNEL_PKG:-}"
 if [[ -n "$kpkg" ]]; then

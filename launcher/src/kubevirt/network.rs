@@ -24,6 +24,7 @@ pub fn bridge_specs(nics: &[PodNic], layout: &PodLayout, hostname: &str) -> Vec<
     };
     nics.iter()
         .map(|nic| BridgeSpec {
+            kind: nic.kind.clone(),
             pod_interface: nic.pod_interface.clone(),
             bridge: nic.bridge.clone(),
             guest_link: nic.tap.clone(),
@@ -81,6 +82,7 @@ mod tests {
         std::fs::write(dir.path().join("etc/resolv.conf"), text).unwrap();
         let layout = PodLayout::new(dir.path());
         let nic = PodNic {
+            kind: crate::podnet::bridge::Kind::Bridge,
             pod_interface: "eth0".into(),
             bridge: "k6t-eth0".into(),
             tap: "tap0".into(),

@@ -339,7 +339,7 @@ spec:
 }
 
 #[test]
-fn interfaces_are_checked_and_masquerade_refused_until_it_is_wired() {
+fn interfaces_are_checked_and_bound_by_masquerade_or_left_out() {
     let yaml = r#"
 metadata: {name: net}
 spec:
@@ -390,13 +390,34 @@ spec:
       interfaces: [{name: default, masquerade: {}}]
   networks: [{name: default, pod: {}}]
 "#;
-    // A right spec, which this podvisor cannot wire yet: valid, with the reason not to run it.
-    let l = launch(good).unwrap();
-    assert_eq!(l.limits.len(), 1, "{:?}", l.limits);
-    assert!(l.limits[0].starts_with(
-        "spec.domain.devices.interfaces[0].masquerade: the masquerade binding is not wired"
-    ));
-    assert!(l.limits[0].contains("--no-network"));
+    // Masquerade on the pod network, its ports as the NAT will forward them.
+    let l = launch(&good.replace(
+        "masquerade: {}}]",
+        "masquerade: {}, ports: [{port: 80}, {port: 53, protocol: UDP}]}]",
+    ))
+    .unwrap();
+    assert!(l.limits.is_empty(), "{:?}", l.limits);
+    assert_eq!(
+        l.nics[0].kind,
+        crate::podnet::bridge::Kind::Masquerade {
+            ports: vec![(6, 80), (17, 53)]
+        }
+    );
+    assert_eq!(l.nics[0].pod_interface, "eth0");
+    let sctp = good.replace(
+        "masquerade: {}}]",
+        "masquerade: {}, ports: [{port: 80, protocol: SCTP}]}]",
+    );
+    assert_all_start(
+        &errors(&sctp),
+        &["spec.domain.devices.interfaces[0].ports[0].protocol: 'SCTP' is not TCP or UDP"],
+    );
+    // Only the pod network is masqueraded.
+    let multus = good.replace("pod: {}", "multus: {networkName: blue}");
+    assert_all_start(
+        &errors(&multus),
+        &["spec.domain.devices.interfaces[0].masquerade: masquerade binds the pod network only"],
+    );
     let l = translate(&parse(good).unwrap(), &options(true)).unwrap();
     assert!(l.limits.is_empty());
     assert!(l.config.net.is_empty() && l.nics.is_empty());

@@ -20,9 +20,25 @@ use super::PodNetError;
 /// it is never a route to anything.
 pub const SERVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 75, 10);
 
+/// The masquerade binding's private network (KubeVirt's): the bridge is the guest's gateway.
+pub const MASQUERADE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+pub const MASQUERADE_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const MASQUERADE_PREFIX: u8 = 24;
+
+/// How the guest reaches the pod's network.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kind {
+    /// The guest takes the pod interface's address; the interface joins the bridge.
+    Bridge,
+    /// The guest is on a private network behind the bridge; connections to the pod's address
+    /// (all, or these (protocol, port)) are sent on to it, and its own leave as the pod's.
+    Masquerade { ports: Vec<(u8, u16)> },
+}
+
 /// What to bind and what to tell the guest beyond what the pod interface has.
 #[derive(Clone, Debug)]
 pub struct BridgeSpec {
+    pub kind: Kind,
     /// The pod's interface for this network (`eth0`, `net1`, ...).
     pub pod_interface: String,
     /// The bridge to create (`k6t-eth0`).
@@ -53,7 +69,14 @@ enum Undo {
     },
     /// Remove the saved configuration (last, once everything else is back).
     Forget(PathBuf),
+    /// Delete the NAT table.
+    DeleteNat(String),
+    /// Write ip_forward's value back (through the file opened in the pod's namespace).
+    IpForward(std::fs::File, String),
 }
+
+/// IPv4 forwarding in the pod's namespace, which masquerading needs.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// What the pod interface had, as written to [`BridgeSpec::saved`].
 #[derive(Debug, Serialize, Deserialize)]
@@ -64,6 +87,11 @@ struct Saved {
     routes: Vec<(String, Option<Ipv4Addr>, u8)>,
     bridge: String,
     tap: Option<String>,
+    /// Masquerade: the NAT table made, and ip_forward's value before.
+    #[serde(default)]
+    nat_table: Option<String>,
+    #[serde(default)]
+    ip_forward: Option<String>,
 }
 
 impl Undo {
@@ -75,6 +103,8 @@ impl Undo {
                 format!("cannot give the pod interface {address} and its routes back")
             }
             Undo::Forget(path) => format!("cannot remove {}", path.display()),
+            Undo::DeleteNat(table) => format!("cannot delete the nftables table {table}"),
+            Undo::IpForward(_, value) => format!("cannot write {value} to {IP_FORWARD}"),
         }
     }
 }
@@ -82,6 +112,8 @@ impl Undo {
 /// A wired bridge binding; dropping it unwires it.
 pub struct BridgeBinding {
     netlink: Netlink,
+    /// For masquerade: netfilter's socket, opened in the pod's namespace.
+    nft: Option<super::nft::Nft>,
     undo: Vec<Undo>,
     dhcp: Option<DhcpServer>,
     lease: Option<Lease>,
@@ -93,6 +125,7 @@ impl BridgeBinding {
         let netlink = Netlink::open()?;
         let mut binding = BridgeBinding {
             netlink,
+            nft: None,
             undo: Vec::new(),
             dhcp: None,
             lease: None,
@@ -138,12 +171,14 @@ impl BridgeBinding {
             )));
         }
         let addresses = nl.addresses(pod.index)?;
-        let Some(&address) = addresses.first() else {
+        let Some(&pod_address) = addresses.first() else {
             return Err(PodNetError::Refused(format!(
-                "the pod interface {} has no IPv4 address to hand to the guest",
+                "the pod interface {} has no IPv4 address",
                 pod.name
             )));
         };
+        let masquerade = spec.kind != Kind::Bridge;
+        let nat_table = format!("podvisor_{}", spec.pod_interface.replace('-', "_"));
         let routes: Vec<Route> = nl
             .routes()?
             .into_iter()
@@ -159,9 +194,16 @@ impl BridgeBinding {
             .filter_map(|r| Some((r.destination, r.gateway?)))
             .collect();
 
+        let ip_forward = std::fs::read_to_string(IP_FORWARD)
+            .map(|v| v.trim().to_owned())
+            .map_err(|e| PodNetError::Refused(format!("cannot read {IP_FORWARD}: {e}")))?;
         let saved = Saved {
             interface: pod.name.clone(),
-            address: address.to_string(),
+            address: if masquerade {
+                String::new()
+            } else {
+                pod_address.to_string()
+            },
             routes: routes
                 .iter()
                 .filter(|r| !r.connected)
@@ -169,6 +211,8 @@ impl BridgeBinding {
                 .collect(),
             bridge: spec.bridge.clone(),
             tap: spec.make_tap.then(|| spec.guest_link.clone()),
+            nat_table: masquerade.then(|| nat_table.clone()),
+            ip_forward: masquerade.then(|| ip_forward.clone()),
         };
         write_saved(&spec.saved, &saved)?;
         self.undo.push(Undo::Forget(spec.saved.clone()));
@@ -183,26 +227,62 @@ impl BridgeBinding {
         let bridge = nl.add_bridge(&spec.bridge, pod.mtu)?;
         self.undo
             .push(Undo::DeleteLink(bridge.index, bridge.name.clone()));
-        nl.delete_address(pod.index, address)?;
-        self.undo.push(Undo::Readdress {
-            link: pod.index,
-            address,
-            routes: routes.iter().filter(|r| !r.connected).cloned().collect(),
-        });
-        self.enslave(&pod, &bridge)?;
-        self.enslave(&guest, &bridge)?;
-        let nl = &self.netlink;
-        nl.add_address(
-            bridge.index,
-            Ipv4Net::new(SERVER_ADDRESS, 32).expect("a /32"),
-        )?;
-        nl.up(bridge.index, None)?;
+        let (address, gateway, extra, server) = if let Kind::Masquerade { ports } = &spec.kind {
+            self.enslave(&guest, &bridge)?;
+            let nl = &self.netlink;
+            let private = Ipv4Net::new(MASQUERADE_GATEWAY, MASQUERADE_PREFIX).expect("a /24");
+            nl.add_address(bridge.index, private)?;
+            if ip_forward != "1" {
+                let turn_on = || -> std::io::Result<std::fs::File> {
+                    let mut f = std::fs::OpenOptions::new().write(true).open(IP_FORWARD)?;
+                    std::io::Write::write_all(&mut f, b"1")?;
+                    Ok(f)
+                };
+                let file = turn_on().map_err(|e| {
+                    PodNetError::Refused(format!("cannot turn on {IP_FORWARD}: {e}"))
+                })?;
+                self.undo.push(Undo::IpForward(file, ip_forward));
+            }
+            let nat = super::nft::MasqueradeNat {
+                table: nat_table.clone(),
+                pod_interface: pod.name.clone(),
+                guest: MASQUERADE_GUEST,
+                ports: ports.clone(),
+            };
+            let refused = |e: std::io::Error| {
+                PodNetError::Refused(format!("cannot make the nftables table {nat_table}: {e}"))
+            };
+            let nft = super::nft::Nft::open().map_err(refused)?;
+            nft.install(&nat).map_err(refused)?;
+            self.nft = Some(nft);
+            self.undo.push(Undo::DeleteNat(nat_table));
+            let guest_address = Ipv4Net::new(MASQUERADE_GUEST, MASQUERADE_PREFIX).expect("a /24");
+            (
+                guest_address,
+                Some(MASQUERADE_GATEWAY),
+                Vec::new(),
+                MASQUERADE_GATEWAY,
+            )
+        } else {
+            nl.delete_address(pod.index, pod_address)?;
+            self.undo.push(Undo::Readdress {
+                link: pod.index,
+                address: pod_address,
+                routes: routes.iter().filter(|r| !r.connected).cloned().collect(),
+            });
+            self.enslave(&pod, &bridge)?;
+            self.enslave(&guest, &bridge)?;
+            let server = Ipv4Net::new(SERVER_ADDRESS, 32).expect("a /32");
+            self.netlink.add_address(bridge.index, server)?;
+            (pod_address, gateway, extra, SERVER_ADDRESS)
+        };
+        self.netlink.up(bridge.index, None)?;
         let lease = Lease {
             mac: spec.guest_mac,
             address,
             gateway,
             routes: extra,
-            server: SERVER_ADDRESS,
+            server,
             dns: spec.dns.clone(),
             search: spec.search.clone(),
             hostname: spec.hostname.clone(),
@@ -228,10 +308,17 @@ impl BridgeBinding {
         };
         let text = std::fs::read_to_string(path).map_err(|e| unreadable(e.to_string()))?;
         let saved: Saved = serde_json::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
-        let address: Ipv4Net = saved
-            .address
-            .parse()
-            .map_err(|e: ipnet::AddrParseError| unreadable(e.to_string()))?;
+        // Empty for masquerade: the pod interface kept its address.
+        let address: Option<Ipv4Net> = if saved.address.is_empty() {
+            None
+        } else {
+            Some(
+                saved
+                    .address
+                    .parse()
+                    .map_err(|e: ipnet::AddrParseError| unreadable(e.to_string()))?,
+            )
+        };
         tracing::warn!(
             "pod network: a previous launcher left {} wired; putting it back first",
             saved.interface
@@ -245,9 +332,23 @@ impl BridgeBinding {
                 nl.delete_link(link.index)?;
             }
         }
+        if let Some(table) = &saved.nat_table {
+            let removed = super::nft::Nft::open().and_then(|n| n.remove(table));
+            if let Err(e) = removed {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    return Err(unreadable(format!("cannot delete table {table}: {e}")));
+                }
+            }
+        }
+        if let Some(value) = &saved.ip_forward {
+            std::fs::write(IP_FORWARD, value)
+                .map_err(|e| unreadable(format!("cannot write {IP_FORWARD}: {e}")))?;
+        }
         let pod = nl.existing(&saved.interface)?;
-        if !nl.addresses(pod.index)?.contains(&address) {
-            nl.add_address(pod.index, address)?;
+        if let Some(address) = address {
+            if !nl.addresses(pod.index)?.contains(&address) {
+                nl.add_address(pod.index, address)?;
+            }
         }
         nl.up(pod.index, None)?;
         let present = nl.routes()?;
@@ -295,6 +396,18 @@ impl Drop for BridgeBinding {
                     Ok(())
                 }
                 Undo::Forget(_) => Ok(()),
+                Undo::DeleteNat(table) => match &self.nft {
+                    Some(nft) => nft
+                        .remove(table)
+                        .map_err(|e| super::netlink::NetlinkError::new("delete the NAT table", e)),
+                    None => Ok(()),
+                },
+                // At offset 0: a sysctl ignores writes further on.
+                Undo::IpForward(file, value) => {
+                    std::os::unix::fs::FileExt::write_at(file, value.as_bytes(), 0)
+                        .map(drop)
+                        .map_err(|e| super::netlink::NetlinkError::new("write ip_forward", e))
+                }
                 Undo::DeleteLink(index, _) => nl.delete_link(*index),
                 Undo::FreeFromBridge(index, _) => nl.set_controller(*index, None),
                 Undo::Readdress {

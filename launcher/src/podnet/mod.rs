@@ -4,6 +4,7 @@
 pub mod bridge;
 pub mod dhcp;
 pub mod netlink;
+pub mod nft;
 
 use std::fmt;
 use std::sync::mpsc;

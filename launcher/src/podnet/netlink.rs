@@ -29,6 +29,16 @@ impl fmt::Display for NetlinkError {
 
 impl std::error::Error for NetlinkError {}
 
+impl NetlinkError {
+    /// A failure beside netlink's own (a sysctl, a table) in the same terms.
+    pub fn new(what: &str, source: impl fmt::Display) -> Self {
+        NetlinkError {
+            what: what.to_owned(),
+            source: source.to_string(),
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, NetlinkError>;
 
 fn failed(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {

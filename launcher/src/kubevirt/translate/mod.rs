@@ -42,10 +42,11 @@ pub struct Launch {
     pub limits: Vec<String>,
 }
 
-/// A guest NIC on a pod network (bridge binding): its tap and the pod interface it is bridged
-/// to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A guest NIC on a pod network: its binding, its tap and the pod interface it is bound to.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PodNic {
+    /// Bridge or masquerade (with the ports to forward).
+    pub kind: crate::podnet::bridge::Kind,
     /// `eth0` (the pod network), `net1`, ... (Multus networks).
     pub pod_interface: String,
     /// `k6t-<pod interface>`, as KubeVirt names it.

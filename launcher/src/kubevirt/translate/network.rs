@@ -9,6 +9,7 @@ use vmm::config::NetConfig;
 
 use super::{PodNic, Translator, OTHER_BINDINGS};
 use crate::kubevirt::spec::Vmi;
+use crate::podnet::bridge::Kind;
 
 impl Translator<'_> {
     /// The guest's NICs and the pod interfaces they are bridged to.
@@ -84,13 +85,31 @@ impl Translator<'_> {
                     format!("more than one binding: {}", bindings.join(", ")),
                 );
             }
+            let mut ports = Vec::new();
             for (j, port) in iface.ports.iter().enumerate() {
                 let number = port.get("port").and_then(Value::as_u64);
-                if !number.is_some_and(|p| (1..=65535).contains(&p)) {
+                let number = number
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p > 0);
+                if number.is_none() {
                     self.error(
                         &format!("{path}.ports[{j}].port"),
                         "missing, or not a port number (1-65535)",
                     );
+                }
+                let protocol = match port.get("protocol").and_then(Value::as_str) {
+                    None | Some("TCP") => Some(6),
+                    Some("UDP") => Some(17),
+                    Some(other) => {
+                        self.error(
+                            &format!("{path}.ports[{j}].protocol"),
+                            format!("'{other}' is not TCP or UDP"),
+                        );
+                        None
+                    }
+                };
+                if let (Some(proto), Some(n)) = (protocol, number) {
+                    ports.push((proto, n));
                 }
             }
             if let Some(model) = iface.model.as_deref().filter(|m| *m != "virtio") {
@@ -128,14 +147,21 @@ impl Translator<'_> {
                             format!("network '{n}' already has interfaces[{first}]"),
                         );
                     }
-                    if iface.masquerade.is_some() && !self.options.no_network {
-                        self.limit(
+                    let on_pod_network = pod_interfaces.get(n).is_some_and(|i| i == "eth0");
+                    if iface.masquerade.is_some() && !on_pod_network {
+                        self.error(
                             &format!("{path}.masquerade"),
-                            "the masquerade binding is not wired by podvisor yet (bridge is); \
-                             start with --no-network to run the VM without NICs",
+                            "masquerade binds the pod network only (a Multus network: bridge)",
                         );
                     }
-                    if iface.bridge.is_some() {
+                    let kind = if iface.masquerade.is_some() {
+                        Some(Kind::Masquerade {
+                            ports: ports.clone(),
+                        })
+                    } else {
+                        iface.bridge.as_ref().map(|_| Kind::Bridge)
+                    };
+                    if let Some(kind) = kind {
                         let pod_interface = pod_interfaces.get(n).cloned().unwrap_or_default();
                         // The same on any node (a migrated guest keeps its neighbours' view).
                         let mac = mac.unwrap_or_else(|| derived_mac(namespace, name, n));
@@ -146,6 +172,7 @@ impl Translator<'_> {
                             ..NetConfig::default()
                         });
                         nics.push(PodNic {
+                            kind,
                             bridge: format!("k6t-{pod_interface}"),
                             pod_interface,
                             tap: format!("tap{i}"),

@@ -19,6 +19,7 @@ const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 
 fn spec(pod_interface: &str, dir: &std::path::Path) -> BridgeSpec {
     BridgeSpec {
+        kind: Kind::Bridge,
         pod_interface: pod_interface.into(),
         bridge: "k6t-eth0".into(),
         guest_link: "tap0".into(),
@@ -335,4 +336,71 @@ fn a_missing_interface_or_a_taken_bridge_is_refused_and_nothing_is_left() {
     assert!(e.expect("a second bridge").contains("k6t-eth0 exists"));
     assert_eq!(pod_state(&pod), with_bridge);
     assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0, "files left");
+}
+
+#[test]
+fn masquerade_puts_the_guest_behind_the_pods_address_and_all_is_undone() {
+    let Some((node, pod, guest)) = pod_on_a_node() else {
+        return;
+    };
+    let before = pod_state(&pod);
+    let forward_before = pod.run(|| std::fs::read_to_string(IP_FORWARD).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec("eth0", dir.path());
+    s.kind = Kind::Masquerade { ports: Vec::new() };
+    let this = s.clone();
+    let binding = pod.run(move || BridgeBinding::wire(&this).map_err(|e| e.to_string()));
+    let binding = binding.expect("a masquerade binding");
+    // The pod keeps its address; the guest is offered the private one.
+    assert_eq!(pod_state(&pod).eth0_addresses, before.eth0_addresses);
+    let ack = dhcp_exchange(&guest);
+    assert_eq!(ack.yiaddr(), MASQUERADE_GUEST);
+    assert_eq!(
+        ack.opts().get(OptionCode::Router),
+        Some(&DhcpOption::Router(vec![MASQUERADE_GATEWAY]))
+    );
+    guest.run(|| {
+        let nl = Netlink::open().unwrap();
+        let guest0 = nl.existing("guest0").unwrap().index;
+        nl.add_address(guest0, Ipv4Net::new(MASQUERADE_GUEST, 24).unwrap())
+            .unwrap();
+        let default = Route {
+            destination: Ipv4Net::default(),
+            gateway: Some(MASQUERADE_GATEWAY),
+            interface: Some(guest0),
+            protocol: 0,
+            connected: false,
+        };
+        nl.add_route(&default).unwrap();
+    });
+    // The node reaches the guest at the pod's address ...
+    let listener = guest.run(|| TcpListener::bind(("0.0.0.0", 8080)).unwrap());
+    let accept = std::thread::spawn(move || listener.accept().unwrap().1);
+    node.run(|| {
+        TcpStream::connect_timeout(
+            &(Ipv4Addr::new(10, 244, 1, 7), 8080).into(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    });
+    assert_eq!(accept.join().unwrap().ip(), std::net::IpAddr::V4(NODE_IP));
+    // ... and the guest's connections leave as the pod's address.
+    let listener = node.run(|| TcpListener::bind((NODE_IP, 9090)).unwrap());
+    let accept = std::thread::spawn(move || listener.accept().unwrap().1);
+    guest.run(|| {
+        TcpStream::connect_timeout(&(NODE_IP, 9090).into(), Duration::from_secs(5)).unwrap();
+    });
+    assert_eq!(
+        accept.join().unwrap().ip(),
+        std::net::IpAddr::V4(Ipv4Addr::new(10, 244, 1, 7))
+    );
+    drop(binding);
+    assert_eq!(pod_state(&pod), before);
+    assert_eq!(
+        pod.run(|| std::fs::read_to_string(IP_FORWARD).unwrap()),
+        forward_before
+    );
+    let gone = pod.run(|| crate::podnet::nft::Nft::open()?.remove("podvisor_eth0"));
+    assert_eq!(gone.unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert!(!s.saved.exists());
 }
