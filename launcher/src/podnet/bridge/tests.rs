@@ -294,6 +294,28 @@ fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
     assert_eq!(pod_state(&pod), before);
     assert!(pod.run(|| Netlink::open().unwrap().link("tap7").unwrap().is_none()));
     assert!(!s.saved.exists());
+
+    // The same with masquerade: its NAT table and ip_forward are put back too.
+    s.kind = Kind::Masquerade {
+        ports: vec![(6, 80)],
+    };
+    let first = s.clone();
+    pod.run(move || std::mem::forget(BridgeBinding::wire(&first).unwrap()));
+    assert_eq!(
+        pod.run(|| std::fs::read_to_string(IP_FORWARD).unwrap()),
+        "1\n"
+    );
+    let second = s.clone();
+    let binding = pod.run(move || BridgeBinding::wire(&second).map_err(|e| e.to_string()));
+    drop(binding.expect("a masquerade launcher after a killed one"));
+    assert_eq!(pod_state(&pod), before);
+    assert_eq!(
+        pod.run(|| std::fs::read_to_string(IP_FORWARD).unwrap()),
+        "0\n"
+    );
+    let gone = pod.run(|| crate::podnet::nft::Nft::open()?.remove("podvisor_eth0"));
+    assert_eq!(gone.unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert!(!s.saved.exists());
 }
 
 #[test]
