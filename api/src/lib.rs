@@ -39,7 +39,9 @@ pub use routes::{
     allowed_method, encode_response, parse_request, readiness, Route, API_PREFIX, MAX_BODY_BYTES,
     READYZ, ROUTES,
 };
-pub use server::{serve, serve_probes, serve_with, ApiServer, ServerOptions};
+pub use server::{
+    bind, bind_probes, serve, serve_probes, serve_with, ApiServer, Listening, ServerOptions,
+};
 pub use types::{
     ApiError, ApiRequest, ApiResponse, ErrorBody, ErrorStatus, VmCounters, VmInfo, VmmBackend,
     VmmPingResponse,

@@ -100,42 +100,89 @@ pub fn serve_with(
     backend: Arc<dyn VmmBackend>,
     options: ServerOptions,
 ) -> Result<ApiServer, Error> {
-    let runtime = runtime()?;
-    let (std_listener, file) = socket::bind(socket)?;
-    let listener = {
-        let _guard = runtime.enter();
-        tokio::net::UnixListener::from_std(std_listener).map_err(|source| {
-            file.remove_file();
-            Error::Bind {
-                path: socket.to_owned(),
-                source,
-            }
-        })?
-    };
-    let name = socket.display().to_string();
-    start(runtime, listener, name, backend, options, Some(file))
+    bind(socket)?.serve_with(backend, options)
 }
 
 /// Serves `GET /readyz` (200 `ok` while the VM runs, 503 with the reason otherwise) and `GET
 /// /metrics` on the TCP address `addr`, for a kubelet's `httpGet` readiness probe and a
 /// Prometheus scrape; every other request gets 404. Returns once it listens.
 pub fn serve_probes(addr: SocketAddr, backend: Arc<dyn VmmBackend>) -> Result<ApiServer, Error> {
-    let runtime = runtime()?;
+    bind_probes(addr)?.serve(backend)
+}
+
+/// Binds the API's Unix socket (mode 0600) without serving it yet: see [`Listening`].
+pub fn bind(socket: &Path) -> Result<Listening, Error> {
+    let (listener, file) = socket::bind(socket)?;
+    Ok(Listening(Bound::Unix(listener, file)))
+}
+
+/// Binds the TCP address of the probes and metrics without serving it yet: see [`Listening`].
+pub fn bind_probes(addr: SocketAddr) -> Result<Listening, Error> {
     let bind_error = |source| Error::Bind {
         path: addr.to_string().into(),
         source,
     };
-    let std_listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
-    std_listener.set_nonblocking(true).map_err(bind_error)?;
-    let listener = {
-        let _guard = runtime.enter();
-        tokio::net::TcpListener::from_std(std_listener).map_err(bind_error)?
-    };
-    let options = ServerOptions {
-        probes_only: true,
-        ..ServerOptions::default()
-    };
-    start(runtime, listener, addr.to_string(), backend, options, None)
+    let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+    listener.set_nonblocking(true).map_err(bind_error)?;
+    Ok(Listening(Bound::Tcp(listener, addr)))
+}
+
+/// A socket bound and listening but not served yet. Bound before a slow start (a VM's boot),
+/// a client that connects meanwhile waits in the backlog for its answer instead of finding no
+/// socket; no thread is started until [`Listening::serve`], so those the server starts are
+/// made by whichever thread serves (after it gave up its privileges). Dropped unserved, the
+/// Unix socket's file is removed.
+pub struct Listening(Bound);
+
+enum Bound {
+    Unix(std::os::unix::net::UnixListener, SocketFile),
+    Tcp(std::net::TcpListener, SocketAddr),
+}
+
+impl Listening {
+    /// Serves with default limits: the whole API on a Unix socket, the probes on TCP.
+    pub fn serve(self, backend: Arc<dyn VmmBackend>) -> Result<ApiServer, Error> {
+        let options = ServerOptions {
+            probes_only: matches!(self.0, Bound::Tcp(..)),
+            ..ServerOptions::default()
+        };
+        self.serve_with(backend, options)
+    }
+
+    /// Serves with the given limits (a TCP listener answers only the probes whatever they say).
+    pub fn serve_with(
+        self,
+        backend: Arc<dyn VmmBackend>,
+        options: ServerOptions,
+    ) -> Result<ApiServer, Error> {
+        let runtime = runtime()?;
+        let entered = runtime.enter();
+        match self.0 {
+            Bound::Unix(listener, file) => {
+                let listener =
+                    tokio::net::UnixListener::from_std(listener).map_err(|source| Error::Bind {
+                        path: file.path.clone(),
+                        source,
+                    })?;
+                let name = file.path.display().to_string();
+                drop(entered);
+                start(runtime, listener, name, backend, options, Some(file))
+            }
+            Bound::Tcp(listener, addr) => {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).map_err(|source| Error::Bind {
+                        path: addr.to_string().into(),
+                        source,
+                    })?;
+                let options = ServerOptions {
+                    probes_only: true,
+                    ..options
+                };
+                drop(entered);
+                start(runtime, listener, addr.to_string(), backend, options, None)
+            }
+        }
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -165,12 +212,7 @@ fn start<L: Listener>(
             runtime.block_on(accept_loop(listener, backend, options, stopped, name));
             runtime.shutdown_timeout(Duration::from_millis(100));
         })
-        .map_err(|e| {
-            if let Some(file) = &file {
-                file.remove_file();
-            }
-            Error::Runtime(e)
-        })?;
+        .map_err(Error::Runtime)?;
     Ok(ApiServer {
         socket: file,
         stop,

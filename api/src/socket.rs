@@ -13,7 +13,8 @@ use crate::error::Error;
 /// Pending connections the kernel queues before `accept`.
 const BACKLOG: libc::c_int = 128;
 
-/// The socket file we bound, identified so that only our own file is removed later.
+/// The socket file we bound, identified so that only our own file is removed: at the
+/// latest when this is dropped.
 pub(crate) struct SocketFile {
     pub path: PathBuf,
     dev_ino: (u64, u64),
@@ -27,6 +28,12 @@ impl SocketFile {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        self.remove_file();
     }
 }
 

@@ -547,6 +547,37 @@ fn socket_file_rules() {
     assert!(matches!(err, api::Error::SocketPathTooLong(_)), "{err}");
 }
 
+/// Bound before a VM's boot and served after it: a client that connects in between waits for
+/// its answer; a socket never served is removed.
+#[test]
+fn a_bound_socket_answers_once_served() {
+    let dir = TempDir::new("bound");
+    let sock = dir.sock();
+    let listening = api::bind(&sock).unwrap();
+    assert!(sock.exists());
+    let early = {
+        let sock = sock.clone();
+        std::thread::spawn(move || raw(&sock, b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !early.is_finished(),
+        "answered before anything served the socket"
+    );
+    let server = listening
+        .serve_with(Arc::new(FakeVmm::new()), options())
+        .unwrap();
+    assert_eq!(status_of(&early.join().unwrap()), 200);
+    server.shutdown();
+    assert!(!sock.exists());
+
+    drop(api::bind(&sock).unwrap());
+    assert!(
+        !sock.exists(),
+        "a socket bound and never served was left behind"
+    );
+}
+
 #[test]
 fn client_cannot_reach() {
     let dir = TempDir::new("noserver");

@@ -287,6 +287,7 @@ fn run_vm_then(
 ) -> Result<Outcome, String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
     let options = run_options(args.pvm_guest, args.drop_privileges)?;
+    let listeners = vmm_service::Listeners::bind(args.api_socket.as_deref(), args.http_listen)?;
     let (controller, thread) =
         Controller::start(options, events, true).map_err(|e| e.to_string())?;
     for request in start {
@@ -305,12 +306,7 @@ fn run_vm_then(
         .grace_period
         .map(|grace| stop_after_grace(grace, controller.clone()))
         .transpose()?;
-    vmm_service::serve_until_end(
-        args.api_socket.as_deref(),
-        args.http_listen,
-        controller,
-        thread,
-    )?;
+    vmm_service::serve_until_end(listeners, controller, thread)?;
     if stopped_hard.is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire)) {
         return Ok(Outcome::StoppedHard);
     }
@@ -348,9 +344,10 @@ fn stop_after_grace(
 fn serve(args: cli::ServeArgs) -> Result<(), String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
     let options = run_options(args.pvm_guest, false)?;
+    let listeners = vmm_service::Listeners::bind(Some(&args.api_socket), args.http_listen)?;
     let (controller, thread) =
         Controller::start(options, events, false).map_err(|e| e.to_string())?;
-    vmm_service::serve_until_end(Some(&args.api_socket), args.http_listen, controller, thread)
+    vmm_service::serve_until_end(listeners, controller, thread)
 }
 
 fn event_monitor(spec: Option<&str>) -> Result<vmm::events::EventMonitor, String> {

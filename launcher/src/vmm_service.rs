@@ -175,24 +175,48 @@ fn process_stats() -> api::metrics::ProcessStats {
     }
 }
 
-/// Serves the API on `socket` (and `/readyz` and `/metrics` on the TCP address `http_listen`)
-/// for `controller` until the VMM ends; returns how it ended.
+/// The sockets a VMM is served on, bound before the VM starts so that a client connecting
+/// during the boot waits for its answer instead of finding no socket.
+pub struct Listeners {
+    api: Option<api::Listening>,
+    probes: Option<api::Listening>,
+}
+
+impl Listeners {
+    /// Binds the API's Unix socket and the TCP address of `/readyz` and `/metrics`, each if
+    /// given.
+    pub fn bind(
+        socket: Option<&Path>,
+        http_listen: Option<std::net::SocketAddr>,
+    ) -> Result<Self, String> {
+        Ok(Listeners {
+            api: socket
+                .map(api::bind)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+            probes: http_listen
+                .map(api::bind_probes)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+        })
+    }
+}
+
+/// Serves `listeners` for `controller` until the VMM ends; returns how it ended.
 pub fn serve_until_end(
-    socket: Option<&Path>,
-    http_listen: Option<std::net::SocketAddr>,
+    listeners: Listeners,
     controller: Controller,
     vmm_thread: std::thread::JoinHandle<Result<vmm::controller::Ended, vmm::Error>>,
 ) -> Result<(), String> {
-    let service = Arc::new(VmmService::new(controller.clone()));
-    let server = socket
-        .map(|path| api::serve(path, service.clone()).map_err(|e| e.to_string()))
-        .transpose();
-    let probes = http_listen
-        .map(|addr| api::serve_probes(addr, service).map_err(|e| e.to_string()))
-        .transpose();
-    let (server, probes) = match (server, probes) {
-        (Ok(server), Ok(probes)) => (server, probes),
-        (Err(e), _) | (_, Err(e)) => {
+    let service: Arc<dyn api::VmmBackend> = Arc::new(VmmService::new(controller.clone()));
+    let served: Result<Vec<api::ApiServer>, String> = [listeners.api, listeners.probes]
+        .into_iter()
+        .flatten()
+        .map(|listening| listening.serve(service.clone()).map_err(|e| e.to_string()))
+        .collect();
+    let servers = match served {
+        Ok(servers) => servers,
+        Err(e) => {
             // Nothing serves the VM: end it rather than run it unreachable.
             let _ = controller.handle(vmm::controller::Request::ShutdownVmm);
             let _ = vmm_thread.join();
@@ -203,7 +227,7 @@ pub fn serve_until_end(
         .join()
         .map_err(|_| "the VMM thread panicked".to_owned())
         .and_then(|r| r.map_err(|e| e.to_string()));
-    for server in [server, probes].into_iter().flatten() {
+    for server in servers {
         server.shutdown();
     }
     result.map(|_| ())

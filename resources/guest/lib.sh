@@ -56,9 +56,11 @@ pv_need() {
 PV_QEMU_MAJOR=10
 PV_BACKPORTS_LIST=/etc/apt/sources.list.d/podvisor-bookworm-backports.sources
 
-# pv_qemu_major -> prints the major version of qemu-system-x86_64, or nothing.
+# pv_qemu_major -> prints the major version of qemu-system-x86_64, or nothing (and succeeds:
+# a machine without QEMU is what pv_qemu is for).
 pv_qemu_major() {
-    qemu-system-x86_64 --version 2>/dev/null | sed -n '1s/^QEMU emulator version \([0-9]*\)\..*/\1/p'
+    { qemu-system-x86_64 --version 2>/dev/null || true; } \
+        | sed -n '1s/^QEMU emulator version \([0-9]*\)\..*/\1/p'
 }
 
 # pv_qemu - make qemu-system-x86_64 (and qemu-img) QEMU >= PV_QEMU_MAJOR where Debian has it.

@@ -141,8 +141,6 @@ spec:
          hostname=e2e-net"
     );
     let storage_lease = format!("podvisor-guest dhcp: eth1 ip={STORAGE_IP}/24 router= mtu=1500");
-    let busybox = guest("cache/busybox-static/bin/busybox");
-    let busybox = busybox.to_str().unwrap();
 
     let mut vm = launcher();
     vm.expect("podvisor-guest ready:")?;
@@ -177,20 +175,7 @@ spec:
     ))?;
     // ... and the node reaches the guest at the pod's address.
     vm.shell_ok("(echo from-the-guest | nc -l -p 8080 >/dev/null 2>&1 &)")?;
-    let mut reply = String::new();
-    for _ in 0..20 {
-        let (_, out) = host(
-            "ip",
-            &[
-                "netns", "exec", &node.0, busybox, "nc", "-w", "5", POD_IP, "8080",
-            ],
-        )?;
-        reply = out;
-        if reply.contains("from-the-guest") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+    let reply = node_reads(&node, "8080", "from-the-guest")?;
     if !reply.contains("from-the-guest") {
         return Err(vm.failure(&format!("the node could not reach {POD_IP}:8080: {reply}")));
     }
@@ -206,15 +191,7 @@ spec:
     vm.expect(&lease)?;
     vm.wait_for_shell()?;
     vm.shell_ok(&format!("ping -c 1 -W 5 {NODE_IP}"))?;
-    vm.terminate()?;
-    let status = vm.wait()?;
-    if !status.success() {
-        return Err(vm.failure(&format!("the launcher exited with {status} after SIGTERM")));
-    }
-    let after = pod_network(&pod)?;
-    if after != cni_left {
-        return Err(format!("the pod's network was {cni_left}, is now {after}").into());
-    }
+    stop_leaving_the_pod_as(vm, &pod, &cni_left)?;
     let files_after = walk(&root);
     if files_after != files_before {
         return Err(format!("the pod's files were {files_before:?}, are {files_after:?}").into());
@@ -247,42 +224,17 @@ spec:
         "(echo from-port-8080 | nc -l -p 8080 >/dev/null 2>&1 &); \
          (echo from-port-9090 | nc -l -p 9090 >/dev/null 2>&1 &)",
     )?;
-    let node_nc = |port: &str| {
-        host(
-            "ip",
-            &[
-                "netns", "exec", &node.0, busybox, "nc", "-w", "3", POD_IP, port,
-            ],
-        )
-    };
-    let mut reply = String::new();
-    for _ in 0..20 {
-        reply = node_nc("8080")?.1;
-        if reply.contains("from-port-8080") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+    let reply = node_reads(&node, "8080", "from-port-8080")?;
     if !reply.contains("from-port-8080") {
         return Err(vm.failure(&format!(
             "the node could not reach the guest's 8080: {reply}"
         )));
     }
-    let (_, other) = node_nc("9090")?;
-    if other.contains("from-port-9090") {
+    // The listener on 9090 is there (8080's, started with it, answered), but not for the node.
+    if node_nc(&node, "9090")?.contains("from-port-9090") {
         return Err(vm.failure("a port not in the spec's ports reached the guest"));
     }
-    vm.terminate()?;
-    let status = vm.wait()?;
-    if !status.success() {
-        return Err(vm.failure(&format!("the launcher exited with {status} after SIGTERM")));
-    }
-    let after = pod_network(&pod)?;
-    if after != cni_left {
-        return Err(
-            format!("after masquerade the pod's network was {cni_left}, is {after}").into(),
-        );
-    }
+    stop_leaving_the_pod_as(vm, &pod, &cni_left)?;
     let forwarding = host_ok(
         "ip",
         &[
@@ -295,6 +247,52 @@ spec:
     )?;
     if forwarding.trim() != "0" {
         return Err(format!("the pod's ip_forward is {forwarding} after the launcher").into());
+    }
+    Ok(())
+}
+
+/// What the node reads from `port` at the pod's address (busybox `nc`, 3 s per try), tried
+/// until it holds `wanted` or 10 s have passed: the guest's listener may start a moment after
+/// the shell said so.
+fn node_reads(node: &NetNs, port: &str, wanted: &str) -> Result<String, Failed> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let reply = node_nc(node, port)?;
+        if reply.contains(wanted) || std::time::Instant::now() > deadline {
+            return Ok(reply);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// One try of [`node_reads`].
+fn node_nc(node: &NetNs, port: &str) -> Result<String, Failed> {
+    let busybox = guest("cache/busybox-static/bin/busybox");
+    let args = [
+        "netns",
+        "exec",
+        &node.0,
+        busybox.to_str().unwrap(),
+        "nc",
+        "-w",
+        "3",
+        POD_IP,
+        port,
+    ];
+    Ok(host("ip", &args)?.1)
+}
+
+/// Stops the launcher with SIGTERM, as the kubelet does: it must exit 0 and leave the pod's
+/// network as the CNI did (`cni_left`).
+fn stop_leaving_the_pod_as(mut vm: Vm, pod: &NetNs, cni_left: &str) -> Result<(), Failed> {
+    vm.terminate()?;
+    let status = vm.wait()?;
+    if !status.success() {
+        return Err(vm.failure(&format!("the launcher exited with {status} after SIGTERM")));
+    }
+    let after = pod_network(pod)?;
+    if after != cni_left {
+        return Err(vm.failure(&format!("the pod's network was {cni_left}, is now {after}")));
     }
     Ok(())
 }

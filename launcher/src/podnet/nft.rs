@@ -433,22 +433,17 @@ mod tests {
 mod kernel_tests {
     //! Against the kernel, in network namespaces: needs nf_tables (the test host has it; a
     //! kernel without it skips, saying so).
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::time::Duration;
+    use std::net::SocketAddrV4;
 
     use super::*;
-    use crate::podnet::netlink::{Netlink, Route};
-    use crate::podnet::netns::Netns;
+    use crate::podnet::netlink::Netlink;
+    use crate::podnet::netns::{configure_guest, connect, pod_on_a_node, PodOnANode, NODE_IP};
 
     #[test]
     fn connections_to_the_pod_reach_the_guest_and_the_guests_leave_as_the_pod() {
-        let (Some(node), Some(pod), Some(guest)) = (Netns::new(), Netns::new(), Netns::new())
-        else {
-            eprintln!("skipped: network namespaces need root");
+        let Some(PodOnANode { node, pod, guest }) = pod_on_a_node() else {
             return;
         };
-        let (node_fd, guest_fd) = (node.fd(), guest.fd());
         let nat = MasqueradeNat {
             table: "podvisor_nat".into(),
             pod_interface: "eth0".into(),
@@ -457,17 +452,10 @@ mod kernel_tests {
         };
         let installed = pod.run(move || {
             let nl = Netlink::open().unwrap();
-            nl.add_veth("eth0", "node0").unwrap();
-            nl.add_veth("tap0", "guest0").unwrap();
-            nl.move_to_netns(nl.existing("node0").unwrap().index, node_fd)
+            let tap0 = nl.existing("tap0").unwrap().index;
+            nl.up(tap0, None).unwrap();
+            nl.add_address(tap0, "10.0.2.1/24".parse().unwrap())
                 .unwrap();
-            nl.move_to_netns(nl.existing("guest0").unwrap().index, guest_fd)
-                .unwrap();
-            for (link, addr) in [("eth0", "10.244.1.7/24"), ("tap0", "10.0.2.1/24")] {
-                let i = nl.existing(link).unwrap().index;
-                nl.up(i, None).unwrap();
-                nl.add_address(i, addr.parse().unwrap()).unwrap();
-            }
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
             Nft::open().and_then(|n| n.install(&nat))
         });
@@ -480,56 +468,21 @@ mod kernel_tests {
             }
         }
         installed.expect("the NAT table");
-        node.run(|| {
-            let nl = Netlink::open().unwrap();
-            let i = nl.existing("node0").unwrap().index;
-            nl.up(i, None).unwrap();
-            nl.add_address(i, "10.244.1.1/24".parse().unwrap()).unwrap();
-        });
-        guest.run(|| {
-            let nl = Netlink::open().unwrap();
-            let i = nl.existing("guest0").unwrap().index;
-            nl.up(i, None).unwrap();
-            nl.add_address(i, "10.0.2.2/24".parse().unwrap()).unwrap();
-            let default = Route {
-                destination: "0.0.0.0/0".parse().unwrap(),
-                gateway: Some(Ipv4Addr::new(10, 0, 2, 1)),
-                interface: Some(i),
-                protocol: 0,
-                connected: false,
-            };
-            nl.add_route(&default).unwrap();
-        });
+        configure_guest(
+            &guest,
+            "10.0.2.2/24".parse().unwrap(),
+            Ipv4Addr::new(10, 0, 2, 1),
+        );
         // Inbound: the node connects to the pod's address; the guest answers.
-        let listener = guest.run(|| TcpListener::bind(("0.0.0.0", 8080)).unwrap());
-        let served = std::thread::spawn(move || {
-            let (mut s, peer) = listener.accept().unwrap();
-            s.write_all(b"guest").unwrap();
-            peer
-        });
-        let said = node.run(|| {
-            let mut s = TcpStream::connect_timeout(
-                &(Ipv4Addr::new(10, 244, 1, 7), 8080).into(),
-                Duration::from_secs(5),
-            )
-            .unwrap();
-            let mut buf = String::new();
-            s.read_to_string(&mut buf).unwrap();
-            buf
-        });
-        assert_eq!(said, "guest");
-        assert_eq!(served.join().unwrap().ip(), Ipv4Addr::new(10, 244, 1, 1));
+        let pod_port = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 7), 8080);
+        let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080);
+        assert_eq!(connect(&guest, any, &node, pod_port), NODE_IP);
         // Outbound: the guest connects to the node, which sees the pod's address.
-        let listener = node.run(|| TcpListener::bind(("10.244.1.1", 9090)).unwrap());
-        let seen = std::thread::spawn(move || listener.accept().unwrap().1);
-        guest.run(|| {
-            TcpStream::connect_timeout(
-                &(Ipv4Addr::new(10, 244, 1, 1), 9090).into(),
-                Duration::from_secs(5),
-            )
-            .unwrap();
-        });
-        assert_eq!(seen.join().unwrap().ip(), Ipv4Addr::new(10, 244, 1, 7));
+        let node_port = SocketAddrV4::new(NODE_IP, 9090);
+        assert_eq!(
+            connect(&node, node_port, &guest, node_port),
+            Ipv4Addr::new(10, 244, 1, 7)
+        );
         pod.run(|| Nft::open()?.remove("podvisor_nat")).unwrap();
     }
 }

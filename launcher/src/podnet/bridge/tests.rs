@@ -2,8 +2,7 @@
 //! interface (a veth), a "guest" namespace holds the far end of a veth standing in for the tap,
 //! and a DHCP exchange and a TCP connection run over it. Nothing leaves these namespaces.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
 use dhcproto::v4::{self, DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
@@ -11,11 +10,11 @@ use dhcproto::{Decodable, Decoder, Encodable, Encoder};
 use ipnet::Ipv4Net;
 
 use super::*;
-use crate::podnet::netns::Netns;
+use crate::podnet::netns::{
+    configure_guest, connect, pod_on_a_node, Netns, PodOnANode, NODE_IP, POD_IP,
+};
 
 const GUEST_MAC: [u8; 6] = [0x02, 0x6b, 0x36, 0x00, 0x00, 0x07];
-const POD_IP: &str = "10.244.1.7/24";
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 
 fn spec(pod_interface: &str, dir: &std::path::Path) -> BridgeSpec {
     BridgeSpec {
@@ -30,53 +29,6 @@ fn spec(pod_interface: &str, dir: &std::path::Path) -> BridgeSpec {
         dns: vec![Ipv4Addr::new(10, 96, 0, 10)],
         search: vec!["default.svc.cluster.local".into()],
     }
-}
-
-/// Three namespaces wired as a pod on a node, or `None` when this process may not make them.
-fn pod_on_a_node() -> Option<(Netns, Netns, Netns)> {
-    let (Some(node), Some(pod), Some(guest)) = (Netns::new(), Netns::new(), Netns::new()) else {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_ne!(euid, 0, "root, and no network namespace");
-        eprintln!("skipped: network namespaces need root");
-        return None;
-    };
-    let (node_fd, guest_fd) = (node.fd(), guest.fd());
-    pod.run(move || {
-        let nl = Netlink::open().unwrap();
-        nl.add_veth("eth0", "node0").unwrap();
-        nl.add_veth("tap0", "guest0").unwrap();
-        nl.move_to_netns(nl.existing("node0").unwrap().index, node_fd)
-            .unwrap();
-        nl.move_to_netns(nl.existing("guest0").unwrap().index, guest_fd)
-            .unwrap();
-        let eth0 = nl.existing("eth0").unwrap().index;
-        nl.up(eth0, Some(1450)).unwrap();
-        nl.add_address(eth0, POD_IP.parse().unwrap()).unwrap();
-        for (dest, gw) in [("0.0.0.0/0", NODE_IP), ("10.96.0.0/12", NODE_IP)] {
-            let route = Route {
-                destination: dest.parse().unwrap(),
-                gateway: Some(gw),
-                interface: Some(eth0),
-                protocol: 3,
-                connected: false,
-            };
-            nl.add_route(&route).unwrap();
-        }
-    });
-    node.run(|| {
-        let nl = Netlink::open().unwrap();
-        let node0 = nl.existing("node0").unwrap().index;
-        nl.add_address(node0, Ipv4Net::new(NODE_IP, 24).unwrap())
-            .unwrap();
-        nl.up(node0, Some(1450)).unwrap();
-    });
-    guest.run(|| {
-        let nl = Netlink::open().unwrap();
-        let guest0 = nl.existing("guest0").unwrap().index;
-        nl.up(guest0, Some(1450)).unwrap();
-    });
-    Some((node, pod, guest))
 }
 
 /// What the pod's namespace holds that the binding touches.
@@ -168,7 +120,7 @@ fn dhcp_exchange(guest: &Netns) -> Message {
 
 #[test]
 fn the_guest_takes_the_pods_address_and_reaches_the_node_and_all_is_undone() {
-    let Some((node, pod, guest)) = pod_on_a_node() else {
+    let Some(PodOnANode { node, pod, guest }) = pod_on_a_node() else {
         return;
     };
     let before = pod_state(&pod);
@@ -220,38 +172,12 @@ fn the_guest_takes_the_pods_address_and_reaches_the_node_and_all_is_undone() {
 
         // The guest, configured as told, reaches the node through the bridge and the pod's
         // interface, and the node sees it at the pod's address.
-        let listener = node.run(|| TcpListener::bind((NODE_IP, 8080)).unwrap());
-        let accept = std::thread::spawn(move || {
-            let (mut s, peer) = listener.accept().unwrap();
-            let mut buf = [0u8; 5];
-            s.read_exact(&mut buf).unwrap();
-            (peer, buf)
-        });
-        guest.run(move || {
-            let nl = Netlink::open().unwrap();
-            let guest0 = nl.existing("guest0").unwrap().index;
-            let address: Ipv4Net = POD_IP.parse().unwrap();
-            if round == 0 {
-                nl.add_address(guest0, address).unwrap();
-                let default = Route {
-                    destination: Ipv4Net::default(),
-                    gateway: Some(NODE_IP),
-                    interface: Some(guest0),
-                    protocol: 0,
-                    connected: false,
-                };
-                nl.add_route(&default).unwrap();
-            }
-            let mut s = TcpStream::connect_timeout(&(NODE_IP, 8080).into(), Duration::from_secs(5))
-                .unwrap();
-            s.write_all(b"hello").unwrap();
-        });
-        let (peer, said) = accept.join().unwrap();
-        assert_eq!(&said, b"hello");
-        assert_eq!(
-            peer.ip(),
-            std::net::IpAddr::V4(Ipv4Addr::new(10, 244, 1, 7))
-        );
+        if round == 0 {
+            configure_guest(&guest, POD_IP.parse().unwrap(), NODE_IP);
+        }
+        let node_port = SocketAddrV4::new(NODE_IP, 8080);
+        let seen = connect(&node, node_port, &guest, node_port);
+        assert_eq!(seen, Ipv4Addr::new(10, 244, 1, 7));
 
         assert!(
             s.saved.exists(),
@@ -269,7 +195,12 @@ fn the_guest_takes_the_pods_address_and_reaches_the_node_and_all_is_undone() {
 
 #[test]
 fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
-    let Some((_node, pod, _guest)) = pod_on_a_node() else {
+    let Some(PodOnANode {
+        pod,
+        node: _node,
+        guest: _guest,
+    }) = pod_on_a_node()
+    else {
         return;
     };
     let before = pod_state(&pod);
@@ -320,7 +251,12 @@ fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
 
 #[test]
 fn a_missing_interface_or_a_taken_bridge_is_refused_and_nothing_is_left() {
-    let Some((_node, pod, _guest)) = pod_on_a_node() else {
+    let Some(PodOnANode {
+        pod,
+        node: _node,
+        guest: _guest,
+    }) = pod_on_a_node()
+    else {
         return;
     };
     let before = pod_state(&pod);
@@ -362,7 +298,7 @@ fn a_missing_interface_or_a_taken_bridge_is_refused_and_nothing_is_left() {
 
 #[test]
 fn masquerade_puts_the_guest_behind_the_pods_address_and_all_is_undone() {
-    let Some((node, pod, guest)) = pod_on_a_node() else {
+    let Some(PodOnANode { node, pod, guest }) = pod_on_a_node() else {
         return;
     };
     let before = pod_state(&pod);
@@ -381,40 +317,20 @@ fn masquerade_puts_the_guest_behind_the_pods_address_and_all_is_undone() {
         ack.opts().get(OptionCode::Router),
         Some(&DhcpOption::Router(vec![MASQUERADE_GATEWAY]))
     );
-    guest.run(|| {
-        let nl = Netlink::open().unwrap();
-        let guest0 = nl.existing("guest0").unwrap().index;
-        nl.add_address(guest0, Ipv4Net::new(MASQUERADE_GUEST, 24).unwrap())
-            .unwrap();
-        let default = Route {
-            destination: Ipv4Net::default(),
-            gateway: Some(MASQUERADE_GATEWAY),
-            interface: Some(guest0),
-            protocol: 0,
-            connected: false,
-        };
-        nl.add_route(&default).unwrap();
-    });
+    configure_guest(
+        &guest,
+        Ipv4Net::new(MASQUERADE_GUEST, 24).unwrap(),
+        MASQUERADE_GATEWAY,
+    );
     // The node reaches the guest at the pod's address ...
-    let listener = guest.run(|| TcpListener::bind(("0.0.0.0", 8080)).unwrap());
-    let accept = std::thread::spawn(move || listener.accept().unwrap().1);
-    node.run(|| {
-        TcpStream::connect_timeout(
-            &(Ipv4Addr::new(10, 244, 1, 7), 8080).into(),
-            Duration::from_secs(5),
-        )
-        .unwrap();
-    });
-    assert_eq!(accept.join().unwrap().ip(), std::net::IpAddr::V4(NODE_IP));
+    let pod_port = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 7), 8080);
+    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080);
+    assert_eq!(connect(&guest, any, &node, pod_port), NODE_IP);
     // ... and the guest's connections leave as the pod's address.
-    let listener = node.run(|| TcpListener::bind((NODE_IP, 9090)).unwrap());
-    let accept = std::thread::spawn(move || listener.accept().unwrap().1);
-    guest.run(|| {
-        TcpStream::connect_timeout(&(NODE_IP, 9090).into(), Duration::from_secs(5)).unwrap();
-    });
+    let node_port = SocketAddrV4::new(NODE_IP, 9090);
     assert_eq!(
-        accept.join().unwrap().ip(),
-        std::net::IpAddr::V4(Ipv4Addr::new(10, 244, 1, 7))
+        connect(&node, node_port, &guest, node_port),
+        Ipv4Addr::new(10, 244, 1, 7)
     );
     drop(binding);
     assert_eq!(pod_state(&pod), before);
