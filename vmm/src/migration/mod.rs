@@ -15,7 +15,9 @@
 //!
 //! The destination ([`receive`]) listens, checks the stream's version, and builds the machine
 //! (memory, devices, vCPUs; disks and taps opened) as soon as the configuration arrives, so
-//! that the guest's pause covers only the last pages and the state; it fills the memory, has
+//! that the guest's pause covers only the last pages and the state; while the first pass
+//! arrives, a thread faults in the memory the source announced it will send (its PLAN), so
+//! the pages are there when their data comes; it fills the memory, has
 //! the devices read their backends again once the source has flushed them (a qcow2 image's
 //! tables), runs nothing until the whole state has arrived and has been restored, and
 //! discards everything on any failure.

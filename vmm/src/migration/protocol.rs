@@ -3,11 +3,12 @@
 //!
 //! ```text
 //! frame   := magic "PVMG" | kind u32 | length u32 | crc32 u32 | payload[length]   (little-endian)
-//! sender  → HELLO {format, version, local} → CONFIG VmConfig [→ MEMFD] → MEMORY...
+//! sender  → HELLO {format, version, local} → CONFIG VmConfig [→ MEMFD | → PLAN] → MEMORY...
 //!           → STATE MachineState → COMPLETE
 //! receiver  answers HELLO, CONFIG, STATE and COMPLETE with ACK, or anything with ERROR(reason)
 //! MEMORY  := (gpa u64 | length u32 | kind u32 [| data[length] when kind is DATA])...
 //! MEMFD   := one byte "M" carrying the guest memory's memfd (SCM_RIGHTS; `local` only)
+//! PLAN    := {"ranges": [[gpa, length], ...]}: what the first pass will send (not `local`)
 //! ```
 //! JSON payloads carry the configuration and machine state (the snapshot's formats); memory
 //! travels as binary pages, all-zero pages as a range without data. With `local` (both VMMs on
@@ -24,10 +25,12 @@ const MAGIC: [u8; 4] = *b"PVMG";
 /// The stream's name in HELLO.
 pub const FORMAT: &str = "podvisor-migration";
 /// The version of the stream this podvisor sends and receives.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The largest frame either side accepts (a memory frame is at most [`MEMORY_FRAME`] of
 /// data plus its entries).
 const MAX_FRAME: u32 = 64 << 20;
+/// Ranges in a PLAN at most (some 40 bytes of JSON each: well within [`MAX_FRAME`]).
+pub const PLAN_RANGES: usize = 1 << 20;
 /// Data bytes per memory frame.
 pub const MEMORY_FRAME: usize = 4 << 20;
 
@@ -41,6 +44,7 @@ pub enum Kind {
     Complete = 5,
     Ack = 6,
     Error = 7,
+    Plan = 8,
 }
 
 impl Kind {
@@ -53,6 +57,7 @@ impl Kind {
             5 => Kind::Complete,
             6 => Kind::Ack,
             7 => Kind::Error,
+            8 => Kind::Plan,
             _ => return None,
         })
     }
@@ -66,6 +71,15 @@ pub struct Hello {
     /// The guest memory's memfd follows CONFIG; no memory is sent.
     #[serde(default)]
     pub local: bool,
+}
+
+/// PLAN's payload: the guest-memory ranges (guest address, length) that hold data and that the
+/// first pass will send, in the order it sends them; the destination faults them in ahead of
+/// the stream.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Plan {
+    /// At most [`PLAN_RANGES`].
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// COMPLETE's payload: whether the destination resumes the guest (it was running).

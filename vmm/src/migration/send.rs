@@ -135,6 +135,12 @@ impl Sender<'_> {
                     .map(move |(offset, len)| (start + offset, len))
             })
             .collect();
+        // The destination faults these in while they arrive (see `Prefault` there); a
+        // plan is advice, so a very fragmented memory's is cut short rather than too large.
+        let plan = protocol::Plan {
+            ranges: ranges[..ranges.len().min(protocol::PLAN_RANGES)].to_vec(),
+        };
+        protocol::write_json(&mut self.stream, Kind::Plan, &plan)?;
         for (start, len) in ranges {
             let mut at = 0;
             while at < len {
