@@ -203,7 +203,19 @@ def configs(args, disks, aio, disk_cmdline, net_cmdline):
     return cfgs
 
 
+def keep_console(text):
+    """Writes a failed boot's whole console under target/bench/failed/; returns the path."""
+    folder = os.path.join(ROOT, "target", "bench", "failed")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}.log")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def run_vm(cmd, timeout):
+    """Runs one boot; returns its console and seconds. A failed boot's error holds the last
+    3,000 characters and the path of the whole console (keep_console)."""
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -212,10 +224,12 @@ def run_vm(cmd, timeout):
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        raise RuntimeError(f"timeout after {timeout} s\n{out[-3000:].decode(errors='replace')}")
+        text = out.decode(errors="replace").replace("\r", "")
+        raise RuntimeError(f"timeout after {timeout} s (console: {keep_console(text)})\n"
+                           f"{text[-3000:]}")
     text = out.decode(errors="replace").replace("\r", "")
     if proc.returncode != 0:
-        raise RuntimeError(f"rc={proc.returncode}\n{text[-3000:]}")
+        raise RuntimeError(f"rc={proc.returncode} (console: {keep_console(text)})\n{text[-3000:]}")
     return text, time.monotonic() - start
 
 
@@ -310,8 +324,11 @@ def main():
                     sh("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing, overlay)
                     try:
                         text, secs = run_vm(mk(overlay), args.timeout)
-                        entry = {"result": parse_disk(text, fmt) if kind == "disk" else parse_net(text),
-                                 "secs": round(secs, 1)}
+                        try:
+                            result = parse_disk(text, fmt) if kind == "disk" else parse_net(text)
+                        except RuntimeError as e:
+                            raise RuntimeError(f"{e}\n(console: {keep_console(text)})") from e
+                        entry = {"result": result, "secs": round(secs, 1)}
                     except RuntimeError as e:
                         entry = {"failed": str(e)}
                     state.record(rnd, name, entry)

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from io_bench import parse_net, run_vm
+from io_bench import keep_console, parse_net, run_vm
 from runrecord import RunRecord
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -266,7 +266,11 @@ def main():
                     try:
                         server = pod_on_a_node()
                         text, secs = run_vm(command(vmm, path, args, work), args.timeout)
-                        entry = {"result": parse_net(text), "secs": round(secs, 1)}
+                        try:
+                            result = parse_net(text)
+                        except RuntimeError as e:
+                            raise RuntimeError(f"{e}\n(console: {keep_console(text)})") from e
+                        entry = {"result": result, "secs": round(secs, 1)}
                     except RuntimeError as e:
                         entry = {"failed": str(e)}
                     finally:

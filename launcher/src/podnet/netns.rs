@@ -187,3 +187,19 @@ pub fn connect(
         other => panic!("an IPv6 peer {other}"),
     }
 }
+
+/// Checks masquerade's two directions over a wired [`PodOnANode`] whose guest is configured:
+/// the node's connection to the pod's address reaches the guest (seen from the node's
+/// address), and the guest's to the node leaves as the pod's address.
+pub fn assert_masqueraded(node: &Netns, guest: &Netns) {
+    let pod_ip = Ipv4Addr::new(10, 244, 1, 7);
+    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080);
+    let inbound = connect(guest, any, node, SocketAddrV4::new(pod_ip, 8080));
+    assert_eq!(inbound, NODE_IP, "inbound");
+    let node_port = SocketAddrV4::new(NODE_IP, 9090);
+    assert_eq!(
+        connect(node, node_port, guest, node_port),
+        pod_ip,
+        "outbound"
+    );
+}

@@ -433,11 +433,9 @@ mod tests {
 mod kernel_tests {
     //! Against the kernel, in network namespaces: needs nf_tables (the test host has it; a
     //! kernel without it skips, saying so).
-    use std::net::SocketAddrV4;
-
     use super::*;
     use crate::podnet::netlink::Netlink;
-    use crate::podnet::netns::{configure_guest, connect, pod_on_a_node, PodOnANode, NODE_IP};
+    use crate::podnet::netns::{assert_masqueraded, configure_guest, pod_on_a_node, PodOnANode};
 
     #[test]
     fn connections_to_the_pod_reach_the_guest_and_the_guests_leave_as_the_pod() {
@@ -473,16 +471,7 @@ mod kernel_tests {
             "10.0.2.2/24".parse().unwrap(),
             Ipv4Addr::new(10, 0, 2, 1),
         );
-        // Inbound: the node connects to the pod's address; the guest answers.
-        let pod_port = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 7), 8080);
-        let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080);
-        assert_eq!(connect(&guest, any, &node, pod_port), NODE_IP);
-        // Outbound: the guest connects to the node, which sees the pod's address.
-        let node_port = SocketAddrV4::new(NODE_IP, 9090);
-        assert_eq!(
-            connect(&node, node_port, &guest, node_port),
-            Ipv4Addr::new(10, 244, 1, 7)
-        );
+        assert_masqueraded(&node, &guest);
         pod.run(|| Nft::open()?.remove("podvisor_nat")).unwrap();
     }
 }

@@ -174,7 +174,8 @@ fn receive_on(
 /// sends, in the order it sends it, so that the receiving thread mostly copies into pages
 /// that are already there: first-touch faults (allocating, zeroing and mapping each page)
 /// took most of the receiver's time in the emulated test host. The pages would be touched
-/// anyway; nothing the source will not send is faulted in. Stopped (and joined) by
+/// anyway; nothing the source will not send is faulted in. The thread runs at `SCHED_IDLE`:
+/// only on a CPU nothing else wants. Stopped (and joined) by
 /// [`Prefault::stop`] or when dropped.
 struct Prefault {
     stop: Arc<AtomicBool>,
@@ -218,6 +219,13 @@ impl Prefault {
             .name("prefault".into())
             .spawn(move || {
                 let _mapped = memory;
+                // Work that pays only when a CPU would be idle otherwise: it must not take
+                // time from vCPUs (the guest's at the source, on a shared host, or anyone's).
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+                if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                    tracing::debug!("prefault: SCHED_IDLE: {}", std::io::Error::last_os_error());
+                }
                 let mut done = 0u64;
                 for (addr, len) in pieces {
                     if stopped.load(Ordering::Relaxed) {

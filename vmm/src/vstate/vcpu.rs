@@ -438,8 +438,10 @@ fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> bool {
             ctx.mmio.write(addr, data);
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
-        // A triple fault resets a PC.
+        // A triple fault resets a PC. Said, since nothing else tells a guest that restarted
+        // on its own from one that asked to.
         VcpuExit::Shutdown => {
+            tracing::warn!("vCPU {id}: triple fault: the machine resets");
             let _ = ctx.events.reset.write(1);
             return false;
         }

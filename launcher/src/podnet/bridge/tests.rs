@@ -11,7 +11,7 @@ use ipnet::Ipv4Net;
 
 use super::*;
 use crate::podnet::netns::{
-    configure_guest, connect, pod_on_a_node, Netns, PodOnANode, NODE_IP, POD_IP,
+    assert_masqueraded, configure_guest, connect, pod_on_a_node, Netns, PodOnANode, NODE_IP, POD_IP,
 };
 
 const GUEST_MAC: [u8; 6] = [0x02, 0x6b, 0x36, 0x00, 0x00, 0x07];
@@ -195,15 +195,12 @@ fn the_guest_takes_the_pods_address_and_reaches_the_node_and_all_is_undone() {
 
 #[test]
 fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
-    let Some(PodOnANode {
-        pod,
-        node: _node,
-        guest: _guest,
-    }) = pod_on_a_node()
-    else {
+    // The node and guest namespaces live as long as `net`: the pod's veths end there.
+    let Some(net) = pod_on_a_node() else {
         return;
     };
-    let before = pod_state(&pod);
+    let pod = &net.pod;
+    let before = pod_state(pod);
     let dir = tempfile::tempdir().unwrap();
     let mut s = spec("eth0", dir.path());
     // The launcher makes its own tap.
@@ -216,13 +213,13 @@ fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
         // kill -9: nothing is undone.
         std::mem::forget(binding);
     });
-    assert_ne!(pod_state(&pod), before);
+    assert_ne!(pod_state(pod), before);
     let second = s.clone();
     let binding = pod.run(move || BridgeBinding::wire(&second).map_err(|e| e.to_string()));
     let binding = binding.expect("a launcher after a killed one");
     assert_eq!(binding.lease().unwrap().address, POD_IP.parse().unwrap());
     drop(binding);
-    assert_eq!(pod_state(&pod), before);
+    assert_eq!(pod_state(pod), before);
     assert!(pod.run(|| Netlink::open().unwrap().link("tap7").unwrap().is_none()));
     assert!(!s.saved.exists());
 
@@ -239,7 +236,7 @@ fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
     let second = s.clone();
     let binding = pod.run(move || BridgeBinding::wire(&second).map_err(|e| e.to_string()));
     drop(binding.expect("a masquerade launcher after a killed one"));
-    assert_eq!(pod_state(&pod), before);
+    assert_eq!(pod_state(pod), before);
     assert_eq!(
         pod.run(|| std::fs::read_to_string(IP_FORWARD).unwrap()),
         "0\n"
@@ -251,15 +248,12 @@ fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
 
 #[test]
 fn a_missing_interface_or_a_taken_bridge_is_refused_and_nothing_is_left() {
-    let Some(PodOnANode {
-        pod,
-        node: _node,
-        guest: _guest,
-    }) = pod_on_a_node()
-    else {
+    // The node and guest namespaces live as long as `net`: the pod's veths end there.
+    let Some(net) = pod_on_a_node() else {
         return;
     };
-    let before = pod_state(&pod);
+    let pod = &net.pod;
+    let before = pod_state(pod);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
     let p = path.clone();
@@ -270,13 +264,13 @@ fn a_missing_interface_or_a_taken_bridge_is_refused_and_nothing_is_left() {
     });
     let e = e.expect("a binding of a missing interface");
     assert!(e.contains("net1"), "{e}");
-    assert_eq!(pod_state(&pod), before);
+    assert_eq!(pod_state(pod), before);
     // The guest's tap missing: found before anything is changed.
     let mut no_tap = spec("eth0", &path);
     no_tap.guest_link = "tap9".into();
     let e = pod.run(move || BridgeBinding::wire(&no_tap).err().map(|e| e.to_string()));
     assert!(e.expect("a binding without a tap").contains("tap9"));
-    assert_eq!(pod_state(&pod), before);
+    assert_eq!(pod_state(pod), before);
     // A bridge of that name already there (a crashed launcher's): refused, left alone.
     pod.run(|| {
         Netlink::open()
@@ -284,7 +278,7 @@ fn a_missing_interface_or_a_taken_bridge_is_refused_and_nothing_is_left() {
             .add_bridge("k6t-eth0", 1500)
             .unwrap();
     });
-    let with_bridge = pod_state(&pod);
+    let with_bridge = pod_state(pod);
     let p = path.clone();
     let e = pod.run(move || {
         BridgeBinding::wire(&spec("eth0", &p))
@@ -292,7 +286,7 @@ fn a_missing_interface_or_a_taken_bridge_is_refused_and_nothing_is_left() {
             .map(|e| e.to_string())
     });
     assert!(e.expect("a second bridge").contains("k6t-eth0 exists"));
-    assert_eq!(pod_state(&pod), with_bridge);
+    assert_eq!(pod_state(pod), with_bridge);
     assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0, "files left");
 }
 
@@ -322,16 +316,7 @@ fn masquerade_puts_the_guest_behind_the_pods_address_and_all_is_undone() {
         Ipv4Net::new(MASQUERADE_GUEST, 24).unwrap(),
         MASQUERADE_GATEWAY,
     );
-    // The node reaches the guest at the pod's address ...
-    let pod_port = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 7), 8080);
-    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080);
-    assert_eq!(connect(&guest, any, &node, pod_port), NODE_IP);
-    // ... and the guest's connections leave as the pod's address.
-    let node_port = SocketAddrV4::new(NODE_IP, 9090);
-    assert_eq!(
-        connect(&node, node_port, &guest, node_port),
-        Ipv4Addr::new(10, 244, 1, 7)
-    );
+    assert_masqueraded(&node, &guest);
     drop(binding);
     assert_eq!(pod_state(&pod), before);
     assert_eq!(
