@@ -142,11 +142,7 @@ enum Bound {
 impl Listening {
     /// Serves with default limits: the whole API on a Unix socket, the probes on TCP.
     pub fn serve(self, backend: Arc<dyn VmmBackend>) -> Result<ApiServer, Error> {
-        let options = ServerOptions {
-            probes_only: matches!(self.0, Bound::Tcp(..)),
-            ..ServerOptions::default()
-        };
-        self.serve_with(backend, options)
+        self.serve_with(backend, ServerOptions::default())
     }
 
     /// Serves with the given limits (a TCP listener answers only the probes whatever they say).
