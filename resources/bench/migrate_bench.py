@@ -52,9 +52,9 @@ TICKER = "(i=0; while :; do i=$((i+1)); echo tick$i; usleep 20000; done) &"
 class Vmm:
     """A VMM process whose console (stdin/stdout) the benchmark reads and types into."""
 
-    def __init__(self, cmd):
+    def __init__(self, cmd, env=None):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, env=env)
         self.out = b""
         # When each of the guest's TICKER lines arrived (time.monotonic()).
         self.ticks = []
@@ -151,8 +151,10 @@ def run_podvisor(args, tmp, workload):
     write_vm_config(args, f"{tmp}/vm.json")
     ctl = lambda sock, *a: subprocess.run([pv, "ctl", "--api-socket", sock, *a], check=True,
                                           capture_output=True, timeout=900)
-    src = Vmm([pv, "serve", "--api-socket", src_sock, "--event-monitor", f"path={events}"])
-    dst = Vmm([pv, "serve", "--api-socket", dst_sock])
+    # --logs: both sides say where the time goes (PODVISOR_LOG=info), kept in that folder.
+    env = dict(os.environ, PODVISOR_LOG="info") if args.logs else None
+    src = Vmm([pv, "serve", "--api-socket", src_sock, "--event-monitor", f"path={events}"], env)
+    dst = Vmm([pv, "serve", "--api-socket", dst_sock], env)
     try:
         wait_for(src_sock)
         ctl(src_sock, "create", f"{tmp}/vm.json")
@@ -178,6 +180,12 @@ def run_podvisor(args, tmp, workload):
     finally:
         src.stop()
         dst.stop()
+        if args.logs:
+            os.makedirs(args.logs, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for side, vmm in (("source", src), ("destination", dst)):
+                with open(os.path.join(args.logs, f"{stamp}-{workload}-{side}.log"), "wb") as f:
+                    f.write(vmm.out)
 
 
 class Qmp:
@@ -256,6 +264,8 @@ def bench_args(description):
     ap.add_argument("--cmdline", default="console=ttyS0 quiet")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--state", help="run record (JSON lines) to resume from and append to")
+    ap.add_argument("--logs", help="run podvisor at PODVISOR_LOG=info and keep each run's "
+                    "source and destination output in this folder")
     return ap.parse_args()
 
 
