@@ -78,6 +78,13 @@ impl Drop for Netns {
 
 /// The pod's address (on its `eth0`) in [`pod_on_a_node`].
 pub const POD_IP: &str = "10.244.1.7/24";
+/// [`POD_IP`]'s address alone.
+pub fn pod_ip() -> Ipv4Addr {
+    POD_IP
+        .parse::<Ipv4Net>()
+        .expect("an address with its prefix")
+        .addr()
+}
 /// The node's end of the pod's `eth0`, the pod's gateway.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 
@@ -192,7 +199,7 @@ pub fn connect(
 /// the node's connection to the pod's address reaches the guest (seen from the node's
 /// address), and the guest's to the node leaves as the pod's address.
 pub fn assert_masqueraded(node: &Netns, guest: &Netns) {
-    let pod_ip = Ipv4Addr::new(10, 244, 1, 7);
+    let pod_ip = pod_ip();
     let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8080);
     let inbound = connect(guest, any, node, SocketAddrV4::new(pod_ip, 8080));
     assert_eq!(inbound, NODE_IP, "inbound");

@@ -11,7 +11,8 @@ use ipnet::Ipv4Net;
 
 use super::*;
 use crate::podnet::netns::{
-    assert_masqueraded, configure_guest, connect, pod_on_a_node, Netns, PodOnANode, NODE_IP, POD_IP,
+    assert_masqueraded, configure_guest, connect, pod_ip, pod_on_a_node, Netns, PodOnANode,
+    NODE_IP, POD_IP,
 };
 
 const GUEST_MAC: [u8; 6] = [0x02, 0x6b, 0x36, 0x00, 0x00, 0x07];
@@ -147,7 +148,7 @@ fn the_guest_takes_the_pods_address_and_reaches_the_node_and_all_is_undone() {
 
         let ack = dhcp_exchange(&guest);
         assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
-        assert_eq!(ack.yiaddr(), Ipv4Addr::new(10, 244, 1, 7));
+        assert_eq!(ack.yiaddr(), pod_ip());
         let get = |c| ack.opts().get(c).cloned();
         assert_eq!(
             get(OptionCode::Router),
@@ -177,7 +178,7 @@ fn the_guest_takes_the_pods_address_and_reaches_the_node_and_all_is_undone() {
         }
         let node_port = SocketAddrV4::new(NODE_IP, 8080);
         let seen = connect(&node, node_port, &guest, node_port);
-        assert_eq!(seen, Ipv4Addr::new(10, 244, 1, 7));
+        assert_eq!(seen, pod_ip());
 
         assert!(
             s.saved.exists(),
