@@ -177,7 +177,7 @@ def configs(args, disks, aio, disk_cmdline, net_cmdline):
         return lambda overlay: [
             args.podvisor, "run", "--kernel", bz, "--initramfs", initrd, "--cmdline", cmdline,
             "--cpus", str(args.cpus), "--memory", f"{args.memory}M",
-            "--disk", f"path={overlay},format=qcow2", *extra]
+            "--disk", f"path={overlay},format=qcow2,backing_files=on", *extra]
 
     def qm(cmdline, extra):
         return lambda overlay: [

@@ -210,7 +210,8 @@ def command(vmm, path, args, work):
         ns, tap = node_tap()
         return ["ip", "netns", "exec", ns, args.podvisor, "run", "--kernel", bz,
                 "--initramfs", initrd, "--cmdline", cmdline, "--cpus", str(args.cpus),
-                "--memory", f"{args.memory}M", "--disk", f"path={overlay},format=qcow2",
+                "--memory", f"{args.memory}M", "--disk",
+                f"path={overlay},format=qcow2,backing_files=on",
                 "--net", f"tap={tap},ip={TAP_HOST},mask=255.255.255.0,mac={MAC}"]
     ns, tap = qemu_path(path)
     return ["ip", "netns", "exec", ns, args.qemu, "-M", "q35", "-accel", "kvm", "-cpu", "host",

@@ -112,7 +112,10 @@ fn qcow2_overlay_round_trip() -> Result<(), Failed> {
         ],
     )?;
 
-    let mut vm = boot_to_shell(&disk_arg(&format!("path={overlay}")))?;
+    let mut vm = boot_to_shell(&disk_arg(&format!(
+        "path={overlay},backing_files={}",
+        dir.root()
+    )))?;
     let seen = guest_byte_values(&mut vm, "/dev/vda", 0, 1)?;
     if seen != "ab" {
         return Err(vm.failure(&format!(
@@ -224,7 +227,7 @@ fn boots_from_a_qcow2_root_disk() -> Result<(), Failed> {
         1,
         "256M",
         "console=ttyS0 root=/dev/vda podvisor.halt",
-        &["--disk", &format!("path={overlay}")],
+        &["--disk", &format!("path={overlay},backing_files=on")],
     );
     vm.expect("podvisor-guest root: /dev/vda")?;
     vm.expect("podvisor-guest ready:")?;
@@ -256,20 +259,45 @@ fn bad_disks_give_clear_errors() -> Result<(), Failed> {
         "qemu-img",
         &["rebase", "-u", "-f", "qcow2", "-b", &b, "-F", "qcow2", &a],
     )?;
-    let before: Vec<Vec<u8>> = [&raw, &a, &b]
+    // Issue 15's reproduction: a qcow2 that names a host file as its backing file.
+    let evil = dir.arg("evil.qcow2");
+    host_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+            &evil,
+            "64M",
+        ],
+    )?;
+    let before: Vec<Vec<u8>> = [&raw, &a, &b, &evil]
         .iter()
         .map(std::fs::read)
         .collect::<Result<_, _>>()?;
 
-    let cases: [(String, &str); 5] = [
+    let cases: [(String, &str); 7] = [
         ("path=/nonexistent/disk.raw".into(), "/nonexistent/disk.raw"),
         (format!("path={raw},format=qcow2"), "plain.raw"),
         (
             format!("path={},format=qcow2", corrupt.display()),
             "corrupt.qcow2",
         ),
-        (format!("path={b}"), "loop"),
+        (format!("path={b},backing_files=on"), "loop"),
         (format!("path={raw},format=vmdk"), "vmdk"),
+        (
+            format!("path={evil}"),
+            "backing file '/etc/passwd' refused: backing files are off for this disk",
+        ),
+        (
+            format!("path={evil},backing_files={}", dir.root()),
+            "/etc/passwd is not under backing_files=",
+        ),
     ];
     for (spec, wanted) in &cases {
         let err = expect_error(&["--kernel", kernel, "--memory", "128M", "--disk", spec])?;
@@ -286,7 +314,7 @@ fn bad_disks_give_clear_errors() -> Result<(), Failed> {
     if !err.contains("tap") {
         return Err(format!("bad tap: {err}").into());
     }
-    let after: Vec<Vec<u8>> = [&raw, &a, &b]
+    let after: Vec<Vec<u8>> = [&raw, &a, &b, &evil]
         .iter()
         .map(std::fs::read)
         .collect::<Result<_, _>>()?;

@@ -595,6 +595,11 @@ impl Scratch {
     pub fn arg(&self, file: &str) -> String {
         self.path(file).to_str().expect("UTF-8 temp dir").to_owned()
     }
+
+    /// The directory itself, for command lines.
+    pub fn root(&self) -> String {
+        self.0.to_str().expect("UTF-8 temp dir").to_owned()
+    }
 }
 
 impl Drop for Scratch {

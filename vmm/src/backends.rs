@@ -152,6 +152,7 @@ fn open_blk(disk: &DiskConfig, queues: u16) -> Result<VirtioBlk, Error> {
         format: disk.format.as_deref().and_then(Format::from_name),
         read_only: disk.readonly,
         direct: disk.direct,
+        backing_files: disk.backing_files.policy(),
     };
     let image = open_disk(&disk.path, options).map_err(|e| Error::Device(e.to_string()))?;
     VirtioBlk::with_queues(image, disk.serial.clone(), queues)

@@ -367,6 +367,11 @@ pub struct DiskConfig {
     /// "raw" or "qcow2"; probed from the file when absent (a qcow2 header means qcow2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// Which backing files a qcow2 image may name: none (the default: such an image is
+    /// refused), regular files anywhere (`true`), or only under a path (a directory, or
+    /// exactly one file).
+    #[serde(default, skip_serializing_if = "BackingFilesConfig::is_off")]
+    pub backing_files: BackingFilesConfig,
     /// The disk's ID as the guest reads it (VIRTIO_BLK_T_GET_ID), at most 20 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
@@ -375,6 +380,35 @@ pub struct DiskConfig {
     pub num_queues: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// [`DiskConfig::backing_files`]: `false`/`true` (Cloud Hypervisor's) or a path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BackingFilesConfig {
+    Allowed(bool),
+    Under(PathBuf),
+}
+
+impl Default for BackingFilesConfig {
+    fn default() -> Self {
+        BackingFilesConfig::Allowed(false)
+    }
+}
+
+impl BackingFilesConfig {
+    pub fn is_off(&self) -> bool {
+        *self == BackingFilesConfig::Allowed(false)
+    }
+
+    /// The disk layer's policy.
+    pub fn policy(&self) -> devices::block::BackingFiles {
+        match self {
+            BackingFilesConfig::Allowed(false) => devices::block::BackingFiles::Refused,
+            BackingFilesConfig::Allowed(true) => devices::block::BackingFiles::Any,
+            BackingFilesConfig::Under(path) => devices::block::BackingFiles::Under(path.clone()),
+        }
+    }
 }
 
 /// A virtio-net interface over a host tap.
@@ -712,7 +746,7 @@ impl DiskConfig {
     }
 
     /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,direct=on][,serial=ID]
-    /// [,num_queues=N][,id=NAME]`.
+    /// [,num_queues=N][,id=NAME][,backing_files=on|off|PATH]`.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let what = "--disk";
         let mut disk = DiskConfig::default();
@@ -728,6 +762,7 @@ impl DiskConfig {
                 "serial",
                 "num_queues",
                 "id",
+                "backing_files",
             ],
         )? {
             match key {
@@ -735,6 +770,13 @@ impl DiskConfig {
                 "format" => disk.format = Some(value.to_owned()),
                 "readonly" => disk.readonly = parse_on_off(what, key, value)?,
                 "direct" => disk.direct = parse_on_off(what, key, value)?,
+                "backing_files" if !value.is_empty() => {
+                    disk.backing_files = match value {
+                        "on" | "true" => BackingFilesConfig::Allowed(true),
+                        "off" | "false" => BackingFilesConfig::Allowed(false),
+                        dir => BackingFilesConfig::Under(PathBuf::from(dir)),
+                    }
+                }
                 "serial" => disk.serial = Some(value.to_owned()),
                 "num_queues" => {
                     disk.num_queues = Some(value.parse().map_err(|_| {
@@ -872,6 +914,36 @@ mod tests {
         assert_eq!((d.num_queues, d.queues(1), d.queues(4)), (None, 1, 4));
         let q = DiskConfig::parse("path=/a,num_queues=2").unwrap();
         assert_eq!((q.num_queues, q.queues(8)), (Some(2), 2));
+        // Backing files: off unless asked for; on (Cloud Hypervisor's `true`), or under a path.
+        assert!(d.backing_files.is_off());
+        for (opt, want, json) in [
+            (
+                "on",
+                BackingFilesConfig::Allowed(true),
+                serde_json::json!(true),
+            ),
+            (
+                "off",
+                BackingFilesConfig::Allowed(false),
+                serde_json::Value::Null,
+            ),
+            (
+                "/b",
+                BackingFilesConfig::Under("/b".into()),
+                serde_json::json!("/b"),
+            ),
+        ] {
+            let b = DiskConfig::parse(&format!("path=/a,backing_files={opt}")).unwrap();
+            assert_eq!(b.backing_files, want);
+            let v = serde_json::to_value(&b).unwrap();
+            assert_eq!(v.get("backing_files").cloned().unwrap_or_default(), json);
+            let back: DiskConfig = serde_json::from_value(v).unwrap();
+            assert_eq!(back, b);
+        }
+        assert_eq!(
+            BackingFilesConfig::Under("/b".into()).policy(),
+            devices::block::BackingFiles::Under("/b".into())
+        );
         for bad in [
             "path=/a,num_queues=",
             "path=/a,num_queues=two",

@@ -77,6 +77,13 @@ pub enum BlockError {
     /// A backing file refers back to an image already in the chain.
     #[error("backing chain loop: {chain}")]
     BackingLoop { chain: String },
+    /// The image names a backing file its [`super::BackingFiles`] policy does not allow.
+    #[error("'{}': backing file '{}' refused: {reason}", path.display(), backing.display())]
+    BackingRefused {
+        path: PathBuf,
+        backing: PathBuf,
+        reason: String,
+    },
     /// A backing file could not be opened.
     #[error("'{}': cannot open backing file '{}': {source}", path.display(), backing.display())]
     Backing {

@@ -120,6 +120,20 @@ impl HostFile {
                 }
             }
         })?;
+        // What was opened, which is what counts if the path changed since it was looked at.
+        let opened_type = file
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .file_type();
+        if opened_type.is_block_device() != block_device || !(opened_type.is_file() || block_device)
+        {
+            return Err(BlockError::NotADisk {
+                path: path.to_path_buf(),
+            });
+        }
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -447,6 +461,11 @@ impl HostFile {
     }
 
     /// The descriptor, for I/O submitted elsewhere (`io_uring`).
+    /// Whether the image is a block device (a regular file otherwise).
+    pub(crate) fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

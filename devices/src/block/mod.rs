@@ -9,6 +9,15 @@
 //! relative names resolved against the directory of the image naming them, a loop in the chain
 //! is an error).
 //!
+//! # Backing files are opt-in
+//!
+//! A qcow2 header may name any host path as its backing file, and the guest then reads that
+//! file through every cluster the image does not hold: an image from elsewhere (a registry, a
+//! tenant) could hand the guest `/etc/shadow` or a block device. So an image that names a
+//! backing file is refused unless [`DiskOptions::backing_files`] allows it: regular files
+//! anywhere ([`BackingFiles::Any`]), or only under one path ([`BackingFiles::Under`]: a
+//! directory, or exactly one file), never a device, at most [`MAX_BACKING_FILES`] deep.
+//!
 //! # Format probing
 //!
 //! When no format is given, the format is probed the way QEMU does: a file starting with the
@@ -178,7 +187,7 @@ impl fmt::Display for Format {
 }
 
 /// How to open a disk image.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DiskOptions {
     /// The image format; probed when `None` (see the module docs).
     pub format: Option<Format>,
@@ -186,11 +195,30 @@ pub struct DiskOptions {
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`).
     pub direct: bool,
+    /// Which backing files the image's chain may name (see the module docs).
+    pub backing_files: BackingFiles,
 }
+
+/// Which backing files a qcow2 image (and the images below it) may name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BackingFiles {
+    /// None: an image that names a backing file is refused.
+    #[default]
+    Refused,
+    /// Regular files anywhere.
+    Any,
+    /// Regular files under this path, symbolic links resolved: the files in a directory and
+    /// below it, or exactly this one file.
+    Under(PathBuf),
+}
+
+/// The most backing files below one image.
+pub const MAX_BACKING_FILES: usize = 16;
 
 /// Opens the disk image at `path` and its backing chain.
 pub fn open_disk(path: &Path, options: DiskOptions) -> Result<Box<dyn DiskImage>, BlockError> {
-    open_in_chain(path, options, &mut Vec::new(), true)
+    let policy = options.backing_files.clone();
+    open_in_chain(path, &options, &mut Vec::new(), &policy)
 }
 
 /// Opens a qcow2 image that must not have a backing file: fuzzing and tools that must not
@@ -244,12 +272,13 @@ fn qcow_v1(path: &Path) -> BlockError {
     }
 }
 
-/// `chain` holds the (canonical, as named) paths of the images opened so far above this one.
+/// `chain` holds the (canonical, as named) paths of the images opened so far above this one;
+/// `policy` is the top image's [`BackingFiles`], which every image below it must satisfy.
 fn open_in_chain(
     path: &Path,
-    options: DiskOptions,
+    options: &DiskOptions,
     chain: &mut Vec<(PathBuf, PathBuf)>,
-    follow_backing: bool,
+    policy: &BackingFiles,
 ) -> Result<Box<dyn DiskImage>, BlockError> {
     let canonical = std::fs::canonicalize(path).map_err(|source| BlockError::Open {
         path: path.to_path_buf(),
@@ -265,7 +294,12 @@ fn open_in_chain(
             chain: names.join(" -> "),
         });
     }
+    let backing = !chain.is_empty();
     let file = HostFile::open(path, options.read_only, options.direct)?;
+    if backing {
+        // Checked again on the open file: the path could have been swapped in between.
+        check_opened_backing(&file, &canonical)?;
+    }
     let probed = probe(&file)?;
     let format = match (options.format, probed) {
         (Some(Format::Raw), Probed::Qcow2) => {
@@ -296,12 +330,12 @@ fn open_in_chain(
         Format::Qcow2 => {
             chain.push((canonical, path.to_path_buf()));
             let image = Qcow2Image::open(file, options.read_only, |backing, backing_format| {
-                if !follow_backing {
-                    return Err(BlockError::Unsupported {
-                        path: path.to_path_buf(),
-                        feature: "backing files".into(),
-                    });
-                }
+                let refused = |reason: String| BlockError::BackingRefused {
+                    path: path.to_path_buf(),
+                    backing: backing.to_path_buf(),
+                    reason,
+                };
+                check_backing(policy, chain.len(), backing).map_err(refused)?;
                 let format =
                     match backing_format {
                         None => None,
@@ -316,10 +350,12 @@ fn open_in_chain(
                     format,
                     read_only: true,
                     direct: options.direct,
+                    backing_files: BackingFiles::Refused,
                 };
-                open_in_chain(backing, backing_options, chain, true).map_err(|e| match e {
-                    // A loop reads best as itself, not wrapped at every level of the chain.
-                    e @ BlockError::BackingLoop { .. } => e,
+                open_in_chain(backing, &backing_options, chain, policy).map_err(|e| match e {
+                    // A loop or a refusal reads best as itself, not wrapped at every level.
+                    e @ (BlockError::BackingLoop { .. } | BlockError::BackingRefused { .. }) => e,
+                    BlockError::NotADisk { .. } => refused("not a regular file".into()),
                     e => BlockError::Backing {
                         path: path.to_path_buf(),
                         backing: backing.to_path_buf(),
@@ -330,6 +366,64 @@ fn open_in_chain(
             Ok(Box::new(image))
         }
     }
+}
+
+/// Whether `policy` lets an image with `above` images above it name `backing` (before it is
+/// opened); the reason when not.
+fn check_backing(policy: &BackingFiles, above: usize, backing: &Path) -> Result<(), String> {
+    let under = match policy {
+        BackingFiles::Refused => {
+            return Err(
+                "backing files are off for this disk (backing_files=on allows regular \
+                        files, backing_files=PATH only those under PATH)"
+                    .into(),
+            )
+        }
+        BackingFiles::Any => None,
+        BackingFiles::Under(under) => Some(under),
+    };
+    if above > MAX_BACKING_FILES {
+        return Err(format!(
+            "the backing chain is deeper than {MAX_BACKING_FILES} files"
+        ));
+    }
+    // A missing file is the open's error to report.
+    let Ok(canonical) = std::fs::canonicalize(backing) else {
+        return Ok(());
+    };
+    if !std::fs::metadata(&canonical).is_ok_and(|m| m.is_file()) {
+        return Err("not a regular file (a backing file is never a device)".into());
+    }
+    if let Some(under) = under {
+        let allowed = std::fs::canonicalize(under)
+            .map_err(|e| format!("backing_files={}: {e}", under.display()))?;
+        if !canonical.starts_with(&allowed) {
+            return Err(format!(
+                "{} is not under backing_files={}",
+                canonical.display(),
+                under.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the backing file opened as `file` is the regular file `canonical` it was
+/// checked as.
+fn check_opened_backing(file: &HostFile, canonical: &Path) -> Result<(), BlockError> {
+    if file.is_block_device() {
+        return Err(BlockError::NotADisk {
+            path: file.path().to_path_buf(),
+        });
+    }
+    let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.raw_fd()));
+    if opened.as_deref().ok() != Some(canonical) {
+        return Err(BlockError::Open {
+            path: file.path().to_path_buf(),
+            source: std::io::Error::other("the file was replaced while it was opened"),
+        });
+    }
+    Ok(())
 }
 
 /// Checks that `[offset, offset + len)` lies within a disk of `size` bytes.

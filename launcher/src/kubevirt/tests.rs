@@ -108,6 +108,13 @@ fn a_kernel_boot_vmi_becomes_a_vm_config() {
     );
     assert_eq!(root.format.as_deref(), Some("qcow2"));
     assert!(root.direct && !root.readonly);
+    // The overlay may name the containerDisk's image as its backing file, and nothing else.
+    assert_eq!(
+        root.backing_files,
+        vmm::config::BackingFilesConfig::Under(
+            "/pod/var/run/kubevirt/container-disks/disk_0.img".into()
+        )
+    );
     let data = &c.disks[1];
     assert_eq!(
         data.path,
@@ -115,6 +122,7 @@ fn a_kernel_boot_vmi_becomes_a_vm_config() {
     );
     // A claim's image is raw, always: never probed.
     assert_eq!(data.format.as_deref(), Some("raw"));
+    assert!(data.backing_files.is_off());
     assert_eq!(data.serial.as_deref(), Some("DATA0001"));
     let seed = &c.disks[2];
     assert!(seed.readonly, "a CD-ROM is read-only");

@@ -162,7 +162,7 @@ fn image_size(path: &Path, format: Format) -> Result<u64, String> {
     let options = devices::block::DiskOptions {
         format: Some(format),
         read_only: true,
-        direct: false,
+        ..Default::default()
     };
     let disk = devices::block::open_disk(path, options)
         .map_err(|e| format!("the image {}: {e}", path.display()))?;
@@ -314,6 +314,7 @@ mod tests {
             serial: None,
             num_queues: None,
             id: Some(id.into()),
+            ..Default::default()
         }
     }
 
@@ -345,8 +346,11 @@ mod tests {
         ];
         let mut c = config(vec![disk("root"), disk("scratch")]);
         let made = prepare(&steps, &mut c).unwrap();
-        let opened =
-            devices::block::open_disk(&overlay, devices::block::DiskOptions::default()).unwrap();
+        let only_base = devices::block::DiskOptions {
+            backing_files: devices::block::BackingFiles::Under(base.clone()),
+            ..Default::default()
+        };
+        let opened = devices::block::open_disk(&overlay, only_base).unwrap();
         assert_eq!(opened.size(), 1 << 20);
         drop(opened);
         assert!(empty.is_file());

@@ -195,7 +195,11 @@ mod tests {
         let overlay = dir.join("overlay.qcow2");
         create(&overlay, 4 << 20, Some((&base, Format::Raw)), 0o600).unwrap();
         {
-            let mut disk = open_disk(&overlay, DiskOptions::default()).unwrap();
+            let options = DiskOptions {
+                backing_files: crate::block::BackingFiles::Any,
+                ..DiskOptions::default()
+            };
+            let mut disk = open_disk(&overlay, options).unwrap();
             let mut buf = [0u8; 11];
             disk.read_at(&mut buf, 0).unwrap();
             assert_eq!(&buf, b"from-base-1");

@@ -258,3 +258,140 @@ fn reload_sees_what_another_writer_flushed() {
     disk.reload().unwrap();
     assert_eq!(disk.size(), 8192);
 }
+
+/// An overlay over `backing` (as named in its header: absolute or relative) at `path`.
+fn overlay(path: &Path, backing: &Path, format: Format) {
+    crate::block::qcow2::create::create(path, 2 * MIB, Some((backing, format)), 0o600).unwrap();
+}
+
+fn with_backing(backing_files: BackingFiles) -> DiskOptions {
+    DiskOptions {
+        backing_files,
+        read_only: true,
+        ..DiskOptions::default()
+    }
+}
+
+#[test]
+fn backing_files_are_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    fs::write(&base, vec![0x5a; MIB as usize]).unwrap();
+    let top = dir.path().join("top.qcow2");
+    overlay(&top, &base, Format::Raw);
+
+    let err = open_disk(&top, DiskOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "'{}': backing file '{}' refused: backing files are off for this disk \
+             (backing_files=on allows regular files, backing_files=PATH only those under PATH)",
+            top.display(),
+            base.display()
+        )
+    );
+    for allowed in [
+        BackingFiles::Any,
+        BackingFiles::Under(dir.path().to_path_buf()),
+        BackingFiles::Under(base.clone()),
+    ] {
+        let mut disk = open_disk(&top, with_backing(allowed.clone())).unwrap();
+        let mut buf = [0u8; 4];
+        disk.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [0x5a; 4], "{allowed:?}");
+    }
+    // Allowed under another directory, or another file: refused.
+    let other = tempfile::tempdir().unwrap();
+    let err = open_disk(&top, with_backing(BackingFiles::Under(other.path().into())))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("refused") && err.contains("is not under backing_files="),
+        "{err}"
+    );
+    let err = open_disk(&top, with_backing(BackingFiles::Under(top.clone())))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("is not under backing_files="), "{err}");
+}
+
+#[test]
+fn a_backing_file_cannot_reach_host_files_or_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let under = BackingFiles::Under(dir.path().to_path_buf());
+    // A host secret named directly, or through a link inside the allowed directory.
+    let secret = Path::new("/etc/passwd");
+    let top = dir.path().join("top.qcow2");
+    overlay(&top, secret, Format::Raw);
+    for policy in [BackingFiles::Refused, under.clone()] {
+        let err = open_disk(&top, with_backing(policy))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("backing file '/etc/passwd' refused"), "{err}");
+    }
+    std::os::unix::fs::symlink(secret, dir.path().join("link")).unwrap();
+    let linked = dir.path().join("linked.qcow2");
+    overlay(&linked, Path::new("link"), Format::Raw);
+    let err = open_disk(&linked, with_backing(under.clone()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("/etc/passwd is not under backing_files="),
+        "{err}"
+    );
+    // A device is never a backing file, even when every regular file is allowed.
+    let device = dir.path().join("device.qcow2");
+    overlay(&device, Path::new("/dev/zero"), Format::Raw);
+    let err = open_disk(&device, with_backing(BackingFiles::Any))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("'/dev/zero' refused: not a regular file"),
+        "{err}"
+    );
+    // Nor is a directory.
+    let folder = dir.path().join("folder.qcow2");
+    overlay(&folder, dir.path(), Format::Raw);
+    let err = open_disk(&folder, with_backing(BackingFiles::Any))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("refused: not a regular file"), "{err}");
+}
+
+#[test]
+fn a_backing_chain_is_at_most_sixteen_files_deep() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut below = dir.path().join("0.raw");
+    fs::write(&below, vec![1u8; 4096]).unwrap();
+    let mut layers = Vec::new();
+    for n in 1..=MAX_BACKING_FILES + 1 {
+        let path = dir.path().join(format!("{n}.qcow2"));
+        let format = if n == 1 { Format::Raw } else { Format::Qcow2 };
+        overlay(&path, &below, format);
+        layers.push(path.clone());
+        below = path;
+    }
+    // The 16th layer has 16 files below it; the 17th has 17.
+    let deepest_allowed = &layers[MAX_BACKING_FILES - 1];
+    let mut disk = open_disk(deepest_allowed, with_backing(BackingFiles::Any)).unwrap();
+    let mut buf = [0u8; 1];
+    disk.read_at(&mut buf, 100).unwrap();
+    assert_eq!(buf, [1]);
+    let err = open_disk(&layers[MAX_BACKING_FILES], with_backing(BackingFiles::Any))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("the backing chain is deeper than 16 files"),
+        "{err}"
+    );
+}

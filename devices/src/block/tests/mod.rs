@@ -106,14 +106,19 @@ pub(super) fn assert_same(qcow2: &Path, model: &[u8]) {
     );
 }
 
+/// Read-write, backing files allowed (the tests make their chains themselves).
 pub(super) fn rw() -> DiskOptions {
-    DiskOptions::default()
+    DiskOptions {
+        backing_files: BackingFiles::Any,
+        ..DiskOptions::default()
+    }
 }
 
+/// Read-only, backing files allowed.
 pub(super) fn ro() -> DiskOptions {
     DiskOptions {
         read_only: true,
-        ..DiskOptions::default()
+        ..rw()
     }
 }
 

@@ -238,7 +238,7 @@ fn direct_guest_io_with_aligned_and_misaligned_buffers() {
     let mut model = qemu_read(&img, &[]);
     let direct = DiskOptions {
         direct: true,
-        ..DiskOptions::default()
+        ..rw()
     };
     let mut disk = match open_disk(&img, direct) {
         Ok(d) => d,
@@ -344,7 +344,7 @@ fn bench_qcow2_sequential_1m() {
         .collect();
     let direct = DiskOptions {
         direct: true,
-        ..DiskOptions::default()
+        ..rw()
     };
     let mut disk = open_disk(&img, direct).unwrap();
     for pass in 0..2 {

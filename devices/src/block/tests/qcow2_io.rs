@@ -310,7 +310,7 @@ fn direct_io_round_trips() {
         direct: true,
         ..DiskOptions::default()
     };
-    let mut disk = match open_disk(&img, direct) {
+    let mut disk = match open_disk(&img, direct.clone()) {
         Ok(d) => d,
         Err(BlockError::DirectUnsupported { path }) => {
             eprintln!(

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::Value;
-use vmm::config::DiskConfig;
+use vmm::config::{BackingFilesConfig, DiskConfig};
 
 use super::{Prepare, Source, Translator};
 use crate::kubevirt::quantity;
@@ -323,9 +323,15 @@ impl Translator<'_> {
             )
         };
         let readonly = readonly || claim_read_only || matches!(prep, Prepare::CloudInit { .. });
+        // An overlay's image may name the base it was made over, and nothing else.
+        let backing_files = match &prep {
+            Prepare::Overlay { base, .. } => BackingFilesConfig::Under(base.clone()),
+            _ => BackingFilesConfig::default(),
+        };
         disks.push(DiskConfig {
             path: file,
             format: Some(format.into()),
+            backing_files,
             readonly,
             direct: disk.cache.as_deref() == Some("none"),
             serial: disk.serial.clone(),

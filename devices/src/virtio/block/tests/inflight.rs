@@ -244,6 +244,7 @@ fn pause_waits_for_every_request_in_flight() {
             format: Some(Format::Raw),
             read_only: false,
             direct,
+            ..DiskOptions::default()
         };
         let disk = open_disk(&path, options(true))
             .or_else(|_| open_disk(&path, options(false)))
@@ -399,6 +400,7 @@ fn bench_random_reads_qd32() {
                 format: Some(Format::Raw),
                 read_only: false,
                 direct: true,
+                ..DiskOptions::default()
             },
         )
         .unwrap();

@@ -55,7 +55,7 @@ fn open(path: &Path, format: Format, read_only: bool) -> Box<dyn DiskImage> {
         DiskOptions {
             format: Some(format),
             read_only,
-            direct: false,
+            ..DiskOptions::default()
         },
     )
     .unwrap()
