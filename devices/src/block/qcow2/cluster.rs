@@ -126,6 +126,7 @@ impl Qcow2Image {
     /// Drops a reference to `mapping`'s host clusters once the change is durable.
     pub(super) fn release(&mut self, mapping: Mapping) {
         if let Some(range) = mapping.host_range(self.cluster_size()) {
+            self.pending_free_bytes += range.1;
             self.pending_free.push(range);
             if matches!(mapping, Mapping::Compressed { .. }) {
                 self.decompressed = None;

@@ -70,6 +70,9 @@ const CACHE_BYTES: u64 = 4 << 20;
 /// Tables per cache, whatever the cluster size.
 const MIN_CACHE_TABLES: u64 = 4;
 const MAX_CACHE_TABLES: u64 = 1024;
+/// Freed bytes past which a write or discard reclaims them without waiting for a flush (less
+/// on small images: a sixteenth of the virtual size).
+const RECLAIM_BYTES: u64 = 32 << 20;
 
 /// An open qcow2 image.
 pub struct Qcow2Image {
@@ -85,6 +88,8 @@ pub struct Qcow2Image {
     /// Host ranges whose references were removed in memory; their refcounts drop once that
     /// removal is durable (step 5 of the flush).
     pending_free: Vec<(u64, u64)>,
+    /// Bytes in `pending_free`.
+    pending_free_bytes: u64,
     decompressor: compressed::Decompressor,
     /// The last decompressed cluster: (its L2 entry's host offset, data).
     decompressed: Option<(u64, Vec<u8>)>,
@@ -158,6 +163,7 @@ impl Qcow2Image {
             refs,
             backing,
             pending_free: Vec::new(),
+            pending_free_bytes: 0,
             decompressed: None,
             scratch: None,
         };
@@ -325,6 +331,7 @@ impl Qcow2Image {
         self.make_l2_room()?;
         self.l2.insert(new, table, true);
         self.set_l1_entry(l1_idx, new | COPIED);
+        self.pending_free_bytes += cs;
         self.pending_free.push((off, cs));
         Ok(new)
     }
@@ -369,6 +376,7 @@ impl Qcow2Image {
         // 5. Drop the references that are durably gone.
         if !self.pending_free.is_empty() {
             self.file.barrier()?;
+            self.pending_free_bytes = 0;
             for (host, len) in std::mem::take(&mut self.pending_free) {
                 self.refs.update_range(&mut self.file, host, len, false)?;
             }
@@ -379,6 +387,20 @@ impl Qcow2Image {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         super::check_range(self.path(), offset, len, self.header.size)
+    }
+
+    /// Makes the clusters freed since the last flush reusable once they are many: a guest
+    /// that rewrites and discards without ever flushing must not grow the file without bound.
+    /// The same ordered write-back as a flush (freed only after the removal of their
+    /// references is durable), without the final barrier.
+    fn reclaim(&mut self) -> Result<(), BlockError> {
+        let limit = (self.header.size / 16)
+            .min(RECLAIM_BYTES)
+            .max(self.cluster_size());
+        if self.pending_free_bytes >= limit {
+            self.flush_metadata()?;
+        }
+        Ok(())
     }
 
     fn check_writable(&self) -> Result<(), BlockError> {
@@ -432,7 +454,8 @@ impl DiskImage for Qcow2Image {
     fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
-        self.write_clusters(buf, offset)
+        self.write_clusters(buf, offset)?;
+        self.reclaim()
     }
 
     fn flush(&mut self) -> Result<(), BlockError> {
@@ -446,13 +469,15 @@ impl DiskImage for Qcow2Image {
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.zero_clusters(offset, len, true, true)
+        self.zero_clusters(offset, len, true, true)?;
+        self.reclaim()
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<(), BlockError> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        self.zero_clusters(offset, len, may_unmap, false)
+        self.zero_clusters(offset, len, may_unmap, false)?;
+        self.reclaim()
     }
 
     fn is_read_only(&self) -> bool {
@@ -511,7 +536,8 @@ impl DiskImage for Qcow2Image {
         bufs: &[VolatileSlice<'_>],
         offset: u64,
     ) -> Result<(), BlockError> {
-        self.write_guest(bufs, offset)
+        self.write_guest(bufs, offset)?;
+        self.reclaim()
     }
 }
 
