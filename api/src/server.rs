@@ -21,7 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::error::Error;
 use crate::routes::{self, MAX_BODY_BYTES};
 use crate::socket::{self, SocketFile};
-use crate::types::{ApiError, ApiRequest, ErrorStatus, VmmBackend};
+use crate::types::{ApiError, ApiRequest, ApiResponse, ErrorStatus, VmmBackend, VmmPingResponse};
 
 /// Limits of the server. The defaults suit a pod's control socket.
 #[derive(Clone, Debug)]
@@ -35,6 +35,13 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// How long [`ApiServer::shutdown`] waits for answers in flight.
     pub drain_timeout: Duration,
+    /// A connection whose client takes in nothing of an answer for this long is closed (a
+    /// client that never reads must not keep a connection slot).
+    pub write_timeout: Duration,
+    /// Requests handed to the VMM at once (each on a blocking thread); one more waits up to
+    /// `vmm_call_wait` for one of them to finish, then gets 503. `vmm.ping` never waits.
+    pub max_vmm_calls: usize,
+    pub vmm_call_wait: Duration,
     /// Answer only `GET /readyz` and `GET /metrics` (a TCP listener anyone in the pod's
     /// network can reach must not control the VM).
     pub probes_only: bool,
@@ -47,6 +54,9 @@ impl Default for ServerOptions {
             body_read_timeout: Duration::from_secs(10),
             max_connections: 64,
             drain_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(10),
+            max_vmm_calls: MAX_BLOCKING_THREADS,
+            vmm_call_wait: Duration::from_secs(5),
             probes_only: false,
         }
     }
@@ -181,10 +191,13 @@ impl Listening {
     }
 }
 
+/// The runtime's blocking threads: the VMM calls in flight at most.
+const MAX_BLOCKING_THREADS: usize = 8;
+
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .max_blocking_threads(8)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .thread_name("api")
         .enable_io()
         .enable_time()
@@ -245,6 +258,9 @@ async fn accept_loop<L: Listener>(
 ) {
     let options = Arc::new(options);
     let slots = Arc::new(Semaphore::new(options.max_connections));
+    let calls = Arc::new(Semaphore::new(
+        options.max_vmm_calls.min(MAX_BLOCKING_THREADS),
+    ));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // Title-case header names and an empty reason phrase (`HTTP/1.1 200 \r\n`, valid HTTP):
@@ -283,12 +299,17 @@ async fn accept_loop<L: Listener>(
         };
         let backend = backend.clone();
         let opts = options.clone();
+        let calls = calls.clone();
         let service = hyper::service::service_fn(move |req| {
             let backend = backend.clone();
             let opts = opts.clone();
-            async move { Ok::<_, Infallible>(answer(req, backend, &opts).await) }
+            let calls = calls.clone();
+            async move { Ok::<_, Infallible>(answer(req, backend, &opts, &calls).await) }
         });
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(options.write_timeout));
+        let stream = TokioIo::new(Box::pin(stream));
+        let conn = graceful.watch(http.serve_connection(stream, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("API connection ended: {e}");
@@ -310,12 +331,12 @@ async fn answer(
     req: Request<Incoming>,
     backend: Arc<dyn VmmBackend>,
     options: &ServerOptions,
+    calls: &Arc<Semaphore>,
 ) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     if path == routes::READYZ && method == "GET" {
-        let info = tokio::task::spawn_blocking(move || backend.handle(ApiRequest::VmInfo)).await;
-        let info = info.unwrap_or_else(|e| Err(ApiError::internal(e.to_string())));
+        let info = call_vmm(backend, ApiRequest::VmInfo, calls, options, &path).await;
         let (code, body) = routes::readiness(&info);
         return text(code, body);
     }
@@ -384,13 +405,43 @@ async fn answer(
         Err(e) => return respond(&Err(e)),
     };
     tracing::debug!("API {method} {path}");
-    let result = match tokio::task::spawn_blocking(move || backend.handle(request)).await {
-        Ok(result) => result,
-        Err(e) => Err(ApiError::internal(format!(
-            "the VMM failed while handling {path}: {e}"
-        ))),
+    if let ApiRequest::VmmPing = request {
+        // This process's own facts: answered even when every VMM call is stuck.
+        return respond(&Ok(ApiResponse::Ping(VmmPingResponse::current())));
+    }
+    respond(&call_vmm(backend, request, calls, options, &path).await)
+}
+
+/// Hands `request` to the VMM on a blocking thread, if one of `calls` is free.
+async fn call_vmm(
+    backend: Arc<dyn VmmBackend>,
+    request: ApiRequest,
+    calls: &Arc<Semaphore>,
+    options: &ServerOptions,
+    path: &str,
+) -> Result<ApiResponse, ApiError> {
+    let waited = tokio::time::timeout(options.vmm_call_wait, calls.clone().acquire_owned());
+    let Ok(Ok(call)) = waited.await else {
+        return Err(ApiError::new(
+            ErrorStatus::Unavailable,
+            format!(
+                "the VMM is busy: every request slot was taken for {} ms by requests that \
+                 have not finished; try again later",
+                options.vmm_call_wait.as_millis()
+            ),
+        ));
     };
-    respond(&result)
+    let handled = tokio::task::spawn_blocking(move || {
+        let result = backend.handle(request);
+        drop(call);
+        result
+    })
+    .await;
+    handled.unwrap_or_else(|e| {
+        Err(ApiError::internal(format!(
+            "the VMM failed while handling {path}: {e}"
+        )))
+    })
 }
 
 /// A plain-text answer.

@@ -729,3 +729,95 @@ fn cloud_hypervisors_client_reads_every_endpoint() {
     assert_eq!(reached, served, "every endpoint is driven");
     server.shutdown();
 }
+
+/// A backend whose `vm.info` takes a while (a VM stuck behind a device, say).
+struct SlowInfo(FakeVmm, Duration);
+
+impl VmmBackend for SlowInfo {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        if request == ApiRequest::VmInfo {
+            std::thread::sleep(self.1);
+        }
+        self.0.handle(request)
+    }
+}
+
+/// Issue 15, item 9: every VMM call stuck; `vmm.ping` still answers at once, and one call
+/// more is answered 503 after a short wait instead of waiting behind them.
+#[test]
+fn ping_answers_while_every_vmm_call_is_stuck() {
+    let dir = TempDir::new("stuck");
+    let vm: VmConfigSource = serde_json::from_str(CONFIG).unwrap();
+    let backend = SlowInfo(
+        FakeVmm::with_vm(vm, VmState::Created),
+        Duration::from_secs(3),
+    );
+    let opts = ServerOptions {
+        vmm_call_wait: Duration::from_millis(300),
+        ..options()
+    };
+    let _server = api::serve_with(&dir.sock(), Arc::new(backend), opts).unwrap();
+    let stuck: Vec<_> = (0..8)
+        .map(|_| {
+            let sock = dir.sock();
+            std::thread::spawn(move || {
+                Client::connect(&sock)
+                    .unwrap()
+                    .request("GET", "vm.info", None)
+                    .unwrap()
+                    .status
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let mut c = Client::connect(&dir.sock()).unwrap();
+    assert_eq!(c.request("GET", "vmm.ping", None).unwrap().status, 200);
+    let busy = c.request("GET", "vm.info", None).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(busy.status, 503, "{:?}", busy.body);
+    for call in stuck {
+        assert_eq!(call.join().unwrap(), 200);
+    }
+    // Once they are done, calls go through again.
+    assert_eq!(c.request("GET", "vm.info", None).unwrap().status, 200);
+}
+
+/// Issue 15, item 9: a client that sends requests and never reads the answers loses its
+/// connection once the socket is full and nothing moves for the write timeout, so that the
+/// slot it held serves others.
+#[test]
+fn a_client_that_never_reads_is_dropped() {
+    let dir = TempDir::new("noread");
+    let opts = ServerOptions {
+        max_connections: 1,
+        write_timeout: Duration::from_millis(500),
+        header_read_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let _server = api::serve_with(&dir.sock(), Arc::new(FakeVmm::new()), opts).unwrap();
+    let mut hog = UnixStream::connect(dir.sock()).unwrap();
+    hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let writer = std::thread::spawn(move || {
+        let request = b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n";
+        // Far more answers than the socket holds; stops when the server stops reading or
+        // closes.
+        for _ in 0..50_000 {
+            if hog.write_all(request).is_err() {
+                break;
+            }
+        }
+        hog
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let r = raw(
+        &dir.sock(),
+        b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 200, "the slot is still held: {r:?}");
+    drop(writer.join().unwrap());
+}
