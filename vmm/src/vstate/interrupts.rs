@@ -5,8 +5,12 @@
 //! for the legacy GSIs (PIC and IOAPIC pins) beside the MSI routes and is re-sent whole on
 //! every change. Changes come from the guest programming MSI-X tables (rare, not on the
 //! interrupt path); delivery is an eventfd write that KVM turns into the routed message.
+//! A guest write that changes no route sends nothing: masking and unmasking a vector, or
+//! rewriting a masked vector's message, costs no ioctl (a guest could otherwise make the VMM
+//! send the whole table, thousands of entries, per cheap MMIO write).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{MsiIrqs, MsiMessage};
@@ -29,6 +33,8 @@ const MAX_GSI: u32 = 4096;
 pub struct GsiRouter {
     vm: Arc<VmFd>,
     state: Mutex<RouterState>,
+    /// Tables sent to KVM so far.
+    sent: AtomicU64,
 }
 
 struct RouterState {
@@ -82,7 +88,13 @@ impl GsiRouter {
                 msi: BTreeMap::new(),
                 next_gsi: FIRST_MSI_GSI,
             }),
+            sent: AtomicU64::new(0),
         }
+    }
+
+    /// How many routing tables were sent to KVM.
+    pub fn tables_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
@@ -104,19 +116,24 @@ impl GsiRouter {
         }
     }
 
-    /// Routes `gsi` to `msg` (or removes its route) and sends the table to KVM.
+    /// Routes `gsi` to `msg` (or removes its route) and sends the table to KVM if that
+    /// changed it.
     fn set(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), Error> {
         let mut state = self.lock();
-        match msg {
-            Some(m) => state.msi.insert(gsi, m),
-            None => state.msi.remove(&gsi),
+        let changed = match msg {
+            Some(m) => state.msi.insert(gsi, m) != Some(m),
+            None => state.msi.remove(&gsi).is_some(),
         };
+        if !changed {
+            return Ok(());
+        }
         let mut entries = legacy_routes();
         entries.extend(state.msi.iter().map(|(&g, &m)| msi_route(g, m)));
         let table = KvmIrqRouting::from_entries(&entries).map_err(|e| {
             Error::Interrupts(format!("routing table of {} entries: {e:?}", entries.len()))
         })?;
         // Sent while holding the lock, so tables reach KVM in the order they were built.
+        self.sent.fetch_add(1, Ordering::Relaxed);
         self.vm
             .set_gsi_routing(&table)
             .map_err(|e| Error::Kvm("set GSI routing", e))
@@ -157,9 +174,11 @@ impl MsiIrqs for KvmMsiIrqs {
         if usize::from(vector) >= self.irqfds.len() {
             return;
         }
-        // A masked vector keeps its route: `trigger` is not called for it, and the guest
-        // usually unmasks it with the same message.
-        let _ = masked;
+        // A masked vector keeps its route until it is unmasked: `trigger` is not called for
+        // it, and the guest usually unmasks it with the same message.
+        if masked {
+            return;
+        }
         let gsi = self.first_gsi + u32::from(vector);
         if let Err(e) = self.router.set(gsi, Some(msg)) {
             tracing::error!("MSI vector {vector} (GSI {gsi}): {e}");
@@ -210,6 +229,40 @@ mod tests {
             vec![(KVM_IRQCHIP_PIC_SLAVE, 1), (KVM_IRQCHIP_IOAPIC, 9)]
         );
         assert_eq!(chips_of(20), vec![(KVM_IRQCHIP_IOAPIC, 20)]);
+    }
+
+    /// Issue 15, item 8: only a changed route costs a routing table.
+    #[test]
+    fn only_a_changed_route_is_sent_to_kvm() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let router = Arc::new(GsiRouter::new(vm));
+        let irqs = KvmMsiIrqs::new(router.clone(), 4).unwrap();
+        let msg = |data| MsiMessage {
+            address: 0xfee0_0000,
+            data,
+        };
+        irqs.update(0, msg(0x41), false);
+        assert_eq!(router.tables_sent(), 1);
+        // A guest toggling the mask, or rewriting the same message, sends nothing.
+        for _ in 0..1000 {
+            irqs.update(0, msg(0x41), true);
+            irqs.update(0, msg(0x41), false);
+        }
+        assert_eq!(router.tables_sent(), 1);
+        // A message changed while masked is sent once, when the vector is unmasked.
+        for data in 0..1000 {
+            irqs.update(0, msg(data), true);
+        }
+        assert_eq!(router.tables_sent(), 1);
+        irqs.update(0, msg(0x42), false);
+        assert_eq!(router.tables_sent(), 2);
+        drop(irqs);
+        assert_eq!(router.tables_sent(), 3, "the route removed at the end");
     }
 
     #[test]
