@@ -57,6 +57,10 @@ pub struct LauncherArgs {
     /// The directory KubeVirt's in-pod paths are under (/var/run/kubevirt/...).
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub pod_root: PathBuf,
+    /// Files an API client's VM configuration may name must lie under one of these
+    /// directories (repeatable; default: POD_ROOT). See `serve --allow-path`.
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_paths: Vec<PathBuf>,
     /// Written once the guest runs, removed at exit, for the pod's readiness probe (default:
     /// POD_ROOT/var/run/kubevirt-infra/healthy).
     #[arg(long, value_name = "PATH")]
@@ -87,6 +91,13 @@ pub struct ServeArgs {
     /// nothing else is served there.
     #[arg(long, value_name = "ADDR:PORT")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Files an API client's VM configuration may name (kernel, disks, serial file,
+    /// snapshots) must lie under one of these directories (repeatable; default: anywhere).
+    /// Whatever this says, an API client's entropy source is /dev/urandom, /dev/random or
+    /// /dev/hwrng (or, with allowed paths, a file under one), and its serial output never
+    /// goes to a device.
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_paths: Vec<PathBuf>,
     /// Write one JSON object per lifecycle event: path=FILE or fd=N.
     #[arg(long, value_name = "path=FILE|fd=N")]
     pub event_monitor: Option<String>,
@@ -163,6 +174,13 @@ pub struct RunArgs {
     /// Also serve the REST API on this Unix socket (created mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Files an API client's VM configuration may name (kernel, disks, serial file,
+    /// snapshots) must lie under one of these directories (repeatable; default: anywhere).
+    /// Whatever this says, an API client's entropy source is /dev/urandom, /dev/random or
+    /// /dev/hwrng (or, with allowed paths, a file under one), and its serial output never
+    /// goes to a device.
+    #[arg(long = "allow-path", value_name = "DIR", requires = "api_socket")]
+    pub allow_paths: Vec<PathBuf>,
     /// Write one JSON object per lifecycle event: path=FILE or fd=N.
     #[arg(long, value_name = "path=FILE|fd=N")]
     pub event_monitor: Option<String>,
@@ -188,16 +206,29 @@ pub fn parse_serial(s: &str) -> Result<ConsoleConfig, String> {
 
 impl RunArgs {
     /// How its VM thread is started and served.
-    pub fn vmm(&self) -> crate::VmmArgs {
-        crate::VmmArgs {
+    pub fn vmm(&self) -> Result<crate::VmmArgs, String> {
+        Ok(crate::VmmArgs {
             api_socket: self.api_socket.clone(),
             http_listen: None,
             event_monitor: self.event_monitor.clone(),
             pvm_guest: self.pvm_guest,
             grace_period: None,
             drop_privileges: false,
-        }
+            host_paths: api_host_paths(self.api_socket.is_some(), &self.allow_paths)?,
+        })
     }
+}
+
+/// The API's [`vmm::host_paths::HostPaths`] when an API is served (`Any` otherwise: the
+/// command line's own configuration is the user's).
+pub fn api_host_paths(
+    api: bool,
+    allow_paths: &[PathBuf],
+) -> Result<vmm::host_paths::HostPaths, String> {
+    if !api {
+        return Ok(vmm::host_paths::HostPaths::Any);
+    }
+    vmm::host_paths::HostPaths::api(allow_paths).map_err(|e| format!("--allow-path {e}"))
 }
 
 impl RunArgs {

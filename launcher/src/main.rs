@@ -83,14 +83,14 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
         let _raw = tty.then(terminal::RawMode::enable_on_stdin).flatten();
         let net = args.net_tap.clone();
         return run_vm(
-            &args.vmm(),
+            &args.vmm()?,
             vec![Request::Restore(dir, net), Request::Resume],
         );
     }
     if let Some(url) = &args.receive_migration {
         let endpoint = vmm::migration::Endpoint::parse(url).map_err(|e| e.to_string())?;
         let net = args.net_tap.clone();
-        return run_vm(&args.vmm(), vec![Request::ReceiveMigration(endpoint, net)]);
+        return run_vm(&args.vmm()?, vec![Request::ReceiveMigration(endpoint, net)]);
     }
     let config = args.to_config()?;
     config.validate().map_err(|e| e.to_string())?;
@@ -99,7 +99,7 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
         .then(terminal::RawMode::enable_on_stdin)
         .flatten();
     run_vm(
-        &args.vmm(),
+        &args.vmm()?,
         vec![Request::Create(Box::new(config)), Request::Boot],
     )
 }
@@ -184,6 +184,11 @@ fn launcher(args: cli::LauncherArgs) -> Result<ExitCode, String> {
         .clone()
         .unwrap_or_else(|| options.layout.api_socket(&launch.namespace, &launch.name));
     files.folders_for(&api_socket)?;
+    let allow_paths = if args.allow_paths.is_empty() {
+        vec![args.pod_root.clone()]
+    } else {
+        args.allow_paths.clone()
+    };
     let vmm = VmmArgs {
         api_socket: Some(api_socket),
         http_listen: args.http_listen,
@@ -191,6 +196,7 @@ fn launcher(args: cli::LauncherArgs) -> Result<ExitCode, String> {
         pvm_guest: args.pvm_guest,
         grace_period: Some(std::time::Duration::from_secs(launch.grace_period_s)),
         drop_privileges: true,
+        host_paths: cli::api_host_paths(true, &allow_paths)?,
     };
     let ready = args
         .ready_file
@@ -268,6 +274,8 @@ pub struct VmmArgs {
     pub grace_period: Option<std::time::Duration>,
     /// Once the VM runs, give up every capability but file access (the launcher).
     pub drop_privileges: bool,
+    /// Which host files the API's configurations may name.
+    pub host_paths: vmm::host_paths::HostPaths,
 }
 
 /// Starts the VM thread, sends it `start` (ending it at the first failure) and serves until
@@ -286,7 +294,7 @@ fn run_vm_then(
     started: impl FnOnce(),
 ) -> Result<Outcome, String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
-    let options = run_options(args.pvm_guest, args.drop_privileges)?;
+    let options = run_options(args.pvm_guest, args.drop_privileges, &args.host_paths)?;
     let listeners = vmm_service::Listeners::bind(args.api_socket.as_deref(), args.http_listen)?;
     let (controller, thread) =
         Controller::start(options, events, true).map_err(|e| e.to_string())?;
@@ -306,7 +314,7 @@ fn run_vm_then(
         .grace_period
         .map(|grace| stop_after_grace(grace, controller.clone()))
         .transpose()?;
-    vmm_service::serve_until_end(listeners, controller, thread)?;
+    vmm_service::serve_until_end(listeners, controller, thread, args.host_paths.clone())?;
     if stopped_hard.is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire)) {
         return Ok(Outcome::StoppedHard);
     }
@@ -343,11 +351,12 @@ fn stop_after_grace(
 
 fn serve(args: cli::ServeArgs) -> Result<(), String> {
     let events = event_monitor(args.event_monitor.as_deref())?;
-    let options = run_options(args.pvm_guest, false)?;
+    let host_paths = cli::api_host_paths(true, &args.allow_paths)?;
+    let options = run_options(args.pvm_guest, false, &host_paths)?;
     let listeners = vmm_service::Listeners::bind(Some(&args.api_socket), args.http_listen)?;
     let (controller, thread) =
         Controller::start(options, events, false).map_err(|e| e.to_string())?;
-    vmm_service::serve_until_end(listeners, controller, thread)
+    vmm_service::serve_until_end(listeners, controller, thread, host_paths)
 }
 
 fn event_monitor(spec: Option<&str>) -> Result<vmm::events::EventMonitor, String> {
@@ -356,10 +365,15 @@ fn event_monitor(spec: Option<&str>) -> Result<vmm::events::EventMonitor, String
         .map(Option::unwrap_or_default)
 }
 
-fn run_options(pvm_guest: bool, drop_privileges: bool) -> Result<vmm::RunOptions, String> {
+fn run_options(
+    pvm_guest: bool,
+    drop_privileges: bool,
+    host_paths: &vmm::host_paths::HostPaths,
+) -> Result<vmm::RunOptions, String> {
     let options = vmm::RunOptions {
         pvm_guest,
         drop_privileges,
+        host_paths: host_paths.clone(),
         ..Default::default()
     };
     // A pod being deleted gets SIGTERM: shut the guest down cleanly, as a power button would.

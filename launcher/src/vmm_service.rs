@@ -9,6 +9,7 @@ use std::sync::Arc;
 use api::{ApiError, ApiRequest, ApiResponse, ErrorStatus, VmInfo, VmmBackend, VmmPingResponse};
 use vmm::controller::{ControlError, Controller, Reply, Request};
 use vmm::events::EventMonitor;
+use vmm::host_paths::HostPaths;
 
 /// Where lifecycle events go: `path=FILE` (appended) or `fd=N` (a descriptor the caller
 /// passed, e.g. a pipe).
@@ -43,11 +44,21 @@ pub fn parse_event_monitor(spec: &str) -> Result<EventMonitor, String> {
 /// The real VMM behind the API.
 pub struct VmmService {
     controller: Controller,
+    /// Which host files a client's configuration may name.
+    host_paths: HostPaths,
 }
 
 impl VmmService {
-    pub fn new(controller: Controller) -> Self {
-        VmmService { controller }
+    pub fn new(controller: Controller, host_paths: HostPaths) -> Self {
+        VmmService {
+            controller,
+            host_paths,
+        }
+    }
+
+    /// Refuses (400) a path or configuration the client may not name.
+    fn allowed(&self, checked: Result<(), String>) -> Result<(), ApiError> {
+        checked.map_err(|e| ApiError::new(ErrorStatus::BadRequest, e))
     }
 
     fn call(&self, request: Request) -> Result<Reply, ApiError> {
@@ -85,7 +96,10 @@ impl VmmBackend for VmmService {
                 )))
             }
             ApiRequest::VmmShutdown => self.done(Request::ShutdownVmm),
-            ApiRequest::VmCreate(config) => self.done(Request::Create(config)),
+            ApiRequest::VmCreate(config) => {
+                self.allowed(self.host_paths.check_config(&config))?;
+                self.done(Request::Create(config))
+            }
             ApiRequest::VmBoot => self.done(Request::Boot),
             ApiRequest::VmDelete => self.done(Request::Delete),
             ApiRequest::VmPause => self.done(Request::Pause),
@@ -93,12 +107,21 @@ impl VmmBackend for VmmService {
             ApiRequest::VmShutdown => self.done(Request::Shutdown),
             ApiRequest::VmReboot => self.done(Request::Reboot),
             ApiRequest::VmPowerButton => self.done(Request::PowerButton),
-            ApiRequest::VmSnapshot { dir } => self.done(Request::Snapshot(dir)),
-            ApiRequest::VmRestore { dir, net } => self.done(Request::Restore(dir, net)),
+            ApiRequest::VmSnapshot { dir } => {
+                self.allowed(self.host_paths.check("snapshot", &dir))?;
+                self.done(Request::Snapshot(dir))
+            }
+            ApiRequest::VmRestore { dir, net } => {
+                self.allowed(self.host_paths.check("snapshot", &dir))?;
+                self.done(Request::Restore(dir, net))
+            }
             ApiRequest::VmSendMigration { endpoint, options } => {
                 self.done(Request::SendMigration(endpoint, options))
             }
             ApiRequest::VmReceiveMigration { endpoint, net } => {
+                if let vmm::migration::Endpoint::Unix(path) = &endpoint {
+                    self.allowed(self.host_paths.check("receiver socket", path))?;
+                }
                 self.done(Request::ReceiveMigration(endpoint, net))
             }
             ApiRequest::VmCancelMigration => self.done(Request::CancelMigration),
@@ -207,8 +230,10 @@ pub fn serve_until_end(
     listeners: Listeners,
     controller: Controller,
     vmm_thread: std::thread::JoinHandle<Result<vmm::controller::Ended, vmm::Error>>,
+    host_paths: HostPaths,
 ) -> Result<(), String> {
-    let service: Arc<dyn api::VmmBackend> = Arc::new(VmmService::new(controller.clone()));
+    let service: Arc<dyn api::VmmBackend> =
+        Arc::new(VmmService::new(controller.clone(), host_paths));
     let served: Result<Vec<api::ApiServer>, String> = [listeners.api, listeners.probes]
         .into_iter()
         .flatten()

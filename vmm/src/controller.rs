@@ -621,6 +621,10 @@ impl VmOwner {
         config
             .validate()
             .map_err(|e| ControlError::Invalid(format!("the snapshot's configuration: {e}")))?;
+        self.options
+            .host_paths
+            .check_config(&config)
+            .map_err(|e| ControlError::Invalid(format!("the snapshot's configuration: {e}")))?;
         let console =
             Console::new(&config.serial).map_err(|e| ControlError::Invalid(e.to_string()))?;
         let backends = Backends::open(&mut config).map_err(invalid)?;
@@ -750,14 +754,15 @@ impl VmOwner {
         let (kvm, template) = open_kvm(&mut self.kvm, self.options.pvm_guest)?;
         self.events.emit("vm", "migration-receiving");
         let received =
-            migration::receive::receive(&listener, kvm, template, retaps).map_err(|e| {
-                self.events.emit_with(
-                    "vm",
-                    "migration-failed",
-                    Some(&serde_json::json!({ "error": e.to_string() })),
-                );
-                migration_error(e)
-            })?;
+            migration::receive::receive(&listener, kvm, template, retaps, &self.options.host_paths)
+                .map_err(|e| {
+                    self.events.emit_with(
+                        "vm",
+                        "migration-failed",
+                        Some(&serde_json::json!({ "error": e.to_string() })),
+                    );
+                    migration_error(e)
+                })?;
         start_console_input(&received.console)?;
         self.generation += 1;
         self.vm = Some(OwnedVm {

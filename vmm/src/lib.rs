@@ -24,6 +24,7 @@ pub mod console;
 pub mod controller;
 pub mod device_manager;
 pub mod events;
+pub mod host_paths;
 pub mod layout;
 pub mod lifecycle;
 pub mod migration;
@@ -96,4 +97,8 @@ pub struct RunOptions {
     /// Once the first boot has opened the VM's taps, the VM's thread gives up every
     /// capability but file access ([`privileges`]), before it starts the vCPUs.
     pub drop_privileges: bool,
+    /// Which host files a configuration that is not the command line's may name: checked
+    /// on a snapshot's configuration when it is restored and on a migrated VM's when it is
+    /// received (the API checks the configurations it is given itself).
+    pub host_paths: host_paths::HostPaths,
 }

@@ -36,9 +36,10 @@ pub fn receive(
     kvm: &Kvm,
     template: &CpuTemplate,
     retaps: &[NetRetap],
+    host_paths: &crate::host_paths::HostPaths,
 ) -> Result<Received, MigrationError> {
     let mut stream = listener.accept(super::ACCEPT_TIMEOUT)?;
-    let result = receive_on(&mut stream, kvm, template, retaps);
+    let result = receive_on(&mut stream, kvm, template, retaps, host_paths);
     if let Err(e) = &result {
         let _ = protocol::write_frame(&mut stream, Kind::Error, e.to_string().as_bytes());
     }
@@ -60,6 +61,7 @@ fn receive_on(
     kvm: &Kvm,
     template: &CpuTemplate,
     retaps: &[NetRetap],
+    host_paths: &crate::host_paths::HostPaths,
 ) -> Result<Received, MigrationError> {
     let frame = protocol::read_frame(stream)?;
     expect(&frame, Kind::Hello)?;
@@ -82,6 +84,9 @@ fn receive_on(
         .validate()
         .map_err(|e| MigrationError::Vm(format!("the VM's configuration: {e}")))?;
     crate::backends::retap(&mut config, retaps).map_err(MigrationError::Vm)?;
+    host_paths
+        .check_config(&config)
+        .map_err(|e| MigrationError::Vm(format!("the VM's configuration: {e}")))?;
     // The machine is built while the source still runs, so that the guest's pause covers
     // only the last pages and the state; its disks are opened now (a disk this host cannot
     // open fails the migration before any memory is sent) and read again at the switch-over.

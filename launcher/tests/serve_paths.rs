@@ -1,0 +1,149 @@
+//! `podvisor serve --allow-path`: which host files an API client's configuration may name
+//! (issue 15, item 6), checked over the socket as a client meets it. No VM is booted: every
+//! refusal comes before one would be.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api::Client;
+
+struct Serve {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Serve {
+    fn start(name: &str, allow: &[&Path]) -> Serve {
+        let dir =
+            std::env::temp_dir().join(format!("podvisor-paths-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+        cmd.arg("serve").arg("--api-socket").arg(&sock);
+        for a in allow {
+            cmd.arg("--allow-path").arg(a);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while !sock.exists() {
+            assert!(started.elapsed() < Duration::from_secs(10), "no API socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Serve { child, dir }
+    }
+
+    fn put(&self, endpoint: &str, body: serde_json::Value) -> (u16, String) {
+        let mut c = Client::connect(&self.dir.join("api.sock")).unwrap();
+        let reply = c
+            .request("PUT", endpoint, Some(body.to_string().as_bytes()))
+            .unwrap();
+        (
+            reply.status,
+            String::from_utf8_lossy(&reply.body).into_owned(),
+        )
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn vm(dir: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "payload": {"kernel": dir.join("bzImage")},
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 64u64 << 20},
+        "serial": {"mode": "Off"},
+        "disks": [{"path": dir.join("disk.raw")}],
+    })
+}
+
+#[test]
+fn an_api_client_names_only_allowed_files() {
+    let allowed = std::env::temp_dir().join(format!("podvisor-paths-root-{}", std::process::id()));
+    std::fs::create_dir_all(&allowed).unwrap();
+    let serve = Serve::start("roots", &[&allowed]);
+    let mut refused = Vec::new();
+    for (field, value) in [
+        ("kernel", serde_json::json!({"kernel": "/boot/vmlinuz"})),
+        ("disk", serde_json::json!([{"path": "/dev/sda"}])),
+        (
+            "serial file",
+            serde_json::json!({"mode": "File", "file": "/etc/cron.d/x"}),
+        ),
+        ("rng src", serde_json::json!({"src": "/etc/shadow"})),
+    ] {
+        let mut body = vm(&allowed);
+        match field {
+            "kernel" => body["payload"] = value,
+            "disk" => body["disks"] = value,
+            "serial file" => body["serial"] = value,
+            _ => body["rng"] = value,
+        }
+        let (status, text) = serve.put("vm.create", body);
+        assert_eq!(status, 400, "{field}: {text}");
+        assert!(text.contains(field), "{field}: {text}");
+        refused.push(text);
+    }
+    let (status, text) = serve.put(
+        "vm.snapshot",
+        serde_json::json!({"destination_url": "file:///var/tmp/elsewhere"}),
+    );
+    assert_eq!(
+        (
+            status,
+            text.contains("snapshot /var/tmp/elsewhere: not under")
+        ),
+        (400, true),
+        "{text}"
+    );
+    // Everything under the allowed directory: created.
+    let (status, text) = serve.put("vm.create", vm(&allowed));
+    assert_eq!(status, 204, "{text}");
+    drop(serve);
+    let _ = std::fs::remove_dir_all(&allowed);
+}
+
+#[test]
+fn without_allowed_paths_the_entropy_source_is_still_a_random_device() {
+    let serve = Serve::start("open", &[]);
+    let mut body = vm(&serve.dir);
+    body["rng"] = serde_json::json!({"src": "/etc/shadow"});
+    let (status, text) = serve.put("vm.create", body);
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("rng src /etc/shadow: only /dev/urandom"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_allowed_path_must_be_a_directory() {
+    let out = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .args([
+            "serve",
+            "--api-socket",
+            "/tmp/podvisor-never.sock",
+            "--allow-path",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("podvisor: error: --allow-path /nonexistent: "),
+        "{err}"
+    );
+    assert!(!Path::new("/tmp/podvisor-never.sock").exists());
+}
