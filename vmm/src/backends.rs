@@ -25,6 +25,9 @@ pub type NamedDevice = (String, Box<dyn VirtioDevice>);
 pub struct Backends {
     /// One tap and guest MAC per `config.net` entry.
     taps: Vec<(Tap, MacAddr)>,
+    /// Open the disks with shared locks only: another VMM runs this VM still (the source of
+    /// a live migration this one receives).
+    standby_disks: bool,
 }
 
 impl Backends {
@@ -55,7 +58,16 @@ impl Backends {
             tracing::info!("net {index}: tap {} with guest MAC {mac}", tap.name());
             taps.push((tap, mac));
         }
-        Ok(Backends { taps })
+        Ok(Backends {
+            taps,
+            standby_disks: false,
+        })
+    }
+
+    /// Whether the next incarnation's disks are opened with shared locks only (see
+    /// [`devices::block::LockMode::Standby`]).
+    pub fn set_standby_disks(&mut self, standby: bool) {
+        self.standby_disks = standby;
     }
 
     /// The virtio devices of one incarnation of the VM, with their IDs, in PCI slot order:
@@ -66,7 +78,7 @@ impl Backends {
         for (index, disk) in config.disks.iter().enumerate() {
             let id = disk.id.clone().unwrap_or_else(|| format!("_disk{index}"));
             let queues = disk.queues(config.cpus.boot_vcpus);
-            out.push((id, Box::new(open_blk(disk, queues)?)));
+            out.push((id, Box::new(open_blk(disk, queues, self.standby_disks)?)));
         }
         for (index, (tap, mac)) in self.taps.iter().enumerate() {
             let fail = |e: String| Error::Device(format!("net {index} (tap {}): {e}", tap.name()));
@@ -147,12 +159,13 @@ pub fn retap(config: &mut VmConfig, retaps: &[NetRetap]) -> Result<(), String> {
     Ok(())
 }
 
-fn open_blk(disk: &DiskConfig, queues: u16) -> Result<VirtioBlk, Error> {
+fn open_blk(disk: &DiskConfig, queues: u16, standby: bool) -> Result<VirtioBlk, Error> {
     let options = DiskOptions {
         format: disk.format.as_deref().and_then(Format::from_name),
         read_only: disk.readonly,
         direct: disk.direct,
         backing_files: disk.backing_files.policy(),
+        standby,
     };
     let image = open_disk(&disk.path, options).map_err(|e| Error::Device(e.to_string()))?;
     VirtioBlk::with_queues(image, disk.serial.clone(), queues)

@@ -80,6 +80,12 @@ impl Vm {
         self.devices.restore(&state.devices)
     }
 
+    /// Changes the locks on the disk images (see [`devices::block::lock`]): a live
+    /// migration's two ends share them until one of them takes the VM over.
+    pub fn set_disk_locks(&self, mode: devices::block::LockMode) -> Result<(), Error> {
+        self.devices.set_backend_locks(mode)
+    }
+
     /// Has every device read its backend again (a disk image's metadata): another VMM wrote
     /// it since this machine was built (see [`crate::migration`]).
     pub fn reload_backends(&self) -> Result<(), Error> {
@@ -417,6 +423,11 @@ impl RunningVm {
     /// Makes every disk durable on the host (while paused), for another VMM to open next.
     pub fn flush_disks(&self) -> Result<(), Error> {
         self.devices.flush()
+    }
+
+    /// Changes the locks on the disk images (see [`Vm::set_disk_locks`]).
+    pub fn set_disk_locks(&self, mode: devices::block::LockMode) -> Result<(), Error> {
+        self.devices.set_backend_locks(mode)
     }
 
     /// Per-device counters, by device name.

@@ -77,6 +77,9 @@ pub enum BlockError {
     /// A backing file refers back to an image already in the chain.
     #[error("backing chain loop: {chain}")]
     BackingLoop { chain: String },
+    /// The image's lock conflicts with another process's (see [`super::lock`]).
+    #[error("'{}': {reason}", path.display())]
+    Lock { path: PathBuf, reason: String },
     /// The image names a backing file its [`super::BackingFiles`] policy does not allow.
     #[error("'{}': backing file '{}' refused: {reason}", path.display(), backing.display())]
     BackingRefused {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::VolatileSlice;
 
 use super::guest_io::{total_len, SliceCursor, BOUNCE_CHUNK};
+use super::lock::ImageLock;
 use super::BlockError;
 
 /// Alignment of buffers, offsets and lengths for `O_DIRECT` I/O.
@@ -461,6 +462,17 @@ impl HostFile {
     }
 
     /// The descriptor, for I/O submitted elsewhere (`io_uring`).
+    /// A handle on the lock of this open file (see [`super::lock`]).
+    pub(crate) fn lock_handle(&self, writable: bool) -> Result<ImageLock, BlockError> {
+        let file = self.file.try_clone().map_err(|source| BlockError::Io {
+            path: self.path.clone(),
+            op: "dup",
+            offset: 0,
+            source,
+        })?;
+        Ok(ImageLock::new(file, &self.path, writable))
+    }
+
     /// Whether the image is a block device (a regular file otherwise).
     pub(crate) fn is_block_device(&self) -> bool {
         self.block_device

@@ -36,6 +36,7 @@
 mod error;
 mod file;
 mod guest_io;
+pub mod lock;
 pub mod qcow2;
 pub mod raw;
 
@@ -50,6 +51,7 @@ use vm_memory::VolatileSlice;
 
 pub use error::BlockError;
 pub use guest_io::BOUNCE_CHUNK;
+pub use lock::{ImageLock, LockMode};
 pub use qcow2::Qcow2Image;
 pub use raw::RawImage;
 
@@ -93,6 +95,12 @@ pub trait DiskImage: Send {
     /// stopped and flushed (the source of a live migration, whose destination opens the disks
     /// early). Refused while this image holds metadata it has not written.
     fn reload(&mut self) -> Result<(), BlockError>;
+
+    /// A handle on the lock of the image's file (its backing files keep their shared
+    /// locks), to change it while the image is busy elsewhere; None for images without one.
+    fn image_lock(&self) -> Option<ImageLock> {
+        None
+    }
 
     /// Reads consecutive guest bytes at `offset` into several buffers.
     fn read_vectored_at(&mut self, bufs: &mut [&mut [u8]], offset: u64) -> Result<(), BlockError> {
@@ -197,6 +205,9 @@ pub struct DiskOptions {
     pub direct: bool,
     /// Which backing files the image's chain may name (see the module docs).
     pub backing_files: BackingFiles,
+    /// Open with a shared lock only ([`LockMode::Standby`]): another process still runs
+    /// this VM (a live migration's destination, until it takes over).
+    pub standby: bool,
 }
 
 /// Which backing files a qcow2 image (and the images below it) may name.
@@ -300,6 +311,12 @@ fn open_in_chain(
         // Checked again on the open file: the path could have been swapped in between.
         check_opened_backing(&file, &canonical)?;
     }
+    let mode = if options.standby || backing {
+        LockMode::Standby
+    } else {
+        LockMode::Active
+    };
+    file.lock_handle(!options.read_only)?.set(mode)?;
     let probed = probe(&file)?;
     let format = match (options.format, probed) {
         (Some(Format::Raw), Probed::Qcow2) => {
@@ -351,6 +368,7 @@ fn open_in_chain(
                     read_only: true,
                     direct: options.direct,
                     backing_files: BackingFiles::Refused,
+                    standby: true,
                 };
                 open_in_chain(backing, &backing_options, chain, policy).map_err(|e| match e {
                     // A loop or a refusal reads best as itself, not wrapped at every level.

@@ -8,7 +8,7 @@ use vm_memory::VolatileSlice;
 use super::file::HostFile;
 use super::guest_io::{self, total_len};
 use super::qcow2::header::MAGIC;
-use super::{check_range, BlockError, DiskImage, Format};
+use super::{check_range, BlockError, DiskImage, Format, ImageLock};
 
 /// Largest buffer of zeros written at once when the host cannot zero a range by itself.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -124,6 +124,10 @@ impl DiskImage for RawImage {
             done += n as u64;
         }
         Ok(())
+    }
+
+    fn image_lock(&self) -> Option<ImageLock> {
+        self.file.lock_handle(!self.read_only).ok()
     }
 
     fn reload(&mut self) -> Result<(), BlockError> {

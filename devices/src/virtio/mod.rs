@@ -197,6 +197,13 @@ pub trait VirtioDevice: Send {
     fn reload_backend(&mut self) -> Result<(), VirtioError> {
         Ok(())
     }
+    /// Changes the lock the device holds on its backend (a disk image's, see
+    /// [`crate::block::lock`]): the two ends of a live migration share it until one takes
+    /// the VM over. Devices without a lockable backend have nothing to do.
+    fn set_backend_lock(&mut self, mode: crate::block::LockMode) -> Result<(), VirtioError> {
+        let _ = mode;
+        Ok(())
+    }
     /// What the device has done, by name (`read_bytes`, `rx_frames`...), for `vm.counters`.
     /// Counters only grow; they survive reset, pause and resume.
     fn counters(&self) -> BTreeMap<&'static str, u64> {

@@ -107,6 +107,10 @@ impl DeviceManager {
 
     /// Has every device read its backend again: another VMM wrote it since this one was
     /// built (the source of a live migration, now paused and flushed).
+    pub fn set_backend_locks(&self, mode: devices::block::LockMode) -> Result<(), Error> {
+        self.pci.set_backend_locks(mode)
+    }
+
     pub fn reload_backends(&self) -> Result<(), Error> {
         self.pci.reload_backends()
     }

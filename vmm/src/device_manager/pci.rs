@@ -164,6 +164,11 @@ impl PciSegment {
         self.on_every_device(VirtioPciDevice::reload_backend)
     }
 
+    /// Changes every device's backend lock (see [`devices::block::lock`]).
+    pub fn set_backend_locks(&self, mode: devices::block::LockMode) -> Result<(), Error> {
+        self.on_every_device(|d| d.set_backend_lock(mode))
+    }
+
     /// Restarts the workers [`PciSegment::pause_devices`] stopped.
     pub fn resume_devices(&self) -> Result<(), Error> {
         self.on_every_device(VirtioPciDevice::resume)

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::Kvm;
 use std::io::Read;
 
+use devices::block::LockMode;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use super::protocol::{self, Complete, Hello, Kind};
@@ -101,7 +102,10 @@ fn receive_on(
     }
     .map_err(|e| MigrationError::Vm(e.to_string()))?;
     let console = Console::new(&config.serial).map_err(|e| failed("the console")(e.into()))?;
-    let backends = Backends::open(&mut config).map_err(failed("open the VM's disks and taps"))?;
+    // The source runs the VM still: its disks are shared until the switch-over.
+    let mut backends =
+        Backends::open(&mut config).map_err(failed("open the VM's disks and taps"))?;
+    backends.set_standby_disks(true);
     let vm = builder::build_on(kvm, template, &config, &console, &backends, memory)
         .map_err(failed("build the VM"))?;
     protocol::write_frame(stream, Kind::Ack, &[])?;
@@ -150,6 +154,9 @@ fn receive_on(
     // The source is paused and its disks are flushed: read their metadata as it is now.
     vm.reload_backends()
         .map_err(failed("read the disks again at the switch-over"))?;
+    vm.set_disk_locks(LockMode::Active)
+        .map_err(failed("lock the disks at the switch-over"))?;
+    backends.set_standby_disks(false);
     let running = vm
         .start_restored(&state)
         .map_err(failed("restore the machine state"))?;

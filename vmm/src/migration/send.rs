@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use devices::block::LockMode;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::protocol::{self, Complete, Hello, Kind, MemoryFrame};
@@ -32,7 +33,12 @@ pub fn send(
 ) -> Result<Progress, MigrationError> {
     let stream = endpoint.connect()?;
     cancel.begin(&stream)?;
-    let result = send_on(stream, vm, config, options, cancel, report);
+    // The destination opens the disks too: both ends share their locks until one of them
+    // runs the VM.
+    let result = vm
+        .set_disk_locks(LockMode::Standby)
+        .map_err(vm_failed("share the disks' locks"))
+        .and_then(|()| send_on(stream, vm, config, options, cancel, report));
     // A cancel shuts the connection down: whatever failed after it failed because of it.
     let result = match result {
         Err(e) if !matches!(e, MigrationError::Unresolved(_)) && cancel.cancelled() => {
@@ -48,8 +54,33 @@ pub fn send(
             tracing::error!("migration failed and the guest could not be resumed: {e}");
         }
     }
+    if result.is_err() && !unresolved {
+        relock_disks(vm);
+    }
     result
 }
+
+/// Takes the disks' locks back after a failed migration. The destination may hold its
+/// shared locks a moment longer (it learns of the failure after this side): a few tries.
+fn relock_disks(vm: &RunningVm) {
+    let mut tries = 0;
+    loop {
+        match vm.set_disk_locks(LockMode::Active) {
+            Ok(()) => return,
+            Err(e) if tries == RELOCK_TRIES => {
+                tracing::error!("migration failed and the disks could not be locked again: {e}");
+                return;
+            }
+            Err(_) => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Tries of [`relock_disks`], 100 ms apart.
+const RELOCK_TRIES: u32 = 50;
 
 fn send_on(
     mut stream: Stream,
@@ -251,6 +282,10 @@ impl Sender<'_> {
         self.vm
             .flush_disks()
             .map_err(vm_failed("flush the disks"))?;
+        // Nothing is written here from now on: the destination may take the disks.
+        self.vm
+            .set_disk_locks(LockMode::Released)
+            .map_err(vm_failed("release the disks' locks"))?;
         let flushed_at = Instant::now();
         if !self.options.local {
             let last = self

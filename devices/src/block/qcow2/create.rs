@@ -169,6 +169,7 @@ mod tests {
         create(&image, 3 << 30, None, 0o600).unwrap();
         let disk = open_disk(&image, DiskOptions::default()).unwrap();
         assert_eq!(disk.size(), 3 << 30);
+        drop(disk);
         if let Some(info) = qemu_img(&["info", "--output=json", image.to_str().unwrap()]) {
             let info: serde_json::Value = serde_json::from_str(&info).unwrap();
             assert_eq!(info["virtual-size"], 3u64 << 30);

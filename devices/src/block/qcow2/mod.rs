@@ -484,6 +484,10 @@ impl DiskImage for Qcow2Image {
         self.read_only
     }
 
+    fn image_lock(&self) -> Option<super::ImageLock> {
+        self.file.lock_handle(!self.read_only).ok()
+    }
+
     fn reload(&mut self) -> Result<(), BlockError> {
         if !self.l1_dirty.is_empty()
             || self.l2.has_dirty()

@@ -204,17 +204,32 @@ fn reload_sees_what_another_writer_flushed() {
         "cluster_size=65536,backing_file=base.raw,backing_fmt=raw",
         2 * MIB,
     );
-    let mut destination = open_disk(&top, rw()).unwrap();
+    // As in a live migration: the source runs the VM, shares the image while the destination
+    // opens it, lets go once it has flushed, and the destination takes the image over.
     let mut source = open_disk(&top, rw()).unwrap();
+    let source_lock = source.image_lock().unwrap();
+    source_lock.set(LockMode::Standby).unwrap();
+    let standby = DiskOptions {
+        standby: true,
+        ..rw()
+    };
+    let mut destination = open_disk(&top, standby).unwrap();
+    let destination_lock = destination.image_lock().unwrap();
+    // Neither may write it alone yet.
+    assert!(destination_lock.set(LockMode::Active).is_err());
     // New clusters (a new L2 table and refcounts), beyond what the destination has read.
     source.write_at(&[0x22u8; 4096], MIB).unwrap();
     source.write_at(&[0x33u8; 512], 4096).unwrap();
     source.flush().unwrap();
+    source_lock.set(LockMode::Released).unwrap();
 
     let mut buf = [0u8; 4096];
     destination.read_at(&mut buf, MIB).unwrap();
     assert_eq!(buf[0], 0x11, "without a reload the old tables are used");
     destination.reload().unwrap();
+    destination_lock.set(LockMode::Active).unwrap();
+    // The source cannot take it back now.
+    assert!(source_lock.set(LockMode::Standby).is_err());
     destination.read_at(&mut buf, MIB).unwrap();
     assert!(buf.iter().all(|&b| b == 0x22));
     destination.read_at(&mut buf, 4096).unwrap();
@@ -228,7 +243,8 @@ fn reload_sees_what_another_writer_flushed() {
     // The destination goes on writing where the source stopped, without corrupting it.
     destination.write_at(&[0x44u8; 4096], MIB + 65536).unwrap();
     destination.flush().unwrap();
-    drop(destination);
+    // A lock lives as long as any handle on the open file: the lock's own, too.
+    drop((destination, destination_lock, source_lock));
     assert_clean(&top);
     let guest = qemu_read(&top, &[]);
     assert!(guest[MIB as usize..][..4096].iter().all(|&b| b == 0x22));

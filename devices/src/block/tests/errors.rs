@@ -222,3 +222,43 @@ fn read_only_and_out_of_range_requests_are_refused() {
         assert_eq!(tail, [1, 2, 3]);
     }
 }
+
+/// Issue 15, item 4: an image written by one opener cannot be opened by another (two VMs,
+/// or the same image given twice), as QEMU's image locking; readers share.
+#[test]
+fn an_image_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    fs::write(&path, vec![0u8; 65536]).unwrap();
+    let writer = open_disk(&path, rw()).unwrap();
+    for options in [rw(), ro()] {
+        let err = open_disk(&path, options).err().unwrap().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "'{}': in use: another process writes it",
+                path.display()
+            )),
+            "{err}"
+        );
+    }
+    drop(writer);
+    let reader = open_disk(&path, ro()).unwrap();
+    let second_reader = open_disk(&path, ro()).unwrap();
+    let err = open_disk(&path, rw()).err().unwrap().to_string();
+    assert!(err.contains("in use: another process reads it"), "{err}");
+    drop((reader, second_reader));
+    open_disk(&path, rw()).unwrap();
+
+    // A backing file is only read: two overlays over one base each lock their own file.
+    let base = dir.path().join("base.raw");
+    fs::write(&base, vec![0u8; 65536]).unwrap();
+    let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+    for overlay in [&a, &b] {
+        crate::block::qcow2::create::create(overlay, 65536, Some((&base, Format::Raw)), 0o600)
+            .unwrap();
+    }
+    let _a = open_disk(&a, rw()).unwrap();
+    let _b = open_disk(&b, rw()).unwrap();
+    let err = open_disk(&base, rw()).err().unwrap().to_string();
+    assert!(err.contains("in use: another process reads it"), "{err}");
+}

@@ -80,6 +80,7 @@ fn raw_vectored_io_checks_range_and_read_only() {
         Err(BlockError::OutOfRange { .. })
     ));
     assert_eq!(fs::read(&path).unwrap(), vec![1u8; 8192]);
+    drop(disk);
     let mut ro_disk = open_disk(&path, ro()).unwrap();
     assert!(matches!(
         ro_disk.write_volatile_at(&bufs[..1], 0),

@@ -64,7 +64,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker_thread::{WorkerSlot, WorkerThread};
 use super::{acked_subset, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
-use crate::block::DiskImage;
+use crate::block::{DiskImage, ImageLock, LockMode};
 use crate::persist::{self, Persist, PersistError, SavedState};
 
 pub use config::{BlkConfig, BLK_QUEUE_SIZE, SECTOR_SIZE};
@@ -173,6 +173,8 @@ impl BlkCounters {
 /// The virtio block device.
 pub struct VirtioBlk {
     disk: Arc<Mutex<Box<dyn DiskImage>>>,
+    /// The image's lock, changed while the worker has the image (a live migration).
+    lock: Option<ImageLock>,
     config: BlkConfig,
     /// One entry per request queue.
     queue_sizes: Vec<u16>,
@@ -219,6 +221,7 @@ impl VirtioBlk {
             None => default_id(disk.path()),
         };
         Ok(VirtioBlk {
+            lock: disk.image_lock(),
             config: BlkConfig::new(disk.size(), disk.is_read_only(), num_queues),
             queue_sizes: vec![BLK_QUEUE_SIZE; usize::from(num_queues)],
             disk: Arc::new(Mutex::new(disk)),
@@ -452,6 +455,16 @@ impl VirtioDevice for VirtioBlk {
             what: "virtio-blk: read the disk's metadata again",
             source: std::io::Error::other(e.to_string()),
         })
+    }
+
+    fn set_backend_lock(&mut self, mode: LockMode) -> Result<(), VirtioError> {
+        match &self.lock {
+            Some(lock) => lock.set(mode).map_err(|e| VirtioError::Io {
+                what: "virtio-blk: lock the disk",
+                source: std::io::Error::other(e.to_string()),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn restore_state(&mut self, saved: &SavedState) -> Result<(), PersistError> {

@@ -293,6 +293,11 @@ impl VirtioPciDevice {
         self.device.reload_backend()
     }
 
+    /// Changes the lock on the device's backend (see [`VirtioDevice::set_backend_lock`]).
+    pub fn set_backend_lock(&mut self, mode: crate::block::LockMode) -> Result<(), VirtioError> {
+        self.device.set_backend_lock(mode)
+    }
+
     /// Continues a paused device where it stopped, or activates it if the driver or a restore
     /// started it while paused. Does nothing unless paused. On failure the device stops, is
     /// marked DEVICE_NEEDS_RESET and the driver is told (as for a failed activation).

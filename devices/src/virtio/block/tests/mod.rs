@@ -374,6 +374,7 @@ fn serial_limits_and_default_id() {
     let exact = "y".repeat(20);
     let blk = VirtioBlk::new(open(&path, Format::Raw, false), Some(exact.clone())).unwrap();
     assert_eq!(blk.id(), exact.as_bytes());
+    drop(blk);
 
     // The default ID is stable for a file and differs between files.
     let a = VirtioBlk::new(open(&path, Format::Raw, true), None).unwrap();
