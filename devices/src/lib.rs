@@ -10,7 +10,11 @@ pub mod bus;
 pub mod legacy;
 pub mod pci;
 pub mod persist;
+pub mod ratelimit;
 pub mod virtio;
+
+#[doc(hidden)]
+pub use tracing;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use persist::{Persist, PersistError, SavedState};

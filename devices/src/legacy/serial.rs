@@ -84,7 +84,7 @@ impl Serial {
             Err(vm_superio::serial::Error::FullFifo) => 0,
             Err(e) => {
                 // The bytes are in the FIFO; only the interrupt failed to fire.
-                tracing::warn!("serial input interrupt failed: {e}");
+                crate::warn_limited!("serial input interrupt failed: {e}");
                 input.len().min(self.uart.fifo_capacity())
             }
         }
@@ -97,7 +97,7 @@ impl Serial {
         state.in_buffer = pending;
         // Cannot fail: the pending input came from this FIFO.
         if let Err(e) = self.restore(&state) {
-            tracing::warn!("serial reset: {e}");
+            crate::warn_limited!("serial reset: {e}");
         }
     }
 
@@ -119,7 +119,7 @@ impl BusDevice for Serial {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             if offset < 8 {
                 if let Err(e) = self.uart.write(offset, *byte) {
-                    tracing::warn!("serial output failed: {e}");
+                    crate::warn_limited!("serial output failed: {e}");
                 }
             }
         }

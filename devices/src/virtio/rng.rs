@@ -290,7 +290,7 @@ impl RngWorker {
             let _ = self.notify.write(1);
         }
         if let Some(e) = pass.error {
-            tracing::warn!("virtio-rng: queue {} disabled until reset: {e}", self.index);
+            crate::warn_limited!("virtio-rng: queue {} disabled until reset: {e}", self.index);
             self.broken = true;
         }
         if pass.taken > 0 && q.needs_notification(&self.mem).unwrap_or(true) {
@@ -381,7 +381,7 @@ fn fill_buffer(
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::warn!("virtio-rng: reading the entropy source: {e}");
+                crate::warn_limited!("virtio-rng: reading the entropy source: {e}");
                 break;
             }
         };

@@ -1,9 +1,9 @@
 //! COM1 as the VM's console: where its output goes and the thread that feeds it input
 //! (stdin, or the clients of its socket: [`socket`]).
 
+mod output;
 pub mod socket;
 
-use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -40,14 +40,23 @@ pub struct Console {
     pub wants_stdin: bool,
     /// The socket clients attach to (serial mode Socket); removed with the console.
     socket: Option<socket::ConsoleSocket>,
+    /// The output's writer thread, waited for at the end (modes Tty and File).
+    drain: Option<output::Drain>,
 }
 
 impl Console {
     /// Builds COM1 with the output the configuration names.
     pub fn new(config: &ConsoleConfig) -> Result<Self, ConsoleError> {
         let mut socket = None;
+        let mut drain = None;
+        let mut buffered =
+            |sink: Box<dyn Write + Send>| -> Result<Box<dyn Write + Send>, ConsoleError> {
+                let out = output::Buffered::new(sink).map_err(ConsoleError::Device)?;
+                drain = Some(out.drain_handle());
+                Ok(Box::new(out))
+            };
         let (out, wants_stdin): (Box<dyn Write + Send>, bool) = match config {
-            ConsoleConfig::Tty => (Box::new(Stdout), true),
+            ConsoleConfig::Tty => (buffered(Box::new(Stdout))?, true),
             ConsoleConfig::Socket(path) => {
                 let s =
                     socket::ConsoleSocket::bind(path).map_err(|source| ConsoleError::Socket {
@@ -59,15 +68,13 @@ impl Console {
                 (out, false)
             }
             ConsoleConfig::File(path) => {
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| ConsoleError::File {
+                let f = output::RotatingFile::open(path, output::FILE_LIMIT).map_err(|source| {
+                    ConsoleError::File {
                         path: path.clone(),
                         source,
-                    })?;
-                (Box::new(f), false)
+                    }
+                })?;
+                (buffered(Box::new(f))?, false)
             }
             ConsoleConfig::Off => (Box::new(std::io::sink()), false),
         };
@@ -79,6 +86,7 @@ impl Console {
             irq,
             wants_stdin,
             socket,
+            drain,
         };
         if let Some(s) = &console.socket {
             let (serial, space) = console.input_side().map_err(ConsoleError::Device)?;
@@ -108,6 +116,15 @@ impl Console {
             .stack_size(devices::THREAD_STACK_SIZE)
             .spawn(move || feed(&serial, &space, input))?;
         Ok(())
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        // The UART may outlive the console (a thread feeding it input); its output must not.
+        if let Some(drain) = &self.drain {
+            drain.wait();
+        }
     }
 }
 

@@ -311,7 +311,7 @@ fn move_bar(vm: &VmFd, mmio: &Bus, f: &mut VirtioFunction, mv: BarReprogram) {
         Some(old) => match mmio.remove(old) {
             Ok((region, _)) => Some(region),
             Err(e) => {
-                tracing::warn!("BAR {} move: {e}", mv.bar);
+                devices::warn_limited!("BAR {} move: {e}", mv.bar);
                 None
             }
         },
@@ -338,7 +338,7 @@ fn move_bar(vm: &VmFd, mmio: &Bus, f: &mut VirtioFunction, mv: BarReprogram) {
             if let Err(e) =
                 vm.register_ioevent(fd, &IoEventAddress::Mmio(mv.new + offset), NoDatamatch)
             {
-                tracing::warn!("queue notification at {:#x}: {e}", mv.new + offset);
+                devices::warn_limited!("queue notification at {:#x}: {e}", mv.new + offset);
             }
         }
     }

@@ -441,7 +441,7 @@ fn handle_exit(id: u8, exit: VcpuExit, ctx: &VcpuContext) -> bool {
         // A triple fault resets a PC. Said, since nothing else tells a guest that restarted
         // on its own from one that asked to.
         VcpuExit::Shutdown => {
-            tracing::warn!("vCPU {id}: triple fault: the machine resets");
+            devices::warn_limited!("vCPU {id}: triple fault: the machine resets");
             let _ = ctx.events.reset.write(1);
             return false;
         }

@@ -248,7 +248,7 @@ impl BlkWorker {
             let _ = wq.notify.write(1);
         }
         if let Some(e) = pass.error {
-            tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", wq.index);
+            crate::warn_limited!("virtio-blk: queue {} disabled until reset: {e}", wq.index);
             wq.broken = true;
         }
         self.publish(done);
@@ -285,7 +285,10 @@ impl BlkWorker {
             let mut q = lock_queue(&wq.queue);
             for d in mine {
                 if let Err(e) = q.add_used(&self.mem, d.head, d.used_len) {
-                    tracing::warn!("virtio-blk: queue {} disabled until reset: {e}", wq.index);
+                    crate::warn_limited!(
+                        "virtio-blk: queue {} disabled until reset: {e}",
+                        wq.index
+                    );
                     wq.broken = true;
                     break;
                 }
@@ -439,7 +442,7 @@ impl BlkWorker {
                         self.read_write(&req, disk)
                     }
                     _ => {
-                        tracing::warn!(
+                        crate::warn_limited!(
                             "virtio-blk: {} of {} bytes at {offset}: {e}",
                             if req.kind == RequestType::Out {
                                 "write"
@@ -774,7 +777,7 @@ fn mark_data_dirty(mem: &GuestMemoryMmap, req: &Request) {
 
 fn disk_error(e: BlockError) -> Completion {
     match e {
-        BlockError::Io { .. } => tracing::warn!("virtio-blk: {e}"),
+        BlockError::Io { .. } => crate::warn_limited!("virtio-blk: {e}"),
         _ => tracing::debug!("virtio-blk: {e}"),
     }
     Completion::status(S_IOERR)

@@ -245,7 +245,7 @@ impl VirtioNet {
 
     fn apply_offloads(&self) {
         if let Err(e) = self.tap.set_offload(offload_flags(self.acked_features)) {
-            tracing::warn!("virtio-net: {e}");
+            crate::warn_limited!("virtio-net: {e}");
         }
     }
 

@@ -285,7 +285,7 @@ fn read_failed(e: io::Error, counters: &NetCounters) -> bool {
     if e.kind() == io::ErrorKind::Interrupted {
         return false;
     }
-    tracing::warn!("virtio-net: tap read failed, receive stopped until reset: {e}");
+    crate::warn_limited!("virtio-net: tap read failed, receive stopped until reset: {e}");
     NetCounters::add(&counters.rx_errors, 1);
     true
 }

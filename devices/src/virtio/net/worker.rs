@@ -195,7 +195,7 @@ impl Worker {
     }
 
     fn break_rx(&mut self, e: virtio_queue::Error) {
-        tracing::warn!("virtio-net: receive queue disabled until reset: {e}");
+        crate::warn_limited!("virtio-net: receive queue disabled until reset: {e}");
         self.rx_broken = true;
         self.watch_tap(false);
     }
@@ -272,7 +272,7 @@ impl Worker {
             let _ = self.tx_notify.write(1);
         }
         if let Some(e) = pass.error {
-            tracing::warn!("virtio-net: transmit queue disabled until reset: {e}");
+            crate::warn_limited!("virtio-net: transmit queue disabled until reset: {e}");
             self.tx_broken = true;
         }
         let notify = pass.taken > 0 && q.needs_notification(&self.mem).unwrap_or(true);

@@ -233,7 +233,7 @@ impl VirtioPciDevice {
             };
             if let Err(e) = result {
                 if let Some(e) = e {
-                    tracing::warn!("virtio device type {}: {e}", self.device.device_type());
+                    crate::warn_limited!("virtio device type {}: {e}", self.device.device_type());
                 }
                 self.device_status |= status::NEEDS_RESET;
                 self.interrupt.signal_config_change();

@@ -313,7 +313,7 @@ impl VirtioPciDevice {
             Ok(())
         };
         if let Err(e) = &result {
-            tracing::warn!("virtio device type {}: {e}", self.device.device_type());
+            crate::warn_limited!("virtio device type {}: {e}", self.device.device_type());
             if std::mem::take(&mut self.activated) {
                 self.device.reset();
             }
