@@ -24,6 +24,12 @@ pub trait ChainServer {
     fn end_batch(&mut self, _q: &mut Queue) -> Result<(), virtio_queue::Error> {
         Ok(())
     }
+
+    /// Whether this wakeup has done enough work (bytes moved, say): no more chains are
+    /// taken, as if the limit had been reached.
+    fn spent(&self) -> bool {
+        false
+    }
 }
 
 /// What one [`drain_queue`] did.
@@ -62,9 +68,13 @@ fn drain(
 ) -> Result<(), virtio_queue::Error> {
     loop {
         q.disable_notification(mem)?;
-        let chains: Vec<DescriptorChain<&GuestMemoryMmap>> =
-            q.iter(mem)?.take(limit - out.taken).collect();
-        for chain in chains {
+        // One chain at a time: a chain taken must be served, and the server may have done
+        // enough before the next.
+        while out.taken < limit && !server.spent() {
+            let chain: Option<DescriptorChain<&GuestMemoryMmap>> = q.iter(mem)?.next();
+            let Some(chain) = chain else {
+                break;
+            };
             out.taken += 1;
             if chain.head_index() >= q.size() {
                 server.bad_head();
@@ -73,7 +83,7 @@ fn drain(
             server.serve(q, chain)?;
         }
         server.end_batch(q)?;
-        if out.taken >= limit {
+        if out.taken >= limit || server.spent() {
             out.more = true;
             return Ok(());
         }

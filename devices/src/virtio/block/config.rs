@@ -4,8 +4,8 @@ use std::mem::offset_of;
 
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
-    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY,
-    VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
@@ -23,11 +23,14 @@ const BLK_SIZE: u32 = 512;
 const PHYSICAL_BLOCK_EXP: u8 = 3;
 /// Data segments per request: the queue size less the header and status descriptors (what
 /// Linux can fit in one indirect table or in the ring).
-const SEG_MAX: u32 = BLK_QUEUE_SIZE as u32 - 2;
-/// Sectors per DISCARD / WRITE_ZEROES segment (2 GiB).
-pub(super) const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+pub(super) const SEG_MAX: u32 = BLK_QUEUE_SIZE as u32 - 2;
+/// Bytes per data segment (VIRTIO_BLK_F_SIZE_MAX): with [`SEG_MAX`], a request moves at
+/// most 254 MiB, so that one request cannot keep the device busy for long.
+pub(super) const SIZE_MAX: u32 = 1 << 20;
+/// Sectors per DISCARD / WRITE_ZEROES segment (512 MiB).
+pub(super) const MAX_DISCARD_SECTORS: u32 = 1 << 20;
 /// Segments per DISCARD / WRITE_ZEROES request.
-pub(super) const MAX_DISCARD_SEG: u32 = 32;
+pub(super) const MAX_DISCARD_SEG: u32 = 8;
 
 /// Bytes of configuration space exposed: everything up to the secure-erase fields (not offered).
 pub const CONFIG_LEN: usize = offset_of!(virtio_blk_config, max_secure_erase_sectors);
@@ -63,6 +66,7 @@ impl BlkConfig {
             };
         }
         put!(capacity, capacity);
+        put!(size_max, SIZE_MAX);
         put!(seg_max, SEG_MAX);
         put!(blk_size, BLK_SIZE);
         put!(physical_block_exp, PHYSICAL_BLOCK_EXP);
@@ -94,6 +98,7 @@ impl BlkConfig {
             | VIRTIO_RING_F_EVENT_IDX_BIT
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
             | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
             | bit(VIRTIO_BLK_F_BLK_SIZE)
             | bit(VIRTIO_BLK_F_TOPOLOGY)
             | bit(VIRTIO_BLK_F_FLUSH);

@@ -7,6 +7,7 @@
 //! queue, as it would with a single queue. Completions are put in their own queue's used ring,
 //! and each queue's driver is interrupted at most once per wakeup, on that queue's vector.
 
+use std::cell::Cell;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::config::{Execution, BLK_QUEUE_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
+use super::config::{
+    Execution, BLK_QUEUE_SIZE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
+};
 use super::request::{self, ParseError, Request, RequestType, Segment};
 use super::uring::{InFlight, IoRing};
 use super::{BlkCounters, ID_BYTES};
@@ -40,6 +43,13 @@ const TOKEN_QUEUE: u32 = 2;
 /// Requests handled per queue and wakeup before the worker yields (and re-arms itself), so a
 /// reset is noticed promptly whatever the driver queues.
 pub(super) const MAX_REQUESTS_PER_WAKEUP: usize = 256;
+/// Bytes of reads and writes one wakeup serves or submits before it looks for a pause or
+/// reset again (the rest is served on the next wakeup): a guest cannot make the worker,
+/// and a vCPU resetting the device, wait behind gigabytes.
+pub(super) const WAKEUP_BYTES: u64 = 64 << 20;
+/// Bytes of reads and writes in flight on the ring at most; a queue that would put more
+/// waits for completions (a pause or reset waits for what is in flight).
+pub(super) const IN_FLIGHT_BYTES: u64 = 128 << 20;
 
 /// The most requests in flight on the ring: a full queue's worth per queue, up to this. More
 /// go through the synchronous path.
@@ -89,6 +99,8 @@ struct WorkerQueue {
     broken: bool,
     /// Chains put in the used ring since the driver was last considered for an interrupt.
     used: usize,
+    /// Serving stopped at [`IN_FLIGHT_BYTES`]: it goes on once completions free room.
+    throttled: bool,
 }
 
 pub(super) struct BlkWorker {
@@ -103,6 +115,8 @@ pub(super) struct BlkWorker {
     counters: Arc<BlkCounters>,
     /// Reads and writes in flight together; `None` serves every request synchronously.
     ring: Option<IoRing>,
+    /// Bytes of the requests in flight on the ring.
+    in_flight: Cell<u64>,
 }
 
 impl BlkWorker {
@@ -138,6 +152,7 @@ impl BlkWorker {
                 notify: q.notify,
                 broken: false,
                 used: 0,
+                throttled: false,
             })
             .collect();
         Ok(BlkWorker {
@@ -150,6 +165,7 @@ impl BlkWorker {
             exec,
             counters,
             ring,
+            in_flight: Cell::new(0),
         })
     }
 }
@@ -211,6 +227,9 @@ impl DeviceWorker for BlkWorker {
     fn hand_back(&mut self) {
         // Paused or reset: nothing may stay in flight.
         self.finish_in_flight();
+        for wq in &mut self.queues {
+            wq.throttled = false;
+        }
         self.finished = false;
     }
 }
@@ -236,6 +255,7 @@ impl BlkWorker {
             ring: ring.as_mut(),
             done: Vec::new(),
             used: 0,
+            bytes: 0,
         };
         let pass = drain_queue(&mut q, &self.mem, MAX_REQUESTS_PER_WAKEUP, &mut server);
         let (done, used) = (server.done, server.used);
@@ -244,7 +264,10 @@ impl BlkWorker {
         drop(q);
         let wq = &mut self.queues[i];
         wq.used += used;
-        if pass.more {
+        if pass.more && self.in_flight.get() >= IN_FLIGHT_BYTES {
+            // Completions wake the worker; the queue goes on from there.
+            wq.throttled = true;
+        } else if pass.more {
             let _ = wq.notify.write(1);
         }
         if let Some(e) = pass.error {
@@ -270,6 +293,13 @@ impl BlkWorker {
         self.complete(finished, disk.as_mut(), &mut done);
         drop(disk);
         self.publish(done);
+        if self.in_flight.get() < IN_FLIGHT_BYTES {
+            for i in 0..self.queues.len() {
+                if std::mem::take(&mut self.queues[i].throttled) {
+                    self.serve_queue(i);
+                }
+            }
+        }
     }
 
     /// Puts finished requests in their queues' used rings.
@@ -339,7 +369,7 @@ impl BlkWorker {
         let Some(slices) = guest_slices(&self.mem, &req.data) else {
             return Err(req);
         };
-        if slices.len() > MAX_RING_IOVECS {
+        if slices.len() > MAX_RING_IOVECS || !within_limits(&req) {
             return Err(req);
         }
         let Some((fd, file_offset)) = disk.passthrough(&slices, offset, write) else {
@@ -354,11 +384,14 @@ impl BlkWorker {
                 iov_len: s.len(),
             })
             .collect();
+        let len = req.data_len;
         ring.push(
             fd,
             write,
             InFlight::new(queue, head, req, file_offset, started, iovecs),
-        )
+        )?;
+        self.in_flight.set(self.in_flight.get() + len);
+        Ok(())
     }
 
     /// Waits for every request in flight, completes them and interrupts the drivers that want
@@ -397,6 +430,8 @@ impl BlkWorker {
         done: &mut Vec<Done>,
     ) {
         for (op, result) in finished {
+            self.in_flight
+                .set(self.in_flight.get().saturating_sub(op.req.data_len));
             let used_len = self.complete_async(op.req, op.offset, op.started, result, disk);
             done.push(Done {
                 queue: op.queue,
@@ -540,6 +575,14 @@ impl BlkWorker {
         if req.data_len & (SECTOR_SIZE - 1) != 0 {
             tracing::debug!(
                 "virtio-blk: {}-byte data is not a whole number of sectors",
+                req.data_len
+            );
+            return Completion::status(S_IOERR);
+        }
+        if !within_limits(req) {
+            tracing::debug!(
+                "virtio-blk: {} data segments, {} bytes: past seg_max or size_max",
+                req.data.len(),
                 req.data_len
             );
             return Completion::status(S_IOERR);
@@ -693,6 +736,8 @@ struct Server<'a> {
     done: Vec<Done>,
     /// Requests of this queue completed in its used ring.
     used: usize,
+    /// Bytes of the requests taken this wakeup.
+    bytes: u64,
 }
 
 impl ChainServer for Server<'_> {
@@ -705,6 +750,9 @@ impl ChainServer for Server<'_> {
         let started = Instant::now();
         let worker = self.worker;
         let parsed = request::parse(chain, &worker.mem);
+        if let Ok(req) = &parsed {
+            self.bytes += req.data_len;
+        }
         let parsed = match (self.ring.as_deref_mut(), parsed) {
             (Some(r), Ok(req)) => match worker.submit(r, self.queue, head, req, started, self.disk)
             {
@@ -727,6 +775,10 @@ impl ChainServer for Server<'_> {
         BlkCounters::add(&self.worker.counters.errors, 1);
     }
 
+    fn spent(&self) -> bool {
+        self.bytes >= WAKEUP_BYTES || self.worker.in_flight.get() >= IN_FLIGHT_BYTES
+    }
+
     fn end_batch(&mut self, _q: &mut Queue) -> Result<(), virtio_queue::Error> {
         if let Some(r) = self.ring.as_deref_mut() {
             // The batch goes to the kernel; what already finished is completed now, the rest
@@ -737,6 +789,12 @@ impl ChainServer for Server<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether a read or write keeps to the limits the device offered: at most `seg_max` data
+/// segments of at most `size_max` bytes each.
+fn within_limits(req: &Request) -> bool {
+    req.data.len() <= SEG_MAX as usize && req.data.iter().all(|s| s.len <= SIZE_MAX)
 }
 
 /// The byte offset of `sectors` sectors at `sector`, if they lie within `capacity` sectors.

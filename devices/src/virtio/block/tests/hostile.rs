@@ -239,3 +239,76 @@ fn out_of_range_head_is_skipped() {
     assert_eq!(r.read(s, 1), [S_OK]);
     assert_eq!(r.blk.counters().errors(), 1);
 }
+
+/// Writes an indirect table of `descs` (chained in order) at `table`; returns its length.
+fn indirect_table(r: &Running, table: u64, descs: &[(u64, u32, u16)]) -> u32 {
+    for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+        let last = i + 1 == descs.len();
+        let flags = if last {
+            flags
+        } else {
+            flags | VRING_DESC_F_NEXT
+        };
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
+        r.write(table + 16 * i as u64, &raw);
+    }
+    16 * descs.len() as u32
+}
+
+/// Issue 15, item 3: a request with more data segments than the device offered (seg_max)
+/// completes with IOERR; one at the limit is served.
+#[test]
+fn requests_past_seg_max_are_refused() {
+    let (_dir, _path, mut r) = running();
+    const TABLE: u64 = 0xc_0000;
+    for (segments, want) in [(254usize, S_OK), (255, S_IOERR)] {
+        let (h, s) = r.next_slots(VIRTIO_BLK_T_IN, 0);
+        let mut descs = vec![(h, 16, R)];
+        descs.extend(std::iter::repeat_n((DATA, 512, W), segments));
+        descs.push((s, 1, W));
+        let len = indirect_table(&r, TABLE, &descs);
+        r.complete(&[(TABLE, len, VRING_DESC_F_INDIRECT)]);
+        assert_eq!(r.read(s, 1), [want], "{segments} segments");
+    }
+    still_serves(&mut r);
+}
+
+/// Issue 15, item 3: one wakeup serves at most `WAKEUP_BYTES` of reads and writes, then
+/// looks for a pause or reset before the rest: 7 requests of 16 MiB take two wakeups (one
+/// interrupt each), where they took one.
+#[test]
+fn one_wakeup_serves_a_bounded_number_of_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.raw");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let mut blk = VirtioBlk::new(open(&path, Format::Raw, false), None).unwrap();
+    blk.set_io_uring(false);
+    let mut r = start_with(blk, 256, false);
+    r.blk.pause();
+    // 32 segments of 512 KiB, all over the same guest buffer: 16 MiB a request.
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        let (h, s) = r.next_slots(VIRTIO_BLK_T_IN, 0);
+        let mut descs = vec![(h, 16, R)];
+        descs.extend(std::iter::repeat_n((DATA, 512 << 10, W), 32));
+        descs.push((s, 1, W));
+        r.ring.add_chain(&r.mem, &descs);
+        statuses.push(s);
+    }
+    assert!(7 * 16 << 20 > 64 << 20 && 4 * (16 << 20) >= super::super::worker::WAKEUP_BYTES);
+    r.blk.resume().unwrap();
+    assert!(r.ring.wait_used(&r.mem, 7));
+    for s in statuses {
+        assert_eq!(r.read(s, 1), [S_OK]);
+    }
+    assert!(r.irq.wait_used(2));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(r.irq.used.load(Ordering::SeqCst), 2);
+}
