@@ -53,6 +53,16 @@ fn main() -> ExitCode {
         // start (faster start, less memory).
         logger.with_max_level(tracing::Level::WARN).init();
     }
+    // A VMM (not `ctl`) limits itself before it starts any thread.
+    let vmm = !matches!(cli.command, cli::Command::Ctl(_));
+    let core_dumps = std::env::var_os("PODVISOR_CORE_DUMPS").is_some_and(|v| v == "1");
+    if let Err(e) = vmm
+        .then(|| vmm::privileges::limit_process(core_dumps))
+        .transpose()
+    {
+        eprintln!("podvisor: error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         cli::Command::Run(args) => run(*args),
         cli::Command::Serve(args) => serve(args),
