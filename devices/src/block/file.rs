@@ -146,16 +146,20 @@ impl HostFile {
         })
     }
 
-    /// Another handle on the same open file (`dup`), with nothing written through it yet.
-    pub(crate) fn try_clone(&self) -> Result<Self, BlockError> {
-        let file = self.file.try_clone().map_err(|source| BlockError::Io {
+    /// Another descriptor of the same open file description.
+    fn dup(&self) -> Result<File, BlockError> {
+        self.file.try_clone().map_err(|source| BlockError::Io {
             path: self.path.clone(),
             op: "dup",
             offset: 0,
             source,
-        })?;
+        })
+    }
+
+    /// Another handle on the same open file (`dup`), with nothing written through it yet.
+    pub(crate) fn try_clone(&self) -> Result<Self, BlockError> {
         Ok(Self {
-            file,
+            file: self.dup()?,
             path: self.path.clone(),
             direct: self.direct,
             block_device: self.block_device,
@@ -461,16 +465,9 @@ impl HostFile {
         Ok(())
     }
 
-    /// The descriptor, for I/O submitted elsewhere (`io_uring`).
     /// A handle on the lock of this open file (see [`super::lock`]).
     pub(crate) fn lock_handle(&self, writable: bool) -> Result<ImageLock, BlockError> {
-        let file = self.file.try_clone().map_err(|source| BlockError::Io {
-            path: self.path.clone(),
-            op: "dup",
-            offset: 0,
-            source,
-        })?;
-        Ok(ImageLock::new(file, &self.path, writable))
+        Ok(ImageLock::new(self.dup()?, &self.path, writable))
     }
 
     /// Whether the image is a block device (a regular file otherwise).
@@ -478,6 +475,7 @@ impl HostFile {
         self.block_device
     }
 
+    /// The descriptor, for I/O submitted elsewhere (`io_uring`).
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

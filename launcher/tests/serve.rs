@@ -1,5 +1,6 @@
-//! `podvisor serve --allow-path`: which host files an API client's configuration may name
-//! (issue 15, item 6), checked over the socket as a client meets it. No VM is booted: every
+//! `podvisor serve` as a hostile API client and an operator meet it (issue 15): which host
+//! files a client's configuration may name (`--allow-path`), checked over the socket, and
+//! what the process gives up before it starts, read from /proc. No VM is booted: every
 //! refusal comes before one would be.
 
 use std::path::{Path, PathBuf};
@@ -146,4 +147,31 @@ fn an_allowed_path_must_be_a_directory() {
         "{err}"
     );
     assert!(!Path::new("/tmp/podvisor-never.sock").exists());
+}
+
+/// Issue 15, item 5: no new privileges, no core dumps, a bounded number of descriptors.
+#[test]
+fn a_vmm_process_is_limited_from_its_start() {
+    let serve = Serve::start("limits", &[]);
+    let pid = serve.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    drop(serve);
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");
+    let limit = |name: &str| -> Vec<String> {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(limit("Max core file size"), ["0", "0"], "{limits}");
+    let files = limit("Max open files");
+    assert!(
+        files
+            .iter()
+            .all(|n| n.parse::<u64>().is_ok_and(|n| n <= 4096)),
+        "{limits}"
+    );
 }
