@@ -272,7 +272,9 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        // Released: what fitted is written, in order, and the rest was dropped.
+        // Released: what fitted is written, in order, and the rest was dropped: the writer's
+        // first take (a prefix of the output) and the buffer it found full when it came back,
+        // with the bytes dropped meanwhile missing between them.
         for _ in 0..4 {
             go.send(()).unwrap();
         }
@@ -280,7 +282,12 @@ mod tests {
         out.flush().unwrap();
         let seen = seen.lock().unwrap().clone();
         assert!(!seen.is_empty() && seen.len() <= 2 * 4096, "{}", seen.len());
-        assert!(seen.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        assert_eq!(seen[0], 0);
+        let gaps = seen
+            .windows(2)
+            .filter(|w| w[1] != ((u32::from(w[0]) + 1) % 251) as u8)
+            .count();
+        assert!(gaps <= 1, "{gaps} gaps in what was written");
         drop(out);
     }
 
