@@ -85,8 +85,15 @@ fn in_testhost(name: &str) -> Result<(), Failed> {
         // A guest that panicked in an earlier session too panics because of podvisor.
         let panicked_again = text.contains(harness::GUEST_PANICKED)
             && earlier.iter().any(|t| t.contains(harness::GUEST_PANICKED));
+        // So does a guest that reset itself (a triple fault) in an earlier session too.
+        let reset = text.contains(harness::GUEST_TRIPLE_FAULT);
+        let reset_again = reset
+            && earlier
+                .iter()
+                .any(|t| t.contains(harness::GUEST_TRIPLE_FAULT));
         let retry = matches!(out.status.code(), Some(TESTHOST_FAILED | SESSION_TIMED_OUT))
-            || (text.contains(harness::SESSION_SUSPECT) && !panicked_again);
+            || (text.contains(harness::SESSION_SUSPECT) && !panicked_again)
+            || (reset && !reset_again);
         if !retry || attempt == TESTHOST_TRIES {
             let prior: String = earlier
                 .iter()
