@@ -731,14 +731,25 @@ fn cloud_hypervisors_client_reads_every_endpoint() {
 }
 
 /// A backend whose `vm.info` takes a while (a VM stuck behind a device, say).
-struct SlowInfo(FakeVmm, Duration);
+/// Counts the `vm.info` calls that reached it.
+struct SlowInfo(FakeVmm, Duration, Arc<std::sync::atomic::AtomicUsize>);
 
 impl VmmBackend for SlowInfo {
     fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         if request == ApiRequest::VmInfo {
+            self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             std::thread::sleep(self.1);
         }
         self.0.handle(request)
+    }
+}
+
+/// Waits (up to 10 s) until `done` holds.
+fn wait_until(done: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(10), "timed out");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -748,9 +759,11 @@ impl VmmBackend for SlowInfo {
 fn ping_answers_while_every_vmm_call_is_stuck() {
     let dir = TempDir::new("stuck");
     let vm: VmConfigSource = serde_json::from_str(CONFIG).unwrap();
+    let entered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let backend = SlowInfo(
         FakeVmm::with_vm(vm, VmState::Created),
         Duration::from_secs(3),
+        entered.clone(),
     );
     let opts = ServerOptions {
         vmm_call_wait: Duration::from_millis(300),
@@ -769,7 +782,8 @@ fn ping_answers_while_every_vmm_call_is_stuck() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Every slot taken.
+    wait_until(|| entered.load(std::sync::atomic::Ordering::SeqCst) == 8);
     let started = Instant::now();
     let mut c = Client::connect(&dir.sock()).unwrap();
     assert_eq!(c.request("GET", "vmm.ping", None).unwrap().status, 200);
@@ -813,11 +827,13 @@ fn a_client_that_never_reads_is_dropped() {
         }
         hog
     });
-    std::thread::sleep(Duration::from_secs(2));
-    let r = raw(
-        &dir.sock(),
-        b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n",
-    );
-    assert_eq!(status_of(&r), 200, "the slot is still held: {r:?}");
+    // Refused while the hog holds the only slot; answered once the write timeout freed it.
+    wait_until(|| {
+        let r = raw(
+            &dir.sock(),
+            b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        !r.is_empty() && status_of(&r) == 200
+    });
     drop(writer.join().unwrap());
 }
