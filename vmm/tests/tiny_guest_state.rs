@@ -507,11 +507,19 @@ fn live_migration_moves_a_busy_guest_and_a_failure_leaves_it_at_the_source() {
         let endpoint = endpoint.clone();
         std::thread::spawn(move || dest.handle(Request::ReceiveMigration(endpoint, vec![])))
     };
+    // Over a slow link, with more than one frame (4 MiB) of memory written: the first pass
+    // waits between its frames, the guest writes pages meanwhile (each number's own page,
+    // once), the pass leaves them to the next round, which must send them.
+    wait_printed(&serial, 1_200);
     let before = printed();
+    let slow = SendOptions {
+        bandwidth_limit: Some(8 << 20),
+        ..options.clone()
+    };
     // Until the destination listens, the source cannot connect (and keeps its VM).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match middle.handle(Request::SendMigration(endpoint.clone(), options.clone())) {
+        match middle.handle(Request::SendMigration(endpoint.clone(), slow.clone())) {
             Ok(_) => break,
             Err(ControlError::Invalid(m))
                 if m.contains("cannot connect") && std::time::Instant::now() < deadline =>

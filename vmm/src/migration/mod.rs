@@ -2,7 +2,8 @@
 //! socket to another podvisor that builds the same VM and continues it.
 //!
 //! The source ([`send`]) copies memory while the guest runs (pre-copy): a first pass of every
-//! page that is not zero, then rounds of the pages written meanwhile (KVM's dirty log for the
+//! page that is not zero (but those the guest writes while the pass goes on: the next round
+//! sends them anyway), then rounds of the pages written meanwhile (KVM's dirty log for the
 //! vCPUs, the memory's bitmaps for the devices), until what is left would cross within the
 //! downtime limit at the rate measured so far. It then pauses the guest, flushes its disks,
 //! sends the last pages and the machine state, and ends its VM only once the destination says

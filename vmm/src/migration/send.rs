@@ -14,6 +14,9 @@ use crate::vstate::memory;
 const PAGE: usize = 4096;
 /// Pages read from guest memory at a time.
 const RUN_PAGES: usize = 256;
+/// How often the first pass looks at the dirty-page log, to leave what the guest wrote
+/// meanwhile to the next round.
+const DIRTY_REFRESH: Duration = Duration::from_millis(250);
 
 fn vm_failed(what: &str) -> impl FnOnce(crate::Error) -> MigrationError + '_ {
     move |e| MigrationError::Vm(format!("{what}: {e}"))
@@ -123,6 +126,8 @@ fn send_on(
         processed: 0,
         reading: Duration::ZERO,
         sending: Duration::ZERO,
+        first_dirty: None,
+        deferred: 0,
     };
     let result = sender.migrate(report);
     let _ = vm.set_throttle(0);
@@ -144,6 +149,10 @@ struct Sender<'a> {
     /// Time spent reading guest memory into frames, and checksumming and sending them.
     reading: Duration,
     sending: Duration,
+    /// The pages the first pass left to the first dirty round.
+    first_dirty: Option<Vec<Vec<u64>>>,
+    /// How many (for the log).
+    deferred: u64,
 }
 
 impl Sender<'_> {
@@ -155,41 +164,72 @@ impl Sender<'_> {
         // Round 1: all of memory but its zero pages (the destination's are zero already);
         // what the guest never wrote is not even read.
         let round_start = Instant::now();
-        let ranges: Vec<(u64, u64)> = self
-            .vm
-            .memory()
+        let memory = self.vm.memory();
+        let ranges: Vec<(usize, u64, u64)> = memory
             .iter()
-            .flat_map(|r| {
-                let start = r.start_addr().0;
+            .enumerate()
+            .flat_map(|(slot, r)| {
                 memory::data_ranges(r)
                     .into_iter()
-                    .map(move |(offset, len)| (start + offset, len))
+                    .map(move |(offset, len)| (slot, offset, len))
             })
             .collect();
+        let starts: Vec<u64> = memory.iter().map(|r| r.start_addr().0).collect();
         // The destination faults these in while they arrive (see `Prefault` there); a
         // plan is advice, so a very fragmented memory's is cut short rather than too large.
         let plan = protocol::Plan {
-            ranges: ranges[..ranges.len().min(protocol::PLAN_RANGES)].to_vec(),
+            ranges: ranges
+                .iter()
+                .take(protocol::PLAN_RANGES)
+                .map(|&(slot, offset, len)| (starts[slot] + offset, len))
+                .collect(),
         };
         protocol::write_json(&mut self.stream, Kind::Plan, &plan)?;
-        for (start, len) in ranges {
+        // Pages the guest writes while this pass goes on are left to the next round, which
+        // sends them anyway: a page it keeps rewriting crosses once, not twice. The log is
+        // looked at every `DIRTY_REFRESH` (each look makes the guest fault on its next
+        // write to every page it had written), first as the pass begins.
+        let mut deferred: Vec<Vec<u64>> = memory
+            .iter()
+            .map(|r| vec![0; (r.len() as usize / PAGE).div_ceil(64)])
+            .collect();
+        let mut looked: Option<Instant> = None;
+        for (slot, offset, len) in ranges {
             let mut at = 0;
             while at < len {
-                let n = ((len - at) as usize).min(RUN_PAGES * PAGE);
-                self.send_run(start + at, n, true)?;
-                at += n as u64;
+                if looked.is_none_or(|t| t.elapsed() >= DIRTY_REFRESH) {
+                    let dirty = self
+                        .vm
+                        .dirty_pages()
+                        .map_err(vm_failed("read the dirty-page log"))?;
+                    merge(&mut deferred, &dirty);
+                    looked = Some(Instant::now());
+                }
+                let n = (len - at).min((RUN_PAGES * PAGE) as u64);
+                let first = ((offset + at) / PAGE as u64) as usize;
+                let pages = (n as usize).div_ceil(PAGE);
+                for (page, count) in runs(&deferred[slot], first, first + pages, false) {
+                    let gpa = starts[slot] + (page * PAGE) as u64;
+                    // The last page of a range may be short.
+                    let bytes = (count * PAGE).min((offset + len - (page * PAGE) as u64) as usize);
+                    self.send_run(gpa, bytes, true)?;
+                }
+                at += n;
             }
         }
+        self.deferred = count(&deferred);
+        self.first_dirty = Some(deferred);
         self.flush_frame()?;
         let mut rate = rate_of(self.processed, round_start.elapsed());
         tracing::info!(
             "migration round 1: {} MiB read, {} MiB sent in {} ms ({} ms reading guest memory, \
-             {} ms checksumming and sending)",
+             {} ms checksumming and sending), {} MiB written meanwhile left to round 2",
             self.processed >> 20,
             self.progress.bytes_sent >> 20,
             round_start.elapsed().as_millis(),
             self.reading.as_millis(),
-            self.sending.as_millis()
+            self.sending.as_millis(),
+            (self.deferred * PAGE as u64) >> 20
         );
         self.progress.round = 1;
         report(&self.progress);
@@ -197,10 +237,13 @@ impl Sender<'_> {
         let mut previous_left = u64::MAX;
         loop {
             let round_start = Instant::now();
-            let dirty = self
+            let mut dirty = self
                 .vm
                 .dirty_pages()
                 .map_err(vm_failed("read the dirty-page log"))?;
+            if let Some(deferred) = self.first_dirty.take() {
+                merge(&mut dirty, &deferred);
+            }
             let pages = count(&dirty);
             let left = pages * PAGE as u64;
             self.progress.bytes_left = left;
@@ -292,11 +335,7 @@ impl Sender<'_> {
                 .vm
                 .dirty_pages()
                 .map_err(vm_failed("read the dirty-page log"))?;
-            for (words, more) in dirty.iter_mut().zip(last) {
-                for (w, m) in words.iter_mut().zip(more) {
-                    *w |= m;
-                }
-            }
+            merge(&mut dirty, &last);
             self.send_dirty(&dirty)?;
         }
         let pages_at = Instant::now();
@@ -334,19 +373,8 @@ impl Sender<'_> {
     fn send_dirty(&mut self, dirty: &[Vec<u64>]) -> Result<(), MigrationError> {
         let starts: Vec<u64> = self.vm.memory().iter().map(|r| r.start_addr().0).collect();
         for (start, words) in starts.into_iter().zip(dirty) {
-            let mut page = 0usize;
-            let total = words.len() * 64;
-            while page < total {
-                if !bit(words, page) {
-                    page += 1;
-                    continue;
-                }
-                let mut end = page + 1;
-                while end < total && end - page < RUN_PAGES && bit(words, end) {
-                    end += 1;
-                }
-                self.send_run(start + (page * PAGE) as u64, (end - page) * PAGE, false)?;
-                page = end;
+            for (page, count) in runs(words, 0, words.len() * 64, true) {
+                self.send_run(start + (page * PAGE) as u64, count * PAGE, false)?;
             }
         }
         self.flush_frame()
@@ -394,6 +422,35 @@ fn bit(words: &[u64], page: usize) -> bool {
     words[page / 64] & (1 << (page % 64)) != 0
 }
 
+/// The runs of pages in `[from, to)` whose bit in `words` is `set`, as (first page, pages),
+/// each at most [`RUN_PAGES`] long.
+fn runs(words: &[u64], from: usize, to: usize, set: bool) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut page = from;
+    while page < to {
+        if bit(words, page) != set {
+            page += 1;
+            continue;
+        }
+        let mut end = page + 1;
+        while end < to && end - page < RUN_PAGES && bit(words, end) == set {
+            end += 1;
+        }
+        runs.push((page, end - page));
+        page = end;
+    }
+    runs
+}
+
+/// Adds the pages set in `more` to `into` (both per region, one bit per page).
+fn merge(into: &mut [Vec<u64>], more: &[Vec<u64>]) {
+    for (words, more) in into.iter_mut().zip(more) {
+        for (w, m) in words.iter_mut().zip(more) {
+            *w |= m;
+        }
+    }
+}
+
 fn count(dirty: &[Vec<u64>]) -> u64 {
     dirty
         .iter()
@@ -407,4 +464,39 @@ fn count(dirty: &[Vec<u64>]) -> u64 {
 fn rate_of(bytes: u64, took: Duration) -> u64 {
     let ms = (took.as_millis() as u64).max(1);
     (bytes * 1000 / ms).max(1 << 20)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_pages_split_at_the_other_kind_and_at_run_pages() {
+        // Pages 3-5 and 70 set, in a 3-word map.
+        let words = vec![0b11_1000, 1 << 6, 0];
+        assert_eq!(runs(&words, 0, 192, true), vec![(3, 3), (70, 1)]);
+        assert_eq!(
+            runs(&words, 0, 80, false),
+            vec![(0, 3), (6, 64), (71, 9)],
+            "clear runs, each cut where a set page is"
+        );
+        assert_eq!(
+            runs(&words, 4, 5, true),
+            vec![(4, 1)],
+            "within [from, to) only"
+        );
+        let all = vec![u64::MAX; 8];
+        assert_eq!(
+            runs(&all, 0, 512, true),
+            vec![(0, RUN_PAGES), (RUN_PAGES, RUN_PAGES)]
+        );
+        assert!(runs(&all, 0, 512, false).is_empty());
+    }
+
+    #[test]
+    fn merge_adds_pages() {
+        let mut into = vec![vec![0b01, 0], vec![0]];
+        merge(&mut into, &[vec![0b10, 4], vec![8]]);
+        assert_eq!(into, vec![vec![0b11, 4], vec![8]]);
+    }
 }

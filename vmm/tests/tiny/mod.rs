@@ -283,7 +283,7 @@ pub fn wait_printed(serial: &Path, bytes: u64) {
 
 /// The guest of the save/restore test: prints `a`..`z` over and over, 600 letters with a
 /// short spin after each, counting them in EBX and in memory at 0x200000; then prints "ok" if
-/// both counts agree (or "bad"), and powers off.
+/// both counts agree and every number's own page (below) holds it (or "bad"), and powers off.
 pub fn counting_guest() -> Asm {
     counting_guest_of(600)
 }
@@ -302,6 +302,11 @@ pub fn counting_guest_of(count: u32) -> Asm {
     a = a.print_al();
     a.0.extend([0xff, 0x05, 0x00, 0x00, 0x20, 0x00]); // inc dword [0x200000]
     a.0.push(0x43); // inc ebx
+                    // Each number also goes, once, into a page of its own (number N at 0x2ff000 + N * 4096):
+                    // pages written once while memory is copied must arrive too.
+    a = a.mov_eax_ebx();
+    a.0.extend([0xc1, 0xe0, 0x0c]); // shl eax, 12
+    a.0.extend([0x89, 0x98, 0x00, 0xf0, 0x2f, 0x00]); // mov [eax + 0x2ff000], ebx
     a.0.extend([0xb9, 0xd0, 0x07, 0, 0]); // mov ecx, 2000
     a.0.extend([0x49, 0x75, 0xfd]); // spin: dec ecx; jnz spin
     a.0.extend([0x81, 0xfb]); // cmp ebx, count
@@ -309,6 +314,14 @@ pub fn counting_guest_of(count: u32) -> Asm {
     let back = a.0.len() + 6 - top;
     a.0.extend([0x0f, 0x85]); // jne top
     a.0.extend((-(back as i32)).to_le_bytes());
+    a.0.extend([0xb9, 1, 0, 0, 0]); // mov ecx, 1
+    a.0.extend([0x89, 0xc8]); // check: mov eax, ecx
+    a.0.extend([0xc1, 0xe0, 0x0c]); // shl eax, 12
+    a.0.extend([0x39, 0x88, 0x00, 0xf0, 0x2f, 0x00]); // cmp [eax + 0x2ff000], ecx
+    a.0.extend([0x75, 13]); // jne bad
+    a.0.push(0x41); // inc ecx
+    a.0.extend([0x39, 0xd9]); // cmp ecx, ebx
+    a.0.extend([0x76, (-18i8) as u8]); // jbe check
     a.0.extend([0x3b, 0x1d, 0x00, 0x00, 0x20, 0x00]); // cmp ebx, [0x200000]
     let bad = Asm::default().print("\nbad\n").poweroff();
     a.0.extend([0x74, bad.0.len() as u8]); // je ok
