@@ -19,8 +19,8 @@ Paths (the guest runs `iperf3 -c 10.244.1.1 -t N` then the same with -R; figure:
     QEMU: the same topology built here with `ip` (k6t-eth0, eth0 and tap0 on it, eth0's
     address removed), QEMU on tap0, the guest given 10.244.1.7/24 and the route by its
     command line.
-  * masquerade: podvisor: the launcher with the masquerade binding (bridge at 10.0.2.1/24,
-    guest 10.0.2.2 by DHCP, nftables DNAT/masquerade written by the launcher, ip_forward on).
+  * masquerade: podvisor: the launcher with the masquerade binding (its tap at 10.0.2.1/24,
+    no bridge, guest 10.0.2.2 by DHCP, nftables DNAT/masquerade written by the launcher, ip_forward on).
     QEMU: the same built here (`ip`, `nft -f`, sysctl), the guest at 10.0.2.2 by its
     command line.
 
@@ -118,18 +118,18 @@ def qemu_path(path):
     namespace and name."""
     if path == "tap":
         return node_tap()
-    in_ns(POD, "ip", "link", "add", "k6t-eth0", "type", "bridge")
     in_ns(POD, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap")
-    in_ns(POD, "ip", "link", "set", "tap0", "master", "k6t-eth0")
     if path == "bridge":
+        in_ns(POD, "ip", "link", "add", "k6t-eth0", "type", "bridge")
+        in_ns(POD, "ip", "link", "set", "tap0", "master", "k6t-eth0")
         in_ns(POD, "ip", "addr", "flush", "dev", "eth0")
         in_ns(POD, "ip", "link", "set", "eth0", "master", "k6t-eth0")
+        in_ns(POD, "ip", "link", "set", "k6t-eth0", "up")
     else:
-        in_ns(POD, "ip", "addr", "add", "10.0.2.1/24", "dev", "k6t-eth0")
+        in_ns(POD, "ip", "addr", "add", "10.0.2.1/24", "dev", "tap0")
         in_ns(POD, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         sh("ip", "netns", "exec", POD, "nft", "-f", "-", input=NFT_MASQUERADE)
-    for link in ("tap0", "k6t-eth0"):
-        in_ns(POD, "ip", "link", "set", link, "up")
+    in_ns(POD, "ip", "link", "set", "tap0", "up")
     return POD, "tap0"
 
 

@@ -1,7 +1,10 @@
 //! KubeVirt's bridge binding: the guest takes the pod's place on the pod network. The pod
 //! interface's IPv4 address leaves it (the guest will answer for it), the interface and the
 //! guest's tap join a bridge, and a DHCP server on the bridge gives the guest that address
-//! with the pod's gateway, routes, DNS and MTU. Everything done is undone, in reverse order,
+//! with the pod's gateway, routes, DNS and MTU. The masquerade binding needs no bridge: the
+//! private network's gateway address is the tap's own (one hop less for every packet than
+//! KubeVirt's bridge in front of the tap), the DHCP server answers on the tap, and nftables
+//! NAT joins that network to the pod's address. Everything done is undone, in reverse order,
 //! when the binding is dropped or a step fails: the pod interface gets its address and routes
 //! back. What the pod interface had is also written to a file before anything changes, so that
 //! the next launcher in the pod (the container restarted after a `kill -9`) puts it back first.
@@ -20,7 +23,7 @@ use super::PodNetError;
 /// it is never a route to anything.
 pub const SERVER_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 75, 10);
 
-/// The masquerade binding's private network (KubeVirt's): the bridge is the guest's gateway.
+/// The masquerade binding's private network (KubeVirt's): the tap is the guest's gateway.
 pub const MASQUERADE_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
 pub const MASQUERADE_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const MASQUERADE_PREFIX: u8 = 24;
@@ -30,7 +33,7 @@ const MASQUERADE_PREFIX: u8 = 24;
 pub enum Kind {
     /// The guest takes the pod interface's address; the interface joins the bridge.
     Bridge,
-    /// The guest is on a private network behind the bridge; connections to the pod's address
+    /// The guest is on a private network behind its tap; connections to the pod's address
     /// (all, or these (protocol, port)) are sent on to it, and its own leave as the pod's.
     Masquerade { ports: Vec<(u8, u16)> },
 }
@@ -41,7 +44,7 @@ pub struct BridgeSpec {
     pub kind: Kind,
     /// The pod's interface for this network (`eth0`, `net1`, ...).
     pub pod_interface: String,
-    /// The bridge to create (`k6t-eth0`).
+    /// The bridge to create (`k6t-eth0`; bridge binding only).
     pub bridge: String,
     /// The guest's side: its tap.
     pub guest_link: String,
@@ -61,6 +64,8 @@ pub struct BridgeSpec {
 enum Undo {
     DeleteLink(u32, String),
     FreeFromBridge(u32, String),
+    /// Take an address off a link that stays (a tap the launcher did not make).
+    DeleteAddress(u32, Ipv4Net, String),
     /// Give the pod interface its address back, then the routes that went with it.
     Readdress {
         link: u32,
@@ -85,8 +90,12 @@ struct Saved {
     address: String,
     /// (destination, gateway, protocol) of the routes that leave by the interface.
     routes: Vec<(String, Option<Ipv4Addr>, u8)>,
+    /// Empty for masquerade (no bridge).
     bridge: String,
     tap: Option<String>,
+    /// Masquerade: the link that holds the private network's gateway address.
+    #[serde(default)]
+    gateway_on: Option<String>,
     /// Masquerade: the NAT table made, and ip_forward's value before.
     #[serde(default)]
     nat_table: Option<String>,
@@ -99,6 +108,9 @@ impl Undo {
         match self {
             Undo::DeleteLink(_, name) => format!("cannot delete {name}"),
             Undo::FreeFromBridge(_, name) => format!("cannot take {name} off the bridge"),
+            Undo::DeleteAddress(_, address, name) => {
+                format!("cannot take {address} off {name}")
+            }
             Undo::Readdress { address, .. } => {
                 format!("cannot give the pod interface {address} and its routes back")
             }
@@ -132,11 +144,13 @@ impl BridgeBinding {
         };
         binding.steps(spec)?;
         if let Some(lease) = &binding.lease {
+            let how = match spec.kind {
+                Kind::Bridge => format!("bridged to {} by {}", spec.guest_link, spec.bridge),
+                Kind::Masquerade { .. } => format!("masqueraded for {}", spec.guest_link),
+            };
             tracing::info!(
-                "pod network: {} bridged to {} by {}; the guest is offered {} (gateway {:?})",
+                "pod network: {} {how}; the guest is offered {} (gateway {:?})",
                 spec.pod_interface,
-                spec.guest_link,
-                spec.bridge,
                 lease.address,
                 lease.gateway
             );
@@ -156,7 +170,8 @@ impl BridgeBinding {
         }
         let nl = &self.netlink;
         let pod = nl.existing(&spec.pod_interface)?;
-        if nl.link(&spec.bridge)?.is_some() {
+        let masquerade = spec.kind != Kind::Bridge;
+        if !masquerade && nl.link(&spec.bridge)?.is_some() {
             return Err(PodNetError::Refused(format!(
                 "{} exists already: another launcher's bridge, or one a crashed launcher left",
                 spec.bridge
@@ -177,7 +192,6 @@ impl BridgeBinding {
                 pod.name
             )));
         };
-        let masquerade = spec.kind != Kind::Bridge;
         let nat_table = format!("podvisor_{}", spec.pod_interface.replace('-', "_"));
         let routes: Vec<Route> = nl
             .routes()?
@@ -209,8 +223,13 @@ impl BridgeBinding {
                 .filter(|r| !r.connected)
                 .map(|r| (r.destination.to_string(), r.gateway, r.protocol))
                 .collect(),
-            bridge: spec.bridge.clone(),
+            bridge: if masquerade {
+                String::new()
+            } else {
+                spec.bridge.clone()
+            },
             tap: spec.make_tap.then(|| spec.guest_link.clone()),
+            gateway_on: masquerade.then(|| spec.guest_link.clone()),
             nat_table: masquerade.then(|| nat_table.clone()),
             ip_forward: masquerade.then(|| ip_forward.clone()),
         };
@@ -224,46 +243,30 @@ impl BridgeBinding {
             self.undo.push(Undo::DeleteLink(made.index, made.name));
         }
         let guest = nl.existing(&spec.guest_link)?;
-        let bridge = nl.add_bridge(&spec.bridge, pod.mtu)?;
-        self.undo
-            .push(Undo::DeleteLink(bridge.index, bridge.name.clone()));
-        let (address, gateway, extra, server) = if let Kind::Masquerade { ports } = &spec.kind {
-            self.enslave(&guest, &bridge)?;
-            let nl = &self.netlink;
-            let private = Ipv4Net::new(MASQUERADE_GATEWAY, MASQUERADE_PREFIX).expect("a /24");
-            nl.add_address(bridge.index, private)?;
-            if ip_forward != "1" {
-                let turn_on = || -> std::io::Result<std::fs::File> {
-                    let mut f = std::fs::OpenOptions::new().write(true).open(IP_FORWARD)?;
-                    std::io::Write::write_all(&mut f, b"1")?;
-                    Ok(f)
-                };
-                let file = turn_on().map_err(|e| {
-                    PodNetError::Refused(format!("cannot turn on {IP_FORWARD}: {e}"))
-                })?;
-                self.undo.push(Undo::IpForward(file, ip_forward));
-            }
-            let nat = super::nft::MasqueradeNat {
-                table: nat_table.clone(),
-                pod_interface: pod.name.clone(),
-                guest: MASQUERADE_GUEST,
-                ports: ports.clone(),
-            };
-            let refused = |e: std::io::Error| {
-                PodNetError::Refused(format!("cannot make the nftables table {nat_table}: {e}"))
-            };
-            let nft = super::nft::Nft::open().map_err(refused)?;
-            nft.install(&nat).map_err(refused)?;
-            self.nft = Some(nft);
-            self.undo.push(Undo::DeleteNat(nat_table));
+        let (address, gateway, extra, server, dhcp_on) = if let Kind::Masquerade { ports } =
+            &spec.kind
+        {
+            let gateway = Ipv4Net::new(MASQUERADE_GATEWAY, MASQUERADE_PREFIX).expect("a /24");
+            nl.add_address(guest.index, gateway)?;
+            self.undo.push(Undo::DeleteAddress(
+                guest.index,
+                gateway,
+                guest.name.clone(),
+            ));
+            self.netlink.up(guest.index, Some(pod.mtu))?;
+            self.masquerade(&pod, ports, &nat_table, &ip_forward)?;
             let guest_address = Ipv4Net::new(MASQUERADE_GUEST, MASQUERADE_PREFIX).expect("a /24");
             (
                 guest_address,
                 Some(MASQUERADE_GATEWAY),
                 Vec::new(),
                 MASQUERADE_GATEWAY,
+                guest.name.clone(),
             )
         } else {
+            let bridge = nl.add_bridge(&spec.bridge, pod.mtu)?;
+            self.undo
+                .push(Undo::DeleteLink(bridge.index, bridge.name.clone()));
             nl.delete_address(pod.index, pod_address)?;
             self.undo.push(Undo::Readdress {
                 link: pod.index,
@@ -274,9 +277,9 @@ impl BridgeBinding {
             self.enslave(&guest, &bridge)?;
             let server = Ipv4Net::new(SERVER_ADDRESS, 32).expect("a /32");
             self.netlink.add_address(bridge.index, server)?;
-            (pod_address, gateway, extra, SERVER_ADDRESS)
+            self.netlink.up(bridge.index, None)?;
+            (pod_address, gateway, extra, SERVER_ADDRESS, bridge.name)
         };
-        self.netlink.up(bridge.index, None)?;
         let lease = Lease {
             mac: spec.guest_mac,
             address,
@@ -289,7 +292,7 @@ impl BridgeBinding {
             mtu: u16::try_from(pod.mtu).ok(),
         };
         self.dhcp = Some(
-            DhcpServer::start(&bridge.name, lease.clone())
+            DhcpServer::start(&dhcp_on, lease.clone())
                 .map_err(|e| PodNetError::Refused(e.to_string()))?,
         );
         self.lease = Some(lease);
@@ -327,9 +330,19 @@ impl BridgeBinding {
         for name in [Some(&saved.bridge), saved.tap.as_ref()]
             .into_iter()
             .flatten()
+            .filter(|name| !name.is_empty())
         {
             if let Some(link) = nl.link(name)? {
                 nl.delete_link(link.index)?;
+            }
+        }
+        // A tap that stays (not the launcher's own) gives the gateway address back.
+        if let Some(name) = &saved.gateway_on {
+            let gateway = Ipv4Net::new(MASQUERADE_GATEWAY, MASQUERADE_PREFIX).expect("a /24");
+            if let Some(link) = nl.link(name)? {
+                if nl.addresses(link.index)?.contains(&gateway) {
+                    nl.delete_address(link.index, gateway)?;
+                }
             }
         }
         if let Some(table) = &saved.nat_table {
@@ -373,6 +386,41 @@ impl BridgeBinding {
         Ok(())
     }
 
+    /// Masquerade's forwarding and NAT: connections to the pod's address go on to the guest
+    /// (all, or `ports`), the guest's own leave as the pod's.
+    fn masquerade(
+        &mut self,
+        pod: &Link,
+        ports: &[(u8, u16)],
+        nat_table: &str,
+        ip_forward: &str,
+    ) -> Result<(), PodNetError> {
+        if ip_forward != "1" {
+            let turn_on = || -> std::io::Result<std::fs::File> {
+                let mut f = std::fs::OpenOptions::new().write(true).open(IP_FORWARD)?;
+                std::io::Write::write_all(&mut f, b"1")?;
+                Ok(f)
+            };
+            let file = turn_on()
+                .map_err(|e| PodNetError::Refused(format!("cannot turn on {IP_FORWARD}: {e}")))?;
+            self.undo.push(Undo::IpForward(file, ip_forward.to_owned()));
+        }
+        let nat = super::nft::MasqueradeNat {
+            table: nat_table.to_owned(),
+            pod_interface: pod.name.clone(),
+            guest: MASQUERADE_GUEST,
+            ports: ports.to_vec(),
+        };
+        let refused = |e: std::io::Error| {
+            PodNetError::Refused(format!("cannot make the nftables table {nat_table}: {e}"))
+        };
+        let nft = super::nft::Nft::open().map_err(refused)?;
+        nft.install(&nat).map_err(refused)?;
+        self.nft = Some(nft);
+        self.undo.push(Undo::DeleteNat(nat_table.to_owned()));
+        Ok(())
+    }
+
     fn enslave(&mut self, link: &Link, bridge: &Link) -> Result<(), PodNetError> {
         self.netlink
             .set_controller(link.index, Some(bridge.index))?;
@@ -410,6 +458,7 @@ impl Drop for BridgeBinding {
                 }
                 Undo::DeleteLink(index, _) => nl.delete_link(*index),
                 Undo::FreeFromBridge(index, _) => nl.set_controller(*index, None),
+                Undo::DeleteAddress(index, address, _) => nl.delete_address(*index, *address),
                 Undo::Readdress {
                     link,
                     address,

@@ -37,6 +37,7 @@ fn spec(pod_interface: &str, dir: &std::path::Path) -> BridgeSpec {
 struct PodState {
     links: Vec<(String, Option<u32>)>,
     eth0_addresses: Vec<Ipv4Net>,
+    tap0_addresses: Vec<Ipv4Net>,
     routes: Vec<(Ipv4Net, Option<Ipv4Addr>, u8)>,
 }
 
@@ -50,6 +51,7 @@ fn pod_state(pod: &Netns) -> PodState {
             }
         }
         let eth0 = nl.existing("eth0").unwrap().index;
+        let tap0 = nl.existing("tap0").unwrap().index;
         let mut routes: Vec<_> = nl
             .routes()
             .unwrap()
@@ -60,6 +62,7 @@ fn pod_state(pod: &Netns) -> PodState {
         PodState {
             links,
             eth0_addresses: nl.addresses(eth0).unwrap(),
+            tap0_addresses: nl.addresses(tap0).unwrap(),
             routes,
         }
     })
@@ -245,6 +248,19 @@ fn a_launcher_killed_while_wired_is_cleaned_up_after_by_the_next() {
     let gone = pod.run(|| crate::podnet::nft::Nft::open()?.remove("podvisor_eth0"));
     assert_eq!(gone.unwrap_err().raw_os_error(), Some(libc::ENOENT));
     assert!(!s.saved.exists());
+
+    // Masquerade on a tap that was there before (not the launcher's): the next launcher takes
+    // the gateway's address off it before it puts it on again, and it is left as it was.
+    s.guest_link = "tap0".into();
+    s.make_tap = false;
+    let first = s.clone();
+    pod.run(move || std::mem::forget(BridgeBinding::wire(&first).unwrap()));
+    assert_ne!(pod_state(pod), before);
+    let second = s.clone();
+    let binding = pod.run(move || BridgeBinding::wire(&second).map_err(|e| e.to_string()));
+    drop(binding.expect("a masquerade launcher on a given tap after a killed one"));
+    assert_eq!(pod_state(pod), before);
+    assert!(!s.saved.exists());
 }
 
 #[test]
@@ -304,8 +320,18 @@ fn masquerade_puts_the_guest_behind_the_pods_address_and_all_is_undone() {
     let this = s.clone();
     let binding = pod.run(move || BridgeBinding::wire(&this).map_err(|e| e.to_string()));
     let binding = binding.expect("a masquerade binding");
-    // The pod keeps its address; the guest is offered the private one.
-    assert_eq!(pod_state(&pod).eth0_addresses, before.eth0_addresses);
+    // The pod keeps its address; the guest is offered the private one; no bridge: the
+    // gateway's address is the tap's.
+    let wired = pod_state(&pod);
+    assert_eq!(wired.eth0_addresses, before.eth0_addresses);
+    assert_eq!(wired.tap0_addresses, vec!["10.0.2.1/24".parse().unwrap()]);
+    assert!(
+        wired
+            .links
+            .iter()
+            .all(|(name, controller)| name != "k6t-eth0" && controller.is_none()),
+        "{wired:?}"
+    );
     let ack = dhcp_exchange(&guest);
     assert_eq!(ack.yiaddr(), MASQUERADE_GUEST);
     assert_eq!(
