@@ -10,8 +10,9 @@ pv_rust
 # end-to-end scenario's time.
 pv_qemu
 pv_need qemu-img:qemu-utils qemu-io:qemu-utils
-# The cloud-init seed disks are read back with libarchive (their Joliet names) and blkid.
-pv_need bsdtar:libarchive-tools blkid:util-linux
+# The cloud-init seed disks are read back with libarchive (their Joliet names) and blkid;
+# the direct disk boot's tests make ext4 file systems with mkfs.ext4.
+pv_need bsdtar:libarchive-tools blkid:util-linux mkfs.ext4:e2fsprogs
 # The launcher's container image is built and run with Debian's podman (crun runs it).
 pv_need podman:podman crun:crun
 if ! pv_hw_kvm; then

@@ -109,9 +109,18 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("brought_back").args(["restore", "receive_migration"])))]
 pub struct RunArgs {
-    /// Kernel to boot: a bzImage, or an ELF vmlinux with a PVH entry point.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "receive_migration"])]
+    /// Kernel to boot: a bzImage, or an ELF vmlinux with a PVH entry point. Without it, the
+    /// first --disk whose image has a boot menu (GRUB's grub.cfg, loader/entries/*.conf,
+    /// extlinux.conf, or Debian's /vmlinuz link) boots its default entry directly.
+    #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Without --kernel: boot this entry of the disk's menu (its number from 0, or its title).
+    #[arg(long, value_name = "N|TITLE", conflicts_with = "kernel")]
+    pub boot_entry: Option<String>,
+    /// Print the boot menu of each --disk (what booting without --kernel would choose from)
+    /// and exit.
+    #[arg(long, conflicts_with_all = ["kernel", "restore", "receive_migration"])]
+    pub list_boot_entries: bool,
     /// Instead of booting, bring back the VM a snapshot directory holds (`vm.snapshot`) and
     /// run it on from where it was saved; the VM's flags come from the snapshot.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
@@ -136,9 +145,10 @@ pub struct RunArgs {
     /// Initramfs (cpio archive, optionally compressed).
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// Kernel command line (default with --kernel: "console=ttyS0 reboot=k panic=1"). When
+    /// a disk is booted, appended to its entry's command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
     /// vCPUs: N, or boot=N[,topology=THREADS:CORES:DIES:PACKAGES] to arrange them into
     /// threads, cores, dies and sockets (default: N single-threaded cores of one socket).
     #[arg(long, value_name = "N|boot=N,topology=T:C:D:P", default_value = "1",
@@ -236,9 +246,14 @@ impl RunArgs {
     pub fn to_config(&self) -> Result<VmConfig, String> {
         Ok(VmConfig {
             payload: PayloadConfig {
-                kernel: self.kernel.clone().unwrap_or_default(),
+                kernel: self.kernel.clone(),
                 initramfs: self.initramfs.clone(),
-                cmdline: self.cmdline.clone(),
+                cmdline: match (&self.cmdline, &self.kernel) {
+                    (Some(c), _) => c.clone(),
+                    (None, Some(_)) => DEFAULT_CMDLINE.to_owned(),
+                    (None, None) => String::new(),
+                },
+                boot_entry: self.boot_entry.clone(),
             },
             cpus: self.cpus.clone(),
             memory: MemoryConfig::parse(&self.memory).map_err(|e| e.to_string())?,
@@ -299,8 +314,13 @@ mod tests {
                 "{flag:?}: {e}"
             );
         }
-        let e = parse(&["run"]).unwrap_err();
-        assert!(e.to_string().contains("--kernel"), "{e}");
+        // Neither a kernel nor a disk to boot: refused before anything starts.
+        let e = run_args(&["run"])
+            .to_config()
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("no kernel and no disk"), "{e}");
     }
 
     #[test]
@@ -346,7 +366,7 @@ mod tests {
             "file=/tmp/out",
         ]);
         let c = a.to_config().unwrap();
-        assert_eq!(c.payload.kernel, PathBuf::from("bz"));
+        assert_eq!(c.payload.kernel, Some(PathBuf::from("bz")));
         assert_eq!(c.payload.initramfs, Some(PathBuf::from("i.gz")));
         assert_eq!(c.payload.cmdline, "console=ttyS0 podvisor.halt");
         assert_eq!(c.cpus.boot_vcpus, 2);
@@ -366,8 +386,21 @@ mod tests {
     }
 
     #[test]
+    fn without_a_kernel_a_disk_boots_with_no_default_command_line() {
+        let c = run_args(&["run", "--disk", "path=/d", "--boot-entry", "2"])
+            .to_config()
+            .unwrap();
+        assert_eq!(c.payload.kernel, None);
+        assert_eq!(c.payload.cmdline, "");
+        assert_eq!(c.payload.boot_entry.as_deref(), Some("2"));
+        let e = parse(&["run", "--kernel", "/k", "--boot-entry", "2"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let a = run_args(&["run", "--list-boot-entries", "--disk", "path=/d"]);
+        assert!(a.list_boot_entries);
+    }
+
+    #[test]
     fn bad_input_is_rejected() {
-        assert!(parse(&["run"]).is_err(), "kernel is required");
         assert!(parse(&["run", "--kernel", "k", "--bogus"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--cpus", "300"]).is_err());
         assert!(parse(&["run", "--kernel", "k", "--cpus", "two"]).is_err());

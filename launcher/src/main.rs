@@ -103,6 +103,16 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
         return run_vm(&args.vmm()?, vec![Request::ReceiveMigration(endpoint, net)]);
     }
     let config = args.to_config()?;
+    if args.list_boot_entries {
+        if config.disks.is_empty() {
+            return Err("--list-boot-entries: no --disk given".into());
+        }
+        print!(
+            "{}",
+            vmm::boot::disk::list(&config).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
     config.validate().map_err(|e| e.to_string())?;
     // The console's stdin pump starts with the VM; the terminal goes raw first.
     let _raw = (config.serial == vmm::config::ConsoleConfig::Tty)

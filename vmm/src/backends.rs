@@ -159,14 +159,19 @@ pub fn retap(config: &mut VmConfig, retaps: &[NetRetap]) -> Result<(), String> {
     Ok(())
 }
 
-fn open_blk(disk: &DiskConfig, queues: u16, standby: bool) -> Result<VirtioBlk, Error> {
-    let options = DiskOptions {
+/// How the disk `disk` describes is opened.
+pub(crate) fn disk_options(disk: &DiskConfig, standby: bool) -> DiskOptions {
+    DiskOptions {
         format: disk.format.as_deref().and_then(Format::from_name),
         read_only: disk.readonly,
         direct: disk.direct,
         backing_files: disk.backing_files.policy(),
         standby,
-    };
+    }
+}
+
+fn open_blk(disk: &DiskConfig, queues: u16, standby: bool) -> Result<VirtioBlk, Error> {
+    let options = disk_options(disk, standby);
     let image = open_disk(&disk.path, options).map_err(|e| Error::Device(e.to_string()))?;
     VirtioBlk::with_queues(image, disk.serial.clone(), queues)
         .map_err(|e| Error::Device(format!("disk {}: {e}", disk.path.display())))

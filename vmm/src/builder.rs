@@ -94,25 +94,49 @@ pub fn build_on(
 
 /// Loads the kernel, initramfs and command line, writes the ACPI and SMBIOS tables and the boot
 /// parameters, and points the boot vCPU at the kernel's entry.
-pub fn load_payload(vm: &Vm, config: &VmConfig) -> Result<(), Error> {
+/// A configuration without a kernel boots from its disk: `disk` is what [`boot::disk::resolve`]
+/// read from it (before the VM opened its disks).
+pub fn load_payload(
+    vm: &Vm,
+    config: &VmConfig,
+    disk: Option<boot::disk::DiskPayload>,
+) -> Result<(), Error> {
     let memory = &vm.memory;
     let payload = &config.payload;
-    let kernel = boot::load_kernel(memory, &payload.kernel)?;
-    tracing::debug!("kernel loaded: {:?}", kernel.entry);
-    let initramfs = payload
-        .initramfs
-        .as_deref()
-        .map(|p| boot::load_initramfs(memory, p, &kernel, config.memory.size))
-        .transpose()?;
-    tracing::debug!("initramfs loaded");
-    boot::load_command_line(memory, &payload.cmdline)?;
+    let size = config.memory.size;
+    let (kernel, initramfs, cmdline) = match (disk, &payload.kernel) {
+        (Some(d), _) => {
+            let kernel = boot::load_kernel_from(memory, d.kernel, &d.name)?;
+            let initramfs = d
+                .initrd
+                .map(|f| boot::load_initramfs_from(memory, f, &d.name, &kernel, size))
+                .transpose()?;
+            (kernel, initramfs, d.cmdline)
+        }
+        (None, Some(path)) => {
+            let kernel = boot::load_kernel(memory, path)?;
+            let initramfs = payload
+                .initramfs
+                .as_deref()
+                .map(|p| boot::load_initramfs(memory, p, &kernel, size))
+                .transpose()?;
+            (kernel, initramfs, payload.cmdline.clone())
+        }
+        (None, None) => {
+            return Err(Error::Device(
+                "no kernel to boot and none read from a disk (a bug)".into(),
+            ))
+        }
+    };
+    tracing::debug!("kernel and initramfs loaded: {:?}", kernel.entry);
+    boot::load_command_line(memory, &cmdline)?;
     let rsdp = acpi::create_acpi_tables(memory, &AcpiConfig::new(&config.cpus))?;
     boot::smbios::create_smbios_tables(memory, config.platform.as_ref())?;
     match kernel.entry {
         EntryPoint::Linux64 { .. } => boot::write_zero_page(
             memory,
             &kernel,
-            payload.cmdline.len(),
+            cmdline.len(),
             initramfs,
             config.memory.size,
         )?,

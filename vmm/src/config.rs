@@ -15,12 +15,18 @@ pub const MAX_VCPUS: u8 = 254;
 /// The kernel to boot and what to hand it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadConfig {
-    /// A bzImage, or an ELF vmlinux with a PVH entry point.
-    pub kernel: PathBuf,
+    /// A bzImage, or an ELF vmlinux with a PVH entry point. Without one, the first disk that
+    /// has a boot menu is booted directly (see [`crate::boot::disk`]): its default entry, or
+    /// `boot_entry`, with `cmdline` appended to the entry's command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initramfs: Option<PathBuf>,
     #[serde(default)]
     pub cmdline: String,
+    /// Booting a disk: the entry to boot (its number in the menu, from 0, or its title).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_entry: Option<String>,
 }
 
 /// vCPUs of the guest.
@@ -598,6 +604,8 @@ pub enum ConfigError {
     MemoryUnaligned(u64),
     #[error("kernel command line is {0} bytes; the limit is {max}", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    #[error("payload: {0}")]
+    Payload(String),
     #[error("disk {0}: unknown format '{1}' (use raw or qcow2)")]
     DiskFormat(PathBuf, String),
     #[error("disk {0}: serial '{1}' is longer than 20 bytes")]
@@ -641,6 +649,25 @@ impl VmConfig {
         self.memory.validate()?;
         if self.payload.cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
             return Err(ConfigError::CmdlineTooLong(self.payload.cmdline.len()));
+        }
+        if self.payload.kernel.is_none() {
+            if self.disks.is_empty() {
+                return Err(ConfigError::Payload(
+                    "no kernel and no disk to boot from: give a kernel, or a disk whose image \
+                     has a boot menu"
+                        .into(),
+                ));
+            }
+            if self.payload.initramfs.is_some() {
+                return Err(ConfigError::Payload(
+                    "an initramfs needs a kernel (a disk boot loads the initrd its entry names)"
+                        .into(),
+                ));
+            }
+        } else if self.payload.boot_entry.is_some() {
+            return Err(ConfigError::Payload(
+                "boot_entry picks an entry of a disk's boot menu: not with a kernel".into(),
+            ));
         }
         for disk in &self.disks {
             if let Some(f) = &disk.format {
@@ -845,9 +872,10 @@ mod tests {
     fn config() -> VmConfig {
         VmConfig {
             payload: PayloadConfig {
-                kernel: "k".into(),
+                kernel: Some("k".into()),
                 initramfs: None,
                 cmdline: "console=ttyS0".into(),
+                boot_entry: None,
             },
             cpus: CpusConfig::new(2),
             memory: MemoryConfig::new(512 << 20),
@@ -1042,6 +1070,22 @@ mod tests {
         let mut c = config();
         c.payload.cmdline = "x".repeat(4000);
         assert_eq!(c.validate(), Err(ConfigError::CmdlineTooLong(4000)));
+        // A disk boot: needs a disk; takes no initramfs; boot_entry only without a kernel.
+        let mut c = config();
+        c.payload.kernel = None;
+        c.disks.clear();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("no kernel and no disk"), "{e}");
+        c.disks.push(DiskConfig::parse("path=/d").unwrap());
+        c.payload.boot_entry = Some("1".into());
+        assert_eq!(c.validate(), Ok(()));
+        c.payload.initramfs = Some("/i".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("an initramfs needs a kernel"), "{e}");
+        let mut c = config();
+        c.payload.boot_entry = Some("1".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("not with a kernel"), "{e}");
     }
 
     #[test]

@@ -82,7 +82,9 @@ impl HostPaths {
             return Ok(());
         }
         let restricted = self.roots().is_some_and(|r| !r.is_empty());
-        self.check("kernel", &config.payload.kernel)?;
+        if let Some(kernel) = &config.payload.kernel {
+            self.check("kernel", kernel)?;
+        }
         if let Some(initramfs) = &config.payload.initramfs {
             self.check("initramfs", initramfs)?;
         }
@@ -187,7 +189,7 @@ mod tests {
             let mut c = config(&pod);
             match what {
                 "disk" => c.disks[0].path = path.into(),
-                "kernel" => c.payload.kernel = path.into(),
+                "kernel" => c.payload.kernel = Some(path.into()),
                 "serial file" => c.serial = ConsoleConfig::File(path.into()),
                 _ => c.disks[0].backing_files = BackingFilesConfig::Under(path.into()),
             }

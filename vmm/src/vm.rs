@@ -52,8 +52,13 @@ impl Vm {
         console: &Console,
         backends: &Backends,
     ) -> Result<Self, Error> {
+        // A disk boot reads the disk before the VM opens (and locks) it.
+        let disk = match config.payload.kernel {
+            Some(_) => None,
+            None => Some(crate::boot::disk::resolve(config)?),
+        };
         let vm = builder::build(kvm, template, config, console, backends)?;
-        builder::load_payload(&vm, config)?;
+        builder::load_payload(&vm, config, disk)?;
         Ok(vm)
     }
 

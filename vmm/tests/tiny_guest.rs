@@ -397,3 +397,91 @@ fn the_serial_console_on_a_socket() {
     ctl.handle(Request::ShutdownVmm).unwrap();
     thread.join().unwrap().unwrap();
 }
+
+/// A disk image with an MBR and one ext4 partition holding `files` ((path in the file
+/// system, host file)), made with `mkfs.ext4 -d` (e2fsprogs).
+fn disk_with(g: &TinyGuest, files: &[(&str, &std::path::Path)]) -> std::path::PathBuf {
+    let root = g.dir.join("fs");
+    for (path, from) in files {
+        let to = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    }
+    let fs = g.dir.join("fs.ext4");
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&fs)
+        .arg("8M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs; scripts/test-all.sh installs it)");
+    assert!(made.success());
+    let fs = std::fs::read(fs).unwrap();
+    let mut disk = vec![0u8; 1 << 20];
+    disk[446 + 4] = 0x83;
+    disk[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    disk[446 + 12..446 + 16].copy_from_slice(&((fs.len() / 512) as u32).to_le_bytes());
+    disk[510..512].copy_from_slice(&[0x55, 0xaa]);
+    disk.extend(fs);
+    let path = g.dir.join("disk.raw");
+    std::fs::write(&path, disk).unwrap();
+    path
+}
+
+#[test]
+fn a_disk_boots_the_kernel_and_command_line_its_grub_cfg_names() {
+    // The guest prints its command line (hvm_start_info's cmdline_paddr) and powers off.
+    let mut code = Asm::default().load_eax_ebx(24);
+    code.0.extend([0x89, 0xc6]); // mov esi, eax
+    code.0.extend([0x8a, 0x06, 0x84, 0xc0, 0x74, 0x08]); // next: mov al, [esi]; test al, al; jz done
+    code = code.print_al();
+    code.0.extend([0x46, 0xeb, 0xf2]); // inc esi; jmp next
+    let code = code.poweroff(); // done:
+    let g = TinyGuest::new("diskboot");
+    let kernel = g.kernel(&code);
+    let grub = g.dir.join("grub.cfg");
+    std::fs::write(
+        &grub,
+        "menuentry 'tiny' {\n\tlinux /boot/tiny.elf quiet root=/dev/vda1\n}\n",
+    )
+    .unwrap();
+    let disk = disk_with(
+        &g,
+        &[("/boot/tiny.elf", &kernel), ("/boot/grub/grub.cfg", &grub)],
+    );
+    let (exit, out) = g.run_with(Asm(code.0.clone()), 1, |c| {
+        c.payload.kernel = None;
+        c.payload.cmdline = "extra=1".into();
+        c.disks =
+            vec![vmm::config::DiskConfig::parse(&format!("path={}", disk.display())).unwrap()];
+    });
+    assert_eq!(exit.unwrap(), VmExit::Shutdown);
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "quiet root=/dev/vda1 console=ttyS0 extra=1",
+        "the entry's command line, a serial console, then the configuration's"
+    );
+
+    // A disk with no partition table is refused with its reason; nothing runs.
+    let blank = g.dir.join("blank.raw");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+    let config = {
+        let mut c = config(&kernel, &g.dir.join("serial.out"), 1);
+        c.payload.kernel = None;
+        c.disks =
+            vec![vmm::config::DiskConfig::parse(&format!("path={}", blank.display())).unwrap()];
+        c
+    };
+    let kvm = vmm::vstate::kvm::open_any().expect("/dev/kvm");
+    let template = CpuTemplate::from_kvm(&kvm).unwrap();
+    let console = Console::new(&config.serial).unwrap();
+    let backends = vmm::backends::Backends::open(&mut config.clone()).unwrap();
+    let e = match Vm::new(&kvm, &template, &config, &console, &backends) {
+        Ok(_) => panic!("a blank disk booted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("blank.raw") && e.contains("no partition table"),
+        "{e}"
+    );
+}

@@ -87,7 +87,9 @@ fn a_kernel_boot_vmi_becomes_a_vm_config() {
     assert_eq!(c.memory.size, 1 << 30);
     assert_eq!(
         c.payload.kernel,
-        PathBuf::from("/pod/var/run/kubevirt/container-disks/kernel-boot/boot/vmlinuz")
+        Some(PathBuf::from(
+            "/pod/var/run/kubevirt/container-disks/kernel-boot/boot/vmlinuz"
+        ))
     );
     assert_eq!(
         c.payload.initramfs.as_deref(),

@@ -3,6 +3,7 @@
 //! `hvm_start_info` for a PVH ELF vmlinux. Both carry the same e820 memory map.
 
 pub mod acpi;
+pub mod disk;
 pub mod payload;
 pub mod smbios;
 
@@ -98,7 +99,16 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
 
 /// Loads a bzImage or a PVH-capable ELF vmlinux.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = PayloadFile::new(open("kernel", path)?, mem);
+    load_kernel_from(mem, open("kernel", path)?, path)
+}
+
+/// Loads the kernel in `file` (`path` names it in errors: a file, or one in a disk image).
+pub fn load_kernel_from(
+    mem: &GuestMemoryMmap,
+    file: File,
+    path: &Path,
+) -> Result<LoadedKernel, BootError> {
+    let mut file = PayloadFile::new(file, mem);
     let mut magic = [0u8; 0x206];
     let n = read_prefix(file.file_mut(), &mut magic).map_err(|source| BootError::Open {
         what: "kernel",
@@ -175,7 +185,18 @@ pub fn load_initramfs(
     kernel: &LoadedKernel,
     mem_size: u64,
 ) -> Result<Initramfs, BootError> {
-    let mut file = PayloadFile::new(open("initramfs", path)?, mem);
+    load_initramfs_from(mem, open("initramfs", path)?, path, kernel, mem_size)
+}
+
+/// Copies the initramfs in `file` (`path` names it in errors) to the top of low RAM.
+pub fn load_initramfs_from(
+    mem: &GuestMemoryMmap,
+    file: File,
+    path: &Path,
+    kernel: &LoadedKernel,
+    mem_size: u64,
+) -> Result<Initramfs, BootError> {
+    let mut file = PayloadFile::new(file, mem);
     let size = file
         .file()
         .metadata()

@@ -92,7 +92,7 @@ pub fn check_host_capacity(size: u64) -> Result<(), MemoryError> {
 }
 
 /// A new memfd; on hugetlbfs when `huge_page` (bytes) is given.
-fn memfd(name: &std::ffi::CStr, huge_page: Option<u64>) -> Result<File, MemoryError> {
+pub(crate) fn memfd(name: &std::ffi::CStr, huge_page: Option<u64>) -> Result<File, MemoryError> {
     let mut flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     if let Some(page) = huge_page {
         flags |= libc::MFD_HUGETLB | (page.trailing_zeros() << libc::MFD_HUGE_SHIFT);

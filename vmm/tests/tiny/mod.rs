@@ -226,9 +226,10 @@ pub fn tiny_options() -> vmm::RunOptions {
 pub fn config(kernel: &Path, serial: &Path, vcpus: u8) -> VmConfig {
     VmConfig {
         payload: PayloadConfig {
-            kernel: kernel.to_owned(),
+            kernel: Some(kernel.to_owned()),
             initramfs: None,
             cmdline: String::new(),
+            boot_entry: None,
         },
         cpus: CpusConfig::new(vcpus),
         memory: MemoryConfig::new(64 << 20),

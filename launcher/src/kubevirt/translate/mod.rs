@@ -507,9 +507,10 @@ impl Translator<'_> {
 
     fn payload(&mut self, vmi: &Vmi) -> PayloadConfig {
         let empty = PayloadConfig {
-            kernel: PathBuf::new(),
+            kernel: None,
             initramfs: None,
             cmdline: String::new(),
+            boot_entry: None,
         };
         let Some(firmware) = &vmi.spec.domain.firmware else {
             self.limit(
@@ -566,9 +567,10 @@ impl Translator<'_> {
             cmdline = format!("{cmdline} console=ttyS0").trim().to_owned();
         }
         PayloadConfig {
-            kernel: kernel.unwrap_or_default(),
+            kernel,
             initramfs,
             cmdline,
+            boot_entry: None,
         }
     }
 }
