@@ -117,6 +117,11 @@ pub struct RunArgs {
     /// Without --kernel: boot this entry of the disk's menu (its number from 0, or its title).
     #[arg(long, value_name = "N|TITLE", conflicts_with = "kernel")]
     pub boot_entry: Option<String>,
+    /// A cloud-init NoCloud seed disk built from these files (an ISO 9660 `cidata` image made
+    /// in-process), attached read-only after the --disks: user-data=FILE[,meta-data=FILE]
+    /// [,network-config=FILE]. Nothing of it stays on the host after podvisor exits.
+    #[arg(long, value_name = "user-data=FILE[,...]")]
+    pub cloud_init: Option<String>,
     /// Print the boot menu of each --disk (what booting without --kernel would choose from)
     /// and exit.
     #[arg(long, conflicts_with_all = ["kernel", "restore", "receive_migration"])]
@@ -125,7 +130,7 @@ pub struct RunArgs {
     /// run it on from where it was saved; the VM's flags come from the snapshot.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "disk", "net", "rng",
-        "platform",
+        "platform", "boot_entry", "cloud_init",
     ])]
     pub restore: Option<PathBuf>,
     /// Instead of booting, wait for a live migration's source at this URL
@@ -133,7 +138,7 @@ pub struct RunArgs {
     /// VM's flags come from the source.
     #[arg(long, value_name = "URL", conflicts_with_all = [
         "kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "disk", "net", "rng",
-        "platform", "restore",
+        "platform", "boot_entry", "cloud_init", "restore",
     ])]
     pub receive_migration: Option<String>,
     /// With --restore or --receive-migration: put the VM's network interface ID (its `id=`,

@@ -102,7 +102,7 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
         let net = args.net_tap.clone();
         return run_vm(&args.vmm()?, vec![Request::ReceiveMigration(endpoint, net)]);
     }
-    let config = args.to_config()?;
+    let mut config = args.to_config()?;
     if args.list_boot_entries {
         if config.disks.is_empty() {
             return Err("--list-boot-entries: no --disk given".into());
@@ -113,6 +113,12 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
         );
         return Ok(());
     }
+    // Kept open (and nowhere on the file system) while the VM runs.
+    let _seed = args
+        .cloud_init
+        .as_deref()
+        .map(|spec| attach_cloud_init(&mut config, spec))
+        .transpose()?;
     config.validate().map_err(|e| e.to_string())?;
     // The console's stdin pump starts with the VM; the terminal goes raw first.
     let _raw = (config.serial == vmm::config::ConsoleConfig::Tty)
@@ -122,6 +128,57 @@ fn run(args: cli::RunArgs) -> Result<(), String> {
         &args.vmm()?,
         vec![Request::Create(Box::new(config)), Request::Boot],
     )
+}
+
+/// `--cloud-init user-data=FILE[,meta-data=FILE][,network-config=FILE]`: builds the NoCloud
+/// seed disk and attaches it read-only as the last disk. The image is an unlinked file the
+/// VM reads through `/proc/self/fd`: it goes with the process, however that ends.
+fn attach_cloud_init(
+    config: &mut vmm::config::VmConfig,
+    spec: &str,
+) -> Result<std::fs::File, String> {
+    let bad = |why: String| format!("--cloud-init {spec}: {why}");
+    let mut files: [Option<Vec<u8>>; 3] = Default::default();
+    for part in spec.split(',') {
+        let (key, path) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("'{part}' is not KEY=FILE")))?;
+        let slot = match key {
+            "user-data" => 0,
+            "meta-data" => 1,
+            "network-config" => 2,
+            other => {
+                return Err(bad(format!(
+                    "unknown key '{other}' (user-data, meta-data, network-config)"
+                )))
+            }
+        };
+        let data = std::fs::read(path).map_err(|e| bad(format!("cannot read {path}: {e}")))?;
+        files[slot] = Some(data);
+    }
+    let user_data = files[0]
+        .as_deref()
+        .ok_or_else(|| bad("user-data=FILE is missing".into()))?;
+    let image = cloudinit::nocloud_files(user_data, files[1].as_deref(), files[2].as_deref());
+    let path = std::env::temp_dir().join(format!("podvisor-cidata-{}.iso", std::process::id()));
+    let failed = |e: std::io::Error| bad(format!("cannot write the seed disk: {e}"));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(failed)?;
+    let written = std::io::Write::write_all(&mut file, &image);
+    let _ = std::fs::remove_file(&path);
+    written.map_err(failed)?;
+    let disk = format!(
+        "path=/proc/self/fd/{},format=raw,readonly=on,serial=cidata",
+        std::os::fd::AsRawFd::as_raw_fd(&file)
+    );
+    config
+        .disks
+        .push(vmm::config::DiskConfig::parse(&disk).map_err(|e| bad(e.to_string()))?);
+    Ok(file)
 }
 
 /// The launcher's exit status when the guest did not power off within the grace period and

@@ -1,5 +1,6 @@
-//! `podvisor run --list-boot-entries`: a disk image's boot menu as a user sees it, and one
-//! clear line for an image podvisor cannot boot. No VM, no KVM.
+//! `podvisor run` without `--kernel`, as a user runs it: `--list-boot-entries` shows a disk
+//! image's boot menu; an image podvisor cannot boot is one clear line (before any guest
+//! runs); `--cloud-init` leaves nothing behind.
 
 use std::process::Command;
 
@@ -78,4 +79,56 @@ fn list_boot_entries_shows_the_menu_and_a_bad_image_is_one_line() {
     let (code, _, err) = podvisor(&["run", "--list-boot-entries"]);
     assert_eq!(code, 1);
     assert!(err.contains("no --disk"), "{err}");
+}
+
+#[test]
+fn a_boot_that_fails_says_why_in_one_line_and_leaves_no_seed_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = grub_disk(dir.path());
+    let user_data = dir.path().join("user-data");
+    std::fs::write(&user_data, "#cloud-config\n").unwrap();
+    let seeds = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("podvisor-cidata-")
+            })
+            .count()
+    };
+    let before = seeds();
+    // The seed disk (no partition table) is passed over; the grub disk's default entry
+    // names a kernel its file system does not have.
+    let (code, _, err) = podvisor(&[
+        "run",
+        "--pvm-guest",
+        "--serial",
+        "off",
+        "--disk",
+        &format!("path={},format=raw", disk.display()),
+        "--cloud-init",
+        &format!("user-data={}", user_data.display()),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("boot entry 'Linux 6.2'") && err.contains("/boot/vmlinuz-6.2"),
+        "{err}"
+    );
+    assert_eq!(
+        seeds(),
+        before,
+        "a seed disk was left in the temporary folder"
+    );
+    let (code, _, err) = podvisor(&[
+        "run",
+        "--disk",
+        &format!("path={}", disk.display()),
+        "--cloud-init",
+        "user-data=/nonexistent/ud",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read /nonexistent/ud"), "{err}");
 }

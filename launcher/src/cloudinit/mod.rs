@@ -31,6 +31,32 @@ pub fn nocloud(seed: &Seed) -> Vec<u8> {
     iso9660::image("cidata", &root)
 }
 
+/// A NoCloud seed disk of the user's own files (`podvisor run --cloud-init`): `meta-data` as
+/// given, or, without one, an `instance-id` derived from the other two (the same files keep
+/// the same instance; changed ones make a new instance, whose per-instance modules run again).
+pub fn nocloud_files(
+    user_data: &[u8],
+    meta_data: Option<&[u8]>,
+    network_config: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut root = iso9660::Folder::default();
+    root.add_file("user-data", user_data.to_vec());
+    let meta = match meta_data {
+        Some(m) => m.to_vec(),
+        None => {
+            let mut hash = crc32fast::Hasher::new();
+            hash.update(user_data);
+            hash.update(network_config.unwrap_or_default());
+            format!("instance-id: podvisor-{:08x}\n", hash.finalize()).into_bytes()
+        }
+    };
+    root.add_file("meta-data", meta);
+    if let Some(net) = network_config {
+        root.add_file("network-config", net.to_vec());
+    }
+    iso9660::image("cidata", &root)
+}
+
 /// An OpenStack config drive (label `config-2`).
 pub fn config_drive(seed: &Seed) -> Vec<u8> {
     let mut root = iso9660::Folder::default();

@@ -72,6 +72,30 @@ fn a_nocloud_seed_reads_back_with_its_label_names_and_contents() {
 }
 
 #[test]
+fn the_users_own_files_make_a_nocloud_seed() {
+    let user = b"#cloud-config\nhostname: mine\n";
+    let iso = scratch(
+        "own",
+        &nocloud_files(user, Some(b"instance-id: i-1\n"), None),
+    );
+    assert_eq!(label(&iso), "cidata");
+    assert_eq!(names(&iso), ["meta-data", "user-data"]);
+    assert_eq!(file(&iso, "meta-data"), "instance-id: i-1\n");
+    assert_eq!(file(&iso, "user-data").as_bytes(), user);
+    // Without meta-data: an instance-id that follows the other files.
+    let id = |user: &[u8], net: Option<&[u8]>| {
+        let iso = scratch("id", &nocloud_files(user, None, net));
+        let meta = file(&iso, "meta-data");
+        std::fs::remove_file(iso).unwrap();
+        meta
+    };
+    assert!(id(user, None).starts_with("instance-id: podvisor-"));
+    assert_eq!(id(user, None), id(user, None));
+    assert_ne!(id(user, None), id(user, Some(b"version: 2\n")));
+    assert_ne!(id(user, None), id(b"#cloud-config\n", None));
+}
+
+#[test]
 fn a_config_drive_has_its_folders() {
     let mut s = seed();
     s.network_data = None;
