@@ -9,6 +9,7 @@
 mod api;
 mod boot;
 mod devices;
+mod diskboot;
 mod disks;
 mod harness;
 mod launcher;
@@ -34,6 +35,7 @@ fn scenarios() -> Vec<Trial> {
     let mut trials = boot::trials();
     trials.extend(devices::trials());
     trials.extend(disks::trials());
+    trials.extend(diskboot::trials());
     trials.extend(net::trials());
     trials.extend(api::trials());
     trials.extend(launcher::trials());
