@@ -9,7 +9,6 @@
 mod api;
 mod boot;
 mod devices;
-mod diskboot;
 mod disks;
 mod harness;
 mod launcher;
@@ -35,7 +34,6 @@ fn scenarios() -> Vec<Trial> {
     let mut trials = boot::trials();
     trials.extend(devices::trials());
     trials.extend(disks::trials());
-    trials.extend(diskboot::trials());
     trials.extend(net::trials());
     trials.extend(api::trials());
     trials.extend(launcher::trials());
