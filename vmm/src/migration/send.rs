@@ -126,8 +126,6 @@ fn send_on(
         processed: 0,
         reading: Duration::ZERO,
         sending: Duration::ZERO,
-        first_dirty: None,
-        deferred: 0,
     };
     let result = sender.migrate(report);
     let _ = vm.set_throttle(0);
@@ -149,10 +147,6 @@ struct Sender<'a> {
     /// Time spent reading guest memory into frames, and checksumming and sending them.
     reading: Duration,
     sending: Duration,
-    /// The pages the first pass left to the first dirty round.
-    first_dirty: Option<Vec<Vec<u64>>>,
-    /// How many (for the log).
-    deferred: u64,
 }
 
 impl Sender<'_> {
@@ -217,8 +211,9 @@ impl Sender<'_> {
                 at += n;
             }
         }
-        self.deferred = count(&deferred);
-        self.first_dirty = Some(deferred);
+        let left_over = count(&deferred);
+        // The first dirty round sends them.
+        let mut deferred = Some(deferred);
         self.flush_frame()?;
         let mut rate = rate_of(self.processed, round_start.elapsed());
         tracing::info!(
@@ -229,7 +224,7 @@ impl Sender<'_> {
             round_start.elapsed().as_millis(),
             self.reading.as_millis(),
             self.sending.as_millis(),
-            (self.deferred * PAGE as u64) >> 20
+            (left_over * PAGE as u64) >> 20
         );
         self.progress.round = 1;
         report(&self.progress);
@@ -241,7 +236,7 @@ impl Sender<'_> {
                 .vm
                 .dirty_pages()
                 .map_err(vm_failed("read the dirty-page log"))?;
-            if let Some(deferred) = self.first_dirty.take() {
+            if let Some(deferred) = deferred.take() {
                 merge(&mut dirty, &deferred);
             }
             let pages = count(&dirty);

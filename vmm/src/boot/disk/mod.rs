@@ -452,6 +452,16 @@ pub struct DiskPayload {
     pub cmdline: String,
 }
 
+/// Opens `disk` to read its boot menu: read-only, with a shared lock, as the VM's
+/// configuration says otherwise (format, backing files).
+fn open_read_only(
+    disk: &crate::config::DiskConfig,
+) -> Result<Box<dyn DiskImage>, devices::block::BlockError> {
+    let mut options = crate::backends::disk_options(disk, true);
+    options.read_only = true;
+    devices::block::open_disk(&disk.path, options)
+}
+
 /// The boot menus of `config`'s disks, as `podvisor run --list-boot-entries` prints them: per
 /// disk, where its menu is and its entries (number, `*` for the default, title, kernel and
 /// command line), or why it has none. An error when no disk has one.
@@ -459,9 +469,7 @@ pub fn list(config: &crate::config::VmConfig) -> Result<String, crate::Error> {
     let mut out = String::new();
     let mut any = false;
     for disk in &config.disks {
-        let mut options = crate::backends::disk_options(disk, true);
-        options.read_only = true;
-        let opened = devices::block::open_disk(&disk.path, options)
+        let opened = open_read_only(disk)
             .map_err(|e| DiskBootError::Read(e.to_string()))
             .and_then(DiskBoot::open);
         match opened {
@@ -500,10 +508,7 @@ pub fn resolve(config: &crate::config::VmConfig) -> Result<DiskPayload, crate::E
     };
     let mut first_error = None;
     for disk in &config.disks {
-        let mut options = crate::backends::disk_options(disk, true);
-        options.read_only = true;
-        let image =
-            devices::block::open_disk(&disk.path, options).map_err(|e| failed(&disk.path, &e))?;
+        let image = open_read_only(disk).map_err(|e| failed(&disk.path, &e))?;
         let boot = match DiskBoot::open(image) {
             Ok(boot) => boot,
             // A data disk: the next one may be the boot disk.
