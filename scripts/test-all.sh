@@ -25,6 +25,8 @@ pv_say "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 pv_say "preparing the default guest"
 resources/guest/build.sh
+pv_say "preparing the Debian disk images the disk-boot scenarios boot (cached; ~5 min once)"
+resources/guest/debian-image.sh >/dev/null
 pv_say "Kubernetes manifests (resources/k8s)"
 if ! k8s_out="$(resources/k8s/check.sh 2>&1)"; then
     printf '%s\n' "$k8s_out" >&2

@@ -9,6 +9,14 @@
 # nothing runs it). Built with debootstrap from the host's Debian mirror into a loop device;
 # cached: a second run with the same script and package list only prints the path.
 #
+# Beside it, two small boot disks for the same root file system, as other distributions lay
+# out /boot (the root is found by its UUID on the disk attached after them):
+# - bls-boot.raw: GPT, one ext4 /boot partition with the kernel, its initramfs and a Boot
+#   Loader Specification entry in /loader/entries (Fedora's, RHEL's and CentOS's layout);
+# - extlinux-boot.raw: MBR, one ext4 partition with /extlinux/extlinux.conf (as syslinux- and
+#   U-Boot-style images keep it).
+# None of the three needs a boot loader installed: podvisor reads the menus, nothing runs them.
+#
 # Usage: resources/guest/debian-image.sh      (as root; needs /dev/loop*, ~2 GiB in target/)
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
@@ -24,7 +32,7 @@ PACKAGES="linux-image-cloud-amd64 cloud-init grub2-common grub-pc-bin ifupdown i
 STAMP="$OUT/stamp"
 want_stamp="$(cat -- "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 
-if [[ -f "$IMAGE" && -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]; then
+if [[ -f "$IMAGE" && -f "$OUT/bls-boot.raw" && -f "$OUT/extlinux-boot.raw" && -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]; then
     printf '%s\n' "$IMAGE"
     exit 0
 fi
@@ -34,7 +42,7 @@ mirror="$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ {print $2; exit}' /etc/apt/source
 mirror="${mirror:-http://deb.debian.org/debian}"
 
 mkdir -p "$OUT"
-rm -f "$IMAGE" "$IMAGE.partial" "$STAMP"
+rm -f "$IMAGE" "$IMAGE.partial" "$STAMP" "$OUT/bls-boot.raw" "$OUT/extlinux-boot.raw"
 work="$(mktemp -d "$OUT/build.XXXXXX")"
 mnt="$work/mnt"
 mkdir -p "$mnt"
@@ -73,6 +81,10 @@ chroot "$mnt" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-inst
     $PACKAGES > "$work/apt.log" 2>&1 || { tail -n 40 "$work/apt.log" >&2; pv_die "apt-get install in the image failed"; }
 
 uuid="$(blkid -s UUID -o value "$loop")"
+kver="$(basename "$(readlink -f "$mnt/vmlinuz")")"
+kver="${kver#vmlinuz-}"
+[[ -f "$mnt/boot/vmlinuz-$kver" && -f "$mnt/boot/initrd.img-$kver" ]] \
+    || pv_die "no kernel and initramfs found in the image's /boot"
 cat > "$mnt/etc/fstab" <<EOF
 UUID=$uuid / ext4 defaults,errors=remount-ro 0 1
 EOF
@@ -120,10 +132,53 @@ chroot "$mnt" grub-mkconfig -o /boot/grub/grub.cfg > "$work/grub.log" 2>&1 || ma
 mv "$probe.real" "$probe"
 ((made == 0)) || { cat "$work/grub.log" >&2; pv_die "grub-mkconfig failed"; }
 chroot "$mnt" apt-get clean
+
+# boot_disk NAME LABEL DIR: NAME (64 MiB) with one ext4 partition holding DIR's files, in a
+# partition table of kind LABEL (gpt or dos).
+boot_disk() {
+    local disk="$work/$1" fs="$work/$1.fs" sectors=$(((62 << 20) / 512))
+    truncate -s 64M "$disk"
+    printf 'label: %s\nstart=2048, size=%s, type=L\n' "$2" "$sectors" | sfdisk -q "$disk"
+    truncate -s $((sectors * 512)) "$fs"
+    mkfs.ext4 -q -F -E nodiscard -L "${1%%-*}boot" -d "$3" "$fs"
+    dd if="$fs" of="$disk" bs=1M seek=1 conv=notrunc,sparse status=none
+    rm -f "$fs"
+}
+pv_say "the BLS and extlinux boot disks ($kver)"
+bls="$work/bls"
+mkdir -p "$bls/loader/entries"
+cp "$mnt/boot/vmlinuz-$kver" "$bls/vmlinuz-$kver"
+cp "$mnt/boot/initrd.img-$kver" "$bls/initramfs-$kver.img"
+cat > "$bls/loader/entries/podvisor-$kver.conf" <<EOF
+title Debian GNU/Linux 12 (BLS)
+version $kver
+linux /vmlinuz-$kver
+initrd /initramfs-$kver.img
+options root=UUID=$uuid ro podvisor.layout=bls
+EOF
+boot_disk bls-boot.raw gpt "$bls"
+ext="$work/extlinux"
+mkdir -p "$ext/extlinux"
+cp "$mnt/boot/vmlinuz-$kver" "$mnt/boot/initrd.img-$kver" "$ext/"
+cat > "$ext/extlinux/extlinux.conf" <<EOF
+DEFAULT debian
+TIMEOUT 10
+LABEL rescue
+  MENU LABEL Debian GNU/Linux (rescue)
+  LINUX /vmlinuz-$kver
+  APPEND root=UUID=$uuid ro single
+LABEL debian
+  MENU LABEL Debian GNU/Linux (extlinux)
+  LINUX /vmlinuz-$kver
+  INITRD /initrd.img-$kver
+  APPEND root=UUID=$uuid ro podvisor.layout=extlinux
+EOF
+boot_disk extlinux-boot.raw dos "$ext"
 for m in dev/pts dev proc sys; do umount -l "$mnt/$m"; done
 umount "$mnt"
 losetup -d "$loop"
 loop=""
+mv "$work/bls-boot.raw" "$work/extlinux-boot.raw" "$OUT/"
 mv "$IMAGE.partial" "$IMAGE"
 printf '%s\n' "$want_stamp" > "$STAMP"
 pv_say "done: $IMAGE"

@@ -5,7 +5,7 @@ use libtest_mimic::{Failed, Trial};
 use crate::harness::{hang_tolerant, Vm};
 
 fn rng_feeds_the_guest() -> Result<(), Failed> {
-    let mut vm = Vm::boot_with("bzImage", 1, "256M", "console=ttyS0", &["--rng"]);
+    let mut vm = Vm::boot_with("bzImage", 1, "256M", "console=ttyS0 quiet", &["--rng"]);
     vm.expect("podvisor-guest ready:")?;
     vm.wait_for_shell()?;
     let current = vm.shell_ok("cat /sys/class/misc/hw_random/rng_current")?;

@@ -226,7 +226,7 @@ fn boots_from_a_qcow2_root_disk() -> Result<(), Failed> {
         "vmlinux",
         1,
         "256M",
-        "console=ttyS0 root=/dev/vda podvisor.halt",
+        "console=ttyS0 quiet root=/dev/vda podvisor.halt",
         &["--disk", &format!("path={overlay},backing_files=on")],
     );
     vm.expect("podvisor-guest root: /dev/vda")?;

@@ -9,6 +9,7 @@
 mod api;
 mod boot;
 mod devices;
+mod diskboot;
 mod disks;
 mod harness;
 mod launcher;
@@ -38,6 +39,7 @@ fn scenarios() -> Vec<Trial> {
     trials.extend(api::trials());
     trials.extend(launcher::trials());
     trials.extend(podnet::trials());
+    trials.extend(diskboot::trials());
     trials
 }
 

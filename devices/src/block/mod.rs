@@ -291,10 +291,20 @@ fn open_in_chain(
     chain: &mut Vec<(PathBuf, PathBuf)>,
     policy: &BackingFiles,
 ) -> Result<Box<dyn DiskImage>, BlockError> {
-    let canonical = std::fs::canonicalize(path).map_err(|source| BlockError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let canonical = std::fs::canonicalize(path)
+        .or_else(|e| {
+            // An unlinked file reached through /proc/self/fd/N (a seed disk built in memory)
+            // exists but has no name to resolve to: it is its own identity in the chain.
+            if e.kind() == std::io::ErrorKind::NotFound && path.exists() {
+                Ok(path.to_path_buf())
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if let Some(first) = chain.iter().position(|(c, _)| *c == canonical) {
         let mut names: Vec<String> = chain[first..]
             .iter()

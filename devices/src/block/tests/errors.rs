@@ -262,3 +262,33 @@ fn an_image_in_use_is_refused() {
     let err = open_disk(&base, rw()).err().unwrap().to_string();
     assert!(err.contains("in use: another process reads it"), "{err}");
 }
+
+#[test]
+fn an_unlinked_image_opens_through_proc_self_fd() {
+    // A disk built in memory (the --cloud-init seed) is an unlinked file the VM reaches
+    // through /proc/self/fd/N, which has no name to canonicalize to.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seed.raw");
+    fs::write(&path, vec![0x5a; 4096]).unwrap();
+    let file = fs::File::open(&path).unwrap();
+    fs::remove_file(&path).unwrap();
+    let by_fd = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&file)
+    ));
+    let options = DiskOptions {
+        format: Some(Format::Raw),
+        read_only: true,
+        ..DiskOptions::default()
+    };
+    let mut disk = open_disk(&by_fd, options).unwrap();
+    let mut buf = [0u8; 512];
+    disk.read_at(&mut buf, 1024).unwrap();
+    assert_eq!(buf, [0x5a; 512]);
+    // A name that is not there at all is still an error.
+    let options = DiskOptions {
+        read_only: true,
+        ..DiskOptions::default()
+    };
+    assert!(open_disk(&dir.path().join("missing.raw"), options).is_err());
+}
