@@ -99,7 +99,7 @@ CFG
                 ;;
         esac
         truncate -s 200K "$tmp/fs"
-        mkfs.ext4 -q -F -b 1024 -N 32 -E nodiscard -d "$files" "$tmp/fs" >/dev/null
+        mkfs.ext4 -q -F -b 1024 -N 32 -O ^has_journal -E nodiscard -d "$files" "$tmp/fs" >/dev/null
         for label in gpt dos; do
             truncate -s 0 "$dir/$kind-$label.img"
             truncate -s 250K "$dir/$kind-$label.img"
