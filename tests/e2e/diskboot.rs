@@ -10,7 +10,7 @@ use std::time::Duration;
 use libtest_mimic::{Failed, Trial};
 
 use crate::harness::{
-    hang_tolerant, host_ok, podvisor, repo_root, stall_report, Scratch, Vm, HUNG,
+    hang_tolerant, host_ok, podvisor, qcow2_overlay, repo_root, stall_report, Scratch, Vm, HUNG,
 };
 
 /// How long the Debian guest may take from start to cloud-init's marker: systemd and
@@ -53,20 +53,7 @@ fn built(file: &str) -> Result<PathBuf, Failed> {
 fn debian_overlay(dir: &Scratch) -> Result<String, Failed> {
     let image = built("debian.raw")?;
     let overlay = dir.arg("debian.qcow2");
-    host_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            image.to_str().unwrap(),
-            &overlay,
-        ],
-    )?;
+    qcow2_overlay(image.to_str().unwrap(), "raw", &overlay)?;
     Ok(format!("path={overlay},backing_files=on"))
 }
 

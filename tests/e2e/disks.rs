@@ -6,7 +6,8 @@ use std::path::Path;
 use libtest_mimic::{Failed, Trial};
 
 use crate::harness::{
-    expect_error, find_sha256, guest, hang_tolerant, host, host_ok, sha256_of, Scratch, Vm,
+    expect_error, find_sha256, guest, hang_tolerant, host, host_ok, qcow2_overlay, sha256_of,
+    Scratch, Vm,
 };
 
 const MIB: u64 = 1 << 20;
@@ -105,12 +106,7 @@ fn qcow2_overlay_round_trip() -> Result<(), Failed> {
     host_ok("qemu-img", &["create", "-q", "-f", "qcow2", &base, "96M"])?;
     host_ok("qemu-io", &["-c", "write -q -P 0xab 0 1M", &base])?;
     let base_sha = sha256_of(Path::new(&base), 0, std::fs::metadata(&base)?.len())?;
-    host_ok(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &overlay,
-        ],
-    )?;
+    qcow2_overlay(&base, "qcow2", &overlay)?;
 
     let mut vm = boot_to_shell(&disk_arg(&format!(
         "path={overlay},backing_files={}",
@@ -208,20 +204,7 @@ fn boots_from_a_qcow2_root_disk() -> Result<(), Failed> {
     let dir = Scratch::new("root");
     let overlay = dir.arg("root-overlay.qcow2");
     let base = guest("root.qcow2");
-    host_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            &overlay,
-        ],
-    )?;
+    qcow2_overlay(base.to_str().unwrap(), "qcow2", &overlay)?;
     let mut vm = Vm::boot_with(
         "vmlinux",
         1,
@@ -250,10 +233,7 @@ fn bad_disks_give_clear_errors() -> Result<(), Failed> {
     std::fs::write(&corrupt, &header)?;
     let (a, b) = (dir.arg("a.qcow2"), dir.arg("b.qcow2"));
     host_ok("qemu-img", &["create", "-q", "-f", "qcow2", &a, "1M"])?;
-    host_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", &a, "-F", "qcow2", &b],
-    )?;
+    qcow2_overlay(&a, "qcow2", &b)?;
     // Point a back at b: a loop qemu-img refuses to create, made with its unsafe rebase.
     host_ok(
         "qemu-img",

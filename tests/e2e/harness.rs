@@ -614,6 +614,25 @@ impl Drop for Scratch {
     }
 }
 
+/// Makes `overlay`, a qcow2 image over `base` (whose format is `base_format`), with qemu-img.
+pub fn qcow2_overlay(base: &str, base_format: &str, overlay: &str) -> Result<(), Failed> {
+    host_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base,
+            "-F",
+            base_format,
+            overlay,
+        ],
+    )
+    .map(|_| ())
+}
+
 /// Runs a host program; returns its exit code and output (stdout and stderr).
 pub fn host(program: &str, args: &[&str]) -> Result<(i32, String), Failed> {
     // Under `timeout`, so that a stuck tool fails the test instead of hanging it.
