@@ -107,47 +107,54 @@ fn debian_cloud_image_runs_its_cloud_init() -> Result<(), Failed> {
         ],
     )?;
     let user_data = dir.path("user-data");
+    // The marker line carries the command line the kernel booted with: grub.cfg's, with the
+    // serial console podvisor added and the `quiet` given here.
     std::fs::write(
         &user_data,
         "#cloud-config\n\
          hostname: podvisor-e2e\n\
+         locale: false\n\
+         ssh_genkeytypes: []\n\
          write_files:\n\
          - path: /var/tmp/podvisor-e2e\n\
          \x20 content: written-by-cloud-init\n\
          runcmd:\n\
-         - [sh, -c, 'echo \"podvisor-cloud-init $(hostname) $(cat /var/tmp/podvisor-e2e)\" > /dev/ttyS0']\n\
-         power_state:\n\
-         \x20 mode: poweroff\n\
-         \x20 condition: true\n",
+         - [sh, -c, 'echo \"podvisor-cloud-init $(hostname) $(cat /var/tmp/podvisor-e2e) cmdline: $(cat /proc/cmdline)\" > /dev/ttyS0']\n",
     )?;
+    // Quiet, and on one vCPU: the emulated test host froze this boot (systemd's and the
+    // kernel's whole log on the serial console, two vCPUs) in a third of CI's sessions.
     let mut vm = Vm::start(&[
         "--disk",
         &disk,
         "--cloud-init",
         &format!("user-data={}", user_data.display()),
         "--cmdline",
-        QUIETER,
-        "--cpus",
-        "2",
+        "quiet",
         "--memory",
         "1G",
     ]);
-    // The guest's kernel speaks on the serial console podvisor added to its command line,
-    // with the command line grub.cfg gave it.
-    let cmdline = vm.expect("Kernel command line:")?;
-    if !cmdline.contains("console=tty0") || !cmdline.contains("console=ttyS0") {
-        return Err(vm.failure(&format!("not grub.cfg's command line: {cmdline}")));
+    let marker = "podvisor-cloud-init podvisor-e2e written-by-cloud-init cmdline:";
+    wait_for(&mut vm, marker, CLOUD_INIT_WAIT)?;
+    // The rest of the marker line.
+    if vm.expect_within("\n", Duration::from_secs(30)).is_err() {
+        return Err(vm.failure("the marker line never ended"));
     }
-    wait_for(
-        &mut vm,
-        "podvisor-cloud-init podvisor-e2e written-by-cloud-init",
-        CLOUD_INIT_WAIT,
-    )?;
-    // cloud-init's power_state powers the guest off: podvisor ends with it.
-    let status = vm.wait()?;
-    if !status.success() {
-        return Err(vm.failure(&format!("podvisor exited with {status}")));
+    let line = vm
+        .printed()
+        .lines()
+        .find(|l| l.contains(marker))
+        .unwrap_or_default()
+        .to_owned();
+    for wanted in ["console=tty0", "console=ttyS0", "quiet"] {
+        if !line.split_whitespace().any(|w| w == wanted) {
+            return Err(vm.failure(&format!(
+                "not grub.cfg's command line with podvisor's console: no '{wanted}' in {line}"
+            )));
+        }
     }
+    // systemd's shutdown would cost another minute of the suite's time: the default guest's
+    // scenarios check the power-off path.
+    vm.kill()?;
     Ok(())
 }
 

@@ -237,7 +237,13 @@ impl Vm {
                 return Ok(());
             }
         }
-        Err(self.failure("the guest shell never answered"))
+        // The prompt came and the shell did not answer: the guest stopped (a frozen test
+        // host shows as every vCPU inside KVM_RUN, see `hang_tolerant`) or its console did.
+        let threads = stall_report(self.child.id());
+        let _ = self.child.kill();
+        Err(self.failure(&format!(
+            "{HUNG} the guest shell never answered within {BOOT_TIMEOUT:?}\n{threads}"
+        )))
     }
 
     /// Like [`Vm::expect`] with a shorter deadline; a miss is not fatal to the VM.

@@ -75,6 +75,8 @@ fn in_testhost(name: &str) -> Result<(), Failed> {
             if !text.contains("1 passed") {
                 return Err(format!("the scenario did not run in the test host:\n{text}").into());
             }
+            // Beside "ok": what the scenario costs the suite (CI's time budget).
+            eprint!("({:.0?}) ", start.elapsed());
             if !earlier.is_empty() {
                 eprintln!(
                     "{name}: the test host failed {} time(s) before the scenario passed:\n{}",
