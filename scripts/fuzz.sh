@@ -6,7 +6,9 @@
 #   disk_boot      (vmm/fuzz)   a disk image through the direct disk boot: partition tables,
 #                               ext2/3/4, boot menus, kernel and initrd;
 #   boot_menus     (vmm/fuzz)   grub.cfg, BLS entries with grubenv, extlinux.conf text;
-#   qcow2_image    (devices/fuzz) a qcow2 file opened, then read, written and discarded through.
+#   qcow2_image    (devices/fuzz) a qcow2 file opened, then read, written and discarded through;
+#   virtio_pci     (devices/fuzz) a hostile driver of a virtio-blk (in-memory disk) or virtio-rng
+#                               PCI function: guest memory, BAR and configuration accesses.
 # Each starts from its seeds (api/fuzz's and devices/fuzz's in git; disk images made here with
 # mkfs.ext4 and sfdisk) in target/fuzz/corpus/TARGET, which keeps what the fuzzer finds for
 # the next run.
@@ -31,14 +33,14 @@ while (($#)); do
         *) TARGETS+=("$1"); shift ;;
     esac
 done
-((${#TARGETS[@]})) || TARGETS=(request_parser disk_boot boot_menus qcow2_image)
+((${#TARGETS[@]})) || TARGETS=(request_parser disk_boot boot_menus qcow2_image virtio_pci)
 # fuzz_dir TARGET: the cargo-fuzz project that has TARGET.
 fuzz_dir() {
     case "$1" in
         request_parser) echo api/fuzz ;;
         disk_boot|boot_menus) echo vmm/fuzz ;;
-        qcow2_image) echo devices/fuzz ;;
-        *) pv_die "no fuzz target '$1' (request_parser, disk_boot, boot_menus, qcow2_image)" ;;
+        qcow2_image | virtio_pci) echo devices/fuzz ;;
+        *) pv_die "no fuzz target '$1' (request_parser, disk_boot, boot_menus, qcow2_image, virtio_pci)" ;;
     esac
 }
 for target in "${TARGETS[@]}"; do fuzz_dir "$target" >/dev/null; done
@@ -111,6 +113,40 @@ CFG
     rm -rf "$tmp"
 }
 
+# seed_virtio DIR: operation lists (virtio_pci's input format) that bring each device up as
+# Linux's driver does and send it one request: a read of sector 0 (virtio-blk, read-only disk
+# and writable), 64 random bytes (virtio-rng).
+seed_virtio() {
+    local dir="$1"
+    pv_need python3:python3
+    python3 - "$dir" <<'EOF'
+import struct, sys
+out = sys.argv[1]
+WIDTH = {1: 0, 2: 1, 4: 2, 8: 3}
+def bar(off, val, width):          # op 1: a BAR write
+    return bytes([1 | WIDTH[width] << 4]) + struct.pack('<HQ', off, val)
+def mem(addr, data):               # op 0: guest memory
+    return bytes([0]) + struct.pack('<HB', addr, len(data)) + data
+def desc(addr, length, flags, nxt):
+    return struct.pack('<QIHH', addr, length, flags, nxt)
+def bring_up():
+    ops = bar(0x14, 1, 1) + bar(0x14, 3, 1)
+    ops += bar(0x08, 1, 4) + bar(0x0c, 1, 4)          # VIRTIO_F_VERSION_1
+    ops += bar(0x14, 0xb, 1)                           # FEATURES_OK
+    ops += bar(0x16, 0, 2) + bar(0x18, 16, 2)          # queue 0, 16 entries
+    ops += bar(0x20, 0x1000, 8) + bar(0x28, 0x2000, 8) + bar(0x30, 0x3000, 8)
+    ops += bar(0x1c, 1, 2) + bar(0x14, 0xf, 1)         # enable, DRIVER_OK
+    return ops
+avail = mem(0x2000, struct.pack('<HHH', 0, 1, 0))
+notify = bytes([7, 0]) + bytes([14]) * 8               # notify queue 0, then let it work
+blk = bring_up() + mem(0x1000, desc(0x4000, 16, 1, 1) + desc(0x5000, 512, 3, 2) + desc(0x6000, 1, 2, 0))
+blk += mem(0x4000, struct.pack('<IIQ', 0, 0, 0)) + avail + notify
+rng = bring_up() + mem(0x1000, desc(0x5000, 64, 2, 0)) + avail + notify
+for name, data in (('blk', bytes([0]) + blk), ('blk-ro', bytes([2]) + blk), ('rng', bytes([1]) + rng)):
+    open(f'{out}/seed-{name}', 'wb').write(data)
+EOF
+}
+
 # seed CORPUS TARGET: the seeds of TARGET, unless its corpus has some already.
 seed() {
     local corpus="$1" target="$2"
@@ -125,6 +161,7 @@ seed() {
             printf '\nDEFAULT x\nLABEL x\n KERNEL vmlinuz\n APPEND initrd=i1,i2 root=/dev/sda\n' > "$corpus/extlinux"
             ;;
         qcow2_image) cp devices/fuzz/corpus/qcow2_image/seed-* "$corpus/" ;;
+        virtio_pci) seed_virtio "$corpus" ;;
     esac
 }
 
@@ -141,6 +178,7 @@ for target in "${TARGETS[@]}"; do
     case "$target" in
         request_parser) extra=(-dict=api/fuzz/request_parser.dict -max_len=8192 -malloc_limit_mb=256) ;;
         qcow2_image) extra=(-max_len=65536 -malloc_limit_mb=256) ;;
+        virtio_pci) extra=(-max_len=8192 -malloc_limit_mb=256) ;;
         *) extra=(-max_len=1048576 -malloc_limit_mb=512) ;;
     esac
     cargo fuzz run --fuzz-dir "$dir" --target-dir "$work/build" -O --debug-assertions "$target" \

@@ -172,7 +172,9 @@ pub struct RunArgs {
     )]
     pub serial: String,
     /// A virtio-blk disk (repeat for several): path=FILE[,format=raw|qcow2][,readonly=on]
-    /// [,direct=on][,serial=ID][,num_queues=N (default: one per vCPU)][,id=NAME].
+    /// [,direct=on][,serial=ID][,num_queues=N (default: one per vCPU)][,id=NAME]
+    /// [,backing_files=on|PATH][,boot_order=N (without --kernel: only disks with one are
+    /// booted from, lowest first)].
     #[arg(long, value_name = "path=FILE[,...]")]
     pub disk: Vec<String>,
     /// A virtio-net interface (repeat for several) over a tap: [tap=NAME][,mac=MAC]

@@ -216,19 +216,8 @@ fn launcher(args: cli::LauncherArgs) -> Result<ExitCode, String> {
         eprintln!("podvisor: warning: {warning}");
     }
     if args.validate {
-        for limit in &launch.limits {
-            eprintln!("podvisor: warning: not yet: {limit}");
-        }
         println!("VMI {}/{} is valid", launch.namespace, launch.name);
         return Ok(ExitCode::SUCCESS);
-    }
-    if !launch.limits.is_empty() {
-        let n = launch.limits.len();
-        return Err(format!(
-            "the VMI is valid, but this podvisor cannot run it yet ({n} reason{}):\n  {}",
-            if n == 1 { "" } else { "s" },
-            launch.limits.join("\n  ")
-        ));
     }
     let mut config = launch.config;
     if args.dry_run {

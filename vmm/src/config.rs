@@ -386,6 +386,11 @@ pub struct DiskConfig {
     pub num_queues: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// A disk boot (no kernel) tries the disks that have a boot order, lowest first, and no
+    /// others; without any, every disk in turn (as libvirt's per-device `<boot order>` and
+    /// KubeVirt's `bootOrder`). 1 or more, one disk each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_order: Option<u32>,
 }
 
 /// [`DiskConfig::backing_files`]: `false`/`true` (Cloud Hypervisor's) or a path.
@@ -612,6 +617,8 @@ pub enum ConfigError {
     DiskSerial(PathBuf, String),
     #[error("disk {0}: num_queues must be between 1 and {max}, got {1}", max = devices::virtio::block::MAX_QUEUES)]
     DiskQueues(PathBuf, u16),
+    #[error("disk {0}: boot_order {1}: {2}")]
+    DiskBootOrder(PathBuf, u32, &'static str),
     #[error("{0} devices: at most {max} PCI devices fit the bus", max = MAX_PCI_DEVICES)]
     TooManyDevices(usize),
     #[error(
@@ -683,6 +690,25 @@ impl VmConfig {
             if let Some(n) = disk.num_queues {
                 if !(1..=devices::virtio::block::MAX_QUEUES).contains(&n) {
                     return Err(ConfigError::DiskQueues(disk.path.clone(), n));
+                }
+            }
+        }
+        let mut boot_orders = std::collections::BTreeSet::new();
+        for disk in &self.disks {
+            if let Some(order) = disk.boot_order {
+                if order == 0 {
+                    return Err(ConfigError::DiskBootOrder(
+                        disk.path.clone(),
+                        order,
+                        "must be 1 or more",
+                    ));
+                }
+                if !boot_orders.insert(order) {
+                    return Err(ConfigError::DiskBootOrder(
+                        disk.path.clone(),
+                        order,
+                        "another disk has it too",
+                    ));
                 }
             }
         }
@@ -772,8 +798,19 @@ impl DiskConfig {
             .unwrap_or_else(|| u16::from(vcpus).min(devices::virtio::block::MAX_QUEUES))
     }
 
+    /// The disks a disk boot tries, in order (see [`DiskConfig::boot_order`]).
+    pub fn boot_candidates(disks: &[DiskConfig]) -> Vec<&DiskConfig> {
+        let mut ordered: Vec<&DiskConfig> =
+            disks.iter().filter(|d| d.boot_order.is_some()).collect();
+        if ordered.is_empty() {
+            return disks.iter().collect();
+        }
+        ordered.sort_by_key(|d| d.boot_order);
+        ordered
+    }
+
     /// Parses `path=FILE[,format=raw|qcow2][,readonly=on][,direct=on][,serial=ID]
-    /// [,num_queues=N][,id=NAME][,backing_files=on|off|PATH]`.
+    /// [,num_queues=N][,id=NAME][,backing_files=on|off|PATH][,boot_order=N]`.
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let what = "--disk";
         let mut disk = DiskConfig::default();
@@ -790,6 +827,7 @@ impl DiskConfig {
                 "num_queues",
                 "id",
                 "backing_files",
+                "boot_order",
             ],
         )? {
             match key {
@@ -813,6 +851,13 @@ impl DiskConfig {
                     })?)
                 }
                 "id" => disk.id = Some(value.to_owned()),
+                "boot_order" => {
+                    disk.boot_order = Some(value.parse().map_err(|_| {
+                        ConfigError::Options(format!(
+                            "{what}: boot_order={value}: expected a number (1 is tried first)"
+                        ))
+                    })?)
+                }
                 _ => {
                     return Err(ConfigError::Options(format!(
                         "{what}: {key}= needs a value"
@@ -942,6 +987,10 @@ mod tests {
         assert_eq!((d.num_queues, d.queues(1), d.queues(4)), (None, 1, 4));
         let q = DiskConfig::parse("path=/a,num_queues=2").unwrap();
         assert_eq!((q.num_queues, q.queues(8)), (Some(2), 2));
+        assert_eq!(d.boot_order, None);
+        let o = DiskConfig::parse("path=/a,boot_order=2").unwrap();
+        assert_eq!(o.boot_order, Some(2));
+        assert_eq!(serde_json::to_value(&o).unwrap()["boot_order"], 2);
         // Backing files: off unless asked for; on (Cloud Hypervisor's `true`), or under a path.
         assert!(d.backing_files.is_off());
         for (opt, want, json) in [
@@ -977,6 +1026,9 @@ mod tests {
             "path=/a,num_queues=two",
             "path=/a,num_queues=-1",
             "path=/a,num_queues=70000",
+            "path=/a,boot_order=",
+            "path=/a,boot_order=first",
+            "path=/a,boot_order=-1",
             "",
             "format=raw",
             "path=",

@@ -328,7 +328,7 @@ spec:
         "spec.domain.cpu: cores × sockets × threads is 300",
         "spec.domain.memory.guest: 16777216 bytes; podvisor needs at least 32 MiB",
         "spec.domain.memory.hugepages.pageSize: 4Mi is not 2Mi or 1Gi",
-        "spec.domain.firmware.bootloader: not supported by podvisor",
+        "spec.domain.firmware.bootloader.efi.secureBoot: Secure Boot needs UEFI firmware",
         "spec.domain.firmware.uuid: '5d307ca9-b3ef-428c-8861' is not a UUID",
         "spec.domain.firmware.kernelBoot.container.kernelPath: '../etc/shadow' must be an absolute path",
         "spec.domain.devices.sound: not supported by podvisor",
@@ -406,7 +406,6 @@ spec:
         "masquerade: {}, ports: [{port: 80}, {port: 53, protocol: UDP}]}]",
     ))
     .unwrap();
-    assert!(l.limits.is_empty(), "{:?}", l.limits);
     assert_eq!(
         l.nics[0].kind,
         crate::podnet::bridge::Kind::Masquerade {
@@ -429,7 +428,6 @@ spec:
         &["spec.domain.devices.interfaces[0].masquerade: masquerade binds the pod network only"],
     );
     let l = translate(&parse(good).unwrap(), &options(true)).unwrap();
-    assert!(l.limits.is_empty());
     assert!(l.config.net.is_empty() && l.nics.is_empty());
     assert!(l.warnings.iter().any(|w| w.contains("--no-network")));
 }
@@ -453,7 +451,6 @@ spec:
   - {name: storage, multus: {networkName: storage-net}}
 "#;
     let l = launch(yaml).unwrap();
-    assert!(l.limits.is_empty(), "{:?}", l.limits);
     let wired: Vec<(&str, &str, &str)> = l
         .nics
         .iter()
@@ -569,7 +566,57 @@ fn documents_that_are_not_vmis() {
     assert!(errs
         .iter()
         .any(|e| e.starts_with("spec.domain.memory.guest: no guest memory")));
-    // A VMI that boots its disk is a right spec this podvisor cannot run yet.
-    let l = launch("metadata: {name: disk-boot}\nspec: {domain: {memory: {guest: 1Gi}}}").unwrap();
-    assert!(l.limits[0].starts_with("spec.domain.firmware.kernelBoot: podvisor boots a kernel"));
+}
+
+#[test]
+fn a_vmi_without_kernel_boot_boots_its_disks_in_boot_order() {
+    let yaml = r#"
+metadata: {name: cloud}
+spec:
+  domain:
+    memory: {guest: 1Gi}
+    firmware: {bootloader: {efi: {secureBoot: false}}}
+    devices:
+      disks:
+      - {name: data, disk: {}}
+      - {name: root, disk: {}, bootOrder: 1}
+  volumes:
+  - {name: data, emptyDisk: {capacity: 1Gi}}
+  - {name: root, containerDisk: {image: debian:12}}
+"#;
+    let l = launch(yaml).unwrap();
+    let p = &l.config.payload;
+    assert_eq!(
+        (&p.kernel, &p.initramfs, p.cmdline.as_str()),
+        (&None, &None, "")
+    );
+    let orders: Vec<Option<u32>> = l.config.disks.iter().map(|d| d.boot_order).collect();
+    assert_eq!(
+        orders,
+        [None, Some(1)],
+        "the guest's disk order stays the spec's"
+    );
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.starts_with("spec.domain.firmware.bootloader.efi: ignored")),
+        "{:?}",
+        l.warnings
+    );
+    // No firmware at all is the same disk boot; BIOS too.
+    let l = launch(&yaml.replace(
+        "    firmware: {bootloader: {efi: {secureBoot: false}}}\n",
+        "",
+    ))
+    .unwrap();
+    assert_eq!(l.config.payload.kernel, None);
+    let l = launch(&yaml.replace("efi: {secureBoot: false}", "bios: {}")).unwrap();
+    assert_eq!(l.config.payload.kernel, None);
+    // Secure Boot (the default with efi) needs firmware that checks signatures.
+    for efi in ["efi: {}", "efi: {secureBoot: true}"] {
+        assert_all_start(
+            &errors(&yaml.replace("efi: {secureBoot: false}", efi)),
+            &["spec.domain.firmware.bootloader.efi.secureBoot: Secure Boot needs UEFI firmware"],
+        );
+    }
 }

@@ -337,6 +337,7 @@ impl Translator<'_> {
             serial: disk.serial.clone(),
             num_queues: None,
             id: Some(name),
+            boot_order: disk.boot_order,
         });
         prepare.push(prep);
     }

@@ -37,9 +37,6 @@ pub struct Launch {
     pub grace_period_s: u64,
     /// Fields left aside, one line each.
     pub warnings: Vec<String>,
-    /// What the spec rightly asks but this podvisor cannot do yet (a VMI that boots from its
-    /// disk, the pod network): it validates, but does not run.
-    pub limits: Vec<String>,
 }
 
 /// A guest NIC on a pod network: its binding, its tap and the pod interface it is bound to.
@@ -192,13 +189,11 @@ pub fn translate(vmi: &Vmi, options: &Options) -> Result<Launch, SpecErrors> {
         options,
         errors: Vec::new(),
         warnings: Vec::new(),
-        limits: Vec::new(),
     };
     let launch = t.vmi(vmi);
     if t.errors.is_empty() {
         Ok(Launch {
             warnings: t.warnings,
-            limits: t.limits,
             ..launch
         })
     } else {
@@ -210,16 +205,11 @@ struct Translator<'a> {
     options: &'a Options,
     errors: Vec<String>,
     warnings: Vec<String>,
-    limits: Vec<String>,
 }
 
 impl Translator<'_> {
     fn error(&mut self, path: &str, message: impl std::fmt::Display) {
         self.errors.push(format!("{path}: {message}"));
-    }
-
-    fn limit(&mut self, path: &str, message: impl std::fmt::Display) {
-        self.limits.push(format!("{path}: {message}"));
     }
 
     /// Reports the fields of an object at `path` that its type does not read: harmless ones
@@ -309,7 +299,6 @@ impl Translator<'_> {
             nics,
             grace_period_s: spec.termination_grace_period_seconds.unwrap_or(30),
             warnings: Vec::new(),
-            limits: Vec::new(),
             name,
             namespace,
         }
@@ -505,6 +494,9 @@ impl Translator<'_> {
         Some(platform)
     }
 
+    /// The kernel of `firmware.kernelBoot`; without one, none: the VMM boots the disks' own
+    /// menus (their boot loader's configuration), the disks with a `bootOrder` only, lowest
+    /// first, when any has one — what firmware and a boot loader would boot.
     fn payload(&mut self, vmi: &Vmi) -> PayloadConfig {
         let empty = PayloadConfig {
             kernel: None,
@@ -513,19 +505,15 @@ impl Translator<'_> {
             boot_entry: None,
         };
         let Some(firmware) = &vmi.spec.domain.firmware else {
-            self.limit(
-                "spec.domain.firmware.kernelBoot",
-                "podvisor boots a kernel given in the spec; booting from a disk is not supported yet",
-            );
             return empty;
         };
         let path = "spec.domain.firmware";
-        self.rest(path, path, &firmware.rest);
+        let mut rest = firmware.rest.clone();
+        if let Some(bootloader) = rest.remove("bootloader") {
+            self.bootloader(&bootloader);
+        }
+        self.rest(path, path, &rest);
         let Some(kb) = &firmware.kernel_boot else {
-            self.limit(
-                "spec.domain.firmware.kernelBoot",
-                "podvisor boots a kernel given in the spec; booting from a disk is not supported yet",
-            );
             return empty;
         };
         let path = "spec.domain.firmware.kernelBoot";
@@ -571,6 +559,43 @@ impl Translator<'_> {
             initramfs,
             cmdline,
             boot_entry: None,
+        }
+    }
+}
+
+impl Translator<'_> {
+    /// `firmware.bootloader`: BIOS or EFI, as KubeVirt's firmware would boot the disk. podvisor
+    /// boots the disk's menu itself, with no firmware, which serves both — but it cannot do
+    /// Secure Boot (on by default with `efi`), which needs firmware that checks signatures.
+    fn bootloader(&mut self, bootloader: &serde_json::Value) {
+        let path = "spec.domain.firmware.bootloader";
+        let Some(kinds) = bootloader.as_object() else {
+            self.error(path, "not an object");
+            return;
+        };
+        for (kind, value) in kinds {
+            match kind.as_str() {
+                "bios" => self.warnings.push(format!(
+                    "{path}.bios: ignored (podvisor boots the disk's kernel itself, with no firmware)"
+                )),
+                "efi" => {
+                    let secure_boot = value.get("secureBoot");
+                    match secure_boot.map(serde_json::Value::as_bool) {
+                        None | Some(Some(true)) => self.error(
+                            &format!("{path}.efi.secureBoot"),
+                            "Secure Boot needs UEFI firmware, and podvisor boots the disk's \
+                             kernel itself (set secureBoot: false)",
+                        ),
+                        Some(Some(false)) => self.warnings.push(format!(
+                            "{path}.efi: ignored (podvisor boots the disk's kernel itself, with no firmware)"
+                        )),
+                        Some(None) => {
+                            self.error(&format!("{path}.efi.secureBoot"), "not true or false")
+                        }
+                    }
+                }
+                _ => self.error(&format!("{path}.{kind}"), "not supported by podvisor"),
+            }
         }
     }
 }

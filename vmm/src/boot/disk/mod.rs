@@ -462,13 +462,14 @@ fn open_read_only(
     devices::block::open_disk(&disk.path, options)
 }
 
-/// The boot menus of `config`'s disks, as `podvisor run --list-boot-entries` prints them: per
-/// disk, where its menu is and its entries (number, `*` for the default, title, kernel and
-/// command line), or why it has none. An error when no disk has one.
+/// The boot menus of the disks a boot would try (all of `config`'s, or those with a
+/// `boot_order`, in that order), as `podvisor run --list-boot-entries` prints them: per disk,
+/// where its menu is and its entries (number, `*` for the default, title, kernel and command
+/// line), or why it has none. An error when no disk has one.
 pub fn list(config: &crate::config::VmConfig) -> Result<String, crate::Error> {
     let mut out = String::new();
     let mut any = false;
-    for disk in &config.disks {
+    for disk in crate::config::DiskConfig::boot_candidates(&config.disks) {
         let opened = open_read_only(disk)
             .map_err(|e| DiskBootError::Read(e.to_string()))
             .and_then(DiskBoot::open);
@@ -497,8 +498,9 @@ pub fn list(config: &crate::config::VmConfig) -> Result<String, crate::Error> {
     }
 }
 
-/// Boots the first of `config`'s disks that has a boot menu: its `boot_entry` or default.
-/// Each disk is opened read-only here and closed again before the VM opens it.
+/// Boots the first of `config`'s disks that has a boot menu (of those with a `boot_order`,
+/// lowest first, when any has one): its `boot_entry` or default. Each disk is opened
+/// read-only here and closed again before the VM opens it.
 pub fn resolve(config: &crate::config::VmConfig) -> Result<DiskPayload, crate::Error> {
     let failed = |disk: &std::path::Path, e: &dyn std::fmt::Display| {
         crate::Error::Device(format!(
@@ -507,7 +509,7 @@ pub fn resolve(config: &crate::config::VmConfig) -> Result<DiskPayload, crate::E
         ))
     };
     let mut first_error = None;
-    for disk in &config.disks {
+    for disk in crate::config::DiskConfig::boot_candidates(&config.disks) {
         let image = open_read_only(disk).map_err(|e| failed(&disk.path, &e))?;
         let boot = match DiskBoot::open(image) {
             Ok(boot) => boot,

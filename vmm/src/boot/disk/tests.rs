@@ -390,3 +390,90 @@ fn every_truncation_and_many_flipped_bytes_of_an_image_give_an_error_or_a_menu()
         }
     }
 }
+
+/// A one-partition MBR disk in its own directory under `dir` whose `/vmlinuz` link names a
+/// kernel file holding `kernel`.
+fn linked_kernel_disk(dir: &Path, name: &str, kernel: &str) -> PathBuf {
+    let sub = dir.join(name);
+    std::fs::create_dir(&sub).unwrap();
+    let fs = ext4(
+        &sub,
+        "root",
+        8,
+        &[
+            ("/vmlinuz", "->boot/vmlinuz-1"),
+            ("/boot/vmlinuz-1", kernel),
+        ],
+    );
+    mbr_disk(&sub, &[fs])
+}
+
+#[test]
+fn a_disk_boot_tries_the_disks_with_a_boot_order_lowest_first_and_no_others() {
+    use crate::config::{ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, VmConfig};
+    use std::io::Read;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.raw");
+    std::fs::write(&data, vec![0u8; 1 << 20]).unwrap();
+    let a = linked_kernel_disk(dir.path(), "a", "KERNEL-A");
+    let b = linked_kernel_disk(dir.path(), "b", "KERNEL-B");
+    let disk = |path: &Path, boot_order: Option<u32>| DiskConfig {
+        path: path.to_owned(),
+        format: Some("raw".into()),
+        readonly: true,
+        boot_order,
+        ..Default::default()
+    };
+    let config = |disks: Vec<DiskConfig>| VmConfig {
+        payload: crate::config::PayloadConfig {
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            boot_entry: None,
+        },
+        cpus: CpusConfig::new(1),
+        memory: MemoryConfig::new(256 << 20),
+        serial: ConsoleConfig::Tty,
+        disks,
+        net: Vec::new(),
+        rng: None,
+        console: None,
+        platform: None,
+    };
+    let booted = |c: &VmConfig| -> Result<Vec<u8>, String> {
+        c.validate().map_err(|e| e.to_string())?;
+        let mut payload = resolve(c).map_err(|e| e.to_string())?;
+        let mut kernel = Vec::new();
+        payload.kernel.read_to_end(&mut kernel).unwrap();
+        Ok(kernel)
+    };
+
+    // No boot order: the first disk with a menu, past a data disk.
+    let c = config(vec![disk(&data, None), disk(&a, None), disk(&b, None)]);
+    assert_eq!(booted(&c).unwrap(), b"KERNEL-A");
+    // The lowest boot order wins, wherever its disk is.
+    let c = config(vec![
+        disk(&data, None),
+        disk(&a, Some(2)),
+        disk(&b, Some(1)),
+    ]);
+    assert_eq!(booted(&c).unwrap(), b"KERNEL-B");
+    let menus = list(&c).unwrap();
+    assert!(
+        menus.find("b/disk.raw").unwrap() < menus.find("a/disk.raw").unwrap()
+            && !menus.contains("data.raw"),
+        "{menus}"
+    );
+    // Only disks with a boot order are tried.
+    let c = config(vec![disk(&data, Some(1)), disk(&a, None)]);
+    let e = booted(&c).unwrap_err();
+    assert!(e.contains("data.raw"), "{e}");
+    // A boot order is 1 or more, and one disk's.
+    let c = config(vec![disk(&a, Some(0))]);
+    let e = booted(&c).unwrap_err();
+    assert!(e.contains("boot_order 0: must be 1 or more"), "{e}");
+    let c = config(vec![disk(&a, Some(3)), disk(&b, Some(3))]);
+    let e = booted(&c).unwrap_err();
+    assert!(e.contains("boot_order 3: another disk has it too"), "{e}");
+}
