@@ -4,6 +4,9 @@
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
+# Each step's message starts with the time since the start: CI's budget, read off its log.
+step() { pv_say "[$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
+
 pv_rust
 # qemu-img and qemu-io check the disk-image code against QEMU's own tools; the test host
 # (no hardware KVM) runs on QEMU and virtiofsd, set up here once rather than in the first
@@ -17,20 +20,20 @@ pv_need bsdtar:libarchive-tools blkid:util-linux mkfs.ext4:e2fsprogs
 pv_need podman:podman crun:crun
 if ! pv_hw_kvm; then
     vfsd="$(pv_virtiofsd)"
-    pv_say "test host: $(qemu-system-x86_64 --version | head -n1), virtiofsd $vfsd"
+    step "test host: $(qemu-system-x86_64 --version | head -n1), virtiofsd $vfsd"
 fi
-pv_say "cargo fmt --check"
+step "cargo fmt --check"
 cargo fmt --all -- --check
-pv_say "cargo clippy -D warnings"
+step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-pv_say "preparing the default guest"
+step "preparing the default guest"
 resources/guest/build.sh
-pv_say "preparing the Debian disk images the disk-boot scenarios boot (cached; ~5 min once)"
+step "preparing the Debian disk images the disk-boot scenarios boot (cached; ~5 min once)"
 resources/guest/debian-image.sh >/dev/null
-pv_say "Kubernetes manifests (resources/k8s)"
+step "Kubernetes manifests (resources/k8s)"
 if ! k8s_out="$(resources/k8s/check.sh 2>&1)"; then
     printf '%s\n' "$k8s_out" >&2
     pv_die "resources/k8s: a manifest does not validate"
 fi
-pv_say "cargo test"
+step "cargo test"
 cargo test --workspace

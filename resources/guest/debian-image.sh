@@ -17,11 +17,17 @@
 #   U-Boot-style images keep it).
 # None of the three needs a boot loader installed: podvisor reads the menus, nothing runs them.
 #
-# Usage: resources/guest/debian-image.sh      (as root; needs /dev/loop*, ~2 GiB in target/)
+# The disks live in the machine's cache, $PODVISOR_CACHE/debian (default
+# /var/cache/podvisor/debian: ~0.9 GiB), which target/guest/debian links to, so that a fresh
+# clone of the repository on the same machine (CI's) does not spend five minutes building them
+# again. A new version of this script builds them anew.
+#
+# Usage: resources/guest/debian-image.sh      (as root; needs /dev/loop*)
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
-OUT="$PV_ROOT/target/guest/debian"
+OUT="${PODVISOR_CACHE:-/var/cache/podvisor}/debian"
+LINK="$PV_ROOT/target/guest/debian"
 IMAGE="$OUT/debian.raw"
 SIZE=2G
 SUITE=bookworm
@@ -32,8 +38,18 @@ PACKAGES="linux-image-cloud-amd64 cloud-init grub2-common grub-pc-bin ifupdown i
 STAMP="$OUT/stamp"
 want_stamp="$(cat -- "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
 
+# link: target/guest/debian names the cache (a folder of an older layout goes).
+link() {
+    if [[ "$(readlink -- "$LINK" 2>/dev/null)" != "$OUT" ]]; then
+        mkdir -p "$(dirname -- "$LINK")"
+        rm -rf -- "$LINK"
+        ln -s -- "$OUT" "$LINK"
+    fi
+}
+
 if [[ -f "$IMAGE" && -f "$OUT/bls-boot.raw" && -f "$OUT/extlinux-boot.raw" && -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]]; then
-    printf '%s\n' "$IMAGE"
+    link
+    printf '%s\n' "$LINK/debian.raw"
     exit 0
 fi
 [[ "$(id -u)" == 0 ]] || pv_die "run as root (debootstrap, loop devices, mounts)"
@@ -47,8 +63,13 @@ work="$(mktemp -d "$OUT/build.XXXXXX")"
 mnt="$work/mnt"
 mkdir -p "$mnt"
 loop=""
+uuid_link=""
 cleanup() {
     local m
+    if [[ -n "$uuid_link" ]]; then
+        rm -f -- "$uuid_link"
+        rmdir /dev/disk/by-uuid /dev/disk 2>/dev/null || true
+    fi
     for m in dev/pts dev proc sys ""; do
         mountpoint -q "$mnt/$m" 2>/dev/null && umount -l "$mnt/$m"
     done
@@ -127,9 +148,25 @@ case "\$target" in
 esac
 EOF
 chmod +x "$probe"
+# grub-mkconfig names the root by its UUID (as on every installed system: the disk's place
+# may change, e.g. a seed disk attached before it) only when /dev/disk/by-uuid has it, which
+# udev makes and a machine without udev does not: make that link, as udev would, meanwhile.
+if [[ ! -e "/dev/disk/by-uuid/$uuid" ]]; then
+    mkdir -p /dev/disk/by-uuid
+    uuid_link="/dev/disk/by-uuid/$uuid"
+    ln -s "../../${loop#/dev/}" "$uuid_link"
+fi
 made=0
 chroot "$mnt" grub-mkconfig -o /boot/grub/grub.cfg > "$work/grub.log" 2>&1 || made=$?
 mv "$probe.real" "$probe"
+if [[ -n "$uuid_link" ]]; then
+    rm -f -- "$uuid_link"
+    # The folders too, if nothing else is in them (no udev made them).
+    rmdir /dev/disk/by-uuid /dev/disk 2>/dev/null || true
+fi
+uuid_link=""
+grep -q "root=UUID=$uuid " "$mnt/boot/grub/grub.cfg" \
+    || pv_die "grub-mkconfig did not name the root by its UUID (see $mnt/boot/grub/grub.cfg)"
 ((made == 0)) || { cat "$work/grub.log" >&2; pv_die "grub-mkconfig failed"; }
 chroot "$mnt" apt-get clean
 
@@ -181,5 +218,6 @@ loop=""
 mv "$work/bls-boot.raw" "$work/extlinux-boot.raw" "$OUT/"
 mv "$IMAGE.partial" "$IMAGE"
 printf '%s\n' "$want_stamp" > "$STAMP"
-pv_say "done: $IMAGE"
-printf '%s\n' "$IMAGE"
+link
+pv_say "done: $IMAGE (linked from $LINK)"
+printf '%s\n' "$LINK/debian.raw"

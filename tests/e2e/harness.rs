@@ -590,7 +590,14 @@ impl Scratch {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!(
+        // In the test host, this machine's /tmp is reached over virtiofs (every write a FUSE
+        // round trip through the emulated host), its /dev/shm is the test host's own memory.
+        let base = if in_emulated_testhost() && Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!(
             "podvisor-e2e-{name}-{}-{nanos}",
             std::process::id()
         ));
