@@ -573,11 +573,12 @@ impl Translator<'_> {
             self.error(path, "not an object");
             return;
         };
+        let ignored = |kind: &str| {
+            format!("{path}.{kind}: ignored (podvisor boots the disk's kernel itself, with no firmware)")
+        };
         for (kind, value) in kinds {
             match kind.as_str() {
-                "bios" => self.warnings.push(format!(
-                    "{path}.bios: ignored (podvisor boots the disk's kernel itself, with no firmware)"
-                )),
+                "bios" => self.warnings.push(ignored(kind)),
                 "efi" => {
                     let secure_boot = value.get("secureBoot");
                     match secure_boot.map(serde_json::Value::as_bool) {
@@ -586,9 +587,7 @@ impl Translator<'_> {
                             "Secure Boot needs UEFI firmware, and podvisor boots the disk's \
                              kernel itself (set secureBoot: false)",
                         ),
-                        Some(Some(false)) => self.warnings.push(format!(
-                            "{path}.efi: ignored (podvisor boots the disk's kernel itself, with no firmware)"
-                        )),
+                        Some(Some(false)) => self.warnings.push(ignored(kind)),
                         Some(None) => {
                             self.error(&format!("{path}.efi.secureBoot"), "not true or false")
                         }
