@@ -341,6 +341,7 @@ const SYS_IOCTL: u64 = 16;
 /// system call) and its CPU time. Ends with the [`IN_GUEST`] verdict when it holds.
 pub fn stall_report(pid: u32) -> String {
     use std::collections::BTreeMap;
+    let pid = vmm_process(pid);
     let tasks = || -> Vec<(String, String)> {
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             return Vec::new();
@@ -424,6 +425,35 @@ pub fn stall_report(pid: u32) -> String {
         report.push_str(&format!("\n{IN_GUEST}"));
     }
     report
+}
+
+/// The process that runs the vCPUs for a scenario that started `pid`: `pid` itself when it
+/// has vCPU threads, else (a container engine started it: podman's VMM is no child of the
+/// `podman` command) the one process in this (test-host) machine that has them.
+fn vmm_process(pid: u32) -> u32 {
+    let has_vcpus = |p: &str| {
+        std::fs::read_dir(format!("/proc/{p}/task")).is_ok_and(|tasks| {
+            tasks.flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.starts_with("vcpu"))
+            })
+        })
+    };
+    if has_vcpus(&pid.to_string()) || !in_emulated_testhost() {
+        return pid;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return pid;
+    };
+    let found: Vec<u32> = procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| has_vcpus(&p.to_string()))
+        .collect();
+    match found[..] {
+        [only] => only,
+        _ => pid,
+    }
 }
 
 /// Runs a boot scenario; when it fails because the guest hung *inside the emulated test host*,

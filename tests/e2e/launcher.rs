@@ -460,6 +460,7 @@ spec:
     firmware:
       serial: in-a-container
       kernelBoot:
+        kernelArgs: quiet
         container: {image: kernels:1, kernelPath: /boot/vmlinuz, initrdPath: /boot/initrd.img}
     devices:
       disks:
