@@ -199,6 +199,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .worker_threads(2)
         .max_blocking_threads(MAX_BLOCKING_THREADS)
         .thread_name("api")
+        .on_thread_start(|| vmm::seccomp::apply_or_exit(vmm::seccomp::Kind::Api))
         .enable_io()
         .enable_time()
         .build()
@@ -218,6 +219,7 @@ fn start<L: Listener>(
     let thread = std::thread::Builder::new()
         .name("api-server".into())
         .spawn(move || {
+            vmm::seccomp::apply_or_exit(vmm::seccomp::Kind::Api);
             runtime.block_on(accept_loop(listener, backend, options, stopped, name));
             runtime.shutdown_timeout(Duration::from_millis(100));
         })

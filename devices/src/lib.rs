@@ -11,6 +11,7 @@ pub mod legacy;
 pub mod pci;
 pub mod persist;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod virtio;
 
 #[doc(hidden)]

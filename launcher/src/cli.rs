@@ -20,6 +20,16 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Seccomp filters on the VMM's threads: on (a system call a thread's kind does not make
+    /// stops the VMM with SIGSYS, naming it), log (let through, logged by the kernel) or off.
+    #[arg(
+        long,
+        global = true,
+        value_name = "on|log|off",
+        default_value = "on",
+        env = "PODVISOR_SECCOMP"
+    )]
+    pub seccomp: vmm::seccomp::Mode,
 }
 
 #[derive(Debug, Subcommand)]

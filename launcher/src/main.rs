@@ -57,7 +57,10 @@ fn main() -> ExitCode {
     let vmm = !matches!(cli.command, cli::Command::Ctl(_));
     let core_dumps = std::env::var_os("PODVISOR_CORE_DUMPS").is_some_and(|v| v == "1");
     if let Err(e) = vmm
-        .then(|| vmm::privileges::limit_process(core_dumps))
+        .then(|| {
+            vmm::privileges::limit_process(core_dumps)?;
+            vmm::seccomp::init(cli.seccomp).map_err(|e| e.to_string())
+        })
         .transpose()
     {
         eprintln!("podvisor: error: {e}");
@@ -305,18 +308,19 @@ fn reap_orphans_as_pid_1() {
     if std::process::id() != 1 {
         return;
     }
-    let _ = std::thread::Builder::new()
-        .name("reaper".into())
-        .spawn(|| loop {
+    let _ = std::thread::Builder::new().name("reaper".into()).spawn(|| {
+        vmm::seccomp::apply_or_exit(vmm::seccomp::Kind::Vmm);
+        loop {
             let mut status = 0;
-            // SAFETY: waitpid writes the child's status into `status`, which lives across
-            // the call.
+            // SAFETY: waitpid writes the child's status into `status`, which lives
+            // across the call.
             let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
             if pid <= 0 {
                 // No child to wait for now.
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
-        });
+        }
+    });
 }
 
 /// How a VM served by [`run_vm`] ended.
@@ -376,6 +380,7 @@ fn run_vm_then(
         // The VM's thread dropped its own at the boot; this one serves the API.
         vmm::privileges::drop_after_setup()?;
     }
+    vmm::seccomp::apply(vmm::seccomp::Kind::Vmm).map_err(|e| e.to_string())?;
     let stopped_hard = args
         .grace_period
         .map(|grace| stop_after_grace(grace, controller.clone()))
@@ -422,6 +427,7 @@ fn serve(args: cli::ServeArgs) -> Result<(), String> {
     let listeners = vmm_service::Listeners::bind(Some(&args.api_socket), args.http_listen)?;
     let (controller, thread) =
         Controller::start(options, events, false).map_err(|e| e.to_string())?;
+    vmm::seccomp::apply(vmm::seccomp::Kind::Vmm).map_err(|e| e.to_string())?;
     vmm_service::serve_until_end(listeners, controller, thread, host_paths)
 }
 

@@ -434,8 +434,7 @@ fn vmm_process(pid: u32) -> u32 {
     let has_vcpus = |p: &str| {
         std::fs::read_dir(format!("/proc/{p}/task")).is_ok_and(|tasks| {
             tasks.flatten().any(|t| {
-                std::fs::read_to_string(t.path().join("comm"))
-                    .is_ok_and(|c| c.starts_with("vcpu"))
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("vcpu"))
             })
         })
     };

@@ -30,6 +30,7 @@ pub mod lifecycle;
 pub mod migration;
 pub mod persist;
 pub mod privileges;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vm;
 pub mod vstate;

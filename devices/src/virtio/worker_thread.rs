@@ -36,6 +36,11 @@ pub(crate) trait DeviceWorker: MutEventSubscriber + Send + 'static {
 
 /// Runs `worker` until it is finished, and hands it back.
 fn run<W: DeviceWorker>(name: &'static str, worker: W) -> W {
+    if let Err(e) = crate::seccomp::apply_worker(name) {
+        // Never serve the guest unfiltered: the device stops until a reset.
+        tracing::error!("{name}: {e}");
+        return worker;
+    }
     let mut manager = match EventManager::<W>::new_with_capacity(8) {
         Ok(manager) => manager,
         Err(e) => {

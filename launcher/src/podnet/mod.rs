@@ -78,6 +78,8 @@ impl PodNetwork {
                 if let Err(e) = vmm::privileges::keep_only(&keep) {
                     tracing::debug!("pod network: {e}");
                 }
+                // Until it unwires the bindings, as the VM thread's.
+                vmm::seccomp::apply_or_exit(vmm::seccomp::Kind::Vmm);
                 let _ = done_tx.send(Ok(()));
                 // Until the launcher ends.
                 let _ = stop_rx.recv();

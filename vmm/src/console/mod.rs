@@ -131,6 +131,7 @@ impl Drop for Console {
 /// Copies `input` into the UART until its end, waiting for the guest to drain the FIFO when it
 /// is full.
 fn feed(serial: &Mutex<Serial>, space: &EventFd, mut input: impl Read) {
+    crate::seccomp::apply_or_exit(crate::seccomp::Kind::Console);
     let mut buf = [0u8; 256];
     loop {
         let n = match input.read(&mut buf) {

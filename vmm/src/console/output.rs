@@ -153,6 +153,7 @@ impl Drop for Buffered {
 
 /// The writer thread: takes what is pending and writes it, until closed.
 fn write_out(shared: &Shared, mut sink: Box<dyn Write + Send>) {
+    crate::seccomp::apply_or_exit(crate::seccomp::Kind::Console);
     loop {
         let (chunk, dropped) = {
             let mut pending = shared.lock();

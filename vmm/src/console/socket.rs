@@ -67,6 +67,7 @@ impl ConsoleSocket {
         std::thread::Builder::new()
             .name("console-socket".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::Kind::Console);
                 for stream in listener.incoming() {
                     if hub.lock().unwrap_or_else(|e| e.into_inner()).closed {
                         return;

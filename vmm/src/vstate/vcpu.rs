@@ -393,6 +393,10 @@ impl Vcpu {
 /// parked vCPU can be saved and restored by the VMM ([`Vcpu::save`], [`Vcpu::restore`]).
 pub fn run(vcpu: Arc<Mutex<Vcpu>>, ctx: VcpuContext) {
     let id = lock(&vcpu).id;
+    if let Err(e) = crate::seccomp::apply(crate::seccomp::Kind::Vcpu) {
+        ctx.events.fail(format!("vCPU {id}: {e}"));
+        return;
+    }
     loop {
         ctx.control.park_while_paused();
         if ctx.control.stopping() {

@@ -253,10 +253,23 @@ impl Drop for DhcpServer {
     }
 }
 
+/// The DHCP thread's system calls beyond every thread's (`vmm::seccomp::BASE`).
+const DHCP_CALLS: &[i64] = &[
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+];
+
 fn serve(socket: &UdpSocket, lease: &Lease, client_port: u16, stop: &AtomicBool, name: &str) {
     // The guest's datagrams are parsed here: this thread needs no capability at all.
     if let Err(e) = vmm::privileges::keep_only(&[]) {
         tracing::debug!("DHCP on {name}: {e}");
+    }
+    // Nor any system call but answering on its socket.
+    if let Err(e) = vmm::seccomp::apply_custom("dhcp", &[vmm::seccomp::BASE, DHCP_CALLS]) {
+        tracing::error!("DHCP on {name}: {e}");
+        return;
     }
     let mut buf = [0u8; 1500];
     while !stop.load(Ordering::Relaxed) {
