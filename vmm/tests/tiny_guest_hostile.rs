@@ -283,7 +283,7 @@ fn hostile_requests(p: &mut Program, rng: &mut Rng, ring: u64, size: u32) {
                 );
             }
             // An indirect table of (nearly) 4 GiB, or one somewhere else.
-            1 => desc(p, i, rng.address(), u32::MAX & !15, INDIRECT, 0),
+            1 => desc(p, i, rng.address(), !15, INDIRECT, 0),
             // A chain that leaves RAM.
             2 => {
                 desc(p, i, header, 16, NEXT, ((i + 1) % size) as u16);
