@@ -101,6 +101,39 @@ thread_local! {
 /// union of lists) and no other, as the process's mode says. `kind` names the thread kind
 /// in errors and in the message of a forbidden call.
 pub fn apply(kind: &'static str, allowed: &[&[i64]]) -> Result<(), SeccompError> {
+    apply_with(kind, allowed, &[])
+}
+
+/// An extra allowance of a filter: a system call allowed only with some arguments.
+#[derive(Clone, Copy, Debug)]
+pub enum Allowance {
+    /// `openat` for reading only: no write access, no creating, truncating or appending.
+    OpenReadOnly,
+}
+
+impl Allowance {
+    fn rule(self) -> Result<(i64, SeccompRule), seccompiler::BackendError> {
+        match self {
+            Allowance::OpenReadOnly => {
+                let writes = libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND;
+                let flags = SeccompCondition::new(
+                    2,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(writes as u64),
+                    0,
+                )?;
+                Ok((libc::SYS_openat, SeccompRule::new(vec![flags])?))
+            }
+        }
+    }
+}
+
+/// [`apply`], with `extra` allowances beyond the calls in `allowed`.
+pub fn apply_with(
+    kind: &'static str,
+    allowed: &[&[i64]],
+    extra: &[Allowance],
+) -> Result<(), SeccompError> {
     let mismatch = match mode() {
         Mode::Off => return Ok(()),
         Mode::On => SeccompAction::Trap,
@@ -111,6 +144,14 @@ pub fn apply(kind: &'static str, allowed: &[&[i64]]) -> Result<(), SeccompError>
     for list in allowed {
         for &nr in *list {
             rules.insert(nr, Vec::new());
+        }
+    }
+    debug_assert!(!rules.contains_key(&NEVER_ALLOWED), "{kind} allows execve");
+    for allowance in extra {
+        let (nr, rule) = allowance.rule().map_err(build)?;
+        // A call allowed outright stays so (an empty list matches any arguments).
+        if rules.get(&nr).is_none_or(|r| !r.is_empty()) {
+            rules.entry(nr).or_default().push(rule);
         }
     }
     let allow: BpfProgram =
@@ -234,9 +275,14 @@ pub fn apply_worker(kind: &'static str) -> Result<(), SeccompError> {
     apply(kind, &[BASE, WORKER])
 }
 
-/// Writes one line naming the thread's kind and the forbidden call, then makes the call
-/// again: inside this handler `SIGSYS` is blocked, so the kernel delivers the second one with
-/// its default action and the process ends with `SIGSYS` (and a core dump if it may).
+/// The call no filter allows (nothing in the VMM starts programs): the SIGSYS handler makes
+/// it to end the process.
+const NEVER_ALLOWED: i64 = libc::SYS_execve;
+
+/// Writes one line naming the thread's kind and the forbidden call, then makes a call no
+/// filter allows ([`NEVER_ALLOWED`]; the forbidden one again might pass with other
+/// arguments): inside this handler `SIGSYS` is blocked, so the kernel delivers the second one
+/// with its default action and the process ends with `SIGSYS` (and a core dump if it may).
 extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // The kernel's `siginfo` for SIGSYS: after the three common fields, `si_call_addr`,
     // `si_syscall` and `si_arch` (the `libc` crate exposes no accessor for them).
@@ -278,9 +324,16 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
     put(b", which its filter forbids: the VMM stops (--seccomp=log lets it through and logs it)\n");
     // SAFETY: writes `len` initialised bytes of `line` to stderr; async-signal-safe.
     unsafe { libc::write(2, line.as_ptr().cast(), len) };
-    // SAFETY: the same forbidden call again, arguments irrelevant: the kernel kills the
-    // process (see above) before it returns.
-    unsafe { libc::syscall(libc::c_long::from(nr)) };
+    // SAFETY: a call every filter traps, with null arguments (never run): the kernel kills
+    // the process (see above) before it returns.
+    unsafe {
+        libc::syscall(
+            NEVER_ALLOWED,
+            std::ptr::null::<u8>(),
+            std::ptr::null::<u8>(),
+            std::ptr::null::<u8>(),
+        )
+    };
     // Not reached; if it were, end anyway.
     // SAFETY: ends the process at once; async-signal-safe.
     unsafe { libc::_exit(128 + libc::SIGSYS) };

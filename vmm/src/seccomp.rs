@@ -8,7 +8,7 @@
 //! worker needs); the main thread starts the VM thread and the API's.
 
 pub use devices::seccomp::{apply as apply_custom, init, mode, Mode, SeccompError, BASE};
-use devices::seccomp::{SPAWN, WORKER};
+use devices::seccomp::{Allowance, SPAWN, WORKER};
 
 /// The kinds of thread, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +47,12 @@ impl Kind {
 
 /// Installs `kind`'s filter on the calling thread (nothing in [`Mode::Off`]).
 pub fn apply(kind: Kind) -> Result<(), SeccompError> {
-    devices::seccomp::apply(kind.name(), kind.allowed())
+    let extra: &[Allowance] = match kind {
+        // `/metrics` reads this process's threads' CPU time and its memory from /proc.
+        Kind::Api => &[Allowance::OpenReadOnly],
+        _ => &[],
+    };
+    devices::seccomp::apply_with(kind.name(), kind.allowed(), extra)
 }
 
 /// [`apply`], for a thread that has nobody to hand an error to: one line on stderr and the
@@ -94,6 +99,8 @@ const API: &[i64] = &[
     libc::SYS_access,
     libc::SYS_faccessat,
     libc::SYS_faccessat2,
+    // Listing /proc/self/task for `/metrics` (files it opens read-only: `apply`).
+    libc::SYS_getdents64,
 ];
 
 /// Opening, making and removing files: disk images, snapshots, console files, memory files.
@@ -229,6 +236,15 @@ mod tests {
             "openat" => unsafe {
                 libc::syscall(libc::SYS_openat, libc::AT_FDCWD, dev_null.as_ptr(), 0)
             },
+            // SAFETY: opens /dev/null for writing; the descriptor is closed below.
+            "openat-write" => unsafe {
+                libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    dev_null.as_ptr(),
+                    libc::O_WRONLY,
+                )
+            },
             // SAFETY: a socket, closed below.
             "socket" => unsafe {
                 libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_DGRAM, 0)
@@ -269,7 +285,8 @@ mod tests {
     const FORBIDDEN: &[(&str, &str, i64)] = &[
         ("vmm", "execve", libc::SYS_execve),
         ("vcpu", "openat", libc::SYS_openat),
-        ("api", "openat", libc::SYS_openat),
+        ("api", "openat-write", libc::SYS_openat),
+        ("api", "socket", libc::SYS_socket),
         ("console", "socket", libc::SYS_socket),
         ("worker", "openat", libc::SYS_openat),
     ];
@@ -307,8 +324,16 @@ mod tests {
 
     #[test]
     fn what_a_kind_allows_goes_through() {
-        // The console reopens its file; the VM thread opens disks and sockets.
-        for (kind, call) in [("console", "openat"), ("vmm", "openat"), ("vmm", "socket")] {
+        // The console reopens its file; the VM thread opens disks and sockets; the API
+        // reads files.
+        for (kind, call) in [
+            ("console", "openat"),
+            ("vmm", "openat"),
+            ("vmm", "openat-write"),
+            ("vmm", "socket"),
+            // `/metrics` reads /proc.
+            ("api", "openat"),
+        ] {
             let out = child(kind, "on", call);
             assert!(out.status.success(), "{kind} {call}: {out:?}");
         }
