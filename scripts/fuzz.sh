@@ -17,7 +17,8 @@
 #
 # Usage: scripts/fuzz.sh [--time SECONDS] [TARGET...]   (default: 600 s each, every target)
 #
-# cargo-fuzz is installed once into target/tools. libFuzzer's instrumentation needs flags
+# cargo-fuzz is installed once per machine into /var/cache/podvisor/tools (PODVISOR_CACHE
+# moves it), beside the instrumented builds (fuzz-build). libFuzzer's instrumentation needs flags
 # the stable compiler keeps for its own build (RUSTC_BOOTSTRAP=1 lets it take them); no
 # other toolchain is needed.
 set -euo pipefail
@@ -49,15 +50,25 @@ for target in "${TARGETS[@]}"; do fuzz_dir "$target" >/dev/null; done
 pv_rust
 pv_need c++:g++ mkfs.ext4:e2fsprogs sfdisk:fdisk
 FUZZ_VERSION=0.13.2
-tools="$PV_ROOT/target/tools"
+# Installed once per machine, in its cache (a fresh clone does not build it again).
+tools="${PODVISOR_CACHE:-/var/cache/podvisor}/tools"
 if [[ "$("$tools/bin/cargo-fuzz" --version 2>/dev/null)" != "cargo-fuzz $FUZZ_VERSION" ]]; then
-    pv_say "installing cargo-fuzz $FUZZ_VERSION into target/tools (once, ~2 min)"
+    pv_say "installing cargo-fuzz $FUZZ_VERSION into $tools (once per machine, ~2 min)"
     cargo install --quiet --locked --root "$tools" cargo-fuzz --version "$FUZZ_VERSION" \
         || pv_die "cargo install cargo-fuzz failed"
 fi
 export PATH="$tools/bin:$PATH" RUSTC_BOOTSTRAP=1
 work="$PV_ROOT/target/fuzz"
 mkdir -p "$work"
+# The instrumented builds (~10 min from nothing) go to the machine's cache, which every clone
+# shares (as the Debian image does): a fresh clone rebuilds only podvisor's own crates. Past
+# 8 GiB (each clone's path adds its own copies of them) it starts over.
+build="${PODVISOR_CACHE:-/var/cache/podvisor}/fuzz-build"
+mkdir -p "$build"
+if (($(du -sk "$build" | cut -f1) > 8 * 1024 * 1024)); then
+    pv_say "the fuzz build cache $build is over 8 GiB: starting it over"
+    rm -rf "$build" && mkdir -p "$build"
+fi
 
 # seed_disks DIR: small GPT and MBR disks with an ext4 partition holding each kind of menu.
 seed_disks() {
@@ -168,7 +179,7 @@ seed() {
 for target in "${TARGETS[@]}"; do
     dir="$(fuzz_dir "$target")"
     pv_say "$target: building ($dir)"
-    cargo fuzz build --fuzz-dir "$dir" --target-dir "$work/build" -O --debug-assertions "$target" \
+    cargo fuzz build --fuzz-dir "$dir" --target-dir "$build" -O --debug-assertions "$target" \
         || pv_die "$target: cargo fuzz build failed"
     corpus="$work/corpus/$target"
     artifacts="$work/artifacts/$target"
@@ -181,7 +192,7 @@ for target in "${TARGETS[@]}"; do
         virtio_pci) extra=(-max_len=8192 -malloc_limit_mb=256) ;;
         *) extra=(-max_len=1048576 -malloc_limit_mb=512) ;;
     esac
-    cargo fuzz run --fuzz-dir "$dir" --target-dir "$work/build" -O --debug-assertions "$target" \
+    cargo fuzz run --fuzz-dir "$dir" --target-dir "$build" -O --debug-assertions "$target" \
         "$corpus" -- -max_total_time="$SECONDS_EACH" -rss_limit_mb=3072 "${extra[@]}" \
         -timeout=20 -artifact_prefix="$artifacts/" -print_final_stats=1 >"$work/$target.log" 2>&1 || {
         tail -n 40 "$work/$target.log" >&2

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, clippy, unit tests, tiny-guest KVM tests, and the end-to-end
-# boot tests (inside the test host when this machine has no hardware KVM).
+# Runs every test: formatting, clippy, a smoke of the fuzz targets, unit tests, tiny-guest KVM
+# tests, and the end-to-end boot tests (inside the test host when this machine has no hardware KVM).
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
@@ -26,6 +26,8 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+step "fuzz targets: built, and 10 s of each (scripts/fuzz.sh; builds cached per machine)"
+scripts/fuzz.sh --time 10
 step "preparing the default guest"
 resources/guest/build.sh
 step "preparing the Debian disk images the disk-boot scenarios boot (cached; ~5 min once)"
