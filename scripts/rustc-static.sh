@@ -19,4 +19,10 @@ done
 if [ "$is_podvisor" = 1 ] && [ "$is_bin" = 1 ] && [ "${PODVISOR_DYNAMIC_LINK:-0}" != 1 ]; then
     exec "$@" -C target-feature=+crt-static
 fi
+# The getrandom crate finds glibc's getrandom() with dlsym, which a static binary cannot
+# answer: it would fall back to opening /dev/random and /dev/urandom at its first use, on
+# whichever thread, past that thread's seccomp filter. The system call, always (Linux 3.17+).
+case " $* " in
+    *" --crate-name getrandom "*) exec "$@" --cfg 'getrandom_backend="linux_getrandom"' ;;
+esac
 exec "$@"
