@@ -8,7 +8,9 @@
 #   boot_menus     (vmm/fuzz)   grub.cfg, BLS entries with grubenv, extlinux.conf text;
 #   qcow2_image    (devices/fuzz) a qcow2 file opened, then read, written and discarded through;
 #   virtio_pci     (devices/fuzz) a hostile driver of a virtio-blk (in-memory disk) or virtio-rng
-#                               PCI function: guest memory, BAR and configuration accesses.
+#                               PCI function: guest memory, BAR and configuration accesses;
+#   platform_io    (devices/fuzz) port I/O to the legacy devices and PCI configuration
+#                               (0xcf8/0xcfc), MMIO to ECAM and to BARs the guest may move.
 # Each starts from its seeds (api/fuzz's and devices/fuzz's in git; disk images made here with
 # mkfs.ext4 and sfdisk) in target/fuzz/corpus/TARGET, which keeps what the fuzzer finds for
 # the next run.
@@ -34,14 +36,14 @@ while (($#)); do
         *) TARGETS+=("$1"); shift ;;
     esac
 done
-((${#TARGETS[@]})) || TARGETS=(request_parser disk_boot boot_menus qcow2_image virtio_pci)
+((${#TARGETS[@]})) || TARGETS=(request_parser disk_boot boot_menus qcow2_image virtio_pci platform_io)
 # fuzz_dir TARGET: the cargo-fuzz project that has TARGET.
 fuzz_dir() {
     case "$1" in
         request_parser) echo api/fuzz ;;
         disk_boot|boot_menus) echo vmm/fuzz ;;
-        qcow2_image | virtio_pci) echo devices/fuzz ;;
-        *) pv_die "no fuzz target '$1' (request_parser, disk_boot, boot_menus, qcow2_image, virtio_pci)" ;;
+        qcow2_image | virtio_pci | platform_io) echo devices/fuzz ;;
+        *) pv_die "no fuzz target '$1' (request_parser, disk_boot, boot_menus, qcow2_image, virtio_pci, platform_io)" ;;
     esac
 }
 for target in "${TARGETS[@]}"; do fuzz_dir "$target" >/dev/null; done
@@ -173,6 +175,8 @@ seed() {
             ;;
         qcow2_image) cp devices/fuzz/corpus/qcow2_image/seed-* "$corpus/" ;;
         virtio_pci) seed_virtio "$corpus" ;;
+        # COM1 "hi", the CMOS seconds, the host bridge's vendor ID over 0xcf8/0xcfc and ECAM.
+        platform_io) printf '\x01\x00\x00\x00h\x01\x00\x00\x00i\x01\x02\x00\x00\x00\x00\x02\x00\x00\x00\x09\x05\x00\x00\x00\x00\x00\x80\x04\x05\x04\x00\x0a\x00\x00\x00' > "$corpus/seed" ;;
     esac
 }
 
@@ -189,7 +193,7 @@ for target in "${TARGETS[@]}"; do
     case "$target" in
         request_parser) extra=(-dict=api/fuzz/request_parser.dict -max_len=8192 -malloc_limit_mb=256) ;;
         qcow2_image) extra=(-max_len=65536 -malloc_limit_mb=256) ;;
-        virtio_pci) extra=(-max_len=8192 -malloc_limit_mb=256) ;;
+        virtio_pci | platform_io) extra=(-max_len=8192 -malloc_limit_mb=256) ;;
         *) extra=(-max_len=1048576 -malloc_limit_mb=512) ;;
     esac
     cargo fuzz run --fuzz-dir "$dir" --target-dir "$build" -O --debug-assertions "$target" \
