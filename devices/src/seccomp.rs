@@ -246,8 +246,8 @@ pub const BASE: &[i64] = &[
 /// `execve`).
 pub const SPAWN: &[i64] = &[libc::SYS_clone, libc::SYS_clone3];
 
-/// A device's worker (virtio-blk, -net, -rng) and the console's threads: their queues, disk
-/// images and taps through descriptors opened for them, io_uring, a console socket's clients.
+/// A device's worker (virtio-blk, -net, -rng): its queues, disk images and taps through
+/// descriptors opened for it, io_uring.
 pub const WORKER: &[i64] = &[
     libc::SYS_ioctl,
     libc::SYS_pread64,
@@ -262,6 +262,13 @@ pub const WORKER: &[i64] = &[
     libc::SYS_ftruncate,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
+];
+
+/// Serving connections on a socket bound before the thread started: accepting them, reading
+/// and writing (with descriptors passed along), hanging up. The API's threads and the
+/// console's socket.
+pub const CONNECTIONS: &[i64] = &[
+    libc::SYS_accept,
     libc::SYS_accept4,
     libc::SYS_recvfrom,
     libc::SYS_sendto,

@@ -74,44 +74,20 @@ struct Program {
     submitted: u16,
 }
 
+impl std::ops::Deref for Program {
+    type Target = Asm;
+    fn deref(&self) -> &Asm {
+        &self.asm
+    }
+}
+
+impl std::ops::DerefMut for Program {
+    fn deref_mut(&mut self) -> &mut Asm {
+        &mut self.asm
+    }
+}
+
 impl Program {
-    fn bytes(&mut self, b: &[u8]) {
-        self.asm.0.extend(b);
-    }
-    fn store32(&mut self, addr: u32, value: u32) {
-        self.bytes(&[0xc7, 0x05]);
-        self.bytes(&addr.to_le_bytes());
-        self.bytes(&value.to_le_bytes());
-    }
-    fn store16(&mut self, addr: u32, value: u16) {
-        self.bytes(&[0x66, 0xc7, 0x05]);
-        self.bytes(&addr.to_le_bytes());
-        self.bytes(&value.to_le_bytes());
-    }
-    fn store64(&mut self, addr: u32, value: u64) {
-        self.store32(addr, value as u32);
-        self.store32(addr + 4, (value >> 32) as u32);
-    }
-    /// `mov byte/word/dword [ebx + off], value`
-    fn bar_store(&mut self, off: u32, size: u8, value: u32) {
-        match size {
-            1 => {
-                self.bytes(&[0xc6, 0x83]);
-                self.bytes(&off.to_le_bytes());
-                self.bytes(&[value as u8]);
-            }
-            2 => {
-                self.bytes(&[0x66, 0xc7, 0x83]);
-                self.bytes(&off.to_le_bytes());
-                self.bytes(&(value as u16).to_le_bytes());
-            }
-            _ => {
-                self.bytes(&[0xc7, 0x83]);
-                self.bytes(&off.to_le_bytes());
-                self.bytes(&value.to_le_bytes());
-            }
-        }
-    }
     fn print(&mut self, s: &str) {
         self.asm = std::mem::take(&mut self.asm).print(s);
     }
@@ -146,14 +122,16 @@ impl Program {
     }
     /// Submits the chain at descriptor 0 and waits until the device has used it.
     fn submit_and_wait(&mut self) {
-        self.store16(AVAIL + 4 + 2 * u32::from(self.submitted % 16), 0);
+        let slot = u32::from(self.submitted % 16);
+        self.store16(AVAIL + 4 + 2 * slot, 0);
         self.submitted = self.submitted.wrapping_add(1);
-        self.store16(AVAIL + 2, self.submitted);
+        let submitted = self.submitted;
+        self.store16(AVAIL + 2, submitted);
         self.bar_store(0x3000, 2, 0); // notify queue 0
                                       // l: cmp word [USED + 2], submitted; jne l
         self.bytes(&[0x66, 0x81, 0x3d]);
         self.bytes(&(USED + 2).to_le_bytes());
-        self.bytes(&self.submitted.to_le_bytes());
+        self.bytes(&submitted.to_le_bytes());
         self.bytes(&[0x75, 0xf5]);
         // A request that failed stops the guest: cmp byte [STATUS], 0; je +n; print; hlt
         let mut fail = Asm::default().print("request failed\n");

@@ -8,7 +8,7 @@
 //! worker needs); the main thread starts the VM thread and the API's.
 
 pub use devices::seccomp::{apply as apply_custom, init, mode, Mode, SeccompError, BASE};
-use devices::seccomp::{Allowance, SPAWN, WORKER};
+use devices::seccomp::{Allowance, CONNECTIONS, SPAWN, WORKER};
 
 /// The kinds of thread, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,10 +37,19 @@ impl Kind {
 
     fn allowed(self) -> &'static [&'static [i64]] {
         match self {
-            Kind::Vmm => &[BASE, SPAWN, WORKER, VCPU, FILES, SOCKETS, SETUP],
+            Kind::Vmm => &[
+                BASE,
+                SPAWN,
+                WORKER,
+                VCPU,
+                FILES,
+                CONNECTIONS,
+                SOCKETS,
+                SETUP,
+            ],
             Kind::Vcpu => &[BASE, SPAWN, WORKER, VCPU],
-            Kind::Api => &[BASE, SPAWN, API],
-            Kind::Console => &[BASE, WORKER, CONSOLE],
+            Kind::Api => &[BASE, SPAWN, CONNECTIONS, API],
+            Kind::Console => &[BASE, WORKER, CONNECTIONS, CONSOLE],
         }
     }
 }
@@ -78,17 +87,10 @@ const VCPU: &[i64] = &[
 /// The console's file: reopened under its name when it rotates.
 const CONSOLE: &[i64] = &[libc::SYS_openat, libc::SYS_rename];
 
-/// The API's threads: connections accepted on its sockets (the `net_fds` of a restore come in
-/// as descriptors over the Unix socket), and checking the host paths a request names.
+/// The API's threads beyond serving connections (the `net_fds` of a restore come in as
+/// descriptors over the Unix socket): socket options, checking the host paths a request names.
 const API: &[i64] = &[
     libc::SYS_ioctl,
-    libc::SYS_accept,
-    libc::SYS_accept4,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_shutdown,
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
     libc::SYS_getsockname,
@@ -152,8 +154,6 @@ const SOCKETS: &[i64] = &[
     libc::SYS_connect,
     libc::SYS_bind,
     libc::SYS_listen,
-    libc::SYS_accept,
-    libc::SYS_accept4,
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
     libc::SYS_getsockname,

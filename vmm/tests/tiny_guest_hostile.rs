@@ -72,26 +72,20 @@ impl Rng {
 #[derive(Default)]
 struct Program(Asm);
 
+impl std::ops::Deref for Program {
+    type Target = Asm;
+    fn deref(&self) -> &Asm {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Program {
+    fn deref_mut(&mut self) -> &mut Asm {
+        &mut self.0
+    }
+}
+
 impl Program {
-    fn bytes(&mut self, b: &[u8]) {
-        self.0 .0.extend(b);
-    }
-    /// `mov dword [addr], value`
-    fn store32(&mut self, addr: u32, value: u32) {
-        self.bytes(&[0xc7, 0x05]);
-        self.bytes(&addr.to_le_bytes());
-        self.bytes(&value.to_le_bytes());
-    }
-    /// `mov word [addr], value`
-    fn store16(&mut self, addr: u32, value: u16) {
-        self.bytes(&[0x66, 0xc7, 0x05]);
-        self.bytes(&addr.to_le_bytes());
-        self.bytes(&value.to_le_bytes());
-    }
-    fn store64(&mut self, addr: u32, value: u64) {
-        self.store32(addr, value as u32);
-        self.store32(addr + 4, (value >> 32) as u32);
-    }
     /// EBX = BAR0 of function `dev`, folded into the BAR window.
     fn bar0_to_ebx(&mut self, dev: u32) {
         self.bytes(&[0x8b, 0x1d]); // mov ebx, [ECAM + dev << 15 + 0x10]
@@ -100,26 +94,6 @@ impl Program {
         self.bytes(&((BAR_WINDOW.1 - 1) & !0xf).to_le_bytes());
         self.bytes(&[0x81, 0xcb]); // or ebx, window base
         self.bytes(&BAR_WINDOW.0.to_le_bytes());
-    }
-    /// `mov byte/word/dword [ebx + off], value`, by `size`.
-    fn bar_store(&mut self, off: u32, size: u8, value: u32) {
-        match size {
-            1 => {
-                self.bytes(&[0xc6, 0x83]);
-                self.bytes(&off.to_le_bytes());
-                self.bytes(&[value as u8]);
-            }
-            2 => {
-                self.bytes(&[0x66, 0xc7, 0x83]);
-                self.bytes(&off.to_le_bytes());
-                self.bytes(&(value as u16).to_le_bytes());
-            }
-            _ => {
-                self.bytes(&[0xc7, 0x83]);
-                self.bytes(&off.to_le_bytes());
-                self.bytes(&value.to_le_bytes());
-            }
-        }
     }
     /// `mov eax, [ebx + off]`: a read (the device's registers answer reads too).
     fn bar_load(&mut self, off: u32) {

@@ -102,6 +102,52 @@ impl Asm {
     }
 }
 
+/// Emitting into a program being built (the hostile and durability guests write memory and
+/// device registers directly).
+impl Asm {
+    /// Raw machine code.
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.0.extend(b);
+    }
+    /// `mov dword [addr], value`
+    pub fn store32(&mut self, addr: u32, value: u32) {
+        self.bytes(&[0xc7, 0x05]);
+        self.bytes(&addr.to_le_bytes());
+        self.bytes(&value.to_le_bytes());
+    }
+    /// `mov word [addr], value`
+    pub fn store16(&mut self, addr: u32, value: u16) {
+        self.bytes(&[0x66, 0xc7, 0x05]);
+        self.bytes(&addr.to_le_bytes());
+        self.bytes(&value.to_le_bytes());
+    }
+    /// Two `mov dword` (low, then high half).
+    pub fn store64(&mut self, addr: u32, value: u64) {
+        self.store32(addr, value as u32);
+        self.store32(addr + 4, (value >> 32) as u32);
+    }
+    /// `mov byte/word/dword [ebx + off], value`, by `size` (EBX holds a BAR address).
+    pub fn bar_store(&mut self, off: u32, size: u8, value: u32) {
+        match size {
+            1 => {
+                self.bytes(&[0xc6, 0x83]);
+                self.bytes(&off.to_le_bytes());
+                self.bytes(&[value as u8]);
+            }
+            2 => {
+                self.bytes(&[0x66, 0xc7, 0x83]);
+                self.bytes(&off.to_le_bytes());
+                self.bytes(&(value as u16).to_le_bytes());
+            }
+            _ => {
+                self.bytes(&[0xc7, 0x83]);
+                self.bytes(&off.to_le_bytes());
+                self.bytes(&value.to_le_bytes());
+            }
+        }
+    }
+}
+
 /// Wraps `code` in an ELF64 image with one PT_LOAD at [`CODE_ADDR`] and a Xen PVH entry note.
 pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
     const EHDR: usize = 64;
