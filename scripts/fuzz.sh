@@ -7,8 +7,9 @@
 #                               ext2/3/4, boot menus, kernel and initrd;
 #   boot_menus     (vmm/fuzz)   grub.cfg, BLS entries with grubenv, extlinux.conf text;
 #   qcow2_image    (devices/fuzz) a qcow2 file opened, then read, written and discarded through;
-#   virtio_pci     (devices/fuzz) a hostile driver of a virtio-blk (in-memory disk) or virtio-rng
-#                               PCI function: guest memory, BAR and configuration accesses;
+#   virtio_pci     (devices/fuzz) a hostile driver of a virtio-blk (in-memory disk), -rng or -net
+#                               (frames from a hostile network too) PCI function: guest memory,
+#                               BAR and configuration accesses;
 #   platform_io    (devices/fuzz) port I/O to the legacy devices and PCI configuration
 #                               (0xcf8/0xcfc), MMIO to ECAM and to BARs the guest may move.
 # Each starts from its seeds (api/fuzz's and devices/fuzz's in git; disk images made here with
@@ -128,7 +129,7 @@ CFG
 
 # seed_virtio DIR: operation lists (virtio_pci's input format) that bring each device up as
 # Linux's driver does and send it one request: a read of sector 0 (virtio-blk, read-only disk
-# and writable), 64 random bytes (virtio-rng).
+# and writable), 64 random bytes (virtio-rng), a frame received (virtio-net).
 seed_virtio() {
     local dir="$1"
     pv_need python3:python3
@@ -151,11 +152,16 @@ def bring_up():
     ops += bar(0x1c, 1, 2) + bar(0x14, 0xf, 1)         # enable, DRIVER_OK
     return ops
 avail = mem(0x2000, struct.pack('<HHH', 0, 1, 0))
-notify = bytes([7, 0]) + bytes([14]) * 8               # notify queue 0, then let it work
+notify = bytes([7, 0]) + bytes([15]) * 8               # notify queue 0, then let it work
 blk = bring_up() + mem(0x1000, desc(0x4000, 16, 1, 1) + desc(0x5000, 512, 3, 2) + desc(0x6000, 1, 2, 0))
 blk += mem(0x4000, struct.pack('<IIQ', 0, 0, 0)) + avail + notify
 rng = bring_up() + mem(0x1000, desc(0x5000, 64, 2, 0)) + avail + notify
-for name, data in (('blk', bytes([0]) + blk), ('blk-ro', bytes([2]) + blk), ('rng', bytes([1]) + rng)):
+# virtio-net: a receive buffer on queue 0, then a 48-byte frame from the network (op 14).
+frame = bytes(12) + b'\xff' * 6 + bytes.fromhex('525400123456') + b'\x08\x00' + bytes(22)
+net = bring_up() + mem(0x1000, desc(0x5000, 1526, 2, 0)) + avail + notify
+net += bytes([14, len(frame) // 8]) + frame + bytes([15]) * 8
+for name, data in (('blk', bytes([0]) + blk), ('blk-ro', bytes([2]) + blk), ('rng', bytes([1]) + rng),
+                   ('net', bytes([3]) + net)):
     open(f'{out}/seed-{name}', 'wb').write(data)
 EOF
 }

@@ -1,21 +1,24 @@
 //! A hostile driver of a virtio PCI function: arbitrary writes to guest memory (rings,
 //! descriptors, indirect tables, request headers), configuration-space and BAR accesses of
 //! every width and offset (common configuration, ISR, device configuration, notifications,
-//! MSI-X table and PBA), with the device behind it a virtio-blk over an in-memory disk or a
-//! virtio-rng. The device's workers serve whatever the queues hold meanwhile, on their own
-//! threads as in the VMM. Any panic, abort or hang is a bug: every byte here is the guest's.
+//! MSI-X table and PBA), with the device behind it a virtio-blk over an in-memory disk, a
+//! virtio-rng, or a virtio-net over a socket pair standing for its tap, from which hostile
+//! frames (virtio-net header included) arrive. The device's workers serve whatever the queues
+//! hold meanwhile, on their own threads as in the VMM. Any panic, abort or hang is a bug:
+//! every byte here is the guest's (or the network's).
 //!
 //! Input: the first byte picks the device (and whether the disk is read-only), then a list of
 //! operations, each an opcode byte and its operands (see `Op`).
 #![no_main]
 
+use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::Arc;
 
 use devices::block::{BlockError, DiskImage, Format};
 use devices::pci::{MsiIrqs, MsiMessage, PciDevice};
 use devices::virtio::pci::{VIRTIO_PCI_BAR, VIRTIO_PCI_BAR_SIZE};
-use devices::virtio::{Rng, VirtioBlk, VirtioPciDevice};
+use devices::virtio::{MacAddr, Rng, Tap, VirtioBlk, VirtioNet, VirtioPciDevice};
 use devices::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
@@ -130,8 +133,17 @@ impl Input<'_> {
     }
 }
 
-fn device(pick: u8, mem: &GuestMemoryMmap) -> Option<VirtioPciDevice> {
-    let device: Box<dyn devices::virtio::VirtioDevice> = if pick & 1 == 0 {
+/// The device `pick` names, and for a virtio-net the other end of its "tap".
+fn device(pick: u8, mem: &GuestMemoryMmap) -> Option<(VirtioPciDevice, Option<UnixDatagram>)> {
+    let mut network = None;
+    let device: Box<dyn devices::virtio::VirtioDevice> = if pick & 3 == 3 {
+        let (tap, peer) = UnixDatagram::pair().ok()?;
+        tap.set_nonblocking(true).ok()?;
+        peer.set_nonblocking(true).ok()?;
+        let tap = Tap::from_file(std::fs::File::from(std::os::fd::OwnedFd::from(tap)), "fuzz");
+        network = Some(peer);
+        Box::new(VirtioNet::new(tap, MacAddr::stable_for("fuzz")).ok()?)
+    } else if pick & 1 == 0 {
         let disk = MemDisk {
             data: vec![0xa5; DISK_SIZE],
             read_only: pick & 2 != 0,
@@ -141,7 +153,8 @@ fn device(pick: u8, mem: &GuestMemoryMmap) -> Option<VirtioPciDevice> {
     } else {
         Box::new(Rng::with_source(std::fs::File::open("/dev/zero").ok()?))
     };
-    VirtioPciDevice::new(device, mem.clone(), Arc::new(NoIrqs)).ok()
+    let pci = VirtioPciDevice::new(device, mem.clone(), Arc::new(NoIrqs)).ok()?;
+    Some((pci, network))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -150,7 +163,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let Some(mut dev) = device(pick, &mem) else {
+    let Some((mut dev, network)) = device(pick, &mem) else {
         return;
     };
     for _ in 0..MAX_OPS {
@@ -209,6 +222,17 @@ fuzz_target!(|data: &[u8]| {
             }
             13 => {
                 let _ = dev.save_function();
+            }
+            // A frame from the network (a virtio-net header, then anything), after taking
+            // what the guest sent (so that the socket does not fill up for good).
+            14 => {
+                let len = usize::from(input.byte().unwrap_or(0)) * 8;
+                let frame = input.bytes(len).to_vec();
+                if let Some(peer) = &network {
+                    let mut sent = [0u8; 2048];
+                    while peer.recv(&mut sent).is_ok() {}
+                    let _ = peer.send(&frame);
+                }
             }
             // Let the workers run a little.
             _ => std::thread::yield_now(),

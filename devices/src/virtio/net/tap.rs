@@ -158,9 +158,9 @@ impl Tap {
         Ok(tap)
     }
 
-    /// A tap over any datagram-like file (tests use a socket pair).
-    #[cfg(test)]
-    pub(crate) fn from_file(file: File, name: &str) -> Tap {
+    /// A tap over any datagram-like file (tests and the fuzz targets use a socket pair).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn from_file(file: File, name: &str) -> Tap {
         Tap {
             file,
             name: name.to_string(),
