@@ -1,18 +1,21 @@
 //! Arbitrary bytes as a qcow2 file: open it (read-only, then writable), read a few clusters,
 //! write, zero and discard a few, flush. Any panic, abort, hang or huge allocation is a bug.
 //!
-//! The image is opened without following backing files, so an input can never make the
-//! target open other files on the host.
+//! The image is opened twice: without following backing files, and with its backing chain
+//! allowed inside the target's scratch folder only, where the same bytes also lie as
+//! `base.raw` and `base.qcow2` (the names the seeds' backing files have): an image that names
+//! one of them reads through a chain of copies of itself, up to the depth limit. Nothing
+//! outside that folder can be opened.
 
 #![no_main]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use devices::block::{open_qcow2_standalone, DiskImage};
+use devices::block::{open_disk, open_qcow2_standalone, BackingFiles, DiskImage, DiskOptions, Format};
 use libfuzzer_sys::fuzz_target;
 
-/// One scratch file per fuzzing process, on tmpfs when there is one.
+/// One scratch folder per fuzzing process, on tmpfs when there is one.
 fn scratch() -> &'static PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
@@ -21,7 +24,7 @@ fn scratch() -> &'static PathBuf {
         } else {
             std::env::temp_dir()
         };
-        dir.join(format!("podvisor-fuzz-qcow2-{}.img", std::process::id()))
+        dir.join(format!("podvisor-fuzz-qcow2-{}", std::process::id()))
     })
 }
 
@@ -58,16 +61,36 @@ fn exercise(img: &mut dyn DiskImage, cs: u64, writable: bool, seed: u8) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let path = scratch();
-    if std::fs::write(path, data).is_err() {
+    let dir = scratch();
+    if std::fs::create_dir_all(dir).is_err() {
         return;
     }
-    let seed = data.get(200).copied().unwrap_or(0);
-    for writable in [false, true] {
-        if let Ok(mut img) = open_qcow2_standalone(path, !writable) {
-            let cs = img.cluster_size();
-            exercise(&mut img, cs, writable, seed);
+    let path = dir.join("top.qcow2");
+    for name in ["top.qcow2", "base.raw", "base.qcow2"] {
+        if std::fs::write(dir.join(name), data).is_err() {
+            return;
         }
     }
-    let _ = std::fs::remove_file(path);
+    let seed = data.get(200).copied().unwrap_or(0);
+    let mut cluster = 512;
+    for writable in [false, true] {
+        if let Ok(mut img) = open_qcow2_standalone(&path, !writable) {
+            cluster = img.cluster_size();
+            exercise(&mut img, cluster, writable, seed);
+        }
+    }
+    // Again with its backing chain, confined to the scratch folder (the writes above may
+    // have changed the top image; the copies below it are the input's bytes).
+    for writable in [false, true] {
+        let options = DiskOptions {
+            format: Some(Format::Qcow2),
+            read_only: !writable,
+            backing_files: BackingFiles::Under(dir.clone()),
+            ..Default::default()
+        };
+        if let Ok(mut img) = open_disk(&path, options) {
+            exercise(img.as_mut(), cluster, writable, seed);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
 });
