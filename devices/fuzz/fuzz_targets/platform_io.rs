@@ -59,7 +59,8 @@ fn platform() -> Option<(Bus, Arc<Bus>)> {
     pio.insert(Arc::new(Mutex::new(serial)), 0x3f8, 8).ok()?;
     pio.insert(Arc::new(Mutex::new(I8042::new(evt()))), 0x60, 5)
         .ok()?;
-    pio.insert(Arc::new(Mutex::new(Cmos::new())), 0x70, 2).ok()?;
+    pio.insert(Arc::new(Mutex::new(Cmos::new())), 0x70, 2)
+        .ok()?;
     pio.insert(
         Arc::new(Mutex::new(AcpiPowerControl::new(evt(), evt()))),
         0x600,
@@ -96,7 +97,8 @@ fn platform() -> Option<(Bus, Arc<Bus>)> {
     let device: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(pci));
     for (&index, &(addr, size)) in &mapped {
         let region = PciBarRegion::new(device.clone(), index);
-        mmio.insert(Arc::new(Mutex::new(region)), addr?, size).ok()?;
+        mmio.insert(Arc::new(Mutex::new(region)), addr?, size)
+            .ok()?;
     }
     root.lock().ok()?.add_device(device.clone()).ok()?;
     // The guest moves a BAR: relocate it on the MMIO bus (left unmapped where it would

@@ -12,7 +12,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use devices::block::{open_disk, open_qcow2_standalone, BackingFiles, DiskImage, DiskOptions, Format};
+use devices::block::{
+    open_disk, open_qcow2_standalone, BackingFiles, DiskImage, DiskOptions, Format,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// One scratch folder per fuzzing process, on tmpfs when there is one.
