@@ -98,7 +98,9 @@ PV_VIRTIOFSD_VERSION=1.14.0
 
 # pv_virtiofsd -> prints the path of a virtiofsd: the system's Rust one, QEMU's C one, or ours.
 pv_virtiofsd() {
-    local f ours="$PV_ROOT/target/testhost/virtiofsd-$PV_VIRTIOFSD_VERSION/bin/virtiofsd"
+    # Built once per machine, into its cache (which every clone shares, as the Debian image).
+    local f machine="${PODVISOR_CACHE:-/var/cache/podvisor}" lock
+    local ours="$machine/virtiofsd-$PV_VIRTIOFSD_VERSION/bin/virtiofsd"
     for f in /usr/libexec/virtiofsd /usr/lib/qemu/virtiofsd "$ours"; do
         if [[ -x "$f" ]]; then
             printf '%s\n' "$f"
@@ -108,16 +110,18 @@ pv_virtiofsd() {
     command -v cargo >/dev/null 2>&1 || pv_die "no virtiofsd on this machine and no cargo to build one"
     pv_need cc:build-essential pkg-config:pkg-config /usr/include/seccomp.h:libseccomp-dev \
         /usr/include/cap-ng.h:libcap-ng-dev
-    pv_lock
+    mkdir -p "$machine"
+    exec {lock}>"$machine/.virtiofsd.lock"
+    flock "$lock"
     if [[ ! -x "$ours" ]]; then
-        pv_say "building virtiofsd $PV_VIRTIOFSD_VERSION from crates.io (once, ~2 min)"
+        pv_say "building virtiofsd $PV_VIRTIOFSD_VERSION from crates.io into $machine (once per machine, ~2 min)"
         # From /, so this repository's cargo configuration (its rustc wrapper) does not apply.
-        (cd / && CARGO_TARGET_DIR="$PV_ROOT/target/testhost/virtiofsd-build" cargo install --quiet \
+        (cd / && CARGO_TARGET_DIR="$machine/virtiofsd-build" cargo install --quiet \
             --locked "virtiofsd@$PV_VIRTIOFSD_VERSION" --root "${ours%/bin/virtiofsd}" >&2) \
             || pv_die "cargo install virtiofsd@$PV_VIRTIOFSD_VERSION failed"
-        rm -rf "$PV_ROOT/target/testhost/virtiofsd-build"
+        rm -rf "$machine/virtiofsd-build"
     fi
-    flock -u "$PV_LOCK_FD"
+    exec {lock}>&-
     printf '%s\n' "$ours"
 }
 
