@@ -75,8 +75,10 @@ pub fn apply_or_exit(kind: Kind) {
 }
 
 /// A vCPU beyond a worker's needs: readying a device (io_uring, eventfds for its queues),
-/// resetting the machine, being kicked out of `KVM_RUN`.
+/// resetting the machine, being kicked out of `KVM_RUN`, and handing the guest's console
+/// output to an attached console-socket client (a non-blocking `send` from the UART).
 const VCPU: &[i64] = &[
+    libc::SYS_sendto,
     libc::SYS_io_uring_setup,
     libc::SYS_dup,
     libc::SYS_sched_setscheduler,
