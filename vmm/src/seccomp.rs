@@ -201,33 +201,30 @@ mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;
 
-    /// Which kind the child below filters itself as, its mode, and the call it then makes.
+    /// Which kind a child test process filters itself as, its mode, and the call it then
+    /// makes.
     const CHILD: &str = "PODVISOR_SECCOMP_TEST_CHILD";
 
-    /// Not a test of its own: run by the tests below in a process of its own (a filter stays
-    /// on its thread, and `on` ends the process).
-    #[test]
-    #[ignore = "run by a_forbidden_call_of_each_kind_*"]
-    fn filtered_child() {
+    /// When this test process is a child one of the tests below started (a filter stays on
+    /// its thread, and `on` ends the process): filters itself as the environment says, makes
+    /// the call and returns true.
+    fn as_child() -> bool {
         let Ok(spec) = std::env::var(CHILD) else {
-            return;
+            return false;
         };
         let (kind, rest) = spec.split_once(':').unwrap();
         let (mode, call) = rest.split_once(':').unwrap();
         init(mode.parse().unwrap()).unwrap();
-        let kind = match kind {
-            "vmm" => Kind::Vmm,
-            "vcpu" => Kind::Vcpu,
-            "api" => Kind::Api,
-            "console" => Kind::Console,
-            "worker" => {
-                devices::seccomp::apply_worker("worker").unwrap();
-                return make(call);
-            }
+        match kind {
+            "vmm" => apply(Kind::Vmm).unwrap(),
+            "vcpu" => apply(Kind::Vcpu).unwrap(),
+            "api" => apply(Kind::Api).unwrap(),
+            "console" => apply(Kind::Console).unwrap(),
+            "worker" => devices::seccomp::apply_worker("worker").unwrap(),
             other => panic!("no kind {other}"),
-        };
-        apply(kind).unwrap();
+        }
         make(call);
+        true
     }
 
     /// Makes a call that some kind forbids, harmlessly when it is let through.
@@ -270,14 +267,10 @@ mod tests {
         println!("made {call}: {r}");
     }
 
-    fn child(kind: &str, mode: &str, call: &str) -> std::process::Output {
+    /// Runs `test` again in a child process that filters itself as `kind` (see `as_child`).
+    fn child(test: &str, kind: &str, mode: &str, call: &str) -> std::process::Output {
         std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "seccomp::tests::filtered_child",
-                "--ignored",
-                "--nocapture",
-            ])
+            .args(["--exact", &format!("seccomp::tests::{test}"), "--nocapture"])
             .env(CHILD, format!("{kind}:{mode}:{call}"))
             .output()
             .unwrap()
@@ -295,8 +288,16 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_of_each_kind_stops_the_process_with_sigsys_and_names_it() {
+        if as_child() {
+            return;
+        }
         for (kind, call, nr) in FORBIDDEN {
-            let out = child(kind, "on", call);
+            let out = child(
+                "a_forbidden_call_of_each_kind_stops_the_process_with_sigsys_and_names_it",
+                kind,
+                "on",
+                call,
+            );
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{kind}: {out:?}");
             assert!(
@@ -314,8 +315,16 @@ mod tests {
 
     #[test]
     fn in_log_mode_a_forbidden_call_goes_through() {
+        if as_child() {
+            return;
+        }
         for (kind, call, _) in FORBIDDEN {
-            let out = child(kind, "log", call);
+            let out = child(
+                "in_log_mode_a_forbidden_call_goes_through",
+                kind,
+                "log",
+                call,
+            );
             assert!(out.status.success(), "{kind}: {out:?}");
             assert!(
                 String::from_utf8_lossy(&out.stdout).contains(&format!("made {call}")),
@@ -326,6 +335,9 @@ mod tests {
 
     #[test]
     fn what_a_kind_allows_goes_through() {
+        if as_child() {
+            return;
+        }
         // The console reopens its file; the VM thread opens disks and sockets; the API
         // reads files.
         for (kind, call) in [
@@ -336,7 +348,7 @@ mod tests {
             // `/metrics` reads /proc.
             ("api", "openat"),
         ] {
-            let out = child(kind, "on", call);
+            let out = child("what_a_kind_allows_goes_through", kind, "on", call);
             assert!(out.status.success(), "{kind} {call}: {out:?}");
         }
     }
