@@ -226,7 +226,6 @@ fn every_thread_of_a_vmm_is_under_a_seccomp_filter() {
     assert_eq!(code, 400);
 
     let serve = Serve::start_with("seccomp-off", &[], &["--seccomp=off"]);
-    std::thread::sleep(Duration::from_millis(200));
     let modes = seccomp_modes(serve.child.id());
     drop(serve);
     assert!(modes.iter().all(|(_, m)| m == "0"), "{modes:?}");

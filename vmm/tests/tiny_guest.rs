@@ -176,9 +176,7 @@ fn pci_config_space_through_ports_and_ecam() {
 fn pause_parks_every_vcpu_and_resume_continues() {
     let g = TinyGuest::new("pause");
     // Print 'x' forever.
-    let mut code = Asm::default().print("x");
-    let back = code.0.len() + 2;
-    code.0.extend([0xeb, (256 - back) as u8]);
+    let code = Asm::print_forever('x');
     let kernel = g.kernel(&code);
     let serial = g.dir.join("serial.out");
     let config = config(&kernel, &serial, 2);
@@ -217,9 +215,7 @@ fn controller_follows_the_lifecycle_rules() {
     use vmm::lifecycle::VmState;
     let g = TinyGuest::new("controller");
     // Print 'x' forever (the VMM ends it).
-    let mut code = Asm::default().print("x");
-    let back = code.0.len() + 2;
-    code.0.extend([0xeb, (256 - back) as u8]);
+    let code = Asm::print_forever('x');
     let kernel = g.kernel(&code);
     let (ctl, thread, events_path) = g.controller_with_events();
     let state = |ctl: &Controller| match ctl.handle(Request::Info) {

@@ -364,9 +364,7 @@ fn a_console_socket_client_reads_the_guest_under_seccomp() {
     filtered();
     let g = TinyGuest::new("hostile-console");
     // Print 'x' forever.
-    let mut code = Asm::default().print("x");
-    let back = code.0.len() + 2;
-    code.0.extend([0xeb, (256 - back) as u8]);
+    let code = Asm::print_forever('x');
     let kernel = g.kernel(&code);
     let socket = g.dir.join("console.sock");
     let mut cfg = config(&kernel, &g.dir.join("unused"), 1);

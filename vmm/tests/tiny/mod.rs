@@ -96,6 +96,13 @@ impl Asm {
     pub fn poweroff(self) -> Self {
         self.out_port(0x600, 0x34).halt_forever()
     }
+    /// Prints `ch` on COM1 over and over, forever (the VMM ends it).
+    pub fn print_forever(ch: char) -> Self {
+        let mut code = Asm::default().print(&ch.to_string());
+        let back = code.0.len() + 2;
+        code.0.extend([0xeb, (256 - back) as u8]); // jmp back to the start
+        code
+    }
     pub fn halt_forever(mut self) -> Self {
         self.0.extend([0xf4, 0xeb, 0xfd]);
         self
