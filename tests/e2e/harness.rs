@@ -55,6 +55,11 @@ pub struct Vm {
     quiet_shell: bool,
 }
 
+/// Commands typed through [`Vm::shell`] so far, in this process: each one's status marker
+/// carries its number, so that a marker an earlier client left on a console's screen (which
+/// a new `ctl console` replays) cannot end a later command's wait.
+static COMMANDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl Vm {
     pub fn start(args: &[&str]) -> Vm {
         Vm::spawn("run", args)
@@ -152,19 +157,22 @@ impl Vm {
     /// Types `command` followed by a marker line carrying its exit status; returns the output
     /// between the two.
     fn marked(&mut self, command: &str) -> Result<(String, i32), Failed> {
+        let n = COMMANDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         // Ends with a colon: `expect` then waits for the whole line.
-        const MARK: &str = "@@podvisor-rc:";
+        let mark = format!("@@podvisor-rc-{n}:");
         let start = self.consumed;
         // The quotes keep an echo of the typed line from matching the marker.
-        self.type_line(&format!("{command} 2>&1; echo \"@@podvisor-\"\"rc:$?@@\""))?;
-        let rest = self.expect(MARK)?;
+        self.type_line(&format!(
+            "{command} 2>&1; echo \"@@podvisor-\"\"rc-{n}:$?@@\""
+        ))?;
+        let rest = self.expect(&mark)?;
         let rc = rest
-            .trim_start_matches(MARK)
+            .trim_start_matches(mark.as_str())
             .trim_end_matches("@@")
             .parse::<i32>()
             .map_err(|_| self.failure(&format!("bad status line '{rest}'")))?;
         let end = self.text[..self.consumed]
-            .rfind(MARK)
+            .rfind(&mark)
             .unwrap_or(self.consumed);
         let output = self.text[start..end].replace('\r', "");
         Ok((output, rc))
