@@ -274,7 +274,7 @@ const TOKEN_VM: u32 = 1;
 /// The VM thread: an `event-manager` loop with the [`VmOwner`] as its one subscriber. The
 /// timeout lets a SIGTERM (power button) flag be noticed.
 fn run(owner: VmOwner) -> Result<Ended, Error> {
-    crate::seccomp::apply(crate::seccomp::Kind::Vmm).map_err(|e| Error::Guest(e.to_string()))?;
+    crate::seccomp::apply(crate::seccomp::Kind::Vmm)?;
     let mut manager =
         EventManager::<VmOwner>::new().map_err(|e| event_loop_error(e, "create the event loop"))?;
     let id = manager.add_subscriber(owner);

@@ -71,6 +71,8 @@ pub enum Error {
     Signal(#[source] std::io::Error),
     #[error("cannot start a thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("the guest stopped: {0}")]
     Guest(String),
     #[error("PCI: {0}")]
