@@ -114,7 +114,10 @@ impl Console {
         std::thread::Builder::new()
             .name("console-in".into())
             .stack_size(devices::THREAD_STACK_SIZE)
-            .spawn(move || feed(&serial, &space, input))?;
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::Kind::Console);
+                feed(&serial, &space, input)
+            })?;
         Ok(())
     }
 }
@@ -131,7 +134,6 @@ impl Drop for Console {
 /// Copies `input` into the UART until its end, waiting for the guest to drain the FIFO when it
 /// is full.
 fn feed(serial: &Mutex<Serial>, space: &EventFd, mut input: impl Read) {
-    crate::seccomp::apply_or_exit(crate::seccomp::Kind::Console);
     let mut buf = [0u8; 256];
     loop {
         let n = match input.read(&mut buf) {
